@@ -1,0 +1,38 @@
+"""jaxnorm: exact, fast batch and layer normalization for JAX.
+
+Pure functions compute statistics (`moments`, `merge_moments`) and normalize with them
+(`normalize`, `layer_norm`, `rms_norm`, `group_norm`, `instance_norm`, `batch_norm`); batch
+normalization's running statistics are an explicit `BatchNormState` pytree. Flax wrappers live
+in `jaxnorm.linen` and `jaxnorm.nnx`; importing `jaxnorm` itself never imports flax.
+"""
+
+from ._batch_norm import BatchNormState as BatchNormState
+from ._batch_norm import batch_norm as batch_norm
+from ._batch_norm import batch_norm_init as batch_norm_init
+from ._batch_norm import momentum_from_torch as momentum_from_torch
+from ._batch_norm import update_running_stats as update_running_stats
+from ._normalize import group_norm as group_norm
+from ._normalize import instance_norm as instance_norm
+from ._normalize import layer_norm as layer_norm
+from ._normalize import normalize as normalize
+from ._normalize import rms_norm as rms_norm
+from ._stats import Moments as Moments
+from ._stats import merge_moments as merge_moments
+from ._stats import moments as moments
+from ._version import __version__ as __version__
+
+__all__ = (
+    "BatchNormState",
+    "Moments",
+    "batch_norm",
+    "batch_norm_init",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "merge_moments",
+    "moments",
+    "momentum_from_torch",
+    "normalize",
+    "rms_norm",
+    "update_running_stats",
+)

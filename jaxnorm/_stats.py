@@ -1,0 +1,204 @@
+"""Moments: the one place where jaxnorm computes statistics.
+
+Every normalizer (layer, RMS, group, instance and batch normalization) and every Flax wrapper
+reduces its input through `_reduce` below, so the numerical choices are made once:
+
+* accumulation in at least float32, whatever the input dtype;
+* a two-pass variance (mean first, then centred squares), which has no `E[x²] - E[x]²`
+  cancellation and is never negative;
+* masked elements are replaced by zero *before* any arithmetic, so NaN or Inf there cannot leak;
+* across devices, the statistics of the whole batch, weighted by each device's count of valid
+  elements, with two small `psum`s (counts and sums, then centred squares). `psum` results are
+  known to `shard_map` to be replicated, so `out_specs=P()` works with its checks on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike, DTypeLike
+
+from . import _checks
+
+AxisName = Hashable | Sequence[Hashable]
+
+
+class Moments(NamedTuple):
+  """Statistics of a reduction: a pytree of three arrays of the same shape.
+
+  Attributes:
+    count: number of valid elements reduced, float32 (an integer value).
+    mean: the mean, in at least float32.
+    var: the population (biased) variance `sum((x - mean)²) / count`, never negative.
+  """
+
+  count: jax.Array  # dtype=float32, shape=mean.shape
+  mean: jax.Array
+  var: jax.Array
+
+
+def _compute_dtype(x_dtype: Any, dtype: DTypeLike | None) -> Any:
+  base = x_dtype if dtype is None else jnp.dtype(dtype)
+  return jnp.promote_types(base, jnp.float32)
+
+
+def _psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
+  """One all-reduce of every leaf of `tree` over `axis_name` (a no-op without a name)."""
+  if axis_name is None:
+    return tree
+  try:
+    return jax.lax.psum(tree, axis_name, axis_index_groups=axis_index_groups)
+  except NotImplementedError as e:
+    if axis_index_groups is None:
+      raise
+    raise NotImplementedError(
+        f"axis_index_groups={axis_index_groups!r} is not supported by this transform "
+        f"(JAX implements it only under jax.pmap). Under jax.shard_map, split the mesh axis "
+        f"in two instead, e.g. Mesh(devices.reshape(groups, per_group), ('group', 'replica')), "
+        f"and pass axis_name='replica'."
+    ) from e
+
+
+def _reduce(
+    x: jax.Array,
+    reduction_axes: tuple[int, ...],
+    mask: jax.Array | None,
+    axis_name: AxisName | None,
+    axis_index_groups: Any,
+    dtype: Any,
+    centered: bool,
+) -> Moments:
+  """Masked, count-weighted, cross-device moments of `x` (already validated).
+
+  With `centered=False` the returned `mean` is zero and `var` is the mean square `E[x²]`,
+  the statistic of RMS normalization.
+  """
+  xf = x.astype(dtype)
+  out_shape = tuple(d for i, d in enumerate(x.shape) if i not in reduction_axes)
+  if mask is None:
+    n = math.prod(x.shape[a] for a in reduction_axes)
+    count = jnp.full(out_shape, n, jnp.float32)
+    xz = xf
+  else:
+    count = jnp.sum(mask, reduction_axes, dtype=jnp.int32).astype(jnp.float32)
+    xz = jnp.where(mask, xf, jnp.zeros((), dtype))
+  if not centered:
+    sq = jnp.sum(xz * xz, reduction_axes)
+    count, sq = _psum((count, sq), axis_name, axis_index_groups)
+    denom = jnp.maximum(count, 1).astype(dtype)
+    return Moments(count, jnp.zeros(out_shape, dtype), sq / denom)
+  total = jnp.sum(xz, reduction_axes)
+  count, total = _psum((count, total), axis_name, axis_index_groups)
+  denom = jnp.maximum(count, 1).astype(dtype)  # count 0: the sums are 0, so mean = var = 0.
+  mean = total / denom
+  centred = xf - jnp.expand_dims(mean, reduction_axes)
+  if mask is not None:
+    centred = jnp.where(mask, centred, jnp.zeros((), dtype))
+  m2 = _psum(jnp.sum(centred * centred, reduction_axes), axis_name, axis_index_groups)
+  return Moments(count, mean, m2 / denom)
+
+
+def moments(
+    x: ArrayLike,
+    reduction_axes: int | Sequence[int],
+    *,
+    mask: ArrayLike | None = None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    dtype: DTypeLike | None = None,
+) -> Moments:
+  r"""Count, mean and population variance of `x` over `reduction_axes`.
+
+  .. math::
+    n = \sum_i m_i, \qquad \mu = \frac{1}{n}\sum_i m_i x_i, \qquad
+    \sigma^2 = \frac{1}{n}\sum_i m_i (x_i - \mu)^2
+
+  where :math:`m_i` is the mask (1 everywhere without one) and the sums run over the reduction
+  axes and, with `axis_name`, over every device of the named axis. The variance is the
+  population (biased) one, computed in two passes, so inputs with a large offset (mean 1e4,
+  std 1 in float32) keep full precision; it is never negative. Statistics are accumulated in
+  `promote_types(dtype or x.dtype, float32)`.
+
+  A reduction with no valid element has count 0, mean 0 and variance 0 (no NaN). Masked
+  elements never enter the arithmetic, so they may hold NaN or Inf.
+
+  With `axis_name`, the result is that of the concatenated batch of all devices, each weighted
+  by its count of valid elements; it costs two `psum`s. Under plain `jax.jit` over sharded
+  arrays no `axis_name` is needed: XLA inserts the collectives.
+
+  Args:
+    x: floating input.
+    reduction_axes: axis or axes to reduce over.
+    mask: optional boolean array broadcastable to `x`; True marks the elements to include.
+    axis_name: name (or tuple of names) of mapped axes (`shard_map`, `pmap`, `vmap`) to reduce
+      over as well.
+    axis_index_groups: optional groups of device indices along `axis_name` that reduce
+      separately (supported by JAX only under `jax.pmap`).
+    dtype: accumulation dtype; promoted to at least float32.
+
+  Returns:
+    `Moments(count, mean, var)`, each of `x`'s shape with `reduction_axes` removed; `count` is
+    float32, `mean` and `var` are in the accumulation dtype.
+
+  Raises:
+    TypeError: `x` is not floating, or `mask` is not boolean.
+    ValueError: an axis is out of range or repeated, or `mask` does not broadcast to `x`.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm as jn
+    >>> x = jnp.array([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]])
+    >>> m = jn.moments(x, reduction_axes=1, mask=jnp.array([True, True, False]))
+    >>> m.count, m.mean, m.var
+    (Array([2., 2.], dtype=float32), Array([ 1.5, 15. ], dtype=float32), Array([ 0.25, 25.  ], dtype=float32))
+  """
+  x = jnp.asarray(x)
+  _checks.check_floating(x)
+  axes = _checks.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
+  mask = _checks.check_mask(mask, x.shape)
+  _checks.check_axis_index_groups(axis_name, axis_index_groups)
+  with jax.named_scope("jaxnorm.moments"):
+    return _reduce(x, axes, mask, axis_name, axis_index_groups,
+                   _compute_dtype(x.dtype, dtype), centered=True)
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+  r"""Exact moments of the union of two disjoint sets of elements (Chan et al., 1979).
+
+  .. math::
+    n = n_a + n_b, \quad \delta = \mu_b - \mu_a, \quad
+    \mu = \mu_a + \delta\frac{n_b}{n}, \quad
+    \sigma^2 = \frac{n_a\sigma_a^2 + n_b\sigma_b^2 + \delta^2 n_a n_b / n}{n}
+
+  The update adds only non-negative terms, so it keeps the precision of both inputs, and an
+  empty side (count 0) is neutral: merging with it returns the other side unchanged.
+
+  Args:
+    a: moments of the first set.
+    b: moments of the second set, of a shape that broadcasts with `a`'s.
+
+  Returns:
+    The merged `Moments` (population variance).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm as jn
+    >>> x = jnp.arange(10.0)
+    >>> m = jn.merge_moments(jn.moments(x[:3], 0), jn.moments(x[3:], 0))
+    >>> m.count, m.mean, m.var
+    (Array(10., dtype=float32), Array(4.5, dtype=float32), Array(8.25, dtype=float32))
+  """
+  dtype = jnp.result_type(a.mean.dtype, b.mean.dtype)
+  na, nb = a.count.astype(dtype), b.count.astype(dtype)
+  n = na + nb
+  safe_n = jnp.where(n > 0, n, jnp.ones((), dtype))
+  wb = nb / safe_n
+  delta = b.mean.astype(dtype) - a.mean.astype(dtype)
+  mean = a.mean.astype(dtype) + delta * wb
+  m2 = na * a.var.astype(dtype) + nb * b.var.astype(dtype) + delta * delta * na * wb
+  zero = jnp.zeros((), dtype)
+  mean = jnp.where(n > 0, mean, zero)
+  var = jnp.where(n > 0, m2 / safe_n, zero)
+  return Moments((a.count + b.count).astype(jnp.float32), mean, var)
