@@ -26,7 +26,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks
 from ._normalize import _apply, _prepare
-from ._stats import AxisName, Moments, _compute_dtype, _reduce
+from ._stats import AxisName, Moments, _compute_dtype, _reduce, _wide_dtype
 
 
 class BatchNormState(NamedTuple):
@@ -153,7 +153,7 @@ def update_running_stats(
   """
   _checks.check_momentum(momentum)
   _check_state(state, jnp.shape(batch.mean))
-  dtype = jnp.promote_types(jnp.promote_types(state.mean.dtype, batch.mean.dtype), jnp.float32)
+  dtype = _wide_dtype(state.mean.dtype, batch.mean.dtype)
   count = batch.count.astype(dtype)
   var = batch.var.astype(dtype)
   if unbiased_running_var:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from . import _checks
-from ._stats import AxisName, _compute_dtype, _reduce
+from ._stats import AxisName, _compute_dtype, _reduce, _wide_dtype
 
 Axes = int | Sequence[int]
 
@@ -46,7 +46,7 @@ def _apply(
   `mean=None` skips the centring (RMS normalization). Statistics arguments have `x`'s shape
   with `reduction_axes` removed; `scale` and `bias` have the feature shape.
   """
-  dtype = jnp.promote_types(jnp.promote_types(x.dtype, var.dtype), jnp.float32)
+  dtype = _wide_dtype(x.dtype, var.dtype)
   var = jnp.maximum(var.astype(dtype), jnp.zeros((), dtype))  # guard user-supplied statistics
   mul = jnp.expand_dims(jax.lax.rsqrt(var + jnp.asarray(epsilon, dtype)), reduction_axes)
   if scale is not None:

@@ -41,9 +41,18 @@ class Moments(NamedTuple):
   var: jax.Array
 
 
+def _wide_dtype(*dtypes: Any) -> Any:
+  """The widest of `dtypes` and float32 (explicit, so it holds under strict dtype promotion)."""
+  best = jnp.dtype(jnp.float32)
+  for d in dtypes:
+    d = jnp.dtype(d)
+    if jnp.issubdtype(d, jnp.floating) and d.itemsize > best.itemsize:
+      best = d
+  return jax.dtypes.canonicalize_dtype(best)
+
+
 def _compute_dtype(x_dtype: Any, dtype: DTypeLike | None) -> Any:
-  base = x_dtype if dtype is None else jnp.dtype(dtype)
-  return jnp.promote_types(base, jnp.float32)
+  return _wide_dtype(x_dtype if dtype is None else dtype)
 
 
 def _psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
@@ -190,7 +199,7 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     >>> m.count, m.mean, m.var
     (Array(10., dtype=float32), Array(4.5, dtype=float32), Array(8.25, dtype=float32))
   """
-  dtype = jnp.result_type(a.mean.dtype, b.mean.dtype)
+  dtype = _wide_dtype(a.mean.dtype, b.mean.dtype)
   na, nb = a.count.astype(dtype), b.count.astype(dtype)
   n = na + nb
   safe_n = jnp.where(n > 0, n, jnp.ones((), dtype))
