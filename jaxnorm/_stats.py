@@ -56,11 +56,23 @@ def _compute_dtype(x_dtype: Any, dtype: DTypeLike | None) -> Any:
 
 
 def _psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
-  """One all-reduce of every leaf of `tree` over `axis_name` (a no-op without a name)."""
+  """One all-reduce of every leaf of `tree` over `axis_name` (a no-op without a name).
+
+  `lax.psum` of a tuple lowers to one all-reduce per leaf, so the leaves are packed into one
+  array of their widest dtype (float32 counts are exact in it) and unpacked afterwards. Leaves
+  of one shape are stacked rather than concatenated: in JAX 0.10, `vmap` of a concatenation of
+  a batched and an unbatched operand fails on sharded input.
+  """
   if axis_name is None:
     return tree
+  leaves, treedef = jax.tree.flatten(tree)
+  dtype = _wide_dtype(*(leaf.dtype for leaf in leaves))
+  if len({leaf.shape for leaf in leaves}) == 1:
+    flat = jnp.stack([leaf.astype(dtype) for leaf in leaves]).ravel()
+  else:
+    flat = jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
   try:
-    return jax.lax.psum(tree, axis_name, axis_index_groups=axis_index_groups)
+    flat = jax.lax.psum(flat, axis_name, axis_index_groups=axis_index_groups)
   except NotImplementedError as e:
     if axis_index_groups is None:
       raise
@@ -68,8 +80,14 @@ def _psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
         f"axis_index_groups={axis_index_groups!r} is not supported by this transform "
         f"(JAX implements it only under jax.pmap). Under jax.shard_map, split the mesh axis "
         f"in two instead, e.g. Mesh(devices.reshape(groups, per_group), ('group', 'replica')), "
-        f"and pass axis_name='replica'."
+        f"and pass axis_name='replica'; under jax.vmap, reshape the mapped axis to "
+        f"(groups, per_group) and nest two vmaps, naming the inner one."
     ) from e
+  out, start = [], 0
+  for leaf in leaves:
+    out.append(flat[start:start + leaf.size].reshape(leaf.shape).astype(leaf.dtype))
+    start += leaf.size
+  return jax.tree.unflatten(treedef, out)
 
 
 def _reduce(
