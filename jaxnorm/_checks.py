@@ -23,7 +23,12 @@ def canonicalize_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
     TypeError: an axis is not an int.
     ValueError: an axis is out of range for an array of rank `ndim`, or repeated.
   """
-  items = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+  if isinstance(axes, (int, np.integer)):
+    items = (axes,)
+  elif isinstance(axes, Sequence):
+    items = tuple(axes)
+  else:
+    raise TypeError(f"{name} must be an int or a sequence of ints; got {axes!r}.")
   out = []
   for a in items:
     if isinstance(a, bool) or not isinstance(a, (int, np.integer)):

@@ -1,0 +1,173 @@
+"""batch_norm, its state and update_running_stats: references, conventions and contracts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxnorm as jn
+from tests import refs
+
+
+def _x(shape, offset=0.0, seed=0):
+  return (np.random.RandomState(seed).randn(*shape) * 3.0 + offset).astype(np.float32)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e4])
+def test_training_step_matches_float64(offset):
+  x = _x((16, 4, 4, 3), offset=offset)
+  scale, bias = np.float32([1.0, 2.0, 0.5]), np.float32([0.0, -1.0, 3.0])
+  state = jn.batch_norm_init(3)
+  y, new = jn.batch_norm(x, state, scale, bias, training=True, momentum=0.9)
+  ref_y, n, mean, var = refs.ref_batch_norm_train(x, scale, bias)
+  np.testing.assert_allclose(y, ref_y, atol=2e-2 if offset else 1e-5)
+  np.testing.assert_allclose(new.mean, 0.1 * mean, rtol=1e-6)
+  np.testing.assert_allclose(new.var, 0.9 + 0.1 * var, rtol=1e-3 if offset else 1e-6)
+  assert int(new.count) == 1
+
+
+def test_evaluation_uses_running_statistics_and_returns_state_unchanged():
+  x = _x((8, 3), offset=2.0)
+  state = jn.BatchNormState(jnp.float32([1.0, 2.0, 3.0]), jnp.float32([4.0, 1.0, 0.25]),
+                            jnp.int32(7))
+  y, same = jn.batch_norm(x, state, training=False, epsilon=0.0)
+  np.testing.assert_allclose(y, (x - np.float32([1, 2, 3])) / np.float32([2, 1, 0.5]),
+                             rtol=1e-6, atol=1e-6)
+  assert same is state
+
+
+def test_eval_before_train_is_finite_and_near_identity():
+  x = _x((4, 5))
+  y, _ = jn.batch_norm(x, jn.batch_norm_init(5), training=False)
+  np.testing.assert_allclose(y, x / np.sqrt(1.0 + 1e-5), rtol=1e-6)
+
+
+def test_feature_axes_nchw():
+  x = _x((4, 3, 5, 5), offset=1.0)  # NCHW: features on axis 1
+  y, new = jn.batch_norm(x, jn.batch_norm_init(3), training=True, feature_axes=1)
+  ref_y, _, mean, _ = refs.ref_batch_norm_train(x, feature_axes=1)
+  np.testing.assert_allclose(y, ref_y, atol=1e-5)
+  np.testing.assert_allclose(new.mean, 0.01 * mean, rtol=1e-5)
+
+
+def test_mask_is_count_weighted_and_nan_safe():
+  x = _x((10, 2))
+  mask = (np.arange(10) < 6)[:, None]
+  poisoned = np.where(mask, x, np.nan).astype(np.float32)
+  y, new = jn.batch_norm(poisoned, jn.batch_norm_init(2), training=True, mask=mask,
+                         momentum=0.5)
+  ref_y, _, mean, var = refs.ref_batch_norm_train(x, mask=mask)
+  np.testing.assert_allclose(np.asarray(y)[:6], ref_y[:6], atol=1e-5)
+  np.testing.assert_allclose(new.mean, 0.5 * mean, rtol=1e-6)
+  np.testing.assert_allclose(new.var, 0.5 + 0.5 * var, rtol=1e-6)
+
+
+def test_all_masked_batch_leaves_running_statistics_unchanged():
+  x = np.full((4, 3), np.nan, np.float32)
+  state = jn.BatchNormState(jnp.float32([1.0, 2.0, 3.0]), jnp.float32([2.0, 2.0, 2.0]),
+                            jnp.int32(5))
+  y, new = jn.batch_norm(x, state, training=True, mask=np.zeros((4, 1), bool))
+  np.testing.assert_array_equal(new.mean, state.mean)
+  np.testing.assert_array_equal(new.var, state.var)
+  assert int(new.count) == 5
+  # The output at masked (NaN) positions is NaN, but nothing else is: the stats stay finite.
+  assert np.isfinite(np.asarray(new.mean)).all()
+  _, new2 = jn.batch_norm(np.ones((4, 3), np.float32), state, training=True,
+                          mask=np.zeros((4, 1), bool))
+  np.testing.assert_array_equal(new2.mean, state.mean)
+
+
+def test_momentum_none_is_the_exact_cumulative_average():
+  batches = [_x((6, 2), offset=o, seed=i) for i, o in enumerate([1.0, 5.0, -3.0, 10.0])]
+  state = jn.batch_norm_init(2)
+  for b in batches:
+    _, state = jn.batch_norm(b, state, training=True, momentum=None)
+  means = [refs.ref_moments(b, 0)[1] for b in batches]
+  variances = [refs.ref_moments(b, 0)[2] for b in batches]
+  np.testing.assert_allclose(state.mean, np.mean(means, 0), rtol=1e-5)
+  np.testing.assert_allclose(state.var, np.mean(variances, 0), rtol=1e-5)
+  assert int(state.count) == 4
+
+
+def test_unbiased_running_var_is_pytorch_convention():
+  x = _x((5, 3), offset=1.0)
+  _, n, mean, var = refs.ref_batch_norm_train(x)
+  torch_momentum = 0.1
+  m = jn.momentum_from_torch(torch_momentum)
+  assert m == 0.9
+  y, new = jn.batch_norm(x, jn.batch_norm_init(3), training=True, momentum=m,
+                         unbiased_running_var=True)
+  # PyTorch: running_var = (1 - 0.1) * 1 + 0.1 * var * n / (n - 1); normalize with biased var.
+  np.testing.assert_allclose(new.var, 0.9 + 0.1 * var * 5 / 4, rtol=1e-6)
+  np.testing.assert_allclose(new.mean, 0.1 * mean, rtol=1e-6)
+  np.testing.assert_allclose(y, refs.ref_batch_norm_train(x)[0], atol=1e-5)
+
+
+def test_momentum_from_torch_rejects_out_of_range():
+  assert jn.momentum_from_torch(None) is None
+  with pytest.raises(ValueError, match="PyTorch's momentum"):
+    jn.momentum_from_torch(0.0)
+
+
+def test_ema_runs_in_float32_for_bfloat16_input_and_state():
+  x = jnp.asarray(_x((32, 2), offset=20.0), jnp.bfloat16)
+  state = jn.batch_norm_init(2)
+  y, new = jn.batch_norm(x, state, training=True, momentum=0.999)
+  assert y.dtype == jnp.bfloat16 and new.mean.dtype == jnp.float32
+  # In bfloat16 the decay 0.999 rounds to 1.0 and nothing would move: here it does.
+  mean = refs.ref_moments(np.asarray(x.astype(jnp.float32)), 0)[1]
+  np.testing.assert_allclose(new.mean, 0.001 * mean, rtol=1e-3)
+  assert np.isfinite(np.asarray(new.var)).all()
+  bstate = jn.batch_norm_init(2, dtype=jnp.bfloat16)
+  _, bnew = jn.batch_norm(x, bstate, training=True, momentum=0.999)
+  assert bnew.mean.dtype == jnp.bfloat16 and bnew.var.dtype == jnp.bfloat16
+  assert np.all(np.asarray(bnew.mean.astype(jnp.float32)) > 0.0)
+
+
+def test_state_keeps_structure_through_lax_cond_and_scan():
+  x = _x((8, 4))
+  state = jn.batch_norm_init(4)
+
+  def step(s, xb):
+    y, s2 = jn.batch_norm(xb, s, training=True, momentum=0.9)
+    return s2, y.sum()
+
+  # Both branches of a cond must return identical structures, shapes and dtypes.
+  pick = jax.jit(lambda p, s: jax.lax.cond(p, lambda s: step(s, x)[0], lambda s: s, s))
+  for p in (True, False):
+    out = pick(p, state)
+    assert jax.tree.structure(out) == jax.tree.structure(state)
+    assert [a.dtype for a in out] == [a.dtype for a in state]
+    assert [a.shape for a in out] == [a.shape for a in state]
+  final, _ = jax.lax.scan(step, state, np.stack([x, x + 1.0, x - 1.0]))
+  assert int(final.count) == 3
+  assert isinstance(final, jn.BatchNormState)
+
+
+def test_jit_traces_once_for_repeated_calls_of_the_same_shape():
+  traces = []
+
+  @jax.jit
+  def step(x, state):
+    traces.append(1)
+    return jn.batch_norm(x, state, training=True)
+
+  state = jn.batch_norm_init(3)
+  for i in range(4):
+    _, state = step(_x((5, 3), seed=i), state)
+  ln = jax.jit(lambda x: (traces.append(1), jn.layer_norm(x))[1])
+  for i in range(3):
+    ln(_x((5, 3), seed=i))
+  assert len(traces) == 2
+  assert int(state.count) == 4
+
+
+def test_state_round_trips_through_numpy_bit_for_bit(tmp_path):
+  _, state = jn.batch_norm(_x((9, 3), offset=1e3), jn.batch_norm_init(3), training=True)
+  path = tmp_path / "state.npz"
+  np.savez(path, **state._asdict())
+  loaded = np.load(path)
+  restored = jn.BatchNormState(**{k: jnp.asarray(loaded[k]) for k in state._fields})
+  for a, b in zip(state, restored):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
