@@ -1,0 +1,633 @@
+"""Drop-in replacements for flax.nnx's normalization layers, backed by jaxnorm's core.
+
+Change one import line and keep the model and its state::
+
+    from flax import nnx
+    from jaxnorm import nnx as jnnx      # then nnx.BatchNorm -> jnnx.BatchNorm, ...
+
+`BatchNorm`, `LayerNorm`, `RMSNorm`, `GroupNorm` and `InstanceNorm` take the constructor
+arguments of the `flax.nnx` classes of the same names (`num_features`, `rngs`, `dtype`,
+`param_dtype`, `promote_dtype`, `*_metadata`, ...), hold the same `nnx.Param` (`scale`,
+`bias`) and `nnx.BatchStat` (`mean`, `var`) attributes with the same shapes and dtypes (so
+`nnx.state` of a flax model loads into ours with `nnx.update` and back), draw the same random
+numbers from `rngs`, and return flax's output dtype. `BatchNorm` follows `model.train()`,
+`model.eval()`, `nnx.view(model, use_running_average=...)` and `use_running_average` at
+construction or call; its statistics updates work inside `nnx.jit`.
+
+The modules only declare variables and call the functional core, so the statistics are
+jaxnorm's: two-pass variance in at least float32 whatever `use_fast_variance` says (accepted,
+no effect), count-weighted across `axis_name`, finite output and unchanged `BatchStat`s for a
+batch with no valid element. Two deliberate differences from flax.nnx: `BatchNorm` in
+evaluation uses the running statistics as stored (float32), where flax first rounds them to
+`dtype` (so with `dtype=jnp.bfloat16` flax evaluates in bfloat16 arithmetic); and `GroupNorm`
+with custom `reduction_axes` is correct (flax.nnx spreads the group statistics along axis 1).
+
+Beyond flax, `BatchNorm` has `momentum=None` (exact cumulative average; adds a `count`
+`BatchStat`), `unbiased_running_var` and `update_stats` (train with the batch's statistics
+without changing the `BatchStat`s). Importing this module needs flax
+(`pip install jaxnorm[flax]`); `import jaxnorm` never imports it.
+"""
+
+from jaxnorm._flax_common import require_flax
+
+require_flax("jaxnorm.nnx")
+
+from collections.abc import Mapping  # noqa: E402
+from types import MappingProxyType  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+from flax.nnx.module import first_from  # noqa: E402
+from flax.nnx.nn import dtypes as flax_dtypes_mod  # noqa: E402
+from flax.nnx.nn import initializers  # noqa: E402
+from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn  # noqa: E402
+
+import jaxnorm as jn  # noqa: E402
+from jaxnorm import _checks  # noqa: E402
+from jaxnorm._flax_common import flax_dtypes  # noqa: E402
+
+__all__ = ("BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm")
+
+_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+
+
+def _declare_params(mdl: nnx.Module, num_features: int, use_scale: bool, use_bias: bool,
+                    scale_init: Initializer, bias_init: Initializer, param_dtype: Dtype,
+                    rngs: nnx.Rngs, scale_metadata: Mapping[str, Any],
+                    bias_metadata: Mapping[str, Any], none: Any) -> None:
+  """Creates `scale` then `bias` as flax does (same order, so the same `rngs.params()` draws)."""
+  shape = (num_features,)
+  if use_scale:
+    mdl.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
+  else:
+    mdl.scale = none
+  if use_bias:
+    mdl.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
+  else:
+    mdl.bias = none
+
+
+def _value(v: Any) -> jax.Array | None:
+  return None if v is None else v[...]
+
+
+def _promote(mdl: nnx.Module, x: Any, *arrays: Any) -> tuple[Any, ...]:
+  """flax.nnx's input promotion (`promote_dtype`), under standard promotion rules."""
+  with jax.numpy_dtype_promotion("standard"):
+    return tuple(mdl.promote_dtype((x, *arrays), dtype=mdl.dtype))
+
+
+def _to_feature_shape(p: jax.Array | None, x: jax.Array,
+                      feat: tuple[int, ...]) -> jax.Array | None:
+  """nnx stores (num_features,) parameters; the core takes them in the feature shape."""
+  return None if p is None else jnp.reshape(p, tuple(x.shape[a] for a in feat))
+
+
+class BatchNorm(nnx.Module):
+  r"""Batch normalization (Ioffe & Szegedy, 2015), a drop-in for `flax.nnx.BatchNorm`.
+
+  .. math::
+    y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta
+
+  In training (`use_running_average=False`, `model.train()`) `μ, σ²` are the batch's moments
+  over every axis but `axis` (population variance, two passes, at least float32, only where
+  `mask` is True, count-weighted across `axis_name`) and the `mean`/`var` `BatchStat`s are
+  updated with `running = momentum * running + (1 - momentum) * batch`
+  (`jaxnorm.update_running_stats`); in evaluation (`model.eval()`) the running statistics are
+  used, in float32.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxnorm import nnx as jnnx
+    >>> bn = jnnx.BatchNorm(2, epsilon=0.0, rngs=nnx.Rngs(0))
+    >>> bn(jnp.array([[1.0, 10.0], [3.0, 30.0]]))
+    Array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+    >>> bn.mean[...]
+    Array([0.02, 0.2 ], dtype=float32)
+    >>> bn.eval()
+    >>> bn.use_running_average
+    True
+
+  Args:
+    num_features: number of features (the product of the `axis` sizes).
+    use_running_average: normalize with the stored statistics (default False: training).
+    axis: the feature axis or axes (default: the last).
+    momentum: decay of the running statistics in [0, 1), flax's convention (PyTorch's 0.1 is
+      `jaxnorm.momentum_from_torch(0.1) == 0.9`); None for the exact cumulative average of
+      every update, which adds an int32 `count` `BatchStat` (the number of updates).
+    epsilon: constant added to the variance.
+    dtype: dtype the inputs and parameters are promoted to, and of the output (default:
+      inferred by `promote_dtype`, flax's rule).
+    param_dtype: dtype of `scale` and `bias`.
+    use_bias: learn a bias β.
+    use_scale: learn a scale γ.
+    bias_init: initializer of the bias (default zeros).
+    scale_init: initializer of the scale (default ones).
+    axis_name: mapped axis (`shard_map`, `pmap`, `vmap`) the batch is split over; statistics
+      are those of the whole batch, each device weighted by its number of valid elements.
+    axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
+    use_fast_variance: accepted for compatibility and ignored (always the stable variance).
+    promote_dtype: flax's input promotion function; it receives
+      `(x, mean, var, scale, bias)` and `dtype=`. The promoted `x`, `scale` and `bias` are
+      used; the running statistics always enter in their stored dtype.
+    rngs: random number streams; `rngs.params()` initializes `scale` and `bias`.
+    bias_metadata: metadata of the `bias` `nnx.Param`.
+    scale_metadata: metadata of the `scale` `nnx.Param`.
+    unbiased_running_var: store the Bessel-corrected batch variance `var * n / (n - 1)`, as
+      PyTorch does (normalization still uses the biased one).
+    update_stats: in training, update the `BatchStat`s (default). False uses the batch's
+      statistics and leaves the `BatchStat`s untouched.
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      use_running_average: bool | None = False,
+      axis: int = -1,
+      momentum: float | None = 0.99,
+      epsilon: float = 1e-5,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = initializers.zeros_init(),
+      scale_init: Initializer = initializers.ones_init(),
+      axis_name: str | None = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: PromoteDtypeFn = flax_dtypes_mod.promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = _NO_METADATA,
+      scale_metadata: Mapping[str, Any] = _NO_METADATA,
+      unbiased_running_var: bool = False,
+      update_stats: bool = True,
+  ):
+    feature_shape = (num_features,)
+    self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+    if momentum is None:
+      self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+    else:
+      self.count = nnx.data(None)
+    _declare_params(self, num_features, use_scale, use_bias, scale_init, bias_init,
+                    param_dtype, rngs, scale_metadata, bias_metadata, nnx.data(None))
+    self.num_features = num_features
+    self.use_running_average = use_running_average
+    self.axis = axis
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+    self.unbiased_running_var = unbiased_running_var
+    self.update_stats = update_stats
+
+  def __call__(self, x, use_running_average: bool | None = None, *,
+               mask: jax.Array | None = None, update_stats: bool | None = None):
+    """Normalizes `x` with the batch's or the running statistics.
+
+    Args:
+      x: the input.
+      use_running_average: overrides the attribute of the same name for this call.
+      mask: optional boolean array broadcastable to `x`; True marks the elements that enter
+        the batch statistics (ignored with running averages). A batch with no valid element
+        leaves the `BatchStat`s unchanged.
+      update_stats: overrides the attribute of the same name for this call.
+
+    Returns:
+      The normalized input, of `x`'s shape and flax's output dtype.
+    """
+    use_running_average = first_from(
+        use_running_average, self.use_running_average,
+        error_msg=(
+            "No `use_running_average` argument was provided to BatchNorm. Pass it to the "
+            "constructor, to the call, or use nnx.view(model, use_running_average=...)."))
+    update = first_from(update_stats, self.update_stats, error_msg="update_stats is None.")
+    x, _, _, scale, bias = _promote(self, x, self.mean[...], self.var[...],
+                                    _value(self.scale), _value(self.bias))
+    feat = _checks.canonicalize_axes(self.axis, x.ndim, "axis")
+    fshape = tuple(x.shape[a] for a in feat)
+    xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
+    count = jnp.zeros((), jnp.int32) if self.count is None else self.count[...]
+    state = jn.BatchNormState(jnp.reshape(self.mean[...], fshape),
+                              jnp.reshape(self.var[...], fshape), count)
+    training = not use_running_average
+    y, new_state = jn.batch_norm(
+        xc, state, _to_feature_shape(scale, x, feat), _to_feature_shape(bias, x, feat),
+        training=training, feature_axes=feat, momentum=self.momentum, epsilon=self.epsilon,
+        mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+        unbiased_running_var=self.unbiased_running_var)
+    if training and update:
+      # As flax: stop_gradient only where variables are array refs.
+      can_update = self.mean._can_update or self.var._can_update
+      stop = jax.lax.stop_gradient if can_update else (lambda v: v)
+      self.mean[...] = stop(jnp.reshape(new_state.mean, self.mean[...].shape))
+      self.var[...] = stop(jnp.reshape(new_state.var, self.var[...].shape))
+      if self.count is not None:
+        self.count[...] = new_state.count
+    return y.astype(out_dtype)
+
+  def set_view(self, use_running_average: bool | None = None,
+               update_stats: bool | None = None):
+    """Sets the mode for `nnx.view` (flax's hook).
+
+    Args:
+      use_running_average: if not None, the new `use_running_average`.
+      update_stats: if not None, the new `update_stats`.
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+    if update_stats is not None:
+      self.update_stats = update_stats
+
+
+class LayerNorm(nnx.Module):
+  r"""Layer normalization (Ba et al., 2016), a drop-in for `flax.nnx.LayerNorm`.
+
+  .. math::
+    y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta, \qquad
+    \mu, \sigma^2 = \text{moments}(x, \text{reduction\_axes})
+
+  computed by `jaxnorm.layer_norm` (population variance, two passes, at least float32).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxnorm import nnx as jnnx
+    >>> ln = jnnx.LayerNorm(3, epsilon=0.0, rngs=nnx.Rngs(0))
+    >>> ln(jnp.array([[1e4, 1e4 + 1, 1e4 + 2]])).round(4)
+    Array([[-1.2247,  0.    ,  1.2247]], dtype=float32)
+
+  Args:
+    num_features: number of features (the product of the `feature_axes` sizes).
+    epsilon: constant added to the variance.
+    dtype: dtype the inputs and parameters are promoted to, and of the output.
+    param_dtype: dtype of `scale` and `bias`.
+    use_bias: learn a bias β.
+    use_scale: learn a scale γ.
+    bias_init: initializer of the bias (default zeros).
+    scale_init: initializer of the scale (default ones).
+    reduction_axes: axes the statistics are computed over (default: the last).
+    feature_axes: axes `scale` and `bias` run along (default: the last).
+    axis_name: mapped axis to reduce over as well.
+    axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
+    use_fast_variance: accepted for compatibility and ignored (always the stable variance).
+    promote_dtype: flax's input promotion function, called with `(x, scale, bias)`.
+    rngs: random number streams; `rngs.params()` initializes `scale` and `bias`.
+    bias_metadata: metadata of the `bias` `nnx.Param`.
+    scale_metadata: metadata of the `scale` `nnx.Param`.
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      epsilon: float = 1e-6,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = initializers.zeros_init(),
+      scale_init: Initializer = initializers.ones_init(),
+      reduction_axes: Axes = -1,
+      feature_axes: Axes = -1,
+      axis_name: str | None = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: PromoteDtypeFn = flax_dtypes_mod.promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = _NO_METADATA,
+      scale_metadata: Mapping[str, Any] = _NO_METADATA,
+  ):
+    _declare_params(self, num_features, use_scale, use_bias, scale_init, bias_init,
+                    param_dtype, rngs, scale_metadata, bias_metadata, nnx.data(None))
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+    self.feature_axes = feature_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x, *, mask: jax.Array | None = None):
+    """Normalizes each example of `x` over `reduction_axes`.
+
+    Args:
+      x: the input.
+      mask: optional boolean array broadcastable to `x`; True marks the elements that enter
+        the statistics (every element is normalized).
+
+    Returns:
+      The normalized input, of `x`'s shape and flax's output dtype.
+    """
+    x, scale, bias = _promote(self, x, _value(self.scale), _value(self.bias))
+    feat = _checks.canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
+    xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
+    y = jn.layer_norm(xc, _to_feature_shape(scale, x, feat), _to_feature_shape(bias, x, feat),
+                      reduction_axes=self.reduction_axes, feature_axes=feat,
+                      epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+                      axis_index_groups=self.axis_index_groups)
+    return y.astype(out_dtype)
+
+
+class RMSNorm(nnx.Module):
+  r"""Root-mean-square normalization (Zhang & Sennrich, 2019), a drop-in for
+  `flax.nnx.RMSNorm`.
+
+  .. math::
+    y = \frac{x}{\sqrt{\frac{1}{n}\sum_i x_i^2 + \epsilon}}\,\gamma
+
+  computed by `jaxnorm.rms_norm` (mean square accumulated in at least float32).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxnorm import nnx as jnnx
+    >>> jnnx.RMSNorm(2, epsilon=0.0, rngs=nnx.Rngs(0))(jnp.array([[1.0, 7.0]]))
+    Array([[0.2, 1.4]], dtype=float32)
+
+  Args:
+    num_features: number of features (the product of the `feature_axes` sizes).
+    epsilon: constant added to the mean square.
+    dtype: dtype the inputs and parameters are promoted to, and of the output.
+    param_dtype: dtype of `scale`.
+    use_scale: learn a scale γ.
+    scale_init: initializer of the scale (default ones).
+    reduction_axes: axes the mean square is computed over (default: the last).
+    feature_axes: axes `scale` runs along (default: the last).
+    axis_name: mapped axis to reduce over as well.
+    axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
+    use_fast_variance: accepted for compatibility; no effect here (nor in flax).
+    promote_dtype: flax's input promotion function, called with `(x, scale)`.
+    rngs: random number streams; `rngs.params()` initializes `scale`.
+    scale_metadata: metadata of the `scale` `nnx.Param`.
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      epsilon: float = 1e-6,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      use_scale: bool = True,
+      scale_init: Initializer = initializers.ones,
+      reduction_axes: Axes = -1,
+      feature_axes: Axes = -1,
+      axis_name: str | None = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: PromoteDtypeFn = flax_dtypes_mod.promote_dtype,
+      rngs: nnx.Rngs,
+      scale_metadata: Mapping[str, Any] = _NO_METADATA,
+  ):
+    if use_scale:
+      self.scale = nnx.Param(scale_init(rngs.params(), (num_features,), param_dtype),
+                             **scale_metadata)
+    else:
+      self.scale = nnx.data(None)
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+    self.feature_axes = feature_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x, mask: jax.Array | None = None):
+    """Divides each example of `x` by its root mean square over `reduction_axes`.
+
+    Args:
+      x: the input.
+      mask: optional boolean array broadcastable to `x`; True marks the elements that enter
+        the mean square.
+
+    Returns:
+      The normalized input, of `x`'s shape and flax's output dtype.
+    """
+    x, scale = _promote(self, x, _value(self.scale))
+    feat = _checks.canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
+    xc, out_dtype = flax_dtypes(x, (scale,), self.dtype)
+    y = jn.rms_norm(xc, _to_feature_shape(scale, x, feat), reduction_axes=self.reduction_axes,
+                    feature_axes=feat, epsilon=self.epsilon, mask=mask,
+                    axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
+    return y.astype(out_dtype)
+
+
+class GroupNorm(nnx.Module):
+  r"""Group normalization (Wu & He, 2018), a drop-in for `flax.nnx.GroupNorm`.
+
+  The channels (last axis) are split into groups of consecutive channels; each example's
+  statistics run over `reduction_axes` and the channels of a group (`jaxnorm.group_norm`).
+  Unlike flax.nnx, custom `reduction_axes` give correct output.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxnorm import nnx as jnnx
+    >>> gn = jnnx.GroupNorm(4, num_groups=2, epsilon=0.0, rngs=nnx.Rngs(0))
+    >>> gn(jnp.array([[1.0, 3.0, 10.0, 30.0]]))
+    Array([[-1.,  1., -1.,  1.]], dtype=float32)
+
+  Args:
+    num_features: number of channels (the last axis).
+    num_groups: number of channel groups (default 32); None to use `group_size`.
+    group_size: number of channels per group, instead of `num_groups`.
+    epsilon: constant added to the variance.
+    dtype: dtype the inputs and parameters are promoted to, and of the output.
+    param_dtype: dtype of `scale` and `bias`.
+    use_bias: learn a bias β.
+    use_scale: learn a scale γ.
+    bias_init: initializer of the bias (default zeros).
+    scale_init: initializer of the scale (default ones).
+    reduction_axes: axes to reduce over, which must include the last (channel) axis. Default:
+      every axis but the first.
+    axis_name: mapped axis to reduce over as well.
+    axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
+    use_fast_variance: accepted for compatibility and ignored (always the stable variance).
+    promote_dtype: flax's input promotion function, called with `(x, scale, bias)`.
+    rngs: random number streams; `rngs.params()` initializes `scale` and `bias`.
+    bias_metadata: metadata of the `bias` `nnx.Param`.
+    scale_metadata: metadata of the `scale` `nnx.Param`.
+
+  Raises:
+    ValueError: not exactly one of `num_groups` and `group_size`, or groups that do not
+      divide `num_features`.
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      num_groups: int | None = 32,
+      group_size: int | None = None,
+      *,
+      epsilon: float = 1e-6,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = initializers.zeros_init(),
+      scale_init: Initializer = initializers.ones_init(),
+      reduction_axes: Axes | None = None,
+      axis_name: str | None = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: PromoteDtypeFn = flax_dtypes_mod.promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = _NO_METADATA,
+      scale_metadata: Mapping[str, Any] = _NO_METADATA,
+  ):
+    self.feature_axis = -1
+    if (num_groups is None) == (group_size is None):
+      raise ValueError(
+          f"Give exactly one of num_groups and group_size; got num_groups={num_groups!r}, "
+          f"group_size={group_size!r} (num_groups defaults to 32: pass num_groups=None to use "
+          f"group_size).")
+    if group_size is not None:
+      if group_size <= 0 or num_features % group_size:
+        raise ValueError(f"group_size={group_size!r} must be a positive divisor of "
+                         f"num_features={num_features}.")
+      num_groups = num_features // group_size
+    elif not isinstance(num_groups, int) or num_groups <= 0 or num_features % num_groups:
+      raise ValueError(f"num_groups={num_groups!r} must be a positive divisor of "
+                       f"num_features={num_features}.")
+    self.num_groups = num_groups
+    self.group_size = num_features // num_groups
+    _declare_params(self, num_features, use_scale, use_bias, scale_init, bias_init,
+                    param_dtype, rngs, scale_metadata, bias_metadata, nnx.data(None))
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x, *, mask: jax.Array | None = None):
+    """Normalizes each example of channels-last `x` per group of channels.
+
+    Args:
+      x: the input, channels last; the first axis is the batch.
+      mask: optional boolean array broadcastable to `x`; True marks the elements that enter
+        the statistics.
+
+    Returns:
+      The normalized input, of `x`'s shape and flax's output dtype.
+    """
+    x, scale, bias = _promote(self, x, _value(self.scale), _value(self.bias))
+    xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
+    y = jn.group_norm(xc, scale, bias, num_groups=self.num_groups, epsilon=self.epsilon,
+                      reduction_axes=self.reduction_axes, mask=mask,
+                      axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
+    return y.astype(out_dtype)
+
+
+class InstanceNorm(nnx.Module):
+  r"""Instance normalization (Ulyanov et al., 2016), a drop-in for `flax.nnx.InstanceNorm`.
+
+  Each example and feature is normalized over the remaining axes (all but the first and
+  `feature_axes`), by `jaxnorm.instance_norm`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxnorm import nnx as jnnx
+    >>> inorm = jnnx.InstanceNorm(2, epsilon=0.0, rngs=nnx.Rngs(0))
+    >>> inorm(jnp.array([[[1.0, 10.0], [3.0, 30.0]]]))
+    Array([[[-1., -1.],
+            [ 1.,  1.]]], dtype=float32)
+
+  Args:
+    num_features: number of features (the product of the `feature_axes` sizes).
+    epsilon: constant added to the variance.
+    dtype: dtype the inputs and parameters are promoted to, and of the output.
+    param_dtype: dtype of `scale` and `bias`.
+    use_bias: learn a bias β.
+    use_scale: learn a scale γ.
+    bias_init: initializer of the bias (default zeros).
+    scale_init: initializer of the scale (default ones).
+    feature_axes: the channel axes (default: the last); must not include the batch axis 0.
+    axis_name: mapped axis to reduce over as well.
+    axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
+    use_fast_variance: accepted for compatibility and ignored (always the stable variance).
+    promote_dtype: flax's input promotion function, called with `(x, scale, bias)`.
+    rngs: random number streams; `rngs.params()` initializes `scale` and `bias`.
+    bias_metadata: metadata of the `bias` `nnx.Param`.
+    scale_metadata: metadata of the `scale` `nnx.Param`.
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      epsilon: float = 1e-6,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = initializers.zeros,
+      scale_init: Initializer = initializers.ones,
+      feature_axes: Axes = -1,
+      axis_name: str | None = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: PromoteDtypeFn = flax_dtypes_mod.promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = _NO_METADATA,
+      scale_metadata: Mapping[str, Any] = _NO_METADATA,
+  ):
+    _declare_params(self, num_features, use_scale, use_bias, scale_init, bias_init,
+                    param_dtype, rngs, scale_metadata, bias_metadata, None)
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.feature_axes = feature_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x, *, mask: jax.Array | None = None):
+    """Normalizes each example and channel of `x` over the other non-batch axes.
+
+    Args:
+      x: the input; the first axis is the batch.
+      mask: optional boolean array broadcastable to `x`; True marks the elements that enter
+        the statistics.
+
+    Returns:
+      The normalized input, of `x`'s shape and flax's output dtype.
+    """
+    x, scale, bias = _promote(self, x, _value(self.scale), _value(self.bias))
+    feat = _checks.canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
+    xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
+    y = jn.instance_norm(xc, _to_feature_shape(scale, x, feat),
+                         _to_feature_shape(bias, x, feat), feature_axes=feat,
+                         epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+                         axis_index_groups=self.axis_index_groups)
+    return y.astype(out_dtype)
