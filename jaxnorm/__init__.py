@@ -16,6 +16,7 @@ from ._normalize import instance_norm as instance_norm
 from ._normalize import layer_norm as layer_norm
 from ._normalize import normalize as normalize
 from ._normalize import rms_norm as rms_norm
+from ._replicas import sync_running_stats as sync_running_stats
 from ._stats import Moments as Moments
 from ._stats import merge_moments as merge_moments
 from ._stats import moments as moments
@@ -34,5 +35,6 @@ __all__ = (
     "momentum_from_torch",
     "normalize",
     "rms_norm",
+    "sync_running_stats",
     "update_running_stats",
 )

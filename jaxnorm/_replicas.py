@@ -1,0 +1,164 @@
+"""Running statistics across replicas: one state for evaluation after per-replica updates.
+
+With synchronized batch statistics (`batch_norm(..., axis_name=...)`) every replica folds the
+same global moments into its running statistics, so the replicas' states stay identical and
+nothing here is needed. With per-replica batch statistics (flax's ImageNet example, or any
+model trained without `axis_name`), each replica's running statistics describe only its own
+shard of the data; `sync_running_stats` merges them before evaluation or checkpointing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from . import _checks
+from ._batch_norm import BatchNormState
+from ._stats import AxisName, _psum, _wide_dtype
+
+
+def _is_state(node: Any) -> bool:
+  return isinstance(node, BatchNormState)
+
+
+def _check_states(states: list[Any]) -> None:
+  for s in states:
+    if not isinstance(s, BatchNormState):
+      raise TypeError(
+          f"state must be a jaxnorm.BatchNormState or a pytree (dict, list, tuple) whose "
+          f"leaves are BatchNormStates; found a leaf of type {type(s).__name__}. Pass only "
+          f"the running statistics, e.g. the 'batch_stats' part of a model's variables."
+      )
+    if jnp.shape(s.mean) != jnp.shape(s.var):
+      raise ValueError(f"state.mean and state.var must have the same shape; got "
+                       f"{jnp.shape(s.mean)} and {jnp.shape(s.var)}.")
+    if jnp.shape(s.count) != ():
+      raise ValueError(f"state.count must be a scalar; got shape {jnp.shape(s.count)}.")
+
+
+def _check_weights(weights: Any) -> jax.Array | None:
+  if weights is None:
+    return None
+  w = jnp.asarray(weights)
+  if w.shape != ():
+    raise ValueError(
+        f"weights must be a scalar, this replica's weight (e.g. the number of examples it "
+        f"normalized); got shape {w.shape}."
+    )
+  if _checks.is_concrete(weights):
+    value = float(w)
+    if not (value >= 0.0 and value < float("inf")):
+      raise ValueError(f"weights must be finite and non-negative; got {weights!r}.")
+  return w
+
+
+def sync_running_stats(
+    state: Any,
+    axis_name: AxisName,
+    *,
+    weights: ArrayLike | None = None,
+    axis_index_groups: Any = None,
+) -> Any:
+  r"""Makes every replica's running statistics identical: their weighted merge.
+
+  Each replica's state is treated as the moments of the data it has seen, and the states are
+  merged as `merge_moments` merges disjoint sets (law of total variance):
+
+  .. math::
+    W = \sum_r w_r, \qquad \bar\mu = \frac{1}{W}\sum_r w_r\,\mu_r, \qquad
+    \bar\sigma^2 = \frac{1}{W}\sum_r w_r\left(\sigma^2_r + (\mu_r - \bar\mu)^2\right)
+
+  The second sum is taken about the merged mean, after it is known, so running means of 1e4
+  lose no precision. By default the weight `w_r` of a replica is its `count` (the number of
+  updates that saw a valid element): a replica that never saw a valid element contributes
+  nothing, and with `momentum=None` the merged mean is the exact cumulative average over every
+  replica's batches. If no replica has a positive weight, the replicas are weighted equally.
+  The merged `count` is the replicas' average count, rounded, so that merging replicas that
+  update in step and keep training keeps `momentum=None` exact; identical states merge to
+  themselves (to rounding). `var` is treated as each replica's population variance (with
+  `unbiased_running_var=True` the merge is approximate by a factor n / (n - 1)).
+
+  It costs two `psum`s whatever the number of states: one of the weights, counts and
+  weighted means, one of the centred variances; both results are replicated, so under
+  `jax.shard_map` the synchronized state can be returned with `out_specs=P()`. Under plain
+  `jax.jit` over sharded arrays there are no per-replica states and nothing to synchronize.
+
+  Args:
+    state: this replica's `BatchNormState`, or a pytree (e.g. a dict of layers) of them; all
+      are merged in the same two collectives.
+    axis_name: name (or tuple of names) of the mapped axes of the replicas (`shard_map`,
+      `pmap`, `vmap`).
+    weights: optional scalar, this replica's weight instead of each state's `count` (e.g. the
+      number of examples it normalized); the same weight applies to every state of the tree.
+    axis_index_groups: optional groups of replicas along `axis_name` that merge separately
+      (`jax.pmap` only; elsewhere split the mesh axis in two and name the inner one).
+
+  Returns:
+    A pytree of the same structure, shapes and dtypes as `state`, identical on every replica
+    (of a group).
+
+  Raises:
+    TypeError: a leaf of `state` is not a `BatchNormState`.
+    ValueError: `axis_name` is None, states of inconsistent shapes, or `weights` not a finite,
+      non-negative scalar.
+
+  Example:
+    Two replicas whose running statistics saw 1 and 3 updates:
+
+    >>> import jax, jax.numpy as jnp, jaxnorm as jn
+    >>> states = jn.BatchNormState(mean=jnp.array([[1.0], [4.0]]),
+    ...                            var=jnp.array([[1.0], [2.0]]),
+    ...                            count=jnp.array([1, 3], jnp.int32))
+    >>> sync = lambda s: jn.sync_running_stats(s, "replica")
+    >>> jax.vmap(sync, axis_name="replica")(states)
+    BatchNormState(mean=Array([[3.25], [3.25]], dtype=float32), var=Array([[3.4375], [3.4375]], dtype=float32), count=Array([2, 2], dtype=int32))
+  """
+  if axis_name is None:
+    raise ValueError(
+        "axis_name must name the mapped axis of the replicas (the axis_name of jax.pmap or "
+        "jax.vmap, or a mesh axis of jax.shard_map); got None. Under plain jax.jit over "
+        "sharded arrays the running statistics are already global."
+    )
+  _checks.check_axis_index_groups(axis_name, axis_index_groups)
+  states, treedef = jax.tree.flatten(state, is_leaf=_is_state)
+  _check_states(states)
+  w_given = _check_weights(weights)
+  if not states:
+    return state
+  dtype = _wide_dtype(*(s.mean.dtype for s in states), *(s.var.dtype for s in states))
+
+  def weight(s: BatchNormState) -> jax.Array:
+    return (s.count if w_given is None else w_given).astype(dtype)
+
+  with jax.named_scope("jaxnorm.sync_running_stats"):
+    # First psum: replicas, then per state its weight, count, weighted and plain means.
+    first = [jnp.ones((), dtype)]
+    for s in states:
+      w, mean = weight(s), s.mean.astype(dtype)
+      first += [w, s.count.astype(dtype), w * mean, mean]
+    first = _psum(first, axis_name, axis_index_groups)
+    replicas, first = first[0], first[1:]
+    merged_mean, use_w, second = [], [], []
+    for i, s in enumerate(states):
+      w_sum, _, wm_sum, m_sum = first[4 * i:4 * i + 4]
+      weighted = w_sum > 0
+      mean = jnp.where(weighted, wm_sum / jnp.where(weighted, w_sum, 1), m_sum / replicas)
+      w_eff = jnp.where(weighted, weight(s), jnp.ones((), dtype))
+      delta = s.mean.astype(dtype) - mean
+      second.append(w_eff * (s.var.astype(dtype) + delta * delta))
+      merged_mean.append(mean)
+      use_w.append(weighted)
+    # Second psum: the centred variances, about the merged means.
+    second = _psum(second, axis_name, axis_index_groups)
+    out = []
+    for i, s in enumerate(states):
+      w_sum, c_sum = first[4 * i], first[4 * i + 1]
+      denom = jnp.where(use_w[i], w_sum, replicas)
+      var = jnp.maximum(second[i] / denom, jnp.zeros((), dtype))
+      count = jnp.round(c_sum / replicas).astype(s.count.dtype)
+      out.append(BatchNormState(merged_mean[i].astype(s.mean.dtype), var.astype(s.var.dtype),
+                                count))
+  return jax.tree.unflatten(treedef, out)

@@ -1,0 +1,222 @@
+"""Running statistics across replicas: sync_running_stats, and replicas that stay identical."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxnorm as jn
+from tests import refs
+
+R = 8  # replicas, one per fake CPU device
+
+
+def _mesh() -> jax.sharding.Mesh:
+  return jax.make_mesh((R,), ("r",))
+
+
+def _stacked_states(counts, offset=1e4, seed=0, shape=(3,)) -> jn.BatchNormState:
+  rng = np.random.RandomState(seed)
+  return jn.BatchNormState(
+      mean=(rng.randn(R, *shape) + offset).astype(np.float32),
+      var=rng.uniform(0.5, 2.0, (R, *shape)).astype(np.float32),
+      count=np.asarray(counts, np.int32))
+
+
+def _ref_merge(states: jn.BatchNormState, weights) -> tuple[np.ndarray, np.ndarray]:
+  """Float64 law-of-total-variance merge of the replicas' states (axis 0)."""
+  w = refs.f64(weights).reshape((R,) + (1,) * (np.ndim(states.mean) - 1))
+  mean = (w * refs.f64(states.mean)).sum(0) / w.sum()
+  var = (w * (refs.f64(states.var) + (refs.f64(states.mean) - mean) ** 2)).sum(0) / w.sum()
+  return mean, var
+
+
+def _sync_everywhere(states: jn.BatchNormState, kind: str, **kw) -> jn.BatchNormState:
+  """sync_running_stats of stacked per-replica states; checks the replicas agree bitwise."""
+  sync = lambda s: jn.sync_running_stats(s, "r", **kw)
+  if kind == "shard_map":
+    mesh = _mesh()
+    placed = jax.device_put(states, NamedSharding(mesh, P("r")))
+    # out_specs=P() with check_vma on: the result is known to be replicated.
+    f = jax.shard_map(lambda s: sync(jax.tree.map(lambda a: a[0], s)), mesh=mesh,
+                      in_specs=P("r"), out_specs=P(), check_vma=True)
+    return jax.tree.map(np.asarray, jax.jit(f)(placed))
+  if kind == "pmap":
+    out = jax.pmap(sync, axis_name="r")(states)
+  else:
+    out = jax.jit(jax.vmap(sync, axis_name="r"))(states)
+  out = jax.tree.map(np.asarray, out)
+  for a in out:
+    for i in range(1, R):
+      np.testing.assert_array_equal(a[i], a[0])
+  return jax.tree.map(lambda a: a[0], out)
+
+
+@pytest.mark.parametrize("kind", ["shard_map", "pmap", "vmap"])
+def test_sync_is_the_count_weighted_merge_and_ignores_replicas_that_never_updated(kind):
+  counts = [0, 1, 3, 2, 2, 0, 4, 4]
+  states = _stacked_states(counts)
+  states = states._replace(mean=states.mean.copy())
+  states.mean[0] = -5e4  # count 0: must not move the merged mean
+  out = _sync_everywhere(states, kind)
+  mean, var = _ref_merge(states, counts)
+  np.testing.assert_allclose(out.mean, mean, rtol=1e-7)
+  # The spread of the means is taken about the merged mean: no cancellation at 1e4.
+  np.testing.assert_allclose(out.var, var, rtol=1e-5)
+  assert out.count.dtype == np.int32 and int(out.count) == 2  # round(16 / 8)
+
+
+def test_weights_replace_the_counts_and_all_zero_weights_mean_equal_weights():
+  states = _stacked_states([1] * R, offset=3.0)
+  examples = np.array([5, 0, 7, 1, 2, 9, 3, 4], np.float32)
+  out = jax.vmap(lambda s, w: jn.sync_running_stats(s, "r", weights=w), axis_name="r")(
+      states, examples)
+  mean, var = _ref_merge(states, examples)
+  np.testing.assert_allclose(out.mean[3], mean, rtol=1e-6)
+  np.testing.assert_allclose(out.var[3], var, rtol=1e-5)
+  # No replica has updated: equal weights, and initial states merge to themselves exactly.
+  init = jax.tree.map(lambda a: np.stack([a] * R), jn.batch_norm_init(3))
+  out = jax.vmap(lambda s: jn.sync_running_stats(s, "r"), axis_name="r")(init)
+  np.testing.assert_array_equal(out.mean, init.mean)
+  np.testing.assert_array_equal(out.var, init.var)
+  np.testing.assert_array_equal(out.count, 0)
+
+
+def test_identical_states_merge_to_themselves():
+  one = _stacked_states([5] * R, seed=3)
+  same = jax.tree.map(lambda a: np.broadcast_to(a[:1], a.shape), one)
+  out = jax.vmap(lambda s: jn.sync_running_stats(s, "r"), axis_name="r")(same)
+  np.testing.assert_allclose(out.mean, same.mean, rtol=1e-7)
+  np.testing.assert_allclose(out.var, same.var, rtol=1e-6)
+  np.testing.assert_array_equal(out.count, 5)
+
+
+def test_a_tree_of_states_keeps_structure_and_dtypes_and_costs_two_all_reduces():
+  rng = np.random.RandomState(4)
+  tree = {
+      "conv": jax.tree.map(lambda a: np.stack([a] * R), jn.batch_norm_init((4,))),
+      "head": [jn.BatchNormState(jnp.asarray(rng.randn(R, 2, 3), jnp.bfloat16),
+                                 jnp.asarray(rng.uniform(1, 2, (R, 2, 3)), jnp.bfloat16),
+                                 jnp.asarray(np.arange(R), jnp.int32))],
+  }
+  sync = jax.pmap(lambda t: jn.sync_running_stats(t, "r"), axis_name="r")
+  out = sync(tree)
+  assert jax.tree.structure(out) == jax.tree.structure(tree)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(tree)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+  head = out["head"][0]
+  mean, var = _ref_merge(jax.tree.map(lambda a: np.asarray(a, np.float32), tree["head"][0]),
+                         np.arange(R))
+  np.testing.assert_allclose(np.asarray(head.mean[5], np.float32), mean, rtol=1e-2)
+  np.testing.assert_allclose(np.asarray(head.var[5], np.float32), var, rtol=1e-2)
+  # The result passes through lax.cond with the input: same structure, shapes and dtypes.
+  one = jax.tree.map(lambda a: a[0], tree)
+  jax.lax.cond(True, lambda: one, lambda: jax.tree.map(lambda a: a[0], out))
+  text = sync.lower(tree).as_text()
+  assert len(re.findall(r"\ball_reduce\b", text)) == 2
+  assert not re.search(r"\b(all_gather|all_to_all|reduce_scatter|collective_permute)\b", text)
+
+
+def test_momentum_none_stays_the_exact_cumulative_average_across_syncs():
+  """Replicas fold different numbers of batches, sync, fold 3 more each in step, sync again:
+  the mean is the exact average of every batch mean any replica saw."""
+  rng = np.random.RandomState(5)
+  counts = [1, 3, 2, 2, 0, 4, 2, 2]  # average 2: the merged count is exact
+  batches = [[rng.randn(3) + 10.0 for _ in range(c + 3)] for c in counts]
+
+  def fold(state, means):
+    for m in means:
+      batch = jn.Moments(jnp.ones(3), jnp.asarray(m, jnp.float32), jnp.ones(3))
+      state = jn.update_running_stats(state, batch, momentum=None)
+    return state
+
+  sync = jax.vmap(lambda s: jn.sync_running_stats(s, "r"), axis_name="r")
+  stack = lambda states: jax.tree.map(lambda *a: jnp.stack(a), *states)
+  states = stack([fold(jn.batch_norm_init(3), b[:c]) for b, c in zip(batches, counts)])
+  states = sync(states)
+  np.testing.assert_array_equal(states.count, 2)
+  states = stack([fold(jax.tree.map(lambda a: a[i], states), batches[i][counts[i]:])
+                  for i in range(R)])
+  states = sync(states)
+  every = np.concatenate([np.stack(b) for b in batches])
+  np.testing.assert_allclose(states.mean[0], every.mean(0), rtol=1e-6)
+  np.testing.assert_array_equal(states.count, 5)
+
+
+def _train(synced: bool, steps: int = 48):
+  """`steps` batch-norm training steps on 8 devices with uneven masks (device 0 always
+  empty): per-device states, and the states of one device running the whole batch."""
+  rng = np.random.RandomState(6)
+  xs = (rng.randn(steps, 32, 3) * [1.0, 2.0, 0.5] + 1e4).astype(np.float32)
+  valid = rng.randint(0, 5, (steps, R))
+  valid[:, 0] = 0
+  masks = (np.arange(4)[None, None, :] < valid[:, :, None]).reshape(steps, 32, 1)
+  xs = np.where(masks, xs, np.nan).astype(np.float32)
+  init = jn.batch_norm_init(3)
+  ax = "r" if synced else None
+
+  def run(x_steps, m_steps, axis_name, state):
+    def body(state, xm):
+      _, state = jn.batch_norm(xm[0], state, training=True, momentum=0.9, mask=xm[1],
+                               axis_name=axis_name)
+      return state, None
+    return jax.lax.scan(body, state, (x_steps, m_steps))[0]
+
+  def per_replica(x, m):
+    # Unsynchronized states differ per device: the carry must start as a varying value.
+    state = init if synced else jax.lax.pcast(init, ("r",), to="varying")
+    return jax.tree.map(lambda a: a[None], run(x, m, ax, state))
+
+  mesh = _mesh()
+  spec = P(None, "r")
+  f = jax.shard_map(per_replica, mesh=mesh, in_specs=(spec, spec), out_specs=P("r"),
+                    check_vma=True)
+  per_device = jax.jit(f)(*(jax.device_put(a, NamedSharding(mesh, spec)) for a in (xs, masks)))
+  whole = jax.jit(run, static_argnums=2)(xs, masks, None, init)
+  return jax.tree.map(np.asarray, per_device), whole
+
+
+def test_replicas_with_synchronized_statistics_stay_bit_identical_over_many_steps():
+  per_device, whole = _train(synced=True)
+  for a in per_device:
+    assert np.all(np.isfinite(a))
+    for i in range(1, R):
+      np.testing.assert_array_equal(a[i], a[0])
+  # And they equal one device training on the whole batch, to float32 rounding.
+  np.testing.assert_allclose(per_device.mean[0], whole.mean, rtol=1e-6)
+  np.testing.assert_allclose(per_device.var[0], whole.var, rtol=1e-3)
+  assert int(per_device.count[0]) == int(whole.count) == 48
+
+
+def test_unsynchronized_replicas_diverge_and_sync_running_stats_reunites_them():
+  per_device, _ = _train(synced=False)
+  assert not np.array_equal(per_device.mean[1], per_device.mean[2])
+  np.testing.assert_array_equal(per_device.count[0], 0)  # device 0 never saw a valid row
+  np.testing.assert_array_equal(per_device.mean[0], 0.0)
+  out = _sync_everywhere(per_device, "pmap")
+  mean, var = _ref_merge(per_device, per_device.count)
+  np.testing.assert_allclose(out.mean, mean, rtol=1e-7)
+  np.testing.assert_allclose(out.var, var, rtol=1e-4)
+
+
+def test_bad_arguments_raise_clear_errors():
+  state = jn.batch_norm_init(3)
+  with pytest.raises(ValueError, match="axis_name must name"):
+    jn.sync_running_stats(state, None)
+  with pytest.raises(TypeError, match="found a leaf of type"):
+    jax.vmap(lambda s: jn.sync_running_stats({"bn": s, "w": s.mean}, "r"),
+             axis_name="r")(_stacked_states([1] * R))
+  with pytest.raises(ValueError, match="weights must be a scalar"):
+    jn.sync_running_stats(state, "r", weights=np.ones(3))
+  with pytest.raises(ValueError, match="non-negative"):
+    jn.sync_running_stats(state, "r", weights=-1.0)
+  with pytest.raises(NotImplementedError, match="split the mesh axis"):
+    jax.vmap(lambda s: jn.sync_running_stats(s, "r", axis_index_groups=[[0, 1, 2, 3],
+                                                                        [4, 5, 6, 7]]),
+             axis_name="r")(_stacked_states([1] * R))
