@@ -1,0 +1,258 @@
+"""jaxnorm.nnx against flax.nnx itself: state, outputs, statistics, mode switching, extras."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxnorm import nnx as jnnx
+from tests import flax_cases as fc
+from tests import refs
+
+DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def _pair(name, seed=0, **kw):
+  kw = {**fc.KWARGS[name], **kw}
+  theirs = getattr(nnx, name)(fc.CHANNELS, use_fast_variance=False, rngs=nnx.Rngs(seed), **kw)
+  ours = getattr(jnnx, name)(fc.CHANNELS, rngs=nnx.Rngs(seed), **kw)
+  return theirs, ours
+
+
+def _run_flax(module, *args, **kw):
+  with fc.standard_promotion():
+    return module(*args, **kw)
+
+
+@pytest.mark.parametrize("name", fc.NAMES)
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize("param_dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_matches_flax_train_and_eval(name, x_dtype, param_dtype, masked):
+  theirs, ours = _pair(name, param_dtype=param_dtype)
+  fc.assert_trees_identical(nnx.state(ours), nnx.state(theirs))
+  x, x2 = fc.data(x_dtype), fc.data(x_dtype, seed=5, offset=-0.3)
+  m = fc.mask() if masked else None
+  fc.assert_close(ours(x, mask=m), _run_flax(theirs, x, mask=m))  # BatchNorm: training
+  fc.assert_trees_close(nnx.state(ours), nnx.state(theirs))
+  theirs.eval()
+  ours.eval()
+  fc.assert_close(ours(x2), _run_flax(theirs, x2))
+
+
+@pytest.mark.parametrize("name", fc.NAMES)
+@pytest.mark.parametrize("x_dtype,dtype", [(jnp.float32, jnp.bfloat16),
+                                           (jnp.bfloat16, jnp.float32)])
+def test_matches_flax_with_dtype_argument(name, x_dtype, dtype):
+  theirs, ours = _pair(name, dtype=dtype)
+  x = fc.data(x_dtype)
+  y = ours(x)
+  assert y.dtype == dtype
+  fc.assert_close(y, _run_flax(theirs, x))
+  fc.assert_trees_close(nnx.state(ours), nnx.state(theirs))
+
+
+def test_layer_norm_with_several_feature_axes_matches_flax():
+  x = fc.data(shape=(4, 3, 5, 6))
+  kw = dict(reduction_axes=(1, 2, 3), feature_axes=(-2, -1), **fc.KWARGS["LayerNorm"])
+  theirs = nnx.LayerNorm(30, use_fast_variance=False, rngs=nnx.Rngs(0), **kw)
+  ours = jnnx.LayerNorm(30, rngs=nnx.Rngs(0), **kw)
+  fc.assert_close(ours(x), _run_flax(theirs, x))
+
+
+# --- a whole model: flax's state loads into the model built with ours ------------------------
+
+class _Net(nnx.Module):
+  def __init__(self, ns, rngs):
+    kw = dict(use_fast_variance=False) if ns is nnx else {}  # flax's stable variance
+    init = nnx.initializers.normal(0.5)
+    self.lin1 = nnx.Linear(3, 8, kernel_init=init, rngs=rngs)
+    self.inorm = ns.InstanceNorm(8, rngs=rngs, **kw)
+    self.lin2 = nnx.Linear(8, 8, kernel_init=init, rngs=rngs)
+    self.bn = ns.BatchNorm(8, momentum=0.9, rngs=rngs, **kw)
+    self.gn = ns.GroupNorm(8, num_groups=4, rngs=rngs, **kw)
+    self.lin3 = nnx.Linear(8, 8, kernel_init=init, rngs=rngs)
+    self.ln = ns.LayerNorm(8, rngs=rngs, **kw)
+    self.lin4 = nnx.Linear(8, 8, kernel_init=init, rngs=rngs)
+    self.rms = ns.RMSNorm(8, rngs=rngs, **kw)
+    self.out = nnx.Linear(8, 3, kernel_init=init, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.lin2(nnx.relu(self.inorm(self.lin1(x)))))
+    x = nnx.relu(self.gn(nnx.relu(self.bn(x))))
+    x = self.ln(self.lin3(x.mean((1, 2))))
+    return self.out(self.rms(self.lin4(nnx.relu(x))))
+
+
+@nnx.jit
+def _forward(model, x):
+  return model(x)
+
+
+def test_flax_model_state_loads_into_ours():
+  x = fc.data(shape=(6, 7, 7, 3))
+  theirs = _Net(nnx, nnx.Rngs(0))
+  ours = _Net(jnnx, nnx.Rngs(1))  # other weights, then flax's state
+  nnx.update(ours, nnx.state(theirs))
+  fc.assert_trees_identical(nnx.state(ours), nnx.state(theirs))
+  with fc.standard_promotion():
+    y_t = _forward(theirs, x)
+  fc.assert_close(_forward(ours, x), y_t)
+  fc.assert_trees_close(nnx.state(ours), nnx.state(theirs))
+  theirs.eval()
+  ours.eval()
+  with fc.standard_promotion():
+    e_t = _forward(theirs, x)
+  fc.assert_close(_forward(ours, x), e_t)
+
+
+# --- mode switching and nnx.jit --------------------------------------------------------------
+
+def test_train_eval_view_and_call_argument():
+  x = fc.data()
+  bn = jnnx.BatchNorm(fc.CHANNELS, rngs=nnx.Rngs(0))
+  assert bn.use_running_average is False
+  before = nnx.clone(nnx.state(bn, nnx.BatchStat))
+  bn.eval()
+  assert bn.use_running_average is True
+  bn(x)
+  fc.assert_trees_identical(nnx.state(bn, nnx.BatchStat), before)
+  bn(x, use_running_average=False)  # the call argument takes precedence
+  assert not np.array_equal(bn.mean[...], before["mean"][...])
+  bn.train()
+  assert bn.use_running_average is False
+  view = nnx.view(bn, use_running_average=True)
+  assert view.use_running_average is True and bn.use_running_average is False
+  no_mode = jnnx.BatchNorm(fc.CHANNELS, use_running_average=None, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="use_running_average"):
+    no_mode(x)
+
+
+def test_training_updates_inside_nnx_jit_without_retracing():
+  bn = jnnx.BatchNorm(fc.CHANNELS, rngs=nnx.Rngs(0))
+  ref = nnx.BatchNorm(fc.CHANNELS, use_fast_variance=False, rngs=nnx.Rngs(0))
+  traces = []
+
+  @nnx.jit
+  def step(model, x):
+    traces.append(1)
+    return model(x)
+
+  for s in range(3):
+    x = fc.data(seed=s)
+    step(bn, x)
+    _run_flax(ref, x)
+  assert len(traces) == 1
+  fc.assert_trees_close(nnx.state(bn), nnx.state(ref))
+
+
+# --- where jaxnorm is better -----------------------------------------------------------------
+
+def test_group_norm_with_custom_reduction_axes_is_correct():
+  x = fc.data(shape=(4, 3, 5, 6))
+  ours = jnnx.GroupNorm(6, num_groups=3, reduction_axes=(2, 3), rngs=nnx.Rngs(0))
+  theirs = nnx.GroupNorm(6, num_groups=3, reduction_axes=(2, 3), use_fast_variance=False,
+                         rngs=nnx.Rngs(0))
+  linen = nn.GroupNorm(num_groups=3, reduction_axes=(2, 3), use_fast_variance=False)
+  with fc.standard_promotion():
+    v = linen.init(jax.random.key(0), x)
+    y_linen = linen.apply(v, x)
+    y_nnx = theirs(x)
+  fc.assert_close(ours(x), y_linen)
+  assert np.abs(np.asarray(y_nnx) - np.asarray(y_linen)).max() > 0.5  # flax.nnx's defect
+
+
+def test_eval_in_bfloat16_uses_float32_running_statistics():
+  kw = dict(dtype=jnp.bfloat16, momentum=0.0, rngs=nnx.Rngs(0))
+  bn, theirs = jnnx.BatchNorm(fc.CHANNELS, **kw), nnx.BatchNorm(fc.CHANNELS, **kw)
+  x = fc.data(offset=30.0)
+  bn(x)
+  _run_flax(theirs, x)
+  bn.eval()
+  theirs.eval()
+  ref = refs.ref_normalize(x.astype(jnp.bfloat16), bn.mean[...], bn.var[...], None, None,
+                           (0, 1), -1, 1e-5)
+  err_ours = np.abs(np.asarray(bn(x), np.float64) - ref).max()
+  err_flax = np.abs(np.asarray(_run_flax(theirs, x), np.float64) - ref).max()
+  # ours: one bfloat16 rounding of the output; flax: x - mean in bfloat16 (ulp 0.125 at 30).
+  assert err_ours <= 2.0 ** -8 * np.abs(ref).max() < 0.02 < err_flax
+
+
+def test_offset_1e4_input_is_exact():
+  x = fc.data(offset=1e4, shape=(16, 64))
+  y = jnnx.LayerNorm(64, rngs=nnx.Rngs(0))(x)
+  with fc.standard_promotion():
+    y_flax = nnx.LayerNorm(64, rngs=nnx.Rngs(0))(x)
+  ref = refs.ref_layer_norm(x)
+  assert np.abs(np.asarray(y, np.float64) - ref).max() < 2e-3
+  assert np.abs(np.asarray(y_flax, np.float64) - ref).max() > 2e-3
+
+
+def _vmapped(model, x, m):
+  graphdef, state = nnx.split(model)
+
+  def step(state, xi, mi):
+    module = nnx.merge(graphdef, state)
+    return module(xi, mask=mi), nnx.state(module)
+
+  return jax.vmap(step, in_axes=(None, 0, 0), axis_name="d")(state, x, m)
+
+
+def test_uneven_masks_across_vmapped_devices_match_the_concatenated_batch():
+  x, m = fc.uneven()
+  bn = jnnx.BatchNorm(3, momentum=0.0, axis_name="d", rngs=nnx.Rngs(0))
+  y, state = _vmapped(bn, x, m)
+  one = jnnx.BatchNorm(3, momentum=0.0, rngs=nnx.Rngs(0))
+  y_one = one(x.reshape(-1, 3), mask=m.reshape(-1, 1))
+  full_mask = np.broadcast_to(np.asarray(m), x.shape)
+  _, mean, var = refs.ref_moments(x.reshape(-1, 3), 0, full_mask.reshape(-1, 3))
+  for i in range(x.shape[0]):
+    np.testing.assert_allclose(state["mean"][...][i], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state["var"][...][i], var, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(y)[full_mask],
+                             np.asarray(y_one).reshape(x.shape)[full_mask], rtol=1e-5, atol=1e-5)
+  with fc.standard_promotion():
+    _, state_flax = _vmapped(nnx.BatchNorm(3, momentum=0.0, axis_name="d", rngs=nnx.Rngs(0)),
+                             x, m)
+  assert np.abs(np.asarray(state_flax["mean"][...][0]) - mean).max() > 0.1  # mean of means
+
+
+# --- extras flax lacks -----------------------------------------------------------------------
+
+def test_fully_masked_batch_leaves_batch_stats_unchanged():
+  bn = jnnx.BatchNorm(fc.CHANNELS, rngs=nnx.Rngs(0))
+  x = fc.data()
+  bn(x)
+  before = nnx.clone(nnx.state(bn))
+  y = bn(x, mask=jnp.zeros(x.shape, bool))
+  fc.assert_trees_identical(nnx.state(bn), before)
+  assert np.isfinite(np.asarray(y)).all()
+
+
+def test_momentum_none_adds_a_count_and_averages_exactly():
+  bn = jnnx.BatchNorm(fc.CHANNELS, momentum=None, rngs=nnx.Rngs(0))
+  assert set(nnx.to_pure_dict(nnx.state(bn, nnx.BatchStat))) == {"mean", "var", "count"}
+  xs = [fc.data(seed=s, offset=s) for s in range(3)]
+  for x in xs:
+    bn(x)
+  stats = [refs.ref_moments(x, (0, 1)) for x in xs]
+  np.testing.assert_allclose(bn.mean[...], np.mean([s[1] for s in stats], 0), rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(bn.var[...], np.mean([s[2] for s in stats], 0), rtol=1e-5)
+  assert bn.count[...].dtype == jnp.int32 and int(bn.count[...]) == 3
+  default = jnnx.BatchNorm(fc.CHANNELS, rngs=nnx.Rngs(0))
+  assert set(nnx.to_pure_dict(nnx.state(default))) == {"mean", "var", "scale", "bias"}
+
+
+def test_unbiased_running_var_and_update_stats_false():
+  x = fc.data()
+  bn = jnnx.BatchNorm(fc.CHANNELS, momentum=0.0, unbiased_running_var=True, rngs=nnx.Rngs(0))
+  y = bn(x)
+  np.testing.assert_allclose(bn.var[...], np.var(refs.f64(x), (0, 1), ddof=1), rtol=1e-5)
+  frozen = jnnx.BatchNorm(fc.CHANNELS, update_stats=False, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(frozen(x), y)  # batch statistics, biased variance
+  np.testing.assert_array_equal(frozen.mean[...], np.zeros(fc.CHANNELS))
+  frozen(x, update_stats=True)
+  assert not np.array_equal(frozen.mean[...], np.zeros(fc.CHANNELS))
