@@ -61,7 +61,8 @@ def _psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
   `lax.psum` of a tuple lowers to one all-reduce per leaf, so the leaves are packed into one
   array of their widest dtype (float32 counts are exact in it) and unpacked afterwards. Leaves
   of one shape are stacked rather than concatenated: in JAX 0.10, `vmap` of a concatenation of
-  a batched and an unbatched operand fails on sharded input.
+  a batched and an unbatched operand fails on input sharded over an Explicit mesh axis unless
+  it runs under `jax.set_mesh`.
   """
   if axis_name is None:
     return tree
