@@ -67,7 +67,7 @@ def assert_trees_identical(a, b):
   for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     u, v = np.asarray(u), np.asarray(v)
     assert u.dtype == v.dtype and u.shape == v.shape, (u.dtype, v.dtype, u.shape, v.shape)
-    np.testing.assert_array_equal(u.view(np.uint8), v.view(np.uint8))
+    np.testing.assert_array_equal(np.atleast_1d(u).view(np.uint8), np.atleast_1d(v).view(np.uint8))
 
 
 def uneven(n_dev=4, rows=8, seed=3):

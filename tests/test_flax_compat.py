@@ -1,0 +1,167 @@
+"""The two wrapper families agree bitwise; checkpoints round-trip; the flax import is optional."""
+
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from jaxnorm import linen as jnn
+from jaxnorm import nnx as jnnx
+from tests import flax_cases as fc
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def _assert_bitwise(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  assert a.dtype == b.dtype and a.shape == b.shape
+  np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8), np.atleast_1d(b).view(np.uint8))
+
+
+@pytest.mark.parametrize("name", fc.NAMES)
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize("param_dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_linen_and_nnx_agree_bitwise(name, x_dtype, param_dtype, masked):
+  kw = {**fc.KWARGS[name], "param_dtype": param_dtype}
+  mod_nnx = getattr(jnnx, name)(fc.CHANNELS, rngs=nnx.Rngs(0), **kw)
+  mod_linen = getattr(jnn, name)(**kw)
+  state = nnx.to_pure_dict(nnx.state(mod_nnx))
+  params = {k: v for k, v in state.items() if k in ("scale", "bias")}
+  variables = {"params": params}
+  call = {}
+  if name == "BatchNorm":
+    variables["batch_stats"] = {"mean": state["mean"], "var": state["var"]}
+    call = {"use_running_average": False}
+  x, m = fc.data(x_dtype), (fc.mask() if masked else None)
+  y_linen, upd = mod_linen.apply(variables, x, mask=m, mutable=["batch_stats"], **call)
+  y_nnx = mod_nnx(x, mask=m)
+  # flax.nnx promotes bfloat16 input with the float32 running statistics; linen does not.
+  _assert_bitwise(y_nnx.astype(y_linen.dtype), y_linen)
+  if name == "BatchNorm":
+    _assert_bitwise(mod_nnx.mean[...], upd["batch_stats"]["mean"])
+    _assert_bitwise(mod_nnx.var[...], upd["batch_stats"]["var"])
+    mod_nnx.eval()
+    e_linen = mod_linen.apply({**variables, **upd}, x, use_running_average=True)
+    _assert_bitwise(mod_nnx(x).astype(e_linen.dtype), e_linen)
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+class _Net(nn.Module):
+  momentum: float | None = 0.9
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dense(16)(x)
+    x = jnn.BatchNorm(use_running_average=not train, momentum=self.momentum)(x)
+    x = jnn.LayerNorm()(nn.relu(x))
+    return nn.Dense(3)(x)
+
+
+def _trainer(model, tx):
+  @jax.jit
+  def step(state, x, y):
+    def loss_fn(params):
+      logits, upd = model.apply({"params": params, "batch_stats": state["batch_stats"]}, x,
+                                train=True, mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+
+    (_, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates),
+            "batch_stats": upd["batch_stats"], "opt_state": opt_state}
+
+  return step
+
+
+@pytest.mark.parametrize("momentum", [0.9, None])
+def test_orbax_checkpoint_round_trips_bitwise_and_resumes_identically(tmp_path, momentum):
+  model, tx = _Net(momentum), optax.adam(1e-2)
+  with fc.standard_promotion():  # optax.adam mixes int and float scalars
+    _train_save_restore_resume(model, tx, tmp_path, momentum)
+
+
+def _train_save_restore_resume(model, tx, tmp_path, momentum):
+  rs = np.random.RandomState(0)
+  batches = [(jnp.asarray(rs.randn(32, 5).astype(np.float32) + 3.0),
+              jnp.asarray(rs.randint(0, 3, 32))) for _ in range(6)]
+  variables = model.init(jax.random.key(0), batches[0][0], train=False)
+  state = {**variables, "opt_state": tx.init(variables["params"])}
+  step = _trainer(model, tx)
+  for x, y in batches[:3]:
+    state = step(state, x, y)
+
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", state)
+  checkpointer.wait_until_finished()
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  restored = checkpointer.restore(tmp_path / "ckpt", abstract)
+  fc.assert_trees_identical(restored, state)
+  if momentum is None:
+    assert restored["batch_stats"]["BatchNorm_0"]["count"].dtype == jnp.int32
+    assert int(restored["batch_stats"]["BatchNorm_0"]["count"]) == 3
+
+  for x, y in batches[3:]:
+    state = step(state, x, y)
+    restored = step(restored, x, y)
+  fc.assert_trees_identical(restored, state)
+  x = batches[0][0]
+  eval_vars = lambda s: {"params": s["params"], "batch_stats": s["batch_stats"]}
+  _assert_bitwise(model.apply(eval_vars(restored), x, train=False),
+                  model.apply(eval_vars(state), x, train=False))
+
+
+def test_orbax_checkpoint_of_nnx_state_round_trips_bitwise(tmp_path):
+  model = jnnx.BatchNorm(4, momentum=None, rngs=nnx.Rngs(0))
+  x = fc.data(shape=(16, 4), offset=2.0)
+
+  @nnx.jit
+  def step(model, x):
+    return model(x)
+
+  step(model, x)
+  state = nnx.state(model)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "nnx", nnx.to_pure_dict(state))
+  checkpointer.wait_until_finished()
+  fresh = jnnx.BatchNorm(4, momentum=None, rngs=nnx.Rngs(1))
+  restored = checkpointer.restore(tmp_path / "nnx", nnx.to_pure_dict(nnx.state(fresh)))
+  nnx.replace_by_pure_dict(state_fresh := nnx.state(fresh), restored)
+  nnx.update(fresh, state_fresh)
+  fc.assert_trees_identical(nnx.state(fresh), nnx.state(model))
+  for s in range(2):
+    xs = fc.data(shape=(16, 4), seed=s)
+    _assert_bitwise(step(fresh, xs), step(model, xs))
+  fc.assert_trees_identical(nnx.state(fresh), nnx.state(model))
+
+
+# --- the flax dependency is optional ---------------------------------------------------------
+
+def test_jaxnorm_imports_without_flax_and_the_wrappers_say_how_to_install_it():
+  code = """
+import sys
+import jaxnorm
+assert not any(m.split('.')[0] == 'flax' for m in sys.modules), 'import jaxnorm imported flax'
+sys.modules['flax'] = None  # as if flax were not installed
+for name in ('jaxnorm.linen', 'jaxnorm.nnx'):
+  try:
+    __import__(name)
+  except ImportError as e:
+    assert 'pip install jaxnorm[flax]' in str(e), str(e)
+    assert name in str(e), str(e)
+  else:
+    raise AssertionError(name + ' imported without flax')
+"""
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
