@@ -1,0 +1,458 @@
+"""Side-by-side speed and memory of jaxnorm and its peers: one command, one process.
+
+    python benchmarks/run.py [--quick | --tiny] [--out DIR]
+
+For LayerNorm, RMSNorm, GroupNorm, BatchNorm (train and eval), forward and forward+backward,
+float32 and bfloat16, it times jaxnorm, flax.linen, flax.nnx, haiku, equinox and a plain-jnp
+reference (peers that are not installed are skipped) with interleaved repetitions and reports
+medians. For each case it gives the time, the ratio to flax.linen, the ratio to one elementwise
+pass over the same array (`x * 2`: read x, write y; the memory-traffic yardstick: a forward
+pass cannot beat about 1x, forward+backward, which reads x and dy and writes y and dx, about
+2.5x) and, for forward+backward, the temporary memory XLA assigns to the compiled program
+(`jax.jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes`).
+
+Forward+backward is `y, pullback = jax.vjp(f, params, x); pullback(dy)` with a fixed random
+cotangent `dy`, returning `y` and every gradient (and BatchNorm's new running statistics), so
+nothing is dead code. Parameters are float32; the input has the case's dtype.
+
+Writes `results.json`, `results.md` (markdown tables) and `chart.png` to `--out`
+(default: benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxnorm as jn
+
+NORMS = ("layer_norm", "rms_norm", "group_norm", "batch_norm_train", "batch_norm_eval")
+LIBS = ("jaxnorm", "flax.linen", "flax.nnx", "haiku", "equinox", "jnp")
+REF = "flax.linen"
+GROUPS = 32
+_BIG = [(8192, 1024), (8192, 4096), (64, 32, 32, 128), (32, 256)]
+CONFIGS = {  # (shape, dtype) groups per mode
+    "full": [(s, d) for s in _BIG for d in ("float32", "bfloat16")],
+    "quick": [((8192, 1024), "float32"), ((8192, 1024), "bfloat16"), ((32, 256), "float32")],
+    "tiny": [((64, 128), "float32")],
+}
+REPS = {"full": 7, "quick": 3, "tiny": 2}
+MIN_SAMPLE_S = {"full": 0.02, "quick": 0.01, "tiny": 0.001}
+
+# A builder returns `(fn, params)` with `fn(params, x) -> (y, aux)`: `aux` is BatchNorm's new
+# running statistics in training (None otherwise); params are float32.
+Builder = Callable[[str, tuple[int, ...], Any], tuple[Callable, Any] | None]
+
+
+def _have(module: str) -> bool:
+  return importlib.util.find_spec(module) is not None
+
+
+def _bn_stats(c: int) -> tuple[jax.Array, jax.Array]:
+  return jnp.full((c,), 0.1, jnp.float32), jnp.full((c,), 1.5, jnp.float32)
+
+
+def _affine(c: int) -> dict[str, jax.Array]:
+  k1, k2 = jax.random.split(jax.random.key(1))
+  return {"scale": 1 + 0.1 * jax.random.normal(k1, (c,)), "bias": 0.1 * jax.random.normal(k2, (c,))}
+
+
+def build_jaxnorm(norm, shape, dtype):
+  c = shape[-1]
+  p = _affine(c)
+  if norm == "layer_norm":
+    return lambda p, x: (jn.layer_norm(x, p["scale"], p["bias"]), None), p
+  if norm == "rms_norm":
+    return lambda p, x: (jn.rms_norm(x, p["scale"]), None), {"scale": p["scale"]}
+  if norm == "group_norm":
+    return lambda p, x: (jn.group_norm(x, p["scale"], p["bias"], num_groups=GROUPS), None), p
+  mean, var = _bn_stats(c)
+  state = jn.BatchNormState(mean, var, jnp.zeros((), jnp.int32))
+  training = norm == "batch_norm_train"
+
+  def fn(p, x):
+    y, new = jn.batch_norm(x, state, p["scale"], p["bias"], training=training)
+    return y, (new if training else None)
+  return fn, p
+
+
+def build_jnp(norm, shape, dtype):
+  """Plain jnp, two-pass float32 statistics, differentiated by autodiff."""
+  c = shape[-1]
+  p = _affine(c)
+
+  def ln(x, red, g, b, eps, center=True):
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, red, keepdims=True) if center else 0.0
+    var = jnp.mean(jnp.square(xf - mean), red, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps) * g
+    return (y if b is None else y + b).astype(x.dtype)
+
+  if norm == "layer_norm":
+    return lambda p, x: (ln(x, -1, p["scale"], p["bias"], 1e-6), None), p
+  if norm == "rms_norm":
+    return (lambda p, x: (ln(x, -1, p["scale"], None, 1e-6, center=False), None),
+            {"scale": p["scale"]})
+  if norm == "group_norm":
+    def gn(p, x):
+      xg = x.reshape(x.shape[:-1] + (GROUPS, c // GROUPS))
+      red = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+      xf = xg.astype(jnp.float32)
+      mean = jnp.mean(xf, red, keepdims=True)
+      var = jnp.mean(jnp.square(xf - mean), red, keepdims=True)
+      y = ((xf - mean) * jax.lax.rsqrt(var + 1e-6)).reshape(x.shape)
+      return (y * p["scale"] + p["bias"]).astype(x.dtype), None
+    return gn, p
+  mean0, var0 = _bn_stats(c)
+  red = tuple(range(len(shape) - 1))
+  if norm == "batch_norm_eval":
+    return (lambda p, x: (((x.astype(jnp.float32) - mean0) * jax.lax.rsqrt(var0 + 1e-5)
+                           * p["scale"] + p["bias"]).astype(x.dtype), None), p)
+
+  def bn(p, x):
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, red)
+    var = jnp.mean(jnp.square(xf - mean), red)
+    y = ((xf - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]).astype(x.dtype)
+    stats = (0.99 * mean0 + 0.01 * jax.lax.stop_gradient(mean),
+             0.99 * var0 + 0.01 * jax.lax.stop_gradient(var))
+    return y, stats
+  return bn, p
+
+
+def build_linen(norm, shape, dtype):
+  import flax.linen as nn
+  c = shape[-1]
+  x0 = jnp.zeros((2,) + tuple(shape[1:]), dtype)
+  if norm == "layer_norm":
+    m = nn.LayerNorm()
+  elif norm == "rms_norm":
+    m = nn.RMSNorm()
+  elif norm == "group_norm":
+    m = nn.GroupNorm(num_groups=GROUPS)
+  else:
+    m = nn.BatchNorm(use_running_average=norm == "batch_norm_eval", momentum=0.99,
+                     epsilon=1e-5)
+  variables = m.init(jax.random.key(0), x0)
+  params = variables["params"]
+  if "batch_stats" not in variables:
+    return lambda p, x: (m.apply({"params": p}, x), None), params
+  mean, var = _bn_stats(c)
+  stats = {"mean": mean, "var": var}
+  if norm == "batch_norm_eval":
+    return lambda p, x: (m.apply({"params": p, "batch_stats": stats}, x), None), params
+  return (lambda p, x: m.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"]),
+          params)
+
+
+def build_nnx(norm, shape, dtype):
+  from flax import nnx
+  c = shape[-1]
+  rngs = nnx.Rngs(0)
+  if norm == "layer_norm":
+    m = nnx.LayerNorm(c, rngs=rngs)
+  elif norm == "rms_norm":
+    m = nnx.RMSNorm(c, rngs=rngs)
+  elif norm == "group_norm":
+    m = nnx.GroupNorm(c, num_groups=GROUPS, rngs=rngs)
+  else:
+    m = nnx.BatchNorm(c, use_running_average=norm == "batch_norm_eval", momentum=0.99,
+                      epsilon=1e-5, rngs=rngs)
+    mean, var = _bn_stats(c)
+    m.mean.value, m.var.value = mean, var
+  graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+  training = norm == "batch_norm_train"
+
+  def fn(p, x):
+    # A fresh copy of the non-parameter state, so that BatchNorm may update it in this trace.
+    mod = nnx.merge(graphdef, p, jax.tree.map(jnp.copy, rest))
+    y = mod(x)
+    return y, (nnx.state(mod, nnx.BatchStat) if training else None)
+  return fn, params
+
+
+def build_haiku(norm, shape, dtype):
+  import haiku as hk
+  x0 = jnp.zeros((2,) + tuple(shape[1:]), dtype)
+  training = norm == "batch_norm_train"
+
+  def forward(x, is_training=training):
+    if norm == "layer_norm":
+      return hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, eps=1e-6)(x)
+    if norm == "rms_norm":
+      return hk.RMSNorm(axis=-1, eps=1e-6)(x)
+    if norm == "group_norm":
+      return hk.GroupNorm(groups=GROUPS, eps=1e-6)(x)
+    return hk.BatchNorm(True, True, 0.99, eps=1e-5)(x, is_training=is_training)
+
+  t = hk.transform_with_state(forward)
+  # Initialized in training mode: haiku creates the running averages only there.
+  params, state = t.init(jax.random.key(0), x0, True)
+  if norm == "batch_norm_eval":
+    # Give the running averages some history so that evaluation does not raise.
+    _, state = t.apply(params, state, None, jnp.ones((4,) + tuple(shape[1:]), dtype), True)
+
+  def fn(p, x):
+    y, new = t.apply(p, state, None, x)
+    return y, (new if training else None)
+  return fn, params
+
+
+def build_equinox(norm, shape, dtype):
+  import equinox as eqx
+  c = shape[-1]
+  training = norm == "batch_norm_train"
+  state = None
+  if norm == "layer_norm":
+    m = eqx.nn.LayerNorm(c, eps=1e-6)
+  elif norm == "rms_norm":
+    m = eqx.nn.RMSNorm(c, eps=1e-6, use_bias=False)
+  elif norm == "group_norm":
+    m = eqx.nn.GroupNorm(GROUPS, c, eps=1e-6)
+  else:
+    m, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(c, "batch", eps=1e-5, mode="ema")
+  params, static = eqx.partition(m, eqx.is_inexact_array)
+
+  def fn(p, x):
+    mod = eqx.combine(p, static)
+    if norm in ("layer_norm", "rms_norm"):
+      return jax.vmap(mod)(x.reshape(-1, c)).reshape(x.shape), None
+    if norm == "group_norm":  # equinox is channels-first: the layout moves are part of its cost
+      xc = jnp.moveaxis(x, -1, 1)
+      return jnp.moveaxis(jax.vmap(mod)(xc), 1, -1), None
+    call = lambda xi, st: mod(xi, st, inference=not training)
+    y, new = jax.vmap(call, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
+        x.reshape(-1, c), state)
+    return y.reshape(x.shape), (new if training else None)
+  return fn, params
+
+
+BUILDERS: dict[str, tuple[str, Builder]] = {
+    "jaxnorm": ("jaxnorm", build_jaxnorm),
+    "flax.linen": ("flax", build_linen),
+    "flax.nnx": ("flax", build_nnx),
+    "haiku": ("haiku", build_haiku),
+    "equinox": ("equinox", build_equinox),
+    "jnp": ("jax", build_jnp),
+}
+
+
+def _fwd(fn):
+  return jax.jit(fn)
+
+
+def _fwd_bwd(fn):
+  def f(p, x, dy):
+    y, pullback, aux = jax.vjp(lambda p, x: fn(p, x), p, x, has_aux=True)
+    return y, aux, pullback(dy)
+  return jax.jit(f)
+
+
+def _per_call(compiled, args, inner: int) -> float:
+  t0 = time.perf_counter()
+  for _ in range(inner):
+    out = compiled(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / inner
+
+
+def _label(shape, dtype) -> str:
+  return f"{'x'.join(map(str, shape))} {dtype}"
+
+
+def run(mode: str, out_dir: str, libs: tuple[str, ...] = LIBS,
+        norms: tuple[str, ...] = NORMS, log=print) -> dict:
+  available = [lib for lib in libs if _have(BUILDERS[lib][0])]
+  skipped = [lib for lib in libs if lib not in available]
+  records, failures = [], []
+  t_start = time.perf_counter()
+  for shape, dtype_name in CONFIGS[mode]:
+    dtype = jnp.dtype(dtype_name)
+    kx, kd = jax.random.split(jax.random.key(0))
+    x = (jax.random.normal(kx, shape, jnp.float32) * 2 + 0.5).astype(dtype)
+    # The yardstick: one elementwise pass (read x, write y).
+    cases = {("elementwise", "-", "fwd"): (jax.jit(lambda x: x * 2).lower(x).compile(), (x,), None)}
+    for norm in norms:
+      for lib in available:
+        try:
+          fn, params = BUILDERS[lib][1](norm, shape, dtype)
+          fwd = _fwd(fn).lower(params, x).compile()
+          y = fwd(params, x)[0]
+          dy = jax.random.normal(kd, y.shape, jnp.float32).astype(y.dtype)
+          fb = _fwd_bwd(fn).lower(params, x, dy).compile()
+        except Exception as e:  # a peer that cannot run this case: report it, go on
+          msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+          failures.append({"norm": norm, "lib": lib, "shape": list(shape),
+                           "dtype": dtype_name, "error": msg})
+          log(f"  skipped {lib} {norm} {_label(shape, dtype_name)}: {msg}")
+          continue
+        mem = fb.memory_analysis()
+        temp = None if mem is None else int(mem.temp_size_in_bytes)
+        cases[(norm, lib, "fwd")] = (fwd, (params, x), None)
+        cases[(norm, lib, "fwd+bwd")] = (fb, (params, x, dy), temp)
+    # Calibrate the number of calls per sample so that a sample lasts MIN_SAMPLE_S.
+    inner = {}
+    for key, (c, args, _) in cases.items():
+      jax.block_until_ready(c(*args))
+      t = _per_call(c, args, 1)
+      inner[key] = max(1, min(1000, int(MIN_SAMPLE_S[mode] / max(t, 1e-7))))
+    samples = {key: [] for key in cases}
+    for _ in range(REPS[mode]):  # interleaved: every case once per round
+      for key, (c, args, _) in cases.items():
+        samples[key].append(_per_call(c, args, inner[key]))
+    med = {key: statistics.median(v) for key, v in samples.items()}
+    ew = med[("elementwise", "-", "fwd")]
+    for (norm, lib, kind), (c, args, temp) in cases.items():
+      if norm == "elementwise":
+        continue
+      ref = med.get((norm, REF, kind))
+      ref_temp = cases.get((norm, REF, kind), (None, None, None))[2]
+      records.append({
+          "norm": norm, "lib": lib, "pass": kind, "shape": list(shape), "dtype": dtype_name,
+          "time_ms": med[(norm, lib, kind)] * 1e3,
+          "samples_ms": [s * 1e3 for s in samples[(norm, lib, kind)]],
+          "ratio_to_flax": None if ref is None else med[(norm, lib, kind)] / ref,
+          "ratio_to_elementwise": med[(norm, lib, kind)] / ew,
+          "elementwise_ms": ew * 1e3,
+          "temp_bytes": temp,
+          "temp_ratio_to_flax": (None if temp is None or not ref_temp else temp / ref_temp),
+      })
+    log(f"[{time.perf_counter() - t_start:6.1f}s] {_label(shape, dtype_name)}: "
+        f"{len(cases) - 1} cases, elementwise {ew * 1e3:.3f} ms")
+  result = {
+      "meta": {
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "mode": mode, "jax": jax.__version__, "jaxnorm": jn.__version__,
+          "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+          "cpu_count": os.cpu_count(), "platform": platform.platform(),
+          "python": sys.version.split()[0], "reference": REF, "libs": available,
+          "skipped_libs": skipped, "failed_cases": failures, "reps": REPS[mode],
+          "seconds": time.perf_counter() - t_start,
+      },
+      "records": records,
+  }
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write(markdown(result))
+  chart(result, os.path.join(out_dir, "chart.png"))
+  return result
+
+
+def _fmt(v, spec):
+  return "–" if v is None else format(v, spec)
+
+
+def markdown(result: dict) -> str:
+  meta, recs = result["meta"], result["records"]
+  libs = meta["libs"]
+  lines = [
+      f"Run {meta['date']} · jax {meta['jax']} · {meta['backend']} ({meta['device']}, "
+      f"{meta['cpu_count']} cores) · mode {meta['mode']} · median of {meta['reps']} "
+      f"interleaved rounds.",
+      "",
+      "Times in ms. `×flax`: jaxnorm's time / flax.linen's. `×ew`: time / one elementwise pass "
+      "over the same array (floor ≈1 forward, ≈2.5 forward+backward). `temp`: compiled "
+      "temporary memory of forward+backward in MiB, jaxnorm / flax.linen.",
+      "",
+  ]
+  groups = {}
+  for r in recs:
+    groups.setdefault((tuple(r["shape"]), r["dtype"]), []).append(r)
+  head = ["case", "pass"] + libs + ["×flax", "×ew", "temp jn/flax"]
+  for (shape, dtype), rs in groups.items():
+    by = {(r["norm"], r["pass"], r["lib"]): r for r in rs}
+    lines += [f"**{_label(shape, dtype)}** (elementwise pass {rs[0]['elementwise_ms']:.3f} ms)",
+              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for norm in NORMS:
+      for kind in ("fwd", "fwd+bwd"):
+        row = [norm, kind]
+        for lib in libs:
+          r = by.get((norm, kind, lib))
+          row.append(_fmt(None if r is None else r["time_ms"], ".3f"))
+        j, fl = by.get((norm, kind, "jaxnorm")), by.get((norm, kind, REF))
+        row.append(_fmt(j and j["ratio_to_flax"], ".2f"))
+        row.append(_fmt(j and j["ratio_to_elementwise"], ".2f"))
+        if kind == "fwd+bwd" and j and fl and j["temp_bytes"] is not None:
+          row.append(f"{j['temp_bytes'] / 2**20:.1f} / {fl['temp_bytes'] / 2**20:.1f}")
+        else:
+          row.append("")
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+  for f in meta.get("failed_cases", []):
+    lines.append(f"- {f['lib']} {f['norm']} {_label(f['shape'], f['dtype'])} did not run: "
+                 f"{f['error']}")
+  return "\n".join(lines) + "\n"
+
+
+def chart(result: dict, path: str) -> None:
+  """Bar chart: every library's time relative to flax.linen, per case (log scale)."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return
+  recs = result["records"]
+  libs = result["meta"]["libs"]
+  groups = sorted({(tuple(r["shape"]), r["dtype"]) for r in recs}, key=str)
+  fig, axes = plt.subplots(len(groups), 1, figsize=(14, 3.2 * len(groups)), squeeze=False)
+  cases = [(n, k) for n in NORMS for k in ("fwd", "fwd+bwd")]
+  width = 0.8 / len(libs)
+  for ax, (shape, dtype) in zip(axes[:, 0], groups):
+    by = {(r["norm"], r["pass"], r["lib"]): r for r in recs
+          if tuple(r["shape"]) == shape and r["dtype"] == dtype}
+    for i, lib in enumerate(libs):
+      vals = [(by.get((n, k, lib)) or {}).get("ratio_to_flax") or np.nan for n, k in cases]
+      ax.bar(np.arange(len(cases)) + i * width, vals, width, label=lib)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(np.arange(len(cases)) + 0.4 - width / 2)
+    ax.set_xticklabels([f"{n}\n{k}" for n, k in cases], fontsize=7)
+    ax.set_ylabel("time / flax.linen")
+    ax.set_title(_label(shape, dtype), fontsize=9)
+  axes[0, 0].legend(ncol=len(libs), fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  g = ap.add_mutually_exclusive_group()
+  g.add_argument("--quick", action="store_true", help="fewer shapes and rounds (< 3 minutes)")
+  g.add_argument("--tiny", action="store_true", help="one small shape, for the test suite")
+  ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  ap.add_argument("--libs", default=",".join(LIBS), help="comma-separated subset of " + ",".join(LIBS))
+  ap.add_argument("--norms", default=",".join(NORMS), help="comma-separated subset of " + ",".join(NORMS))
+  args = ap.parse_args(argv)
+  mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+  libs = tuple(l for l in args.libs.split(",") if l)
+  bad = [l for l in libs if l not in BUILDERS]
+  if bad:
+    ap.error(f"unknown --libs {bad}; choose from {list(BUILDERS)}")
+  norms = tuple(n for n in args.norms.split(",") if n)
+  if any(n not in NORMS for n in norms):
+    ap.error(f"unknown --norms {norms}; choose from {list(NORMS)}")
+  result = run(mode, args.out, libs, norms)
+  print(markdown(result))
+  print(f"wrote {args.out}/results.json, results.md, chart.png "
+        f"in {result['meta']['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+  main()
