@@ -46,7 +46,8 @@ def main(port: int, process_id: int, out_dir: str) -> None:
   jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
-      coordinator_address=f"127.0.0.1:{port}", num_processes=PROCESSES, process_id=process_id,
+      coordinator_address=f"127.0.0.1:{port}", coordinator_bind_address=f"127.0.0.1:{port}",
+      num_processes=PROCESSES, process_id=process_id,
       initialization_timeout=60, heartbeat_timeout_seconds=30, shutdown_timeout_seconds=30)
 
   from jax.experimental import multihost_utils

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -33,8 +34,21 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_cluster(out_dir: pathlib.Path) -> list[dict[str, np.ndarray]]:
-  port = _free_port()
+def _run_cluster(out_dir: pathlib.Path, attempts: int = 2) -> list[dict[str, np.ndarray]]:
+  for attempt in range(attempts):
+    try:
+      return _run_cluster_once(out_dir, _free_port())
+    except _PortTaken:
+      if attempt == attempts - 1:
+        raise
+  raise AssertionError("unreachable")
+
+
+class _PortTaken(Exception):
+  """Another program took the coordinator's port between our probe and the bind."""
+
+
+def _run_cluster_once(out_dir: pathlib.Path, port: int) -> list[dict[str, np.ndarray]]:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
   env["JAX_PLATFORMS"] = "cpu"
   procs = [subprocess.Popen([sys.executable, str(WORKER), str(port), str(i), str(out_dir)],
@@ -57,6 +71,9 @@ def _run_cluster(out_dir: pathlib.Path) -> list[dict[str, np.ndarray]]:
       if p.poll() is None:
         p.kill()
         p.wait()
+  if any(p.returncode for p in procs) and re.search(r"already in use|Failed to add port",
+                                                    "".join(logs)):
+    raise _PortTaken(port)
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log[-5000:]}"
   return [dict(np.load(out_dir / f"result_{i}.npz")) for i in range(worker.PROCESSES)]
