@@ -7,7 +7,9 @@ Two cases, one feature, the batch split across devices by rows, masked rows fill
 
 * 4 devices holding 2, 4, 6 and 8 valid rows of 8 (the shards have different means, as
   non-shuffled or length-bucketed data do);
-* 8 devices holding 0, 4, 1, 3, 2, 4, 1, 2 valid rows of 4: device 0 holds none.
+* 8 devices holding 0, 4, 1, 3, 2, 4, 1, 2 valid rows of 4: device 0 holds none;
+* the first case with every input offset by 1e4 (float32 input; the truth is computed from
+  the same float32 values).
 
 For each, the batch mean and variance that a training step of `jaxnorm.batch_norm` and of
 `flax.linen.BatchNorm(axis_name=...)` (called with `mask=`) normalize with, under
@@ -37,10 +39,11 @@ COMPILED = re.compile(r"\s(all-reduce|all-gather|reduce-scatter|all-to-all|colle
                       r"(?:-start)?\(")
 
 
-def make_case(valid: list[int], rows: int, seed: int = 0):
+def make_case(valid: list[int], rows: int, offset: float = 0.0, seed: int = 0):
   rng = np.random.RandomState(seed)
   n = len(valid)
-  x = np.concatenate([rng.randn(rows, 1) + 2.0 * d for d in range(n)]).astype(np.float32)
+  x = np.concatenate([rng.randn(rows, 1) + 2.0 * d + offset for d in range(n)])
+  x = x.astype(np.float32)
   mask = np.concatenate([np.arange(rows) < k for k in valid])[:, None]
   xv = x[mask[:, 0]].astype(np.float64)
   truth = (xv.mean(), xv.var()) if len(xv) else (float("nan"), float("nan"))
@@ -88,19 +91,20 @@ def run(stats_fn, style, x, mask, n):
 
 def main() -> None:
   cases = {
-      "4 devices, 2/4/6/8 valid rows of 8": ([2, 4, 6, 8], 8),
-      "8 devices, 0/4/1/3/2/4/1/2 valid rows of 4": ([0, 4, 1, 3, 2, 4, 1, 2], 4),
+      "4 devices, 2/4/6/8 valid rows of 8": ([2, 4, 6, 8], 8, 0.0),
+      "8 devices, 0/4/1/3/2/4/1/2 valid rows of 4": ([0, 4, 1, 3, 2, 4, 1, 2], 4, 0.0),
+      "4 devices, 2/4/6/8 valid rows of 8, inputs offset by 1e4": ([2, 4, 6, 8], 8, 1e4),
   }
   print(f"jax {jax.__version__}; collectives = all-reduce/all-gather/... in the program, "
         f"lowered StableHLO / compiled HLO")
-  for title, (valid, rows) in cases.items():
-    x, mask, (t_mean, t_var) = make_case(valid, rows)
+  for title, (valid, rows, offset) in cases.items():
+    x, mask, (t_mean, t_var) = make_case(valid, rows, offset)
     print(f"\n{title}")
-    print(f"  {'float64 truth':<28} mean {t_mean:9.4f}   var {t_var:9.4f}")
+    print(f"  {'float64 truth':<28} mean {t_mean:12.6f}   var {t_var:10.6f}")
     for lib, fn in (("jaxnorm", jaxnorm_stats), ("flax.linen", flax_stats)):
       for style in ("shard_map", "pmap", "sharded jit"):
         mean, var, n_low, n_comp = run(fn, style, x, mask, len(valid))
-        print(f"  {lib + ' ' + style:<28} mean {mean:9.4f}   var {var:9.4f}   "
+        print(f"  {lib + ' ' + style:<28} mean {mean:12.6f}   var {var:10.6f}   "
               f"collectives {n_low} / {n_comp}")
 
 
