@@ -86,14 +86,14 @@ class BatchNorm(nn.Module):
     >>> import jax, jax.numpy as jnp
     >>> from jaxnorm import linen as jnn
     >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
-    >>> bn = jnn.BatchNorm(use_running_average=False, epsilon=0.0)
+    >>> bn = jnn.BatchNorm(use_running_average=False, momentum=0.5, epsilon=0.0)
     >>> variables = bn.init(jax.random.key(0), x)
     >>> y, updates = bn.apply(variables, x, mutable=["batch_stats"])
     >>> y
     Array([[-1., -1.],
            [ 1.,  1.]], dtype=float32)
-    >>> updates["batch_stats"]["mean"]
-    Array([0.02, 0.2 ], dtype=float32)
+    >>> updates["batch_stats"]["mean"]  # 0.5 * 0 + (1 - 0.5) * batch mean
+    Array([ 1., 10.], dtype=float32)
 
   Attributes:
     use_running_average: if True, normalize with `batch_stats` instead of the batch's

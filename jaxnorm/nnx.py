@@ -102,12 +102,12 @@ class BatchNorm(nnx.Module):
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from jaxnorm import nnx as jnnx
-    >>> bn = jnnx.BatchNorm(2, epsilon=0.0, rngs=nnx.Rngs(0))
+    >>> bn = jnnx.BatchNorm(2, momentum=0.5, epsilon=0.0, rngs=nnx.Rngs(0))
     >>> bn(jnp.array([[1.0, 10.0], [3.0, 30.0]]))
     Array([[-1., -1.],
            [ 1.,  1.]], dtype=float32)
-    >>> bn.mean[...]
-    Array([0.02, 0.2 ], dtype=float32)
+    >>> bn.mean[...]  # 0.5 * 0 + (1 - 0.5) * batch mean
+    Array([ 1., 10.], dtype=float32)
     >>> bn.eval()
     >>> bn.use_running_average
     True
