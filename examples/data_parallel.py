@@ -209,9 +209,9 @@ def main(argv=None) -> dict[str, np.ndarray]:
   print(f"\nfirst epoch, max |loss - loss(single device)|: synchronized BN "
         f"{np.max(np.abs(loss['sync'][first] - loss['single'][first])):.2e}, per-device BN "
         f"{np.max(np.abs(loss['local'][first] - loss['single'][first])):.2e}")
-  print("(synchronized BN differs from one device only by the order of float32 additions; SGD "
-        "amplifies\nsuch rounding differences slowly over many steps, as it would any change of "
-        "summation order)")
+  print("(synchronized BN differs from one device only in the order of float32 additions. SGD "
+        "amplifies\nrounding differences over many steps: late in training, two runs of the "
+        "single-device model\non a multi-threaded CPU already differ by about as much.)")
 
   # Evaluation uses the running statistics.
   p_single, s_single, _ = results["single"]
