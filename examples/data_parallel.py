@@ -168,9 +168,14 @@ def train(mode: str, epochs: int, train_data):
   return params, states, np.asarray(losses)
 
 
+@jax.jit
+def _eval_logits(params, states, x):
+  return forward(params, states, x, None, training=False)[0]
+
+
 def accuracy(params, states, test_data) -> float:
   x, y = test_data
-  logits, _ = forward(params, states, jnp.asarray(x), None, training=False)
+  logits = _eval_logits(params, states, jnp.asarray(x))
   return float(jnp.mean(jnp.argmax(logits, -1) == y))
 
 
