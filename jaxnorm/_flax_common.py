@@ -33,13 +33,14 @@ def flax_dtypes(x: jax.Array, params: tuple[Any, ...], dtype: Any) -> tuple[jax.
   standard promotion (so the rule also holds when the user enables strict promotion). The core
   returns its input's dtype and computes in at least float32; handing it `x` upcast to the
   wider of `x.dtype` and `out_dtype` (an exact conversion) gives the single rounding flax does
-  when the output is wider than the input (bfloat16 input, float32 parameters).
+  when the output is wider than the input (bfloat16 input, float32 parameters). Complex input
+  is passed through unchanged, for the core to reject.
   """
   from flax.nnx.nn import dtypes as flax_nn_dtypes  # the same function as flax.linen's
 
   with jax.numpy_dtype_promotion("standard"):
     out = jnp.dtype(flax_nn_dtypes.canonicalize_dtype(x, *params, dtype=dtype))
     wide = jnp.dtype(jnp.promote_types(x.dtype, out))
-  if not jnp.issubdtype(wide, jnp.floating):
+  if not jnp.issubdtype(wide, jnp.inexact):  # integer input: flax computes in float32 too
     wide = jnp.dtype(jnp.float32)
   return (x if x.dtype == wide else x.astype(wide)), out

@@ -302,3 +302,14 @@ def test_train_step_under_jit_does_not_retrace():
   for s in range(3):
     v, _ = step(v, fc.data(seed=s))
   assert len(traces) == 1
+
+
+def test_integer_input_follows_flax_and_complex_input_is_rejected():
+  x = jnp.arange(24, dtype=jnp.int32).reshape(4, 6) % 7
+  theirs, ours = _pair("LayerNorm")
+  with fc.standard_promotion():
+    v = theirs.init(KEY, x)
+    y_t = theirs.apply(v, x)
+  fc.assert_close(ours.apply(v, x), y_t)
+  with pytest.raises(TypeError, match="floating"):
+    ours.apply(v, x.astype(jnp.complex64))
