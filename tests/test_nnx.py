@@ -256,3 +256,26 @@ def test_unbiased_running_var_and_update_stats_false():
   np.testing.assert_array_equal(frozen.mean[...], np.zeros(fc.CHANNELS))
   frozen(x, update_stats=True)
   assert not np.array_equal(frozen.mean[...], np.zeros(fc.CHANNELS))
+
+
+def test_batch_norm_with_several_feature_axes_works_where_flax_nnx_does_not():
+  x = fc.data(shape=(4, 3, 5))
+  ours = jnnx.BatchNorm(15, axis=(1, 2), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError):  # flax.nnx 0.12 cannot broadcast its (15,) statistics
+    _run_flax(nnx.BatchNorm(15, axis=(1, 2), rngs=nnx.Rngs(0)), x)
+  linen = nn.BatchNorm(axis=(1, 2), use_running_average=False, use_fast_variance=False)
+  with fc.standard_promotion():
+    v = linen.init(jax.random.key(0), x)
+    y_linen, upd = linen.apply(v, x, mutable=["batch_stats"])
+  fc.assert_close(ours(x), y_linen)
+  fc.assert_close(ours.mean[...], upd["batch_stats"]["mean"].reshape(15))
+  fc.assert_close(ours.var[...], upd["batch_stats"]["var"].reshape(15))
+
+
+def test_view_can_turn_statistics_updates_off():
+  bn = jnnx.BatchNorm(fc.CHANNELS, rngs=nnx.Rngs(0))
+  frozen = nnx.view(bn, update_stats=False)
+  frozen(fc.data())
+  np.testing.assert_array_equal(bn.mean[...], np.zeros(fc.CHANNELS))
+  bn(fc.data())
+  assert not np.array_equal(bn.mean[...], np.zeros(fc.CHANNELS))
