@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks
-from ._normalize import _apply, _prepare
-from ._stats import AxisName, Moments, _compute_dtype, _reduce, _wide_dtype
+from ._normalize import _apply, _normalize_with_moments, _prepare
+from ._stats import AxisName, Moments, _wide_dtype
 
 
 class BatchNormState(NamedTuple):
@@ -255,9 +255,9 @@ def batch_norm(
   mask = _checks.check_mask(mask, x.shape)
   _checks.check_axis_index_groups(axis_name, axis_index_groups)
   with jax.named_scope("jaxnorm.batch_norm"):
-    m = _reduce(x, red, mask, axis_name, axis_index_groups, _compute_dtype(x.dtype, None),
-                centered=True)
-    y = _apply(x, m.mean, m.var, scale, bias, red, feat, epsilon)
+    y, m = _normalize_with_moments(x, scale, bias, epsilon, mask, reduction_axes=red,
+                                   feature_axes=feat, axis_name=axis_name,
+                                   axis_index_groups=axis_index_groups, centered=True)
     new_state = update_running_stats(state, m, momentum=momentum,
                                      unbiased_running_var=unbiased_running_var)
   return y, new_state

@@ -12,12 +12,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.typing import ArrayLike
 
 from . import _checks
-from ._stats import AxisName, _compute_dtype, _reduce, _wide_dtype
+from ._stats import AxisName, Moments, _compute_dtype, _psum, _reduce, _wide_dtype
 
 Axes = int | Sequence[int]
+
+# The residuals that the backward pass of `_normalize_with_moments` keeps from the forward pass.
+_COUNT, _MEAN, _VAR = "jaxnorm_count", "jaxnorm_mean", "jaxnorm_var"
+_CHECKPOINT_POLICY = jax.checkpoint_policies.save_only_these_names(_COUNT, _MEAN, _VAR)
 
 
 def _feature_shape(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -29,6 +34,12 @@ def _broadcast_param(p: ArrayLike, feature_axes: tuple[int, ...], ndim: int,
   """Reshapes a feature-shaped parameter so that it broadcasts against the input."""
   full = tuple(shape[i] if i in feature_axes else 1 for i in range(ndim))
   return jnp.reshape(jnp.asarray(p).astype(dtype), full)
+
+
+def _rstd(var: jax.Array, epsilon: Any, dtype: Any) -> jax.Array:
+  """`rsqrt(max(var, 0) + epsilon)` in `dtype`; the clip guards user-supplied statistics."""
+  var = jnp.maximum(var.astype(dtype), jnp.zeros((), dtype))
+  return jax.lax.rsqrt(var + jnp.asarray(epsilon, dtype))
 
 
 def _apply(
@@ -47,8 +58,7 @@ def _apply(
   with `reduction_axes` removed; `scale` and `bias` have the feature shape.
   """
   dtype = _wide_dtype(x.dtype, var.dtype)
-  var = jnp.maximum(var.astype(dtype), jnp.zeros((), dtype))  # guard user-supplied statistics
-  mul = jnp.expand_dims(jax.lax.rsqrt(var + jnp.asarray(epsilon, dtype)), reduction_axes)
+  mul = jnp.expand_dims(_rstd(var, epsilon, dtype), reduction_axes)
   if scale is not None:
     mul = mul * _broadcast_param(scale, feature_axes, x.ndim, x.shape, dtype)
   y = x.astype(dtype)
@@ -58,6 +68,118 @@ def _apply(
   if bias is not None:
     y = y + _broadcast_param(bias, feature_axes, x.ndim, x.shape, dtype)
   return y.astype(x.dtype)
+
+
+def _normalize_with_moments(
+    x: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    epsilon: Any,
+    mask: jax.Array | None,
+    *,
+    reduction_axes: tuple[int, ...],
+    feature_axes: tuple[int, ...],
+    axis_name: AxisName | None,
+    axis_index_groups: Any,
+    centered: bool,
+) -> tuple[jax.Array, Moments]:
+  r"""Normalizes `x` by its own moments; returns `(y, moments)` (arguments already validated).
+
+  Forward: `moments = _reduce(x, ...)` (count-weighted, masked, two-pass, at least float32,
+  two `psum`s across devices) and `y = _apply(x, mean, var, scale, bias, ...)`, i.e.
+  :math:`y = \hat x\gamma + \beta` with :math:`\hat x = (x - \mu) r`,
+  :math:`r = 1/\sqrt{\sigma^2 + \epsilon}` (:math:`\mu = 0` and :math:`\sigma^2 = E[x^2]`
+  with `centered=False`).
+
+  Derivative, as a `jax.custom_jvp` whose tangent is linear in `(dx, dγ, dβ, dε)`, so that
+  JAX transposes it for reverse mode and `jax.jvp`, `jax.grad`, `jax.hessian` all work:
+
+  .. math::
+    d\mu = \frac{1}{n}\sum_i m_i\,dx_i, \qquad
+    d\sigma^2 = \frac{2}{n}\sum_i m_i (x_i - \mu)\,dx_i, \qquad
+    dr = -\tfrac12 r^3 (d\sigma^2 + d\epsilon),
+
+  .. math::
+    dy = \big((dx - d\mu)\,r + (x - \mu)\,dr\big)\gamma + \hat x\,d\gamma + d\beta
+
+  with the sums over the reduction axes and, with `axis_name`, over devices (one `psum` of the
+  two sums; reverse mode transposes it into one more). The term :math:`\sum_i m_i (x_i - \mu)`
+  that the exact derivative of the variance also contains is zero and dropped. With a mask, a
+  non-finite :math:`x - \mu` (NaN or Inf at a masked position, where `y` is non-finite too) is
+  taken as 0 in the tangent, so a loss that ignores the masked outputs gets finite gradients
+  (plain autodiff would give `0 * NaN = NaN` in every gradient). The tangent
+  is computed in the statistics' dtype (at least float32) and cast to `x.dtype`. The function
+  runs under `jax.checkpoint` with a policy that saves only the statistics (count, mean and
+  variance, float32) from the forward pass: the backward pass recomputes :math:`x - \mu` and :math:`r` from `x`
+  (which the caller holds anyway) instead of keeping a normalized copy of the input, and never
+  repeats a reduction.
+
+  Returns:
+    `y` (of `x`'s shape and dtype) and the batch's `Moments` (whose mean and variance are
+    differentiable too, for callers that use them).
+  """
+  dtype = _compute_dtype(x.dtype, None)
+  red, feat, shape = reduction_axes, feature_axes, x.shape
+
+  def param(p):
+    return _broadcast_param(p, feat, x.ndim, shape, dtype)
+
+  @jax.custom_jvp
+  def fused(x, scale, bias, eps, mask):
+    m = _reduce(x, red, mask, axis_name, axis_index_groups, dtype, centered)
+    return _apply(x, m.mean if centered else None, m.var, scale, bias, red, feat, eps), m
+
+  @fused.defjvp
+  def fused_jvp(primals, tangents):
+    x, scale, bias, eps, mask = primals
+    dx, dscale, dbias, deps, _ = tangents
+    m = _reduce(x, red, mask, axis_name, axis_index_groups, dtype, centered)
+    count = checkpoint_name(m.count, _COUNT)
+    mean = checkpoint_name(m.mean, _MEAN)
+    var = checkpoint_name(m.var, _VAR)
+    y = _apply(x, mean if centered else None, var, scale, bias, red, feat, eps)
+    rstd = _rstd(var, eps, dtype)  # as in _apply: XLA computes it once.
+    zero = jnp.zeros((), dtype)
+    xc = x.astype(dtype)
+    if centered:
+      xc = xc - jnp.expand_dims(mean, red)
+    if mask is not None:  # a NaN/Inf at a masked position must not reach the sums' cotangents
+      xc = jnp.where(jnp.isfinite(xc), xc, zero)
+    dxf = dx.astype(dtype)
+    inv_n = 1 / jnp.maximum(count, 1).astype(dtype)
+    xc_dx = xc * dxf
+    if mask is not None:
+      xc_dx = jnp.where(mask, xc_dx, zero)
+    if centered:
+      dx_valid = dxf if mask is None else jnp.where(mask, dxf, zero)
+      s_dx, s_xdx = _psum((jnp.sum(dx_valid, red), jnp.sum(xc_dx, red)), axis_name,
+                          axis_index_groups)
+      dmean = s_dx * inv_n
+      dxc = dxf - jnp.expand_dims(dmean, red)
+    else:
+      s_xdx = _psum(jnp.sum(xc_dx, red), axis_name, axis_index_groups)
+      dmean = jnp.zeros_like(mean)
+      dxc = dxf
+    dvar = 2 * s_xdx * inv_n
+    drstd = -0.5 * (rstd * rstd * rstd) * (dvar + deps)
+    # dy = dxc·(r γ) + xc·(dr γ + r dγ) + dβ: the factors in parentheses are products of
+    # statistics and parameters, small arrays when the two share their axes (batch norm), so
+    # the reverse pass reduces before it scales.
+    r, dr = jnp.expand_dims(rstd, red), jnp.expand_dims(drstd, red)
+    if scale is None:
+      a, b = r, dr
+    else:
+      a, b = r * param(scale), dr * param(scale) + r * param(dscale)
+    dy = dxc * a + xc * b
+    if bias is not None:
+      dy = dy + param(dbias)
+    dm = Moments(jnp.zeros_like(count), dmean, dvar)
+    return (y, Moments(count, mean, var)), (dy.astype(x.dtype), dm)
+
+  scale = None if scale is None else jnp.asarray(scale)
+  bias = None if bias is None else jnp.asarray(bias)
+  eps = jnp.asarray(epsilon, dtype)
+  return jax.checkpoint(fused, policy=_CHECKPOINT_POLICY)(x, scale, bias, eps, mask)
 
 
 def _prepare(x: ArrayLike, reduction_axes: Axes, feature_axes: Axes, scale: Any, bias: Any,
@@ -83,9 +205,10 @@ def _normalize_by_moments(name: str, x: jax.Array, red: tuple[int, ...],
   mask = _checks.check_mask(mask, x.shape)
   _checks.check_axis_index_groups(axis_name, axis_index_groups)
   with jax.named_scope(f"jaxnorm.{name}"):
-    m = _reduce(x, red, mask, axis_name, axis_index_groups, _compute_dtype(x.dtype, None),
-                centered=centered)
-    return _apply(x, m.mean if centered else None, m.var, scale, bias, red, feat, epsilon)
+    y, _ = _normalize_with_moments(x, scale, bias, epsilon, mask, reduction_axes=red,
+                                   feature_axes=feat, axis_name=axis_name,
+                                   axis_index_groups=axis_index_groups, centered=centered)
+    return y
 
 
 def normalize(
