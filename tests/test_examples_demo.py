@@ -1,0 +1,140 @@
+"""The demonstration scripts run (quick mode) and write what they promise.
+
+`examples/bn_vs_ln.py --quick` trains the CNN sweep and, in the same process, the recurrent
+experiment of `examples/rnn_ln.py` (its `main`), so one run covers both; the scripts run as a
+user runs them, in a subprocess from the repository root.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NORMS = {"none", "batch", "layer", "group"}
+RUN_KEYS = {"norm", "batch_size", "seed", "test_accuracy", "final_train_loss", "train_seconds"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
+  proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout)
+  assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+  return proc
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[pathlib.Path, str]:
+  out = tmp_path_factory.mktemp("bn_vs_ln")
+  proc = _run("examples/bn_vs_ln.py", "--quick", "--out", str(out), timeout=600)
+  return out, proc.stdout
+
+
+def _assert_png(path: pathlib.Path) -> None:
+  data = path.read_bytes()
+  assert data[:8] == PNG_SIGNATURE, f"{path.name} is not a PNG"
+  assert data[12:16] == b"IHDR"
+  width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+  assert width >= 200 and height >= 150, (path.name, width, height)
+  import matplotlib.image
+
+  img = matplotlib.image.imread(path)
+  assert img.shape[:2] == (height, width)
+  assert float(np.ptp(img)) > 0, f"{path.name} is blank"
+
+
+def _assert_claims(claims: list, numbers: list[int]) -> None:
+  assert [c["claim"].split(".")[0] for c in claims] == [str(n) for n in numbers]
+  for c in claims:
+    assert set(c) == {"claim", "holds", "evidence"}
+    assert isinstance(c["holds"], bool)
+    assert isinstance(c["evidence"], str) and len(c["evidence"]) > 40
+
+
+def test_results_json_schema(quick_run):
+  out, _ = quick_run
+  res = json.loads((out / "results.json").read_text())
+  assert set(res) == {"dataset", "config", "runs", "claims"}
+  assert isinstance(res["dataset"], str) and "digits" in res["dataset"]
+  assert isinstance(res["config"], dict)
+  sizes, seeds = res["config"]["batch_sizes"], res["config"]["seeds"]
+  assert len(res["runs"]) == len(NORMS) * len(sizes) * seeds
+  for run in res["runs"]:
+    assert set(run) == RUN_KEYS
+    assert run["norm"] in NORMS
+    assert isinstance(run["batch_size"], int) and run["batch_size"] in sizes
+    assert isinstance(run["seed"], int) and 0 <= run["seed"] < seeds
+    assert 0.0 <= run["test_accuracy"] <= 1.0
+    assert np.isfinite(run["final_train_loss"]) and run["final_train_loss"] >= 0
+    assert run["train_seconds"] > 0
+  keys = {(r["norm"], r["batch_size"], r["seed"]) for r in res["runs"]}
+  assert len(keys) == len(res["runs"]), "duplicate runs"
+
+
+def test_every_claim_has_a_verdict_with_evidence(quick_run):
+  out, stdout = quick_run
+  res = json.loads((out / "results.json").read_text())
+  _assert_claims(res["claims"], [1, 2, 3, 4, 5, 6])
+  rnn = json.loads((out / "rnn_results.json").read_text())
+  _assert_claims(rnn["claims"], [5])
+  assert res["claims"][4] == rnn["claims"][0]
+  for c in res["claims"]:
+    assert c["claim"] in stdout  # the verdicts are printed
+
+
+def test_plots_are_valid_pngs(quick_run):
+  out, _ = quick_run
+  for name in ("accuracy_vs_batch_size.png", "loss_curves.png", "inference.png",
+               "rnn_accuracy.png"):
+    _assert_png(out / name)
+
+
+def test_training_works_at_the_reference_batch_size(quick_run):
+  out, _ = quick_run
+  res = json.loads((out / "results.json").read_text())
+  ref = res["config"]["ref_batch_size"]
+  for norm in NORMS:
+    accs = [r["test_accuracy"] for r in res["runs"]
+            if r["norm"] == norm and r["batch_size"] == ref]
+    assert np.mean(accs) > 0.8, (norm, accs)
+
+
+def test_inference_batch_size_one(quick_run):
+  """Per-example normalizers and BN's running statistics do not see the test batch; BN with the
+  batch's own statistics at batch size 1 maps every example to the same output."""
+  out, _ = quick_run
+  inf = json.loads((out / "details.json").read_text())["inference"]
+  acc, full = inf["accuracy"], 512
+  assert acc["batch_running_bs1"] == acc[f"batch_running_bs{full}"]
+  assert acc["layer_bs1"] == acc[f"layer_bs{full}"]
+  assert acc["group_bs1"] == acc[f"group_bs{full}"]
+  assert inf["layer_max_abs_logit_diff_bs1_vs_full"] < 1e-4
+  assert inf["group_max_abs_logit_diff_bs1_vs_full"] < 1e-4
+  assert inf["batch_running_max_abs_logit_diff_bs1_vs_full"] < 1e-4
+  # Zero variance in the dense BN layer: a constant prediction, about one class in ten.
+  assert max(acc["batch_stats_bs1"]) < 0.25
+  assert min(acc[f"batch_stats_bs{full}"]) > 0.8
+
+
+def test_rnn_results(quick_run):
+  out, _ = quick_run
+  rnn = json.loads((out / "rnn_results.json").read_text())
+  assert set(rnn) == {"dataset", "config", "runs", "claims"}
+  norms = {r["norm"] for r in rnn["runs"]}
+  assert norms == {"none", "layer", "batch_shared", "batch_per_step"}
+  for r in rnn["runs"]:
+    assert RUN_KEYS <= set(r)
+    # Running statistics and LN are per example: batch size 1 changes nothing.
+    assert r["test_accuracy_bs1"] == r["test_accuracy"], r
+    if r["norm"] == "batch_per_step":
+      assert r["test_accuracy_bs1_batch_stats"] < 0.25, r
+
+
+def test_rnn_script_cli():
+  proc = _run("examples/rnn_ln.py", "--help", timeout=120)
+  assert "--quick" in proc.stdout and "--out" in proc.stdout
