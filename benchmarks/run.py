@@ -172,7 +172,7 @@ def build_nnx(norm, shape, dtype):
     m = nnx.BatchNorm(c, use_running_average=norm == "batch_norm_eval", momentum=0.99,
                       epsilon=1e-5, rngs=rngs)
     mean, var = _bn_stats(c)
-    m.mean.value, m.var.value = mean, var
+    m.mean[...], m.var[...] = mean, var
   graphdef, params, rest = nnx.split(m, nnx.Param, ...)
   training = norm == "batch_norm_train"
 
