@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for s in range(seeds):
       runs.append({"norm": norm, "batch_size": BATCH, "seed": s,
                    "test_accuracy": float(r["test"][s]),
-                   "final_train_loss": float(losses[s, -1]),
+                   "final_train_loss": (float(losses[s, -1]) if np.isfinite(losses[s, -1])
+                                        else None),  # JSON has no NaN
                    "train_seconds": train_s / seeds,
                    "test_accuracy_bs1": float(r["bs1"][s]),
                    "test_accuracy_longer": float(r["long"][s]),
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       "runs": runs,
       "claims": [claim],
   }
-  (out / "rnn_results.json").write_text(json.dumps(results, indent=1))
+  (out / "rnn_results.json").write_text(json.dumps(results, indent=1, allow_nan=False))
   plot(res, out / "rnn_accuracy.png")
   print("compile seconds: " + ", ".join(f"{n} {v:.1f}" for n, v in compile_s.items()))
   print(f"\nRNN test accuracy (%), mean±std over {seeds} seeds")

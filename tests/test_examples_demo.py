@@ -58,7 +58,9 @@ def _assert_claims(claims: list, numbers: list[int]) -> None:
 
 def test_results_json_schema(quick_run):
   out, _ = quick_run
-  res = json.loads((out / "results.json").read_text())
+  text = (out / "results.json").read_text()
+  assert "NaN" not in text and "Infinity" not in text  # strict JSON
+  res = json.loads(text)
   assert set(res) == {"dataset", "config", "runs", "claims"}
   assert isinstance(res["dataset"], str) and "digits" in res["dataset"]
   assert isinstance(res["config"], dict)
@@ -70,7 +72,8 @@ def test_results_json_schema(quick_run):
     assert isinstance(run["batch_size"], int) and run["batch_size"] in sizes
     assert isinstance(run["seed"], int) and 0 <= run["seed"] < seeds
     assert 0.0 <= run["test_accuracy"] <= 1.0
-    assert np.isfinite(run["final_train_loss"]) and run["final_train_loss"] >= 0
+    loss = run["final_train_loss"]  # null only where training diverged
+    assert loss is None or (np.isfinite(loss) and loss >= 0)
     assert run["train_seconds"] > 0
   keys = {(r["norm"], r["batch_size"], r["seed"]) for r in res["runs"]}
   assert len(keys) == len(res["runs"]), "duplicate runs"
