@@ -465,7 +465,7 @@ def plot_inference(inf: dict, cfg: dict, path: pathlib.Path) -> None:
           ("group_bs1", "GN\nbatch 1"), (f"group_bs{N_TEST}", f"GN\nbatch {N_TEST}")]
   vals = [np.asarray(a[k]) * 100 for k, _ in keys]
   colors = ["tab:blue"] * 3 + ["tab:cyan"] * 2 + ["tab:orange"] * 2 + ["tab:green"] * 2
-  fig, ax = plt.subplots(figsize=(8, 4.2))
+  fig, ax = plt.subplots(figsize=(9.5, 4.2))
   ax.bar(range(len(keys)), [v.mean() for v in vals],
          yerr=[v.std(ddof=1) if v.size > 1 else 0 for v in vals], color=colors, capsize=3)
   for i, v in enumerate(vals):
