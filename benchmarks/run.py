@@ -437,8 +437,8 @@ def main(argv=None) -> None:
   g.add_argument("--quick", action="store_true", help="fewer shapes and rounds (< 3 minutes)")
   g.add_argument("--tiny", action="store_true", help="one small shape, for the test suite")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-  ap.add_argument("--libs", default=",".join(LIBS), help="comma-separated subset of " + ",".join(LIBS))
-  ap.add_argument("--norms", default=",".join(NORMS), help="comma-separated subset of " + ",".join(NORMS))
+  ap.add_argument("--libs", default=",".join(LIBS), help="comma-separated subset of the peers")
+  ap.add_argument("--norms", default=",".join(NORMS), help="comma-separated subset of the cases")
   args = ap.parse_args(argv)
   mode = "tiny" if args.tiny else "quick" if args.quick else "full"
   libs = tuple(l for l in args.libs.split(",") if l)

@@ -108,11 +108,16 @@ def _normalize_with_moments(
   non-finite :math:`x - \mu` (NaN or Inf at a masked position, where `y` is non-finite too) is
   taken as 0 in the tangent, so a loss that ignores the masked outputs gets finite gradients
   (plain autodiff would give `0 * NaN = NaN` in every gradient). The tangent
-  is computed in the statistics' dtype (at least float32) and cast to `x.dtype`. The function
+  is computed in the statistics' dtype (at least float32) and cast to `x.dtype`. It is
+  evaluated as :math:`dy = ((dx - d\mu) r + \hat x\,dr/r)\gamma + \hat x\,d\gamma + d\beta`
+  when every axis is a statistics or a feature axis (layer, RMS normalization), and as
+  :math:`dy = (dx - d\mu)(r\gamma) + (x - \mu)(dr\,\gamma + r\,d\gamma) + d\beta` otherwise
+  (batch, instance normalization), where the factors in parentheses are small: the same
+  derivative, in the order that XLA fuses into the fewest passes over memory. The function
   runs under `jax.checkpoint` with a policy that saves only the statistics (count, mean and
-  variance, float32) from the forward pass: the backward pass recomputes :math:`x - \mu` and :math:`r` from `x`
-  (which the caller holds anyway) instead of keeping a normalized copy of the input, and never
-  repeats a reduction.
+  variance, float32) from the forward pass: the backward pass recomputes :math:`x - \mu` and
+  :math:`r` from `x` (which the caller holds anyway) instead of keeping a normalized copy of the
+  input, and never repeats a reduction.
 
   Returns:
     `y` (of `x`'s shape and dtype) and the batch's `Moments` (whose mean and variance are
@@ -147,30 +152,43 @@ def _normalize_with_moments(
       xc = jnp.where(jnp.isfinite(xc), xc, zero)
     dxf = dx.astype(dtype)
     inv_n = 1 / jnp.maximum(count, 1).astype(dtype)
-    xc_dx = xc * dxf
+    r = jnp.expand_dims(rstd, red)
+    # Per-example normalizers (every axis a statistics or a feature axis: layer, RMS norm) sum
+    # against x̂ = (x - μ) r; the others (batch, instance, spatial group norm) against x - μ, so
+    # that r γ and dr γ + r dγ stay small arrays. Either way the reverse pass then reads one
+    # full-size primal array besides x and dy (see the docstring).
+    per_example = all(i not in red or i in feat for i in range(x.ndim))
+    u = xc * r if per_example else xc
+    u_dx = u * dxf
     if mask is not None:
-      xc_dx = jnp.where(mask, xc_dx, zero)
+      u_dx = jnp.where(mask, u_dx, zero)
     if centered:
       dx_valid = dxf if mask is None else jnp.where(mask, dxf, zero)
-      s_dx, s_xdx = _psum((jnp.sum(dx_valid, red), jnp.sum(xc_dx, red)), axis_name,
-                          axis_index_groups)
+      s_dx, s_u = _psum((jnp.sum(dx_valid, red), jnp.sum(u_dx, red)), axis_name,
+                        axis_index_groups)
       dmean = s_dx * inv_n
       dxc = dxf - jnp.expand_dims(dmean, red)
     else:
-      s_xdx = _psum(jnp.sum(xc_dx, red), axis_name, axis_index_groups)
+      s_u = _psum(jnp.sum(u_dx, red), axis_name, axis_index_groups)
       dmean = jnp.zeros_like(mean)
       dxc = dxf
-    dvar = 2 * s_xdx * inv_n
-    drstd = -0.5 * (rstd * rstd * rstd) * (dvar + deps)
-    # dy = dxc·(r γ) + xc·(dr γ + r dγ) + dβ: the factors in parentheses are products of
-    # statistics and parameters, small arrays when the two share their axes (batch norm), so
-    # the reverse pass reduces before it scales.
-    r, dr = jnp.expand_dims(rstd, red), jnp.expand_dims(drstd, red)
-    if scale is None:
-      a, b = r, dr
+    if per_example:
+      dvar = 2 * s_u * inv_n * jnp.sqrt(jnp.maximum(var, zero) + eps)
+      k = jnp.expand_dims(-(rstd * s_u) * inv_n - 0.5 * (rstd * rstd) * deps, red)  # dr / r
+      # Its own broadcast of r: one that XLA:CPU shares with the forward pass's fusions is
+      # materialized at x's size (measured), the barrier keeps the two apart.
+      r_own = jnp.expand_dims(jax.lax.optimization_barrier(rstd), red)
+      dy = dxc * r_own + u * k
+      if scale is not None:
+        dy = dy * param(scale) + u * param(dscale)
     else:
-      a, b = r * param(scale), dr * param(scale) + r * param(dscale)
-    dy = dxc * a + xc * b
+      dvar = 2 * s_u * inv_n
+      dr = jnp.expand_dims(-0.5 * (rstd * rstd * rstd) * (dvar + deps), red)
+      if scale is None:
+        a, b = r, dr
+      else:
+        a, b = r * param(scale), dr * param(scale) + r * param(dscale)
+      dy = dxc * a + xc * b
     if bias is not None:
       dy = dy + param(dbias)
     dm = Moments(jnp.zeros_like(count), dmean, dvar)
