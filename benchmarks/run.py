@@ -4,11 +4,12 @@
 
 For LayerNorm, RMSNorm, GroupNorm, BatchNorm (train and eval), forward and forward+backward,
 float32 and bfloat16, it times jaxnorm, flax.linen, flax.nnx, haiku, equinox and a plain-jnp
-reference (peers that are not installed are skipped) with interleaved repetitions and reports
-medians. For each case it gives the time, the ratio to flax.linen, the ratio to one elementwise
-pass over the same array (`x * 2`: read x, write y; the memory-traffic yardstick: a forward
-pass cannot beat about 1x, forward+backward, which reads x and dy and writes y and dx, about
-2.5x) and, for forward+backward, the temporary memory XLA assigns to the compiled program
+reference (peers that are not installed are skipped) with interleaved repetitions (each round
+visits every case once, in a new shuffled order) and reports medians. For each case it gives the
+time, the ratio to flax.linen, the ratio to one elementwise pass over the same array (`x * 2`:
+read x, write y; the memory-traffic yardstick: a forward pass cannot beat about 1x,
+forward+backward, which reads x and dy and writes y and dx, about 2.5x) and, for
+forward+backward, the temporary memory XLA assigns to the compiled program
 (`jax.jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes`).
 
 Forward+backward is `y, pullback = jax.vjp(f, params, x); pullback(dy)` with a fixed random
@@ -27,6 +28,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -310,8 +312,12 @@ def run(mode: str, out_dir: str, libs: tuple[str, ...] = LIBS,
       t = _per_call(c, args, 1)
       inner[key] = max(1, min(1000, int(MIN_SAMPLE_S[mode] / max(t, 1e-7))))
     samples = {key: [] for key in cases}
-    for _ in range(REPS[mode]):  # interleaved: every case once per round
-      for key, (c, args, _) in cases.items():
+    order = list(cases)
+    rng = random.Random(0)
+    for _ in range(REPS[mode]):  # interleaved: every case once per round, in a shuffled order
+      rng.shuffle(order)  # so that no case always follows the same (memory-hungry) neighbour
+      for key in order:
+        c, args, _ = cases[key]
         samples[key].append(_per_call(c, args, inner[key]))
     med = {key: statistics.median(v) for key, v in samples.items()}
     ew = med[("elementwise", "-", "fwd")]
