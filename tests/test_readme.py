@@ -21,3 +21,24 @@ def test_ci_runs_the_readme_test_command():
   assert "pytest" in tests and '".[test]"' in tests
   script = re.search(r"python (examples/\S+\.py)", demo).group(1)
   assert (ROOT / script).is_file(), f"the demonstration command names {script}"
+
+
+def test_readme_shard_map_example_gives_the_whole_batch_statistics():
+  import jax
+  import numpy as np
+
+  import jaxnorm as jn
+
+  readme = (ROOT / "README.md").read_text()
+  (code,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+             if "jax.shard_map(train_step" in b]
+  scope: dict = {}
+  exec(compile(code, "README.md", "exec"), scope)
+  x, mask = np.asarray(scope["x"]), np.asarray(scope["mask"])
+  assert len(set(mask.reshape(jax.device_count(), -1).sum(1).tolist())) > 1
+  _, expected = jn.batch_norm(x, jn.batch_norm_init(x.shape[-1]), training=True,
+                              mask=mask)
+  new_state = scope["state"]
+  np.testing.assert_allclose(new_state.mean, expected.mean, rtol=1e-6)
+  np.testing.assert_allclose(new_state.var, expected.var, rtol=1e-5)
+  assert int(new_state.count) == 1
