@@ -18,28 +18,55 @@ nothing is dead code. Parameters are float32; the input has the case's dtype.
 
 Writes `results.json`, `results.md` (markdown tables) and `chart.png` to `--out`
 (default: benchmarks/results).
+
+On Linux the script restarts itself once with glibc's allocator told to keep freed memory
+(`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`) and to back large blocks with transparent
+huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`). By default glibc hands each large XLA:CPU
+buffer back to the kernel when it is freed, so every call page-faults its fresh output in again:
+on a 2-core machine that costs more than the normalization itself (LayerNorm forward at
+8192x1024 float32: 16 ms instead of 3.4-4.4 ms, most of it system time) and makes the timings
+noisy. `--system-malloc` measures with the allocator as it is.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import importlib.util
-import json
 import os
-import platform
-import random
-import statistics
 import sys
-import time
-from collections.abc import Callable
-from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
-import jaxnorm as jn
+
+def _restart_with_allocator_settings() -> None:
+  """Re-executes this script once with the allocator settings above (see the docstring)."""
+  env = dict(os.environ, JAXNORM_BENCH_ALLOCATOR="1")
+  env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**30))
+  env.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**32))
+  tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+  if not any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):
+    env["GLIBC_TUNABLES"] = ":".join([*tunables, "glibc.malloc.hugetlb=1"])
+  os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+if (__name__ == "__main__" and sys.platform == "linux" and "--system-malloc" not in sys.argv
+    and "JAXNORM_BENCH_ALLOCATOR" not in os.environ):
+  _restart_with_allocator_settings()
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import random  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxnorm as jn  # noqa: E402
 
 NORMS = ("layer_norm", "rms_norm", "group_norm", "batch_norm_train", "batch_norm_eval")
 LIBS = ("jaxnorm", "flax.linen", "flax.nnx", "haiku", "equinox", "jnp")
@@ -344,6 +371,7 @@ def run(mode: str, out_dir: str, libs: tuple[str, ...] = LIBS,
           "mode": mode, "jax": jax.__version__, "jaxnorm": jn.__version__,
           "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
           "cpu_count": os.cpu_count(), "platform": platform.platform(),
+          "allocator_env": {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ},
           "python": sys.version.split()[0], "reference": REF, "libs": available,
           "skipped_libs": skipped, "failed_cases": failures, "reps": REPS[mode],
           "seconds": time.perf_counter() - t_start,
@@ -363,14 +391,36 @@ def _fmt(v, spec):
   return "–" if v is None else format(v, spec)
 
 
+def summary(result: dict) -> list[str]:
+  """jaxnorm's time per case, in ms and as a ratio to flax.linen's: one column per input."""
+  recs = [r for r in result["records"] if r["lib"] == "jaxnorm"]
+  inputs = list(dict.fromkeys((tuple(r["shape"]), r["dtype"]) for r in recs))
+  by = {(r["norm"], r["pass"], tuple(r["shape"]), r["dtype"]): r for r in recs}
+  head = ["case", "pass"] + [_label(s, d).replace(" float32", " f32").replace(" bfloat16", " bf16")
+                             for s, d in inputs]
+  lines = ["jaxnorm's time in ms (its ratio to flax.linen's):", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for norm in NORMS:
+    for kind in ("fwd", "fwd+bwd"):
+      row = [norm, kind]
+      for s, d in inputs:
+        r = by.get((norm, kind, s, d))
+        ratio = "" if r is None or r["ratio_to_flax"] is None else f" ({r['ratio_to_flax']:.2f}×)"
+        row.append("–" if r is None else f"{r['time_ms']:.3g}{ratio}")
+      lines.append("| " + " | ".join(row) + " |")
+  return lines + [""]
+
+
 def markdown(result: dict) -> str:
   meta, recs = result["meta"], result["records"]
   libs = meta["libs"]
   lines = [
       f"Run {meta['date']} · jax {meta['jax']} · {meta['backend']} ({meta['device']}, "
       f"{meta['cpu_count']} cores) · mode {meta['mode']} · median of {meta['reps']} "
-      f"interleaved rounds.",
+      f"interleaved rounds. Allocator: "
+      f"{' '.join(f'{k}={v}' for k, v in meta.get('allocator_env', {}).items()) or 'default'}.",
       "",
+      *summary(result),
       "Times in ms. `×flax`: jaxnorm's time / flax.linen's. `×ew`: time / one elementwise pass "
       "over the same array (floor ≈1 forward, ≈2.5 forward+backward). `temp`: compiled "
       "temporary memory of forward+backward in MiB, jaxnorm / flax.linen.",
@@ -445,6 +495,8 @@ def main(argv=None) -> None:
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   ap.add_argument("--libs", default=",".join(LIBS), help="comma-separated subset of the peers")
   ap.add_argument("--norms", default=",".join(NORMS), help="comma-separated subset of the cases")
+  ap.add_argument("--system-malloc", action="store_true",
+                  help="keep glibc's default allocator settings (see the module docstring)")
   args = ap.parse_args(argv)
   mode = "tiny" if args.tiny else "quick" if args.quick else "full"
   libs = tuple(l for l in args.libs.split(",") if l)

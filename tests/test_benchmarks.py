@@ -45,6 +45,10 @@ def test_tiny_benchmark_writes_json_markdown_and_chart(tmp_path):
       assert r["ratio_to_flax"] is not None
   table = (tmp_path / "results.md").read_text()
   assert "| case | pass | jaxnorm |" in table and "batch_norm_eval" in table
+  # The summary (the README's table): one row per case, one column per input shape and dtype.
+  rows = [l for l in table.split("\n\n")[2].splitlines() if l.startswith("| ")][1:]
+  assert len(rows) == 2 * len(bench.NORMS)
+  assert all("×)" in cell for row in rows for cell in row.split(" | ")[2:]), rows
   png = (tmp_path / "chart.png").read_bytes() if (tmp_path / "chart.png").exists() else None
   if importlib.util.find_spec("matplotlib") is not None:
     assert png is not None and png[:8] == b"\x89PNG\r\n\x1a\n"
