@@ -58,3 +58,15 @@ def test_unknown_library_is_a_clear_error():
   bench = _load_run_module()
   with pytest.raises(SystemExit):
     bench.main(["--tiny", "--libs", "torch"])
+
+
+def test_column_reduction_script_times_every_case(capsys):
+  spec = importlib.util.spec_from_file_location(
+      "jaxnorm_bench_column_reduction", ROOT / "benchmarks" / "column_reduction.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  module.main(["--rows", "64", "--columns", "32", "--rounds", "1"])
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("64x32 float32")
+  assert [l[2:44].strip() for l in lines[1:]] == list(module.CASES)
+  assert all(l.rstrip().endswith("x sum(x * x)") for l in lines[1:])
