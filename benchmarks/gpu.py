@@ -42,8 +42,8 @@ PASSES = ("fwd", "fwd+bwd")
 ARRAYS_MOVED = {"fwd": 2, "fwd+bwd": 5}
 
 
-def _builders(norm: str, d: int):
-  """`{library: f(x, scale, bias) -> y}` for one norm over the last axis of width d."""
+def _builders(norm: str):
+  """`{library: f(x, scale, bias) -> y}` for one norm over the last axis."""
   import flax.linen as nn
 
   eps = 1e-6
@@ -131,7 +131,7 @@ def speed(shapes, dtypes, rounds, peak) -> list[dict]:
       size = x.size * x.dtype.itemsize
       for norm in NORMS:
         fns, args = {}, {}
-        for lib, f in _builders(norm, shape[-1]).items():
+        for lib, f in _builders(norm).items():
           for kind in PASSES:
             try:
               fn = _with_pass(f, kind)
