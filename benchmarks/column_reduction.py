@@ -15,20 +15,16 @@ from __future__ import annotations
 import os
 import sys
 
-if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import run as _run  # noqa: E402  (restarts this script with run.py's allocator settings)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402
 
-  if sys.platform == "linux" and "JAXNORM_BENCH_ALLOCATOR" not in os.environ:
-    _run._restart_with_allocator_settings()
+if __name__ == "__main__":
+  _timing.use_allocator_settings()
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 CASES = {
     "sum(x)": lambda x, m: x.sum(0),
@@ -46,22 +42,12 @@ def main(argv=None) -> None:
   args = ap.parse_args(argv)
   x = jax.random.normal(jax.random.key(0), (args.rows, args.columns))
   m = jnp.full((args.columns,), 0.1)
-  fns = {k: jax.jit(f) for k, f in CASES.items()}
-  for f in fns.values():
-    jax.block_until_ready(f(x, m))
-  times = {k: [] for k in fns}
-  rng = np.random.default_rng(0)
-  for _ in range(args.rounds):
-    for k in rng.permutation(list(fns)):
-      t = time.perf_counter()
-      for _ in range(10):
-        jax.block_until_ready(fns[k](x, m))
-      times[k].append((time.perf_counter() - t) / 10)
-  base = statistics.median(times["sum(x * x)"])
+  med = _timing.medians(_timing.interleaved_samples(
+      {k: (jax.jit(f), (x, m)) for k, f in CASES.items()}, args.rounds, 10))
+  base = med["sum(x * x)"]
   print(f"{args.rows}x{args.columns} float32, reduced over rows, median of {args.rounds} rounds")
-  for k, v in times.items():
-    med = statistics.median(v)
-    print(f"  {k:42s} {med * 1e3:8.3f} ms   {med / base:5.2f}x sum(x * x)")
+  for k, t in med.items():
+    print(f"  {k:42s} {t * 1e3:8.3f} ms   {t / base:5.2f}x sum(x * x)")
 
 
 if __name__ == "__main__":

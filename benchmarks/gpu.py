@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -35,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402
 import jaxnorm as jn  # noqa: E402
 
 NORMS = ("layer_norm", "rms_norm")
@@ -90,30 +91,12 @@ def _with_pass(f, kind):
   return jax.jit(fb)
 
 
-def _time(fns: dict, args: dict, rounds: int, inner: int) -> dict:
-  for k, f in fns.items():
-    jax.block_until_ready(f(*args[k]))
-  samples = {k: [] for k in fns}
-  rng = np.random.default_rng(0)
-  keys = list(fns)
-  for _ in range(rounds):
-    for i in rng.permutation(len(keys)):
-      k = keys[i]
-      f, a = fns[k], args[k]
-      jax.block_until_ready(f(*a))
-      t = time.perf_counter()
-      for _ in range(inner):
-        r = f(*a)
-      jax.block_until_ready(r)
-      samples[k].append((time.perf_counter() - t) / inner)
-  return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def copy_bandwidth(rounds: int, mib: int = 1024) -> float:
   """Bytes per second of `x + 1` on `mib` MiB of float32 (read and write)."""
   x = jnp.zeros((mib * 2**18,), jnp.float32)
   f = jax.jit(lambda x: x + 1)
-  t = _time({"copy": f}, {"copy": (x,)}, rounds, 20)["copy"]
+  samples = _timing.interleaved_samples({"copy": (f, (x,))}, rounds, 20, settle=True)
+  t = _timing.medians(samples)["copy"]
   return 2 * x.nbytes / t
 
 
@@ -130,7 +113,7 @@ def speed(shapes, dtypes, rounds, peak) -> list[dict]:
         g, b = g.astype(dtype), b.astype(dtype)  # the Pallas kernels want one dtype
       size = x.size * x.dtype.itemsize
       for norm in NORMS:
-        fns, args = {}, {}
+        fns = {}
         for lib, f in _builders(norm).items():
           for kind in PASSES:
             try:
@@ -140,9 +123,8 @@ def speed(shapes, dtypes, rounds, peak) -> list[dict]:
               print(f"  {lib} {norm} {kind} {shape} {jnp.dtype(dtype).name} failed: "
                     f"{type(e).__name__}: {str(e)[:300]}")
               continue
-            fns[(lib, kind)] = fn
-            args[(lib, kind)] = (x, g, b, dy)
-        times = _time(fns, args, rounds, 20)
+            fns[(lib, kind)] = (fn, (x, g, b, dy))
+        times = _timing.medians(_timing.interleaved_samples(fns, rounds, 20, settle=True))
         for (lib, kind), t in times.items():
           moved = ARRAYS_MOVED[kind] * size
           ref = times.get(("flax.linen", kind))
@@ -232,7 +214,8 @@ def markdown(result: dict) -> str:
   meta = result["meta"]
   lines = [f"{meta['date']} · {meta['device']} · jax {meta['jax']} · copy bandwidth "
            f"{meta['copy_gbs']:.0f} GB/s (x + 1, {meta['copy_mib']} MiB, read and write)", "",
-           "| norm | shape | dtype | pass | library | time (µs) | GB/s | of copy | ×flax | ×pallas |",
+           "| norm | shape | dtype | pass | library | time (µs) | GB/s | of copy | ×flax "
+           "| ×pallas |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   for r in result["speed"]:
     lines.append(

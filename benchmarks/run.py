@@ -33,31 +33,17 @@ from __future__ import annotations
 import os
 import sys
 
-ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402
 
-
-def _restart_with_allocator_settings() -> None:
-  """Re-executes this script once with the allocator settings above (see the docstring)."""
-  env = dict(os.environ, JAXNORM_BENCH_ALLOCATOR="1")
-  env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**30))
-  env.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**32))
-  tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-  if not any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):
-    env["GLIBC_TUNABLES"] = ":".join([*tunables, "glibc.malloc.hugetlb=1"])
-  os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
-
-if (__name__ == "__main__" and sys.platform == "linux" and "--system-malloc" not in sys.argv
-    and "JAXNORM_BENCH_ALLOCATOR" not in os.environ):
-  _restart_with_allocator_settings()
+if __name__ == "__main__":
+  _timing.use_allocator_settings()
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
@@ -290,14 +276,6 @@ def _fwd_bwd(fn):
   return jax.jit(f)
 
 
-def _per_call(compiled, args, inner: int) -> float:
-  t0 = time.perf_counter()
-  for _ in range(inner):
-    out = compiled(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) / inner
-
-
 def _label(shape, dtype) -> str:
   return f"{'x'.join(map(str, shape))} {dtype}"
 
@@ -336,17 +314,11 @@ def run(mode: str, out_dir: str, libs: tuple[str, ...] = LIBS,
     inner = {}
     for key, (c, args, _) in cases.items():
       jax.block_until_ready(c(*args))
-      t = _per_call(c, args, 1)
+      t = _timing.per_call(c, args, 1)
       inner[key] = max(1, min(1000, int(MIN_SAMPLE_S[mode] / max(t, 1e-7))))
-    samples = {key: [] for key in cases}
-    order = list(cases)
-    rng = random.Random(0)
-    for _ in range(REPS[mode]):  # interleaved: every case once per round, in a shuffled order
-      rng.shuffle(order)  # so that no case always follows the same (memory-hungry) neighbour
-      for key in order:
-        c, args, _ = cases[key]
-        samples[key].append(_per_call(c, args, inner[key]))
-    med = {key: statistics.median(v) for key, v in samples.items()}
+    samples = _timing.interleaved_samples(
+        {key: (c, args) for key, (c, args, _) in cases.items()}, REPS[mode], inner)
+    med = _timing.medians(samples)
     ew = med[("elementwise", "-", "fwd")]
     for (norm, lib, kind), (c, args, temp) in cases.items():
       if norm == "elementwise":
@@ -371,7 +343,7 @@ def run(mode: str, out_dir: str, libs: tuple[str, ...] = LIBS,
           "mode": mode, "jax": jax.__version__, "jaxnorm": jn.__version__,
           "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
           "cpu_count": os.cpu_count(), "platform": platform.platform(),
-          "allocator_env": {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ},
+          "allocator_env": _timing.allocator_env(),
           "python": sys.version.split()[0], "reference": REF, "libs": available,
           "skipped_libs": skipped, "failed_cases": failures, "reps": REPS[mode],
           "seconds": time.perf_counter() - t_start,
