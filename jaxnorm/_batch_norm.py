@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks
-from ._normalize import _apply, _normalize_with_moments, _prepare
+from ._fused import apply, normalize_with_moments
+from ._normalize import _prepare
 from ._stats import AxisName, Moments, _wide_dtype
 
 
@@ -251,11 +252,11 @@ def batch_norm(
   if not training:
     mask = _checks.check_mask(mask, x.shape)  # validated for consistency, unused
     with jax.named_scope("jaxnorm.batch_norm"):
-      return _apply(x, state.mean, state.var, scale, bias, red, feat, epsilon), state
+      return apply(x, state.mean, state.var, scale, bias, red, feat, epsilon), state
   mask = _checks.check_mask(mask, x.shape)
   _checks.check_axis_index_groups(axis_name, axis_index_groups)
   with jax.named_scope("jaxnorm.batch_norm"):
-    y, m = _normalize_with_moments(x, scale, bias, epsilon, mask, reduction_axes=red,
+    y, m = normalize_with_moments(x, scale, bias, epsilon, mask, reduction_axes=red,
                                    feature_axes=feat, axis_name=axis_name,
                                    axis_index_groups=axis_index_groups, centered=True)
     new_state = update_running_stats(state, m, momentum=momentum,
