@@ -14,15 +14,20 @@ read time: no intersphinx, and MathJax is served from the site itself.
 from __future__ import annotations
 
 import inspect
-import os
 import pathlib
 import re
 import sys
+
+from docutils import nodes
+from sphinx.util import logging
+from sphinx.util.nodes import make_refnode
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout's jaxnorm, also without `pip install -e`
 
 import jaxnorm
+
+logger = logging.getLogger("jaxnorm.docs")
 
 project = "jaxnorm"
 author = "the jaxnorm authors"
@@ -87,10 +92,7 @@ html_title = f"jaxnorm {release}"
 html_static_path = ["_static"]
 html_css_files = ["custom.css"]
 html_show_sourcelink = False
-html_theme_options = {
-    "source_edit_link": None,
-    "navigation_with_keys": True,
-}
+html_theme_options = {"navigation_with_keys": True}
 
 
 def _public_object_names(env) -> dict[str, list[str]]:
@@ -132,17 +134,11 @@ def _resolve_jaxnorm_names(app, env, node, contnode):
   if len(candidates) > 1:  # e.g. BatchNorm: linen's and nnx's; prefer the core's, if any
     candidates = [c for c in candidates if c == f"jaxnorm.{name}"] or candidates
   if len(candidates) == 1:
-    from sphinx.util.nodes import make_refnode
-
     docname, node_id = env.domains["py"].objects[candidates[0]][:2]
     return make_refnode(app.builder, node["refdoc"], docname, node_id, contnode, candidates[0])
-  if name.startswith("jaxnorm.") and name.split(".")[-1].isidentifier():
-    from sphinx.util import logging
-
-    logging.getLogger(__name__).warning(
-        "broken reference to %s (%s): no such public object is documented", target,
-        "ambiguous: " + ", ".join(candidates) if candidates else "not found",
-        location=node)
+  if name.startswith("jaxnorm."):
+    logger.warning("broken reference to %s: no such public object is documented", target,
+                   location=node)
   return None
 
 
@@ -156,9 +152,7 @@ def _prepare_docstring(app, what, name, obj, options, lines):
   build."""
   lines[:] = [_PLURAL.sub(r"\1\\ ", line) for line in lines]
   if what in ("function", "class", "module") and not any(line.strip() for line in lines):
-    from sphinx.util import logging
-
-    logging.getLogger(__name__).warning("%s %s has no docstring", what, name)
+    logger.warning("%s %s has no docstring", what, name)
 
 
 _SIGNATURE_CLEANUPS = (
@@ -204,8 +198,6 @@ def _only_own_methods(app, what, name, obj, skip, options):
 def _mark_tables_of_figures(app, doctree):
   """Marks a table whose cells after the first column are all short (figures: `7.5e-5`,
   `1562 µs (58%)`) so that those cells do not wrap (custom.css); tables of prose wrap."""
-  from docutils import nodes
-
   for table in doctree.findall(nodes.table):
     rows = list(table.findall(nodes.row))
     cells = [entry.astext() for row in rows for entry in list(row.findall(nodes.entry))[1:]]
@@ -219,4 +211,3 @@ def setup(app):
   app.connect("autodoc-process-docstring", _prepare_docstring)
   app.connect("autodoc-skip-member", _only_own_methods)
   app.connect("autodoc-process-signature", _clean_signature)
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
