@@ -30,6 +30,7 @@ from jaxnorm._flax_common import require_flax
 
 require_flax("jaxnorm.linen")
 
+from collections.abc import Mapping, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
@@ -41,8 +42,9 @@ from jax.nn import initializers  # noqa: E402
 import jaxnorm as jn  # noqa: E402
 from jaxnorm import _checks  # noqa: E402
 from jaxnorm._flax_common import flax_dtypes  # noqa: E402
+from jaxnorm._fold import fold_variables  # noqa: E402
 
-__all__ = ("BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm")
+__all__ = ("BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "fold_batch_norms")
 
 
 def _feature_shape(x: jax.Array, axes: Axes, name: str) -> tuple[tuple[int, ...], list[int]]:
@@ -469,3 +471,71 @@ class InstanceNorm(nn.Module):
     y = jn.instance_norm(xc, scale, bias, feature_axes=feat, epsilon=self.epsilon, mask=mask,
                          axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
     return y.astype(out_dtype)
+
+
+def fold_batch_norms(
+    variables: Mapping[str, Any],
+    pairs: Mapping[str, str] | Sequence[tuple[str, str]],
+    *,
+    epsilon: float | Mapping[str, float] = 1e-5,
+) -> dict[str, Any]:
+  """Folds named (layer, BatchNorm) pairs of a variables tree into the layers, for inference.
+
+  For each pair, the `Dense` or `Conv` layer's `kernel` and `bias` become those of the layer
+  followed by the BatchNorm in evaluation mode (`jaxnorm.fold_batch_norm`), and the
+  BatchNorm's `params` and `batch_stats` are removed (collections left empty are dropped). The
+  result is the variables of the same architecture built without those BatchNorms and with a
+  bias in each folded layer. The pattern is one flag in the model::
+
+      class Net(nn.Module):
+        folded: bool = False
+
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+          x = nn.Conv(16, (3, 3), use_bias=self.folded)(x)
+          if not self.folded:
+            x = jnn.BatchNorm(use_running_average=not train)(x)
+          return nn.relu(x)
+
+      folded = jnn.fold_batch_norms(variables, {"Conv_0": "BatchNorm_0"})
+      Net(folded=True).apply(folded, x)   # == Net().apply(variables, x), to float32 rounding
+
+  flax names modules per class (`Conv_0`, `Conv_1`, ...), so leaving the BatchNorms out does not
+  rename the other layers.
+
+  Args:
+    variables: the trained model's variables (`params`, `batch_stats`, other collections are
+      passed through).
+    pairs: `{layer_path: batchnorm_path}` or `[(layer_path, batchnorm_path), ...]`, module
+      paths joined by "/" as in the variables tree (`"Block_0/Conv_1"`).
+    epsilon: the BatchNorms' epsilon, one float for all or `{batchnorm_path: epsilon}`.
+
+  Returns:
+    A new variables dict (plain dicts); the input is not modified.
+
+  Raises:
+    KeyError: a path that is not in the tree, with the keys found at that level.
+    ValueError: `pairs` is empty, or the shapes do not fit (see `jaxnorm.fold_batch_norm`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> from jaxnorm import linen as jnn
+    >>> class Net(nn.Module):
+    ...   folded: bool = False
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     x = nn.Dense(3, use_bias=self.folded)(x)
+    ...     return x if self.folded else jnn.BatchNorm(use_running_average=True)(x)
+    >>> x = jnp.arange(8.0).reshape(4, 2)
+    >>> variables = Net().init(jax.random.key(0), x)
+    >>> variables["batch_stats"]["BatchNorm_0"]["var"] = jnp.full(3, 4.0)
+    >>> folded = jnn.fold_batch_norms(variables, {"Dense_0": "BatchNorm_0"})
+    >>> sorted(folded), sorted(folded["params"])
+    (['params'], ['Dense_0'])
+    >>> d = Net(folded=True).apply(folded, x) - Net().apply(variables, x)
+    >>> bool(jnp.abs(d).max() < 1e-5)
+    True
+  """
+  return fold_variables(variables, pairs, epsilon=epsilon)
+
