@@ -42,9 +42,11 @@ from jax.nn import initializers  # noqa: E402
 import jaxnorm as jn  # noqa: E402
 from jaxnorm import _checks  # noqa: E402
 from jaxnorm._flax_common import flax_dtypes  # noqa: E402
-from jaxnorm._fold import fold_variables  # noqa: E402
+from jaxnorm._fold import _as_dict, fold_variables  # noqa: E402
+from jaxnorm._recompute import Sink, population_stats, recompute  # noqa: E402
 
-__all__ = ("BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "fold_batch_norms")
+__all__ = ("BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "fold_batch_norms",
+           "recompute_batch_stats")
 
 
 def _feature_shape(x: jax.Array, axes: Axes, name: str) -> tuple[tuple[int, ...], list[int]]:
@@ -539,3 +541,103 @@ def fold_batch_norms(
   """
   return fold_variables(variables, pairs, epsilon=epsilon)
 
+
+def recompute_batch_stats(model: nn.Module, variables: Mapping[str, Any], batches: Any, *,
+                          progress: bool = False, **apply_kwargs: Any) -> dict[str, Any]:
+  r"""Replaces every jaxnorm `BatchNorm`'s running averages by its input's population statistics.
+
+  After training, `batch_stats` are exponential averages over past weights, which lag the final
+  weights (badly at small batch sizes). This runs `model.apply(variables, batch,
+  **apply_kwargs)` over `batches` with the weights frozen, measures the input of every
+  `jaxnorm.linen.BatchNorm` the forward pass calls, and merges the batches' moments exactly
+  (`jaxnorm.merge_moments`: count-weighted, masked elements excluded):
+
+  .. math::
+    \mu = rac{1}{N}\sum_{b}\sum_{i \in b} x_i, \qquad
+    \sigma^2 = rac{1}{N}\sum_{b}\sum_{i \in b} (x_i - \mu)^2
+
+  over all N valid elements of all batches (per feature). Call it with the keyword arguments
+  of an evaluation-mode forward pass (`train=False`): the BatchNorms are then re-estimated one
+  after the other, in call order, each with the BatchNorms before it already using their new
+  statistics, so that every layer gets the statistics of exactly the input it sees at
+  inference (one pass over `batches` per BatchNorm). With training-mode arguments (every
+  BatchNorm using batch statistics), one pass suffices and every batch is normalized by its own
+  statistics, as fvcore's `update_bn_stats` does; nothing is written during it, so no
+  collection needs to be mutable. Each pass is one compiled program; batches sharded over
+  devices under plain `jax.jit` give the statistics of the whole batch. `batch_stats/count`
+  (momentum=None) becomes the number of batches; a layer with `unbiased_running_var=True`
+  stores the Bessel-corrected variance.
+
+  Args:
+    model: the flax.linen model.
+    variables: its variables (`params`, `batch_stats`, ...).
+    batches: an iterable of model inputs, each passed as the first positional argument of the
+      model's call; it is iterated once per pass (a one-shot iterator is kept in a list).
+    progress: show a progress bar (tqdm, if installed).
+    **apply_kwargs: passed to `model.apply` (e.g. `train=False`, `mutable=...`).
+
+  Returns:
+    A new variables dict (plain dicts) in which the `mean` and `var` (and `count`) of every
+    BatchNorm the forward pass calls are the population statistics of its input; everything
+    else is the input's.
+
+  Raises:
+    ValueError: `batches` is empty, the model calls no jaxnorm BatchNorm, or a BatchNorm saw no
+      valid element.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> from jaxnorm import linen as jnn
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train: bool):
+    ...     return jnn.BatchNorm(use_running_average=not train)(nn.Dense(2)(x))
+    >>> batches = [jnp.full((4, 3), float(i)) + jnp.arange(3.0) for i in range(3)]
+    >>> model = Net()
+    >>> variables = model.init(jax.random.key(0), batches[0], train=False)
+    >>> new = jnn.recompute_batch_stats(model, variables, batches, train=False)
+    >>> h = jnp.concatenate(batches) @ variables["params"]["Dense_0"]["kernel"]
+    >>> bool(jnp.allclose(new["batch_stats"]["BatchNorm_0"]["mean"], h.mean(0), atol=1e-5))
+    True
+  """
+  out = _as_dict(variables)
+
+  def forward(vars_: Any, batch: Any, sink: Sink) -> None:
+    def intercept(next_fun, args, kwargs, context):
+      mod = context.module
+      if not isinstance(mod, BatchNorm) or context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+      ura = args[1] if len(args) > 1 else kwargs.get("use_running_average")
+      ura = nn.merge_param("use_running_average", mod.use_running_average, ura)
+      sink.record("/".join(mod.path), not ura, args[0], mod.axis, kwargs.get("mask"),
+                  info=(mod.path, mod.unbiased_running_var))
+      return next_fun(*args, **{**kwargs, "update_stats": False})
+
+    with nn.intercept_methods(intercept):
+      model.apply(vars_, batch, **apply_kwargs)
+
+  sinks: list[Sink] = []
+
+  def discover(batch: Any) -> Sink:
+    sink = Sink()
+    jax.eval_shape(lambda v, b: forward(v, b, sink), out, batch)
+    sinks.append(sink)
+    return sink
+
+  def capture(keys: Any, vars_: Any, batch: Any) -> Any:
+    sink = Sink(keys)
+    forward(vars_, batch, sink)
+    return sink.moments
+
+  def write(key: Any, m: jn.Moments, n: jax.Array) -> None:
+    path, unbiased = sinks[0].info[key]
+    node = out["batch_stats"]
+    for name in path:
+      node = node[name]
+    node["mean"], node["var"] = population_stats(m, unbiased, node["mean"], node["var"])
+    if "count" in node:
+      node["count"] = n.astype(node["count"].dtype)
+
+  recompute(type(model).__name__, batches, discover, capture, lambda: out, write, progress)
+  return out
