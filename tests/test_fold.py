@@ -111,9 +111,9 @@ def test_fold_keeps_the_kernel_dtype():
   rk, _ = _ref_fold({**d, "kernel": f64(jnp.asarray(d["kernel"], jnp.bfloat16))},
                     dict(bias=False, scale=True, offset=True), 1e-5)
   np.testing.assert_allclose(f64(k), rk, rtol=2 ** -8, atol=0)  # one bfloat16 rounding
-  k, b = jn.fold_batch_norm(d["kernel"], jnp.asarray(d["bias"], jnp.float16), d["mean"],
+  k, b = jn.fold_batch_norm(d["kernel"], jnp.asarray(d["bias"], jnp.bfloat16), d["mean"],
                             d["var"], None, None, epsilon=1e-5)
-  assert k.dtype == jnp.float32 and b.dtype == jnp.float16
+  assert k.dtype == jnp.float32 and b.dtype == jnp.bfloat16
 
 
 def test_fold_errors_name_the_argument():
