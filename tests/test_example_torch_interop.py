@@ -17,7 +17,8 @@ EPS32 = float(np.finfo(np.float32).eps)
 def test_torch_interop_quick(tmp_path):
   pytest.importorskip("torch")
   proc = subprocess.run([sys.executable, "examples/torch_interop.py", "--quick", "--out",
-                         str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                         str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                        check=False, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((tmp_path / "torch_interop.json").read_text())
   scale = 1 + res["max_abs_logit_after_conversion"]

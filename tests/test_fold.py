@@ -20,14 +20,14 @@ EPS32 = float(np.finfo(np.float32).eps)
 def _data(kernel_shape, seed=0):
   rs = np.random.RandomState(seed)
   f = kernel_shape[-1]
-  return dict(
-      kernel=rs.randn(*kernel_shape).astype(np.float32),
-      bias=rs.randn(f).astype(np.float32),
-      mean=(rs.randn(f) * 3).astype(np.float32),
-      var=(rs.rand(f) * 4 + 0.1).astype(np.float32),
-      scale=rs.randn(f).astype(np.float32),
-      offset=rs.randn(f).astype(np.float32),
-  )
+  return {
+      "kernel": rs.randn(*kernel_shape).astype(np.float32),
+      "bias": rs.randn(f).astype(np.float32),
+      "mean": (rs.randn(f) * 3).astype(np.float32),
+      "var": (rs.rand(f) * 4 + 0.1).astype(np.float32),
+      "scale": rs.randn(f).astype(np.float32),
+      "offset": rs.randn(f).astype(np.float32),
+  }
 
 
 def _ref_fold(d, use, epsilon):
@@ -44,7 +44,7 @@ def _ref_fold(d, use, epsilon):
                          list(itertools.product([True, False], repeat=3)))
 def test_fold_matches_float64_reference_under_jit(use_bias, use_scale, use_offset):
   d = _data((3, 3, 4, 5))
-  use = dict(bias=use_bias, scale=use_scale, offset=use_offset)
+  use = {"bias": use_bias, "scale": use_scale, "offset": use_offset}
   args = [d["kernel"], d["bias"] if use_bias else None, d["mean"], d["var"],
           d["scale"] if use_scale else None, d["offset"] if use_offset else None]
   k, b = jax.jit(lambda *a: jn.fold_batch_norm(*a, epsilon=1e-3))(*args)
@@ -109,7 +109,7 @@ def test_fold_keeps_the_kernel_dtype():
                             d["scale"], d["offset"], epsilon=1e-5)
   assert k.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16
   rk, _ = _ref_fold({**d, "kernel": f64(jnp.asarray(d["kernel"], jnp.bfloat16))},
-                    dict(bias=False, scale=True, offset=True), 1e-5)
+                    {"bias": False, "scale": True, "offset": True}, 1e-5)
   np.testing.assert_allclose(f64(k), rk, rtol=2 ** -8, atol=0)  # one bfloat16 rounding
   k, b = jn.fold_batch_norm(d["kernel"], jnp.asarray(d["bias"], jnp.bfloat16), d["mean"],
                             d["var"], None, None, epsilon=1e-5)

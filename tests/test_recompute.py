@@ -155,9 +155,9 @@ def test_nnx_recompute_matches_float64_population_stats_and_linen():
   _check(stats, _reference(variables, training=False))
   assert model.d1.kernel[...] is kernel_before
   linen = jnn.recompute_batch_stats(Net(), variables, _batches(), train=False)["batch_stats"]
-  for name in stats:  # the same computation in the same order
-    for k in stats[name]:
-      np.testing.assert_allclose(stats[name][k], linen[name][k], rtol=4 * EPS32)
+  for name, layer in stats.items():  # the same computation in the same order
+    for k, value in layer.items():
+      np.testing.assert_allclose(value, linen[name][k], rtol=4 * EPS32)
   model.train()
   jnnx.recompute_batch_stats(model, _batches())
   stats["BatchNorm_1"] = {"mean": model.bn2.mean[...], "var": model.bn2.var[...],
