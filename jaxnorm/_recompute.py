@@ -28,6 +28,8 @@ rounding of about 1e-7.
 
 from __future__ import annotations
 
+import collections
+import functools
 import itertools
 import sys
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
@@ -102,6 +104,7 @@ def recompute(
     get_state: Callable[[], Any],
     write: Callable[[Hashable, Moments, jax.Array], None],
     progress: bool,
+    cache_key: Hashable | None = None,
 ) -> None:
   """Runs the passes of the plan and hands each layer's population moments to `write`.
 
@@ -114,6 +117,8 @@ def recompute(
     get_state: the current model state (arrays only), passed to `capture`.
     write: stores one layer's population moments and its number of non-empty batches.
     progress: show a progress bar (tqdm if installed).
+    cache_key: a hashable description of the computation `capture` performs (the model and
+      its call's arguments); calls with equal keys reuse the jitted steps (None: no reuse).
   """
   if isinstance(batches, Iterator):
     try:
@@ -143,13 +148,7 @@ def recompute(
   try:
     for keys in passes:
       state = get_state()
-
-      def step(acc, state, batch, keys=tuple(keys)):
-        new = capture(keys, state, batch)
-        return {k: (merge_moments(acc[k][0], new[k]),
-                    acc[k][1] + jnp.any(new[k].count > 0).astype(jnp.int32)) for k in keys}
-
-      step = jax.jit(step)
+      step = _compiled_step(capture, tuple(keys), cache_key)
       acc = None
       for batch in source:
         if acc is None:
@@ -172,6 +171,36 @@ def recompute(
   finally:
     if bar is not None:
       bar.close()
+
+
+_STEPS: collections.OrderedDict[Hashable, Callable[..., Any]] = collections.OrderedDict()
+_MAX_STEPS = 32
+
+
+def _merge_step(capture: Capture, keys: tuple[Hashable, ...], acc: Any, state: Any,
+                batch: Any) -> Any:
+  new = capture(keys, state, batch)
+  return {k: (merge_moments(acc[k][0], new[k]),
+              acc[k][1] + jnp.any(new[k].count > 0).astype(jnp.int32)) for k in keys}
+
+
+def _compiled_step(capture: Capture, keys: tuple[Hashable, ...],
+                   cache_key: Hashable | None) -> Callable[..., Any]:
+  """`jax.jit` of one pass's step, reused across calls with the same model and arguments (so
+  that recomputing the statistics of several checkpoints of one model compiles once)."""
+  if cache_key is None:
+    return jax.jit(functools.partial(_merge_step, capture, keys))
+  key = (cache_key, keys)
+  try:
+    hash(key)
+  except TypeError:  # unhashable call arguments (arrays): no reuse
+    return jax.jit(functools.partial(_merge_step, capture, keys))
+  if key not in _STEPS:
+    _STEPS[key] = jax.jit(functools.partial(_merge_step, capture, keys))
+    while len(_STEPS) > _MAX_STEPS:
+      _STEPS.popitem(last=False)
+  _STEPS.move_to_end(key)
+  return _STEPS[key]
 
 
 def population_stats(m: Moments, unbiased: bool, like_mean: Any, like_var: Any

@@ -639,5 +639,6 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping[str, Any], batche
     if "count" in node:
       node["count"] = n.astype(node["count"].dtype)
 
-  recompute(type(model).__name__, batches, discover, capture, lambda: out, write, progress)
+  recompute(type(model).__name__, batches, discover, capture, lambda: out, write, progress,
+            cache_key=("linen", model, tuple(sorted(apply_kwargs.items()))))
   return out

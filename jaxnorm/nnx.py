@@ -739,4 +739,4 @@ def recompute_batch_stats(model: nnx.Module, batches: Any, *, progress: bool = F
       bn.count[...] = n.astype(bn.count[...].dtype)
 
   recompute(type(model).__name__, batches, discover, capture, lambda: nnx.state(model), write,
-            progress)
+            progress, cache_key=("nnx", graphdef, tuple(sorted(call_kwargs.items()))))

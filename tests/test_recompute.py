@@ -123,6 +123,11 @@ def test_linen_recompute_matches_float64_population_stats(train):
   _check(new["batch_stats"], _reference(variables, training=train))
   assert new["params"] == variables["params"]  # the same arrays
   assert int(variables["batch_stats"]["BatchNorm_1"]["count"]) == 7  # input not modified
+  # Another checkpoint of the same model reuses the compiled passes, with its own weights.
+  p2 = jax.tree.map(lambda a: a * np.asarray(1.5, a.dtype), variables["params"])
+  other = {"params": p2, "batch_stats": variables["batch_stats"]}
+  new = jnn.recompute_batch_stats(Net(), other, _batches(), train=train)
+  _check(new["batch_stats"], _reference(other, training=train))
 
 
 def test_linen_recompute_sharded_batches_and_one_shot_iterator():
