@@ -709,7 +709,7 @@ def recompute_batch_stats(model: nnx.Module, batches: Any, *, progress: bool = F
     >>> batches = [jnp.full((4, 3), float(i)) + jnp.arange(3.0) for i in range(3)]
     >>> jnnx.recompute_batch_stats(model, batches)
     >>> h = model.layers[0](jnp.concatenate(batches))
-    >>> bool(jnp.allclose(model.layers[1].mean[...], h.mean(0), atol=1e-5))
+    >>> bool(jnp.allclose(model.layers[1].mean[...], h.mean(0), atol=1e-4))
     True
   """
   graphdef, _ = nnx.split(model)

@@ -19,8 +19,8 @@ def test_precise_bn_quick(tmp_path):
                         check=False, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((tmp_path / "precise_bn.json").read_text())
-  assert res["config"]["batch_sizes"] == [2, 4] and res["config"]["quick"] is True
-  assert {r["batch_size"] for r in res["runs"]} == {2, 4}
+  assert res["config"]["batch_sizes"] == [2] and res["config"]["quick"] is True
+  assert [r["batch_size"] for r in res["runs"]] == [2]
   for r in res["runs"]:
     for k in ("accuracy_running_averages", "accuracy_recomputed",
               "accuracy_recomputed_training_mode"):
