@@ -653,13 +653,15 @@ class _Recorder:
 
 
 def _set(root: Any, path: tuple[Any, ...], value: Any) -> None:
+  """Puts `value` at `path` in the (throw-away) model `root`: attributes of modules, items of
+  lists and dicts."""
   parent = root
   for name in path[:-1]:
-    parent = parent[name] if isinstance(name, int) else getattr(parent, name)
-  if isinstance(path[-1], int):
-    parent[path[-1]] = value
-  else:
+    parent = getattr(parent, name) if isinstance(parent, nnx.Module) else parent[name]
+  if isinstance(parent, nnx.Module) and isinstance(path[-1], str):
     object.__setattr__(parent, path[-1], value)
+  else:
+    parent[path[-1]] = value
 
 
 def _batch_norms(model: nnx.Module) -> dict[str, tuple[tuple[Any, ...], BatchNorm]]:

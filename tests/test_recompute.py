@@ -130,7 +130,7 @@ def test_linen_recompute_matches_float64_population_stats(train):
   _check(new["batch_stats"], _reference(other, training=train))
 
 
-def test_linen_recompute_sharded_batches_and_one_shot_iterator():
+def test_linen_recompute_sharded_batches_and_one_shot_iterator(capsys):
   """Batches sharded over 8 devices under plain jit; a generator, iterated twice (eval mode
   needs one pass per BatchNorm), is kept in a list."""
   variables = _variables()
@@ -139,6 +139,7 @@ def test_linen_recompute_sharded_batches_and_one_shot_iterator():
   batches = ({k: jax.device_put(v, sharding) for k, v in b.items()} for b in _batches())
   new = jnn.recompute_batch_stats(Net(), variables, batches, train=False, progress=True)
   _check(new["batch_stats"], _reference(variables, training=False))
+  assert "recompute_batch_stats (2 passes)" in capsys.readouterr().err  # the progress bar
 
 
 def test_nnx_recompute_matches_float64_population_stats_and_linen():
@@ -169,6 +170,17 @@ def test_nnx_recompute_matches_float64_population_stats_and_linen():
                           "count": model.bn2.count[...]}
   _check({"BatchNorm_0": {"mean": model.bn1.mean[...], "var": model.bn1.var[...]},
           "BatchNorm_1": stats["BatchNorm_1"]}, _reference(variables, training=True))
+
+
+def test_nnx_recompute_finds_batch_norms_in_lists():
+  model = nnx.Sequential(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), jnnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+  model.eval()
+  x = np.random.RandomState(5).randn(16, 4).astype(np.float32)
+  jnnx.recompute_batch_stats(model, [x[:8], x[8:]])
+  h = f64(x) @ f64(model.layers[0].kernel[...]) + f64(model.layers[0].bias[...])
+  bound = 8 * (16 + 4) * EPS32 * (np.abs(h) + h * h).mean(0)
+  assert np.all(np.abs(f64(model.layers[1].mean[...]) - h.mean(0)) <= bound)
+  assert np.all(np.abs(f64(model.layers[1].var[...]) - h.var(0)) <= bound)
 
 
 def test_recompute_errors():
