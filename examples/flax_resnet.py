@@ -55,16 +55,21 @@ class LinenBlock(nn.Module):
   norms: Any
   width: int
   group_norm: bool = False
+  folded: bool = False  # BatchNorms folded into the convolutions (jaxnorm.linen.fold_batch_norms)
 
   @nn.compact
   def __call__(self, x, train: bool):
+    fold = self.folded and not self.group_norm
+
     def norm():
       if self.group_norm:
         return lambda h: self.norms.GroupNorm(num_groups=4)(h)
+      if fold:
+        return lambda h: h
       return lambda h: self.norms.BatchNorm(use_running_average=not train, momentum=0.9)(h)
 
-    h = nn.relu(norm()(nn.Conv(self.width, (3, 3), use_bias=False)(x)))
-    h = norm()(nn.Conv(self.width, (3, 3), use_bias=False)(h))
+    h = nn.relu(norm()(nn.Conv(self.width, (3, 3), use_bias=fold)(x)))
+    h = norm()(nn.Conv(self.width, (3, 3), use_bias=fold)(h))
     return nn.relu(x + h)
 
 
@@ -74,15 +79,29 @@ class LinenResNet(nn.Module):
   norms: Any  # flax.linen or jaxnorm.linen
   width: int = 16
   blocks: tuple[str, ...] = ("batch", "group")
+  folded: bool = False  # for inference, with variables from jaxnorm.linen.fold_batch_norms
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = nn.Conv(self.width, (3, 3), use_bias=False)(x)
-    x = nn.relu(self.norms.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+    x = nn.Conv(self.width, (3, 3), use_bias=self.folded)(x)
+    if not self.folded:
+      x = self.norms.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    x = nn.relu(x)
     for kind in self.blocks:
-      x = LinenBlock(self.norms, self.width, group_norm=kind == "group")(x, train)
+      x = LinenBlock(self.norms, self.width, group_norm=kind == "group",
+                     folded=self.folded)(x, train)
     x = self.norms.LayerNorm()(x.mean(axis=(1, 2)))
     return nn.Dense(10)(x)
+
+
+def linen_fold_pairs(blocks: tuple[str, ...]) -> dict[str, str]:
+  """The (convolution, BatchNorm) pairs of `LinenResNet` for `jaxnorm.linen.fold_batch_norms`;
+  `LinenResNet(..., folded=True)` is the architecture without those BatchNorms."""
+  pairs = {"Conv_0": "BatchNorm_0"}
+  for i, kind in enumerate(blocks):
+    if kind == "batch":
+      pairs.update({f"LinenBlock_{i}/Conv_{j}": f"LinenBlock_{i}/BatchNorm_{j}" for j in (0, 1)})
+  return pairs
 
 
 def init_linen(data, width: int, blocks: tuple[str, ...]):

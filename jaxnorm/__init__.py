@@ -2,8 +2,10 @@
 
 Pure functions compute statistics (`moments`, `merge_moments`) and normalize with them
 (`normalize`, `layer_norm`, `rms_norm`, `group_norm`, `instance_norm`, `batch_norm`); batch
-normalization's running statistics are an explicit `BatchNormState` pytree. Flax wrappers live
-in `jaxnorm.linen` and `jaxnorm.nnx`; importing `jaxnorm` itself never imports flax.
+normalization's running statistics are an explicit `BatchNormState` pytree, and
+`fold_batch_norm` folds an evaluation-mode batch normalization into the layer before it. Flax
+wrappers live in `jaxnorm.linen` and `jaxnorm.nnx`, PyTorch checkpoint conversion in
+`jaxnorm.interop`; importing `jaxnorm` itself never imports flax (nor torch).
 """
 
 from ._batch_norm import BatchNormState as BatchNormState
@@ -11,6 +13,7 @@ from ._batch_norm import batch_norm as batch_norm
 from ._batch_norm import batch_norm_init as batch_norm_init
 from ._batch_norm import momentum_from_torch as momentum_from_torch
 from ._batch_norm import update_running_stats as update_running_stats
+from ._fold import fold_batch_norm as fold_batch_norm
 from ._normalize import group_norm as group_norm
 from ._normalize import instance_norm as instance_norm
 from ._normalize import layer_norm as layer_norm
@@ -27,6 +30,7 @@ __all__ = (
     "Moments",
     "batch_norm",
     "batch_norm_init",
+    "fold_batch_norm",
     "group_norm",
     "instance_norm",
     "layer_norm",

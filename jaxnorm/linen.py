@@ -30,6 +30,7 @@ from jaxnorm._flax_common import require_flax
 
 require_flax("jaxnorm.linen")
 
+from collections.abc import Mapping, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
@@ -41,8 +42,11 @@ from jax.nn import initializers  # noqa: E402
 import jaxnorm as jn  # noqa: E402
 from jaxnorm import _checks  # noqa: E402
 from jaxnorm._flax_common import flax_dtypes  # noqa: E402
+from jaxnorm._fold import _as_dict, fold_variables  # noqa: E402
+from jaxnorm._recompute import Sink, population_stats, recompute  # noqa: E402
 
-__all__ = ("BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm")
+__all__ = ("BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "fold_batch_norms",
+           "recompute_batch_stats")
 
 
 def _feature_shape(x: jax.Array, axes: Axes, name: str) -> tuple[tuple[int, ...], list[int]]:
@@ -469,3 +473,172 @@ class InstanceNorm(nn.Module):
     y = jn.instance_norm(xc, scale, bias, feature_axes=feat, epsilon=self.epsilon, mask=mask,
                          axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
     return y.astype(out_dtype)
+
+
+def fold_batch_norms(
+    variables: Mapping[str, Any],
+    pairs: Mapping[str, str] | Sequence[tuple[str, str]],
+    *,
+    epsilon: float | Mapping[str, float] = 1e-5,
+) -> dict[str, Any]:
+  """Folds named (layer, BatchNorm) pairs of a variables tree into the layers, for inference.
+
+  For each pair, the `Dense` or `Conv` layer's `kernel` and `bias` become those of the layer
+  followed by the BatchNorm in evaluation mode (`jaxnorm.fold_batch_norm`), and the
+  BatchNorm's `params` and `batch_stats` are removed (collections left empty are dropped). The
+  result is the variables of the same architecture built without those BatchNorms and with a
+  bias in each folded layer. The pattern is one flag in the model::
+
+      class Net(nn.Module):
+        folded: bool = False
+
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+          x = nn.Conv(16, (3, 3), use_bias=self.folded)(x)
+          if not self.folded:
+            x = jnn.BatchNorm(use_running_average=not train)(x)
+          return nn.relu(x)
+
+      folded = jnn.fold_batch_norms(variables, {"Conv_0": "BatchNorm_0"})
+      Net(folded=True).apply(folded, x)   # == Net().apply(variables, x), to float32 rounding
+
+  flax names modules per class (`Conv_0`, `Conv_1`, ...), so leaving the BatchNorms out does not
+  rename the other layers.
+
+  Args:
+    variables: the trained model's variables (`params`, `batch_stats`, other collections are
+      passed through).
+    pairs: `{layer_path: batchnorm_path}` or `[(layer_path, batchnorm_path), ...]`, module
+      paths joined by "/" as in the variables tree (`"Block_0/Conv_1"`).
+    epsilon: the BatchNorms' epsilon, one float for all or `{batchnorm_path: epsilon}`.
+
+  Returns:
+    A new variables dict (plain dicts); the input is not modified.
+
+  Raises:
+    KeyError: a path that is not in the tree, with the keys found at that level.
+    ValueError: `pairs` is empty, or the shapes do not fit (see `jaxnorm.fold_batch_norm`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> from jaxnorm import linen as jnn
+    >>> class Net(nn.Module):
+    ...   folded: bool = False
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     x = nn.Dense(3, use_bias=self.folded)(x)
+    ...     return x if self.folded else jnn.BatchNorm(use_running_average=True)(x)
+    >>> x = jnp.arange(8.0).reshape(4, 2)
+    >>> variables = Net().init(jax.random.key(0), x)
+    >>> variables["batch_stats"]["BatchNorm_0"]["var"] = jnp.full(3, 4.0)
+    >>> folded = jnn.fold_batch_norms(variables, {"Dense_0": "BatchNorm_0"})
+    >>> sorted(folded), sorted(folded["params"])
+    (['params'], ['Dense_0'])
+    >>> d = Net(folded=True).apply(folded, x) - Net().apply(variables, x)
+    >>> bool(jnp.abs(d).max() < 1e-5)
+    True
+  """
+  return fold_variables(variables, pairs, epsilon=epsilon)
+
+
+def recompute_batch_stats(model: nn.Module, variables: Mapping[str, Any], batches: Any, *,
+                          progress: bool = False, **apply_kwargs: Any) -> dict[str, Any]:
+  r"""Replaces every jaxnorm `BatchNorm`'s running averages by its input's population statistics.
+
+  After training, `batch_stats` are exponential averages over past weights, which lag the final
+  weights (badly at small batch sizes). This runs `model.apply(variables, batch,
+  **apply_kwargs)` over `batches` with the weights frozen, measures the input of every
+  `jaxnorm.linen.BatchNorm` the forward pass calls, and merges the batches' moments exactly
+  (`jaxnorm.merge_moments`: count-weighted, masked elements excluded):
+
+  .. math::
+    \mu = rac{1}{N}\sum_{b}\sum_{i \in b} x_i, \qquad
+    \sigma^2 = rac{1}{N}\sum_{b}\sum_{i \in b} (x_i - \mu)^2
+
+  over all N valid elements of all batches (per feature). Call it with the keyword arguments
+  of an evaluation-mode forward pass (`train=False`): the BatchNorms are then re-estimated one
+  after the other, in call order, each with the BatchNorms before it already using their new
+  statistics, so that every layer gets the statistics of exactly the input it sees at
+  inference (one pass over `batches` per BatchNorm). With training-mode arguments (every
+  BatchNorm using batch statistics), one pass suffices and every batch is normalized by its own
+  statistics, as fvcore's `update_bn_stats` does; nothing is written during it, so no
+  collection needs to be mutable. Each pass is one compiled program; batches sharded over
+  devices under plain `jax.jit` give the statistics of the whole batch. `batch_stats/count`
+  (momentum=None) becomes the number of batches; a layer with `unbiased_running_var=True`
+  stores the Bessel-corrected variance.
+
+  Args:
+    model: the flax.linen model.
+    variables: its variables (`params`, `batch_stats`, ...).
+    batches: an iterable of model inputs, each passed as the first positional argument of the
+      model's call; it is iterated once per pass (a one-shot iterator is kept in a list).
+    progress: show a progress bar (tqdm, if installed).
+    **apply_kwargs: passed to `model.apply` (e.g. `train=False`, `mutable=...`).
+
+  Returns:
+    A new variables dict (plain dicts) in which the `mean` and `var` (and `count`) of every
+    BatchNorm the forward pass calls are the population statistics of its input; everything
+    else is the input's.
+
+  Raises:
+    ValueError: `batches` is empty, the model calls no jaxnorm BatchNorm, or a BatchNorm saw no
+      valid element.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> from jaxnorm import linen as jnn
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train: bool):
+    ...     return jnn.BatchNorm(use_running_average=not train)(nn.Dense(2)(x))
+    >>> batches = [jnp.full((4, 3), float(i)) + jnp.arange(3.0) for i in range(3)]
+    >>> model = Net()
+    >>> variables = model.init(jax.random.key(0), batches[0], train=False)
+    >>> new = jnn.recompute_batch_stats(model, variables, batches, train=False)
+    >>> h = jnp.concatenate(batches) @ variables["params"]["Dense_0"]["kernel"]
+    >>> bool(jnp.allclose(new["batch_stats"]["BatchNorm_0"]["mean"], h.mean(0), atol=1e-4))
+    True
+  """
+  out = _as_dict(variables)
+
+  def forward(vars_: Any, batch: Any, sink: Sink) -> None:
+    def intercept(next_fun, args, kwargs, context):
+      mod = context.module
+      if not isinstance(mod, BatchNorm) or context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+      ura = args[1] if len(args) > 1 else kwargs.get("use_running_average")
+      ura = nn.merge_param("use_running_average", mod.use_running_average, ura)
+      sink.record("/".join(mod.path), not ura, args[0], mod.axis, kwargs.get("mask"),
+                  info=(mod.path, mod.unbiased_running_var))
+      return next_fun(*args, **{**kwargs, "update_stats": False})
+
+    with nn.intercept_methods(intercept):
+      model.apply(vars_, batch, **apply_kwargs)
+
+  sinks: list[Sink] = []
+
+  def discover(batch: Any) -> Sink:
+    sink = Sink()
+    jax.eval_shape(lambda v, b: forward(v, b, sink), out, batch)
+    sinks.append(sink)
+    return sink
+
+  def capture(keys: Any, vars_: Any, batch: Any) -> Any:
+    sink = Sink(keys)
+    forward(vars_, batch, sink)
+    return sink.moments
+
+  def write(key: Any, m: jn.Moments, n: jax.Array) -> None:
+    path, unbiased = sinks[0].info[key]
+    node = out["batch_stats"]
+    for name in path:
+      node = node[name]
+    node["mean"], node["var"] = population_stats(m, unbiased, node["mean"], node["var"])
+    if "count" in node:
+      node["count"] = n.astype(node["count"].dtype)
+
+  recompute(type(model).__name__, batches, discover, capture, lambda: out, write, progress,
+            cache_key=("linen", model, tuple(sorted(apply_kwargs.items()))))
+  return out

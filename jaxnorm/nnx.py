@@ -47,8 +47,10 @@ from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn  # noqa: E402
 import jaxnorm as jn  # noqa: E402
 from jaxnorm import _checks  # noqa: E402
 from jaxnorm._flax_common import flax_dtypes  # noqa: E402
+from jaxnorm._recompute import Sink, population_stats, recompute  # noqa: E402
 
-__all__ = ("BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm")
+__all__ = ("BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
+           "recompute_batch_stats")
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
@@ -631,3 +633,112 @@ class InstanceNorm(nnx.Module):
                          epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
                          axis_index_groups=self.axis_index_groups)
     return y.astype(out_dtype)
+
+
+class _Recorder:
+  """Stands in for a BatchNorm in a throw-away copy of the model: records its input, then calls
+  it without updating its statistics."""
+
+  def __init__(self, bn: BatchNorm, key: str, sink: Sink):
+    self._bn, self._key, self._sink = bn, key, sink
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._bn, name)
+
+  def __call__(self, x, use_running_average: bool | None = None, **kwargs):
+    ura = first_from(use_running_average, self._bn.use_running_average,
+                     error_msg="No `use_running_average` argument was provided to BatchNorm.")
+    self._sink.record(self._key, not ura, x, self._bn.axis, kwargs.get("mask"))
+    return self._bn(x, use_running_average, **{**kwargs, "update_stats": False})
+
+
+def _set(root: Any, path: tuple[Any, ...], value: Any) -> None:
+  """Puts `value` at `path` in the (throw-away) model `root`: attributes of modules, items of
+  lists and dicts."""
+  parent = root
+  for name in path[:-1]:
+    parent = getattr(parent, name) if isinstance(parent, nnx.Module) else parent[name]
+  if isinstance(parent, nnx.Module) and isinstance(path[-1], str):
+    object.__setattr__(parent, path[-1], value)
+  else:
+    parent[path[-1]] = value
+
+
+def _batch_norms(model: nnx.Module) -> dict[str, tuple[tuple[Any, ...], BatchNorm]]:
+  return {"/".join(map(str, path)): (tuple(path), m) for path, m in nnx.iter_modules(model)
+          if isinstance(m, BatchNorm)}
+
+
+def recompute_batch_stats(model: nnx.Module, batches: Any, *, progress: bool = False,
+                          **call_kwargs: Any) -> None:
+  r"""Sets every jaxnorm `BatchNorm`'s statistics to its input's population statistics, in place.
+
+  The nnx form of `jaxnorm.linen.recompute_batch_stats` (read it for the method): runs
+  `model(batch, **call_kwargs)` over `batches` with the weights frozen, measures the input of
+  every `jaxnorm.nnx.BatchNorm` the call reaches, merges the batches exactly
+  (`jaxnorm.merge_moments`) and writes the population mean and variance into the `mean` and
+  `var` `BatchStat`s (and the number of batches into `count`, with momentum=None):
+
+  .. math::
+    \mu = rac{1}{N}\sum_{b}\sum_{i \in b} x_i, \qquad
+    \sigma^2 = rac{1}{N}\sum_{b}\sum_{i \in b} (x_i - \mu)^2
+
+  With the model in evaluation mode (`model.eval()`, the usual case) the BatchNorms are
+  re-estimated one after the other in call order, each seeing the BatchNorms before it with
+  their new statistics (one pass per BatchNorm): the statistics of exactly the input each sees
+  at inference. In training mode (`model.train()`) one pass suffices, every batch normalized by
+  its own statistics (fvcore's method). The model's other state is not touched; the work runs
+  on a copy of the model (`nnx.split`/`nnx.merge`) under `jax.jit`, one program per pass.
+
+  Args:
+    model: the nnx model.
+    batches: an iterable of model inputs, each passed as the first positional argument; it is
+      iterated once per pass (a one-shot iterator is kept in a list).
+    progress: show a progress bar (tqdm, if installed).
+    **call_kwargs: passed to the model's call.
+
+  Raises:
+    ValueError: `batches` is empty, the model calls no jaxnorm BatchNorm, or a BatchNorm saw no
+      valid element.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxnorm import nnx as jnnx
+    >>> model = nnx.Sequential(nnx.Linear(3, 2, rngs=nnx.Rngs(0)),
+    ...                        jnnx.BatchNorm(2, rngs=nnx.Rngs(0)))
+    >>> model.eval()
+    >>> batches = [jnp.full((4, 3), float(i)) + jnp.arange(3.0) for i in range(3)]
+    >>> jnnx.recompute_batch_stats(model, batches)
+    >>> h = model.layers[0](jnp.concatenate(batches))
+    >>> bool(jnp.allclose(model.layers[1].mean[...], h.mean(0), atol=1e-4))
+    True
+  """
+  graphdef, _ = nnx.split(model)
+  bns = _batch_norms(model)
+
+  def forward(state: Any, batch: Any, sink: Sink) -> None:
+    copy = nnx.merge(graphdef, state)
+    for key, (path, bn) in _batch_norms(copy).items():
+      _set(copy, path, _Recorder(bn, key, sink))
+    copy(batch, **call_kwargs)
+
+  def discover(batch: Any) -> Sink:
+    sink = Sink()
+    jax.eval_shape(lambda s, b: forward(s, b, sink), nnx.state(model), batch)
+    return sink
+
+  def capture(keys: Any, state: Any, batch: Any) -> Any:
+    sink = Sink(keys)
+    forward(state, batch, sink)
+    return sink.moments
+
+  def write(key: Any, m: jn.Moments, n: jax.Array) -> None:
+    bn = bns[key][1]
+    bn.mean[...], bn.var[...] = population_stats(m, bn.unbiased_running_var, bn.mean[...],
+                                                 bn.var[...])
+    if bn.count is not None:
+      bn.count[...] = n.astype(bn.count[...].dtype)
+
+  recompute(type(model).__name__, batches, discover, capture, lambda: nnx.state(model), write,
+            progress, cache_key=("nnx", graphdef, tuple(sorted(call_kwargs.items()))))

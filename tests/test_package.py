@@ -17,12 +17,14 @@ def test_all_is_exact_and_sorted():
   assert list(jaxnorm.__all__) == sorted(jaxnorm.__all__)
   for name in ("Moments", "moments", "merge_moments", "normalize", "layer_norm", "rms_norm",
                "group_norm", "instance_norm", "BatchNormState", "batch_norm_init",
-               "batch_norm", "update_running_stats"):
+               "batch_norm", "update_running_stats", "fold_batch_norm"):
     assert name in jaxnorm.__all__
 
 
 def test_import_jaxnorm_does_not_import_flax():
-  code = "import sys, jaxnorm; sys.exit(any(m.split('.')[0] in ('flax', 'optax') for m in sys.modules))"
+  # jaxnorm.interop reads torch tensors by duck typing, so it must not import torch either.
+  code = ("import sys, jaxnorm, jaxnorm.interop; "
+          "sys.exit(any(m.split('.')[0] in ('flax', 'optax', 'torch') for m in sys.modules))")
   assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 

@@ -1,0 +1,185 @@
+"""Folding batch normalization into the linear layer before it, for inference.
+
+In evaluation mode batch normalization is an affine map per output feature, so it can be
+absorbed into the kernel and bias of the Dense or Conv layer that feeds it: the folded network
+computes one matrix product (or convolution) and one bias add where the original computed a
+matrix product, a bias add and a normalization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from . import _checks
+from ._fused import _rstd
+from ._stats import _wide_dtype
+
+
+def fold_batch_norm(
+    kernel: ArrayLike,
+    bias: ArrayLike | None,
+    mean: ArrayLike,
+    var: ArrayLike,
+    scale: ArrayLike | None,
+    offset: ArrayLike | None,
+    *,
+    epsilon: float,
+) -> tuple[jax.Array, jax.Array]:
+  r"""Folds an evaluation-mode batch normalization into the layer before it.
+
+  For a layer `z = x · W + b` (Dense, or a convolution of any rank) followed by
+  `y = (z - μ) γ / sqrt(σ² + ε) + β`:
+
+  .. math::
+    s = \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}, \qquad
+    W' = W \cdot \operatorname{diag}(s), \qquad b' = (b - \mu)\, s + \beta
+
+  so that `x · W' + b' = y`. `W`'s last axis must be the output features (flax's layout for
+  `Dense`, `Conv` and `ConvTranspose`: `(..., in, out)`); `s` runs along it. The arithmetic runs
+  in float32 or wider and `ε` enters exactly as `jaxnorm.batch_norm` adds it (a negative stored
+  variance is clipped to 0 there and here), so the folded layer equals layer → BatchNorm to
+  float32 rounding. The folded kernel keeps `kernel`'s dtype; the folded bias has `bias`'s
+  dtype, or `kernel`'s when there was no bias.
+
+  Args:
+    kernel: floating kernel, output features last.
+    bias: the layer's bias of shape `(features,)`, or None for a layer without bias.
+    mean: the BatchNorm's mean (`batch_stats/mean`), shape `(features,)`.
+    var: its (biased) variance (`batch_stats/var`), shape `(features,)`.
+    scale: its γ (`params/scale`), or None for `use_scale=False`.
+    offset: its β (`params/bias`), or None for `use_bias=False`.
+    epsilon: the BatchNorm's epsilon (flax's and jaxnorm's default is 1e-5).
+
+  Returns:
+    `(kernel, bias)` of the folded layer, of `kernel`'s shape and `(features,)`.
+
+  Raises:
+    TypeError: `kernel` is not floating.
+    ValueError: `kernel` is a scalar, a statistic or parameter does not have the shape
+      `(features,)`, or epsilon is negative.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm as jn
+    >>> kernel = jnp.array([[1.0, 2.0], [3.0, 4.0]])  # (in, out)
+    >>> mean, var = jnp.array([1.0, 0.0]), jnp.array([4.0, 1.0])
+    >>> k, b = jn.fold_batch_norm(kernel, None, mean, var, None, jnp.array([0.5, 0.0]),
+    ...                           epsilon=0.0)
+    >>> k
+    Array([[0.5, 2. ],
+           [1.5, 4. ]], dtype=float32)
+    >>> b
+    Array([0., 0.], dtype=float32)
+  """
+  kernel = jnp.asarray(kernel)
+  _checks.check_floating(kernel, "kernel")
+  if kernel.ndim == 0:
+    raise ValueError("kernel must have at least one axis (output features last); got a "
+                     "scalar.")
+  _checks.check_epsilon(epsilon)
+  features = (kernel.shape[-1],)
+  what = "kernel's output features (its last axis)"
+  given = {"bias": bias, "mean": mean, "var": var, "scale": scale, "offset": offset}
+  arrays: dict[str, jax.Array | None] = {
+      k: None if v is None else jnp.asarray(v) for k, v in given.items()}
+  for name, value in arrays.items():
+    _checks.check_param(value, features, name, what)
+  with jax.named_scope("jaxnorm.fold_batch_norm"):
+    return _fold(kernel, arrays, epsilon)
+
+
+def _fold(kernel: jax.Array, arrays: dict[str, jax.Array | None],
+          epsilon: float) -> tuple[jax.Array, jax.Array]:
+  dtype = _wide_dtype(*(v.dtype for v in (kernel, *arrays.values()) if v is not None))
+  mul = _rstd(arrays["var"], epsilon, dtype)  # type: ignore[arg-type]
+  if arrays["scale"] is not None:
+    mul = mul * arrays["scale"].astype(dtype)
+  shift = -arrays["mean"].astype(dtype)  # type: ignore[union-attr]
+  if arrays["bias"] is not None:
+    shift = arrays["bias"].astype(dtype) + shift
+  new_bias = shift * mul
+  if arrays["offset"] is not None:
+    new_bias = new_bias + arrays["offset"].astype(dtype)
+  bias_dtype = kernel.dtype if arrays["bias"] is None else arrays["bias"].dtype
+  return (kernel.astype(dtype) * mul).astype(kernel.dtype), new_bias.astype(bias_dtype)
+
+
+def _as_dict(tree: Any) -> Any:
+  """A copy of nested mappings as plain dicts (leaves shared)."""
+  if isinstance(tree, Mapping):
+    return {k: _as_dict(v) for k, v in tree.items()}
+  return tree
+
+
+def _split(path: str) -> tuple[str, ...]:
+  return tuple(p for p in path.split("/") if p)
+
+
+def _get(tree: dict[str, Any], collection: str, path: tuple[str, ...], what: str) -> Any:
+  node = tree.get(collection)
+  for i, key in enumerate(path):
+    if not isinstance(node, dict) or key not in node:
+      have = sorted(node) if isinstance(node, dict) else []
+      raise KeyError(
+          f"{what} {'/'.join(path)!r}: variables[{collection!r}] has no "
+          f"{'/'.join(path[:i + 1])!r} (keys at that level: {have}). Paths are module names "
+          f"joined by '/', as in the variables tree, e.g. 'Block_0/Conv_0'.")
+    node = node[key]
+  return node
+
+
+def _pop(tree: dict[str, Any], collection: str, path: tuple[str, ...]) -> None:
+  """Removes `path` from `tree[collection]` and every dict it leaves empty."""
+  nodes = [tree]
+  node = tree[collection]
+  for key in path[:-1]:
+    nodes.append(node)
+    node = node[key]
+  del node[path[-1]]
+  keys = (collection, *path[:-1])
+  for parent, key in zip(reversed(nodes), reversed(keys)):
+    if parent[key]:
+      break
+    del parent[key]
+
+
+def fold_variables(
+    variables: Mapping[str, Any],
+    pairs: Mapping[str, str] | Sequence[tuple[str, str]],
+    *,
+    epsilon: float | Mapping[str, float] = 1e-5,
+) -> dict[str, Any]:
+  """Folds named (layer, BatchNorm) pairs of a flax variables tree; see linen.fold_batch_norms."""
+  items = list(pairs.items()) if isinstance(pairs, Mapping) else [tuple(p) for p in pairs]
+  if not items:
+    raise ValueError("pairs is empty; give (layer, BatchNorm) module paths, e.g. "
+                     "{'Conv_0': 'BatchNorm_0'}.")
+  out = _as_dict(variables)
+  for layer, bn in items:
+    lp, bp = _split(layer), _split(bn)
+    eps = epsilon[bn] if isinstance(epsilon, Mapping) else epsilon
+    lparams = _get(out, "params", lp, "layer")
+    if "kernel" not in lparams:
+      raise KeyError(f"layer {layer!r} has no 'kernel' in variables['params'] (it has "
+                     f"{sorted(lparams)}); fold_batch_norms folds into Dense and Conv layers.")
+    stats = _get(out, "batch_stats", bp, "BatchNorm")
+    try:
+      bparams = _get(out, "params", bp, "BatchNorm")
+    except KeyError:  # use_scale=False and use_bias=False: no params
+      bparams = {}
+    for key in ("mean", "var"):
+      if key not in stats:
+        raise KeyError(f"BatchNorm {bn!r} has no {key!r} in variables['batch_stats'] (it has "
+                       f"{sorted(stats)}).")
+    kernel, bias = fold_batch_norm(lparams["kernel"], lparams.get("bias"), stats["mean"],
+                                   stats["var"], bparams.get("scale"), bparams.get("bias"),
+                                   epsilon=eps)
+    lparams["kernel"], lparams["bias"] = kernel, bias
+    _pop(out, "batch_stats", bp)
+    if bparams:
+      _pop(out, "params", bp)
+  return out

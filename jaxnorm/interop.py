@@ -1,0 +1,211 @@
+"""PyTorch normalization checkpoints to flax variables and back, without importing torch.
+
+One PyTorch normalization layer's `state_dict` entries map onto the variables of the jaxnorm
+(or flax) layer of the same kind:
+
+=========================  =====================  ==========================================
+PyTorch entry              flax variable          note
+=========================  =====================  ==========================================
+`weight`                   `params/scale`         absent without affine / `bias=False` only
+`bias`                     `params/bias`          absent without affine or with `bias=False`
+`running_mean`             `batch_stats/mean`     BatchNorm*, InstanceNorm* (tracked stats)
+`running_var`              `batch_stats/var`      PyTorch stores the *unbiased* variance
+`num_batches_tracked`      `batch_stats/count`    only with `with_count=True` (momentum=None)
+=========================  =====================  ==========================================
+
+This covers `BatchNorm1d/2d/3d`, `LayerNorm`, `GroupNorm`, `RMSNorm` (weight only) and
+`InstanceNorm1d/2d/3d(track_running_stats=True)`. What carries over and what does not:
+
+* Evaluation outputs are identical: the stored statistics are used as they are, in both
+  libraries, with the same `epsilon` (PyTorch's `eps`, 1e-5 by default for every layer).
+* To continue *training* with PyTorch's update rule, build the jaxnorm `BatchNorm` with
+  `momentum=jaxnorm.momentum_from_torch(m)` (PyTorch's 0.1 is 0.9 here) and
+  `unbiased_running_var=True` (PyTorch stores `var * n / (n - 1)` and normalizes batches with
+  the biased variance); for PyTorch's `momentum=None` use `momentum=None` and
+  `from_torch(..., with_count=True)`, which carries `num_batches_tracked` over as `count`.
+* Activations: PyTorch is channels-first (NCHW), flax channels-last (NHWC). The per-channel
+  vectors above need no change; convolution kernels do (OIHW to HWIO,
+  `w.transpose(2, 3, 1, 0)`), and a flatten before a Linear layer must flatten in the same
+  order.
+
+Values may be torch tensors (converted with `.detach().cpu().numpy()`) or anything NumPy
+accepts; this module never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ("from_torch", "to_torch")
+
+_PARAMS = (("weight", "scale"), ("bias", "bias"))
+_STATS = (("running_mean", "mean"), ("running_var", "var"))
+_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+  """A NumPy array from a torch tensor (duck-typed: `.detach().cpu().numpy()`) or array-like."""
+  if hasattr(value, "detach") and hasattr(value, "cpu"):
+    value = value.detach().cpu().numpy()
+  return np.asarray(value)
+
+
+def from_torch(state_dict: Mapping[str, Any], prefix: str = "", *,
+               with_count: bool = False) -> dict[str, Any]:
+  """Flax variables of one PyTorch normalization layer, from its `state_dict` entries.
+
+  Reads `{prefix}weight`, `{prefix}bias`, `{prefix}running_mean`, `{prefix}running_var` and
+  (with `with_count=True`) `{prefix}num_batches_tracked`, whichever the layer has, and returns
+  `{"params": {"scale", "bias"}, "batch_stats": {"mean", "var"}}` with the entries present
+  (a `LayerNorm` has no `batch_stats`; a `BatchNorm2d(affine=False)` no `params`). The arrays
+  keep their dtype (float32 for a default PyTorch model); `count` is an int32 scalar.
+
+  Args:
+    state_dict: a PyTorch `state_dict` (a model's or one layer's), values torch tensors or
+      arrays.
+    prefix: the layer's key prefix, with its trailing dot (`"features.1."`); "" for a layer's
+      own `state_dict`.
+    with_count: also return `batch_stats/count` from `num_batches_tracked`, which
+      `BatchNorm(momentum=None)` needs (PyTorch's cumulative average).
+
+  Returns:
+    A dict of flax variables for `jaxnorm.linen` (or `flax.linen`) layers.
+
+  Raises:
+    KeyError: no entry of a normalization layer under `prefix`, only one of `running_mean` and
+      `running_var`, or `with_count=True` without `num_batches_tracked`.
+    ValueError: the entries do not all have the layer's feature shape, the running statistics
+      are not vectors, or `num_batches_tracked` is not a scalar.
+
+  Example:
+    >>> import numpy as np
+    >>> from jaxnorm import interop
+    >>> sd = {"bn.weight": np.ones(2, np.float32), "bn.bias": np.zeros(2, np.float32),
+    ...       "bn.running_mean": np.array([0.5, 1.0], np.float32),
+    ...       "bn.running_var": np.array([2.0, 3.0], np.float32),
+    ...       "bn.num_batches_tracked": np.array(7)}
+    >>> v = interop.from_torch(sd, "bn.", with_count=True)
+    >>> v["batch_stats"]
+    {'mean': Array([0.5, 1. ], dtype=float32), 'var': Array([2., 3.], dtype=float32), 'count': Array(7, dtype=int32)}
+  """
+  present = {k: _to_numpy(state_dict[prefix + k]) for k in _KEYS if prefix + k in state_dict}
+  expected = [prefix + k for k in _KEYS]
+  if not set(present) - {"num_batches_tracked"}:
+    near = sorted(k for k in state_dict if k.startswith(prefix))[:8]
+    raise KeyError(
+        f"state_dict has no normalization-layer entries under prefix {prefix!r}: expected "
+        f"some of {expected}; keys under that prefix: {near or 'none'}. Give the layer's "
+        f"prefix with its trailing dot (e.g. 'features.1.'). A layer with no entries at all "
+        f"(LayerNorm(elementwise_affine=False)) has no flax variables either.")
+  if ("running_mean" in present) != ("running_var" in present):
+    have, missing = (("running_mean", "running_var") if "running_mean" in present
+                     else ("running_var", "running_mean"))
+    raise KeyError(f"state_dict has {prefix + have!r} but not {prefix + missing!r}; running "
+                   f"statistics come in pairs (expected keys: {expected}).")
+  if with_count and "num_batches_tracked" not in present:
+    raise KeyError(f"with_count=True needs {prefix + 'num_batches_tracked'!r}, which "
+                   f"state_dict lacks (expected keys: {expected}); PyTorch stores it for "
+                   f"BatchNorm* and InstanceNorm*(track_running_stats=True).")
+  shapes = {k: v.shape for k, v in present.items() if k != "num_batches_tracked"}
+  if len(set(shapes.values())) != 1:
+    raise ValueError(f"the entries under prefix {prefix!r} must all have the layer's feature "
+                     f"shape; got shapes {shapes}.")
+  if "running_mean" in present and present["running_mean"].ndim != 1:
+    raise ValueError(f"{prefix}running_mean must be a vector (one value per channel); got "
+                     f"shape {present['running_mean'].shape}.")
+  out: dict[str, Any] = {}
+  params = {name: jnp.asarray(present[key]) for key, name in _PARAMS if key in present}
+  if params:
+    out["params"] = params
+  stats = {name: jnp.asarray(present[key]) for key, name in _STATS if key in present}
+  if stats:
+    if with_count:
+      n = present["num_batches_tracked"]
+      if n.shape != ():
+        raise ValueError(f"{prefix}num_batches_tracked must be a scalar; got shape {n.shape}.")
+      stats["count"] = jnp.asarray(int(n), jnp.int32)
+    out["batch_stats"] = stats
+  return out
+
+
+def _leaf(tree: Mapping[str, Any], key: str) -> np.ndarray:
+  value = tree[key]
+  if isinstance(value, jax.Array):
+    value = jax.device_get(value)
+  return np.array(value)  # a copy, writable (torch.from_numpy warns on read-only arrays)
+
+
+def to_torch(variables: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+  """PyTorch `state_dict` entries of one normalization layer, from its flax variables.
+
+  The inverse of `from_torch`: `params/scale` and `params/bias` become `{prefix}weight` and
+  `{prefix}bias`; `batch_stats/mean` and `batch_stats/var` become `{prefix}running_mean` and
+  `{prefix}running_var`, together with `{prefix}num_batches_tracked`, an int64 scalar taken
+  from `batch_stats/count` when present, else 0. After `torch.from_numpy` on each value the dict
+  loads into the PyTorch layer with `load_state_dict(..., strict=True)`.
+
+  Args:
+    variables: the layer's variables, `{"params": ..., "batch_stats": ...}` (either may be
+      absent).
+    prefix: prepended to every key (`"features.1."`).
+
+  Returns:
+    A dict from key to NumPy array.
+
+  Raises:
+    KeyError: neither `params` nor `batch_stats` holds a normalization layer's entries, or
+      only one of `mean` and `var` is present.
+    ValueError: an entry that a PyTorch normalization layer does not have (for example a
+      `kernel`: give one layer's variables, not a model's), or entries of different shapes.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxnorm import interop
+    >>> v = {"params": {"scale": jnp.ones(2), "bias": jnp.zeros(2)},
+    ...      "batch_stats": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}
+    >>> sd = interop.to_torch(v, "bn.")
+    >>> sorted(sd)
+    ['bn.bias', 'bn.num_batches_tracked', 'bn.running_mean', 'bn.running_var', 'bn.weight']
+    >>> sd["bn.num_batches_tracked"]
+    array(0)
+  """
+  params = dict(variables.get("params", {}))
+  stats = dict(variables.get("batch_stats", {}))
+  extra = ([f"params/{k}" for k in params if k not in ("scale", "bias")]
+           + [f"batch_stats/{k}" for k in stats if k not in ("mean", "var", "count")]
+           + [k for k in variables if k not in ("params", "batch_stats")])
+  if extra:
+    raise ValueError(f"variables hold entries that a PyTorch normalization layer does not have: "
+                     f"{extra}. Give one normalization layer's variables, e.g. "
+                     f"{{'params': params['BatchNorm_0'], 'batch_stats': "
+                     f"batch_stats['BatchNorm_0']}}.")
+  if not params and not ({"mean", "var"} & set(stats)):
+    raise KeyError("variables hold no normalization-layer entries: expected params/scale, "
+                   "params/bias, batch_stats/mean and batch_stats/var (whichever the layer "
+                   f"has); got {_describe(variables)}.")
+  if ("mean" in stats) != ("var" in stats):
+    raise KeyError(f"batch_stats must hold both 'mean' and 'var'; got {sorted(stats)}.")
+  out: dict[str, np.ndarray] = {}
+  for key, name in _PARAMS:
+    if name in params:
+      out[prefix + key] = _leaf(params, name)
+  for key, name in _STATS:
+    if name in stats:
+      out[prefix + key] = _leaf(stats, name)
+  shapes = {k: v.shape for k, v in out.items()}
+  if len(set(shapes.values())) > 1:
+    raise ValueError(f"the layer's entries must all have its feature shape; got {shapes}.")
+  if "mean" in stats:
+    count = int(_leaf(stats, "count")) if "count" in stats else 0
+    out[prefix + "num_batches_tracked"] = np.array(count, np.int64)
+  return out
+
+
+def _describe(variables: Mapping[str, Any]) -> str:
+  return str({k: sorted(v) if isinstance(v, Mapping) else type(v).__name__
+              for k, v in variables.items()})

@@ -1,0 +1,201 @@
+"""fold_batch_norm and linen.fold_batch_norms against a float64 reference of layer -> BatchNorm."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import jaxnorm as jn
+from jaxnorm import linen as jnn
+from tests.refs import f64
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _data(kernel_shape, seed=0):
+  rs = np.random.RandomState(seed)
+  f = kernel_shape[-1]
+  return {
+      "kernel": rs.randn(*kernel_shape).astype(np.float32),
+      "bias": rs.randn(f).astype(np.float32),
+      "mean": (rs.randn(f) * 3).astype(np.float32),
+      "var": (rs.rand(f) * 4 + 0.1).astype(np.float32),
+      "scale": rs.randn(f).astype(np.float32),
+      "offset": rs.randn(f).astype(np.float32),
+  }
+
+
+def _ref_fold(d, use, epsilon):
+  """Folded kernel and bias in float64: s = γ / sqrt(σ² + ε), W s, (b - μ) s + β."""
+  s = 1 / np.sqrt(f64(d["var"]) + epsilon)
+  if use["scale"]:
+    s = s * f64(d["scale"])
+  b = -f64(d["mean"]) + (f64(d["bias"]) if use["bias"] else 0.0)
+  b = b * s + (f64(d["offset"]) if use["offset"] else 0.0)
+  return f64(d["kernel"]) * s, b
+
+
+@pytest.mark.parametrize("use_bias,use_scale,use_offset",
+                         list(itertools.product([True, False], repeat=3)))
+def test_fold_matches_float64_reference_under_jit(use_bias, use_scale, use_offset):
+  d = _data((3, 3, 4, 5))
+  use = {"bias": use_bias, "scale": use_scale, "offset": use_offset}
+  args = [d["kernel"], d["bias"] if use_bias else None, d["mean"], d["var"],
+          d["scale"] if use_scale else None, d["offset"] if use_offset else None]
+  k, b = jax.jit(lambda *a: jn.fold_batch_norm(*a, epsilon=1e-3))(*args)
+  rk, rb = _ref_fold(d, use, 1e-3)
+  assert k.dtype == jnp.float32 and b.dtype == jnp.float32
+  assert k.shape == (3, 3, 4, 5) and b.shape == (5,)
+  # Each entry is a product / sum of a few float32-rounded factors: a few ulps of its terms.
+  np.testing.assert_allclose(f64(k), rk, rtol=8 * EPS32, atol=0)
+  terms = np.abs(f64(d["mean"])) + np.abs(f64(d["bias"])) * use_bias
+  s = np.abs(rk[0, 0, 0] / f64(d["kernel"])[0, 0, 0])
+  bound = 8 * EPS32 * (terms * s + np.abs(f64(d["offset"])) * use_offset)
+  assert np.all(np.abs(f64(b) - rb) <= bound)
+
+
+@pytest.mark.parametrize("kernel_shape,spatial", [((6, 5), 0), ((3, 4, 5), 1),
+                                                  ((3, 3, 4, 5), 2), ((2, 2, 2, 3, 5), 3)])
+def test_folded_layer_equals_layer_then_batch_norm(kernel_shape, spatial):
+  """Dense and 1-, 2-, 3-d convolutions: the folded layer equals layer -> BatchNorm (eval)."""
+  d = _data(kernel_shape, seed=1)
+  rs = np.random.RandomState(2)
+  x = rs.randn(2, *([6] * spatial), kernel_shape[-2]).astype(np.float32)
+  dn = ("N" + "DHW"[3 - spatial:] + "C", "DHW"[3 - spatial:] + "IO",
+        "N" + "DHW"[3 - spatial:] + "C") if spatial else None
+
+  def layer(x, k, b):
+    if not spatial:
+      return x @ k + b
+    return jax.lax.conv_general_dilated(x, k, (1,) * spatial, "SAME",
+                                        dimension_numbers=dn) + b
+
+  def original(x):
+    z = layer(x, d["kernel"], d["bias"])
+    state = jn.BatchNormState(jnp.asarray(d["mean"]), jnp.asarray(d["var"]),
+                              jnp.zeros((), jnp.int32))
+    return jn.batch_norm(z, state, d["scale"], d["offset"], training=False,
+                         epsilon=1e-5)[0]
+
+  def folded(x):
+    k, b = jn.fold_batch_norm(d["kernel"], d["bias"], d["mean"], d["var"], d["scale"],
+                              d["offset"], epsilon=1e-5)
+    return layer(x, k, b)
+
+  y0, y1 = jax.jit(original)(x), jax.jit(folded)(x)
+  # float64 reference of layer -> BN, and a bound from the magnitudes of the summed terms:
+  # a float32 sum of n products is off by at most n·eps·Σ|terms| (here n <= 72).
+  with jax.enable_x64(True):
+    x64 = jnp.asarray(f64(x))
+    ref = np.asarray(layer(x64, jnp.asarray(f64(d["kernel"])), f64(d["bias"])))
+    mag = np.asarray(layer(jnp.abs(x64), jnp.abs(jnp.asarray(f64(d["kernel"]))), 0.0))
+  s = f64(d["scale"]) / np.sqrt(f64(d["var"]) + 1e-5)
+  ref = (ref - f64(d["mean"])) * s + f64(d["offset"])
+  n = int(np.prod(kernel_shape[:-1]))
+  bound = (n + 8) * EPS32 * ((mag + np.abs(f64(d["bias"])) + np.abs(f64(d["mean"])))
+                             * np.abs(s) + np.abs(f64(d["offset"])))
+  for y in (y0, y1):
+    assert np.all(np.abs(f64(y) - ref) <= bound)
+
+
+def test_fold_keeps_the_kernel_dtype():
+  d = _data((4, 3))
+  k, b = jn.fold_batch_norm(jnp.asarray(d["kernel"], jnp.bfloat16), None, d["mean"], d["var"],
+                            d["scale"], d["offset"], epsilon=1e-5)
+  assert k.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16
+  rk, _ = _ref_fold({**d, "kernel": f64(jnp.asarray(d["kernel"], jnp.bfloat16))},
+                    {"bias": False, "scale": True, "offset": True}, 1e-5)
+  np.testing.assert_allclose(f64(k), rk, rtol=2 ** -8, atol=0)  # one bfloat16 rounding
+  k, b = jn.fold_batch_norm(d["kernel"], jnp.asarray(d["bias"], jnp.bfloat16), d["mean"],
+                            d["var"], None, None, epsilon=1e-5)
+  assert k.dtype == jnp.float32 and b.dtype == jnp.bfloat16
+
+
+def test_fold_errors_name_the_argument():
+  d = _data((4, 3))
+  with pytest.raises(ValueError, match=r"mean must have the shape .*\(3,\).*\(2,\)"):
+    jn.fold_batch_norm(d["kernel"], None, d["mean"][:2], d["var"], None, None, epsilon=1e-5)
+  with pytest.raises(ValueError, match="offset must have the shape"):
+    jn.fold_batch_norm(d["kernel"], None, d["mean"], d["var"], None, np.ones(4), epsilon=1e-5)
+  with pytest.raises(TypeError, match="kernel must have a floating dtype"):
+    jn.fold_batch_norm(np.ones((4, 3), np.int32), None, d["mean"], d["var"], None, None,
+                       epsilon=1e-5)
+  with pytest.raises(ValueError, match="epsilon"):
+    jn.fold_batch_norm(d["kernel"], None, d["mean"], d["var"], None, None, epsilon=-1.0)
+  with pytest.raises(ValueError, match="at least one axis"):
+    jn.fold_batch_norm(np.float32(1.0), None, d["mean"][:1], d["var"][:1], None, None,
+                       epsilon=1e-5)
+
+
+class _Block(nn.Module):
+  folded: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(4, (3, 3), use_bias=self.folded)(x)
+    if not self.folded:
+      x = jnn.BatchNorm(use_running_average=not train, momentum=0.5)(x)
+    return nn.relu(x)
+
+
+class _Net(nn.Module):
+  folded: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = _Block(self.folded)(x, train)
+    x = _Block(self.folded)(x, train)
+    x = nn.Dense(3)(x.mean(axis=(1, 2)))
+    if not self.folded:
+      x = jnn.BatchNorm(use_running_average=not train, use_scale=False, epsilon=1e-3)(x)
+    return x
+
+
+def _random_variables(model, x):
+  """Random parameters and statistics (variances positive) in the tree of `model.init`,
+  without compiling anything."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+  rs = np.random.RandomState(0)
+
+  def fill(path, a):
+    v = rs.randn(*a.shape).astype(a.dtype)
+    return np.abs(v) + 0.1 if path[-1].key == "var" else v
+
+  return jax.tree_util.tree_map_with_path(fill, dict(shapes))
+
+
+def test_linen_fold_batch_norms_gives_the_folded_architecture():
+  x = jnp.asarray(np.random.RandomState(0).randn(8, 6, 6, 2), jnp.float32)
+  model = _Net()
+  variables = _random_variables(model, x)
+  pairs = {"_Block_0/Conv_0": "_Block_0/BatchNorm_0", "_Block_1/Conv_0": "_Block_1/BatchNorm_0",
+           "Dense_0": "BatchNorm_0"}
+  eps = {"_Block_0/BatchNorm_0": 1e-5, "_Block_1/BatchNorm_0": 1e-5, "BatchNorm_0": 1e-3}
+  folded = jnn.fold_batch_norms(variables, pairs, epsilon=eps)
+  target = jax.eval_shape(_Net(folded=True).init, jax.random.key(1), x)
+  assert jax.tree.structure(folded) == jax.tree.structure(dict(target))
+  assert (jax.tree.map(lambda a: (a.shape, a.dtype), folded)
+          == jax.tree.map(lambda a: (a.shape, a.dtype), dict(target)))
+  assert "batch_stats" in variables and "BatchNorm_0" in variables["params"]  # input intact
+  y = jax.jit(lambda v, x: model.apply(v, x))(variables, x)
+  yf = jax.jit(lambda v, x: _Net(folded=True).apply(v, x))(folded, x)
+  # Two 3x3x4 convolutions deep: float32 rounding of sums of ~36 terms of order 1 per layer.
+  scale = float(jnp.abs(y).max()) + 1.0
+  np.testing.assert_allclose(np.asarray(yf), np.asarray(y), rtol=0, atol=200 * EPS32 * scale)
+
+
+def test_linen_fold_batch_norms_errors():
+  variables = _random_variables(_Net(), jnp.ones((2, 4, 4, 2)))
+  with pytest.raises(KeyError, match="'_Block_0/Conv_9'.*keys at that level"):
+    jnn.fold_batch_norms(variables, [("_Block_0/Conv_9", "_Block_0/BatchNorm_0")])
+  with pytest.raises(KeyError, match="BatchNorm '_Block_0/BatchNorm_7'"):
+    jnn.fold_batch_norms(variables, [("_Block_0/Conv_0", "_Block_0/BatchNorm_7")])
+  with pytest.raises(KeyError, match="no 'kernel'"):
+    jnn.fold_batch_norms(variables, {"_Block_0/BatchNorm_0": "_Block_0/BatchNorm_0"})
+  with pytest.raises(ValueError, match="pairs is empty"):
+    jnn.fold_batch_norms(variables, {})
