@@ -28,12 +28,17 @@ import warnings
 from collections.abc import Hashable, Sequence
 from typing import Any, Literal
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+try:
+  import equinox as eqx
+except ImportError as e:
+  raise ImportError("jaxnorm.equinox needs equinox, which is not installed. Install it with: "
+                    "pip install jaxnorm[equinox]") from e
 from equinox import field
 from equinox.nn import State, StateIndex
-from jax.typing import ArrayLike
 
 import jaxnorm as jn
 

@@ -4,6 +4,8 @@ import contextlib
 import dataclasses
 import doctest
 import pathlib
+import subprocess
+import sys
 import warnings
 
 import equinox as eqx
@@ -203,8 +205,7 @@ def test_layer_group_rms_norm_match_equinox_and_float64(dtype, offset):
     np.testing.assert_allclose(refs.f64(y), expected, atol=tol, err_msg=name)
     with _standard():
       y_theirs = jax.vmap(theirs)(x)
-    if not offset:
-      np.testing.assert_allclose(refs.f64(y), refs.f64(y_theirs), atol=2 * tol, err_msg=name)
+    np.testing.assert_allclose(refs.f64(y), refs.f64(y_theirs), atol=2 * tol, err_msg=name)
     token = jnp.arange(3.0)  # any state passes through unchanged
     y2, state = jax.vmap(ours, in_axes=(0, None), out_axes=(0, None))(x, token)
     np.testing.assert_array_equal(y2, y)
@@ -244,6 +245,14 @@ def test_shape_errors_name_the_fix():
     _vmapped(bn, jnp.ones((2, 4)), state)
   with pytest.warns(UserWarning, match="mode"):
     jne.BatchNorm(3, "batch")
+
+
+def test_without_equinox_the_import_says_how_to_install_it():
+  code = ("import sys; sys.modules['equinox'] = None\n"
+          "try:\n  import jaxnorm.equinox\nexcept ImportError as e:\n"
+          "  sys.exit(0 if 'pip install jaxnorm[equinox]' in str(e) else 1)\nsys.exit(2)")
+  result = subprocess.run([sys.executable, "-c", code], check=False, timeout=120)
+  assert result.returncode == 0
 
 
 # --- BatchNorm -------------------------------------------------------------------------
