@@ -34,7 +34,7 @@ def flax_dtypes(x: jax.Array, params: tuple[Any, ...], dtype: Any) -> tuple[jax.
   returns its input's dtype and computes in at least float32; handing it `x` upcast to the
   wider of `x.dtype` and `out_dtype` (an exact conversion) gives the single rounding flax does
   when the output is wider than the input (bfloat16 input, float32 parameters). Complex input
-  is passed through unchanged, for the core to reject.
+  (or `dtype=jnp.complex64`) reaches the core complex, as in flax.
   """
   from flax.nnx.nn import dtypes as flax_nn_dtypes  # the same function as flax.linen's
 

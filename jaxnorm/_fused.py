@@ -19,7 +19,15 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.typing import ArrayLike
 
-from ._stats import AxisName, Moments, _compute_dtype, _psum, _reduce, _wide_dtype
+from ._stats import (
+    AxisName,
+    Moments,
+    _complex_of,
+    _compute_dtype,
+    _psum,
+    _reduce,
+    _wide_dtype,
+)
 
 # The residuals that the backward pass of `normalize_with_moments` keeps from the forward pass.
 _COUNT, _MEAN, _VAR = "jaxnorm_count", "jaxnorm_mean", "jaxnorm_var"
@@ -66,6 +74,8 @@ def apply(
   `mean=None` skips the centring (RMS normalization). Statistics arguments have `x`'s shape
   with `reduction_axes` removed; `scale` and `bias` have the feature shape.
   """
+  if jnp.iscomplexobj(x):
+    return _apply_complex(x, mean, var, scale, bias, reduction_axes, feature_axes, epsilon)
   dtype = _wide_dtype(x.dtype, var.dtype)
   mul = jnp.expand_dims(_rstd(var, epsilon, dtype), reduction_axes)
   if scale is not None:
@@ -76,6 +86,23 @@ def apply(
   y = y * mul
   if bias is not None:
     y = y + _broadcast_param(bias, feature_axes, x.ndim, x.shape, dtype)
+  return y.astype(x.dtype)
+
+
+def _apply_complex(x: jax.Array, mean: jax.Array | None, var: jax.Array, scale: Any,
+                   bias: Any, reduction_axes: tuple[int, ...], feature_axes: tuple[int, ...],
+                   epsilon: Any) -> jax.Array:
+  """`apply` for complex `x`: complex mean, real variance, in complex64 or wider."""
+  cdtype = _complex_of(_wide_dtype(jnp.finfo(x.dtype).dtype, var.dtype))
+  r = jnp.expand_dims(_rstd(var, epsilon, jnp.finfo(cdtype).dtype), reduction_axes)
+  y = x.astype(cdtype)
+  if mean is not None:
+    y = y - jnp.expand_dims(mean.astype(cdtype), reduction_axes)
+  y = y * r.astype(cdtype)
+  if scale is not None:
+    y = y * _broadcast_param(scale, feature_axes, x.ndim, x.shape, cdtype)
+  if bias is not None:
+    y = y + _broadcast_param(bias, feature_axes, x.ndim, x.shape, cdtype)
   return y.astype(x.dtype)
 
 
@@ -134,6 +161,9 @@ def normalize_with_moments(
   """
   dtype = _compute_dtype(x.dtype, None)
   red, feat, shape = reduction_axes, feature_axes, x.shape
+  if jnp.iscomplexobj(x):  # JAX's own (Wirtinger) derivative of the two passes and `apply`
+    m = _reduce(x, red, mask, axis_name, axis_index_groups, dtype, centered)
+    return apply(x, m.mean if centered else None, m.var, scale, bias, red, feat, epsilon), m
 
   def param(p):
     return _broadcast_param(p, feat, x.ndim, shape, dtype)

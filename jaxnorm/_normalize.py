@@ -32,7 +32,7 @@ def _prepare(x: ArrayLike, reduction_axes: Axes, feature_axes: Axes, scale: Any,
              ) -> tuple[jax.Array, tuple[int, ...], tuple[int, ...]]:
   """Validates the arguments shared by every normalizer."""
   x = jnp.asarray(x)
-  _checks.check_floating(x)
+  _checks.check_floating(x, allow_complex=True)
   red = _checks.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
   feat = _checks.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
   fshape = _feature_shape(x.shape, feat)
@@ -76,7 +76,7 @@ def normalize(
   variance (possible with statistics computed elsewhere as `E[x²] - E[x]²`) is clipped to 0.
 
   Args:
-    x: floating input.
+    x: floating or complex input (complex mean, real variance; see `moments`).
     mean: mean over `reduction_axes`, of `x`'s shape with those axes removed.
     var: variance, of the same shape as `mean`.
     scale: optional γ of the feature shape `[x.shape[a] for a in feature_axes]`.
@@ -138,7 +138,7 @@ def layer_norm(
   them (tensor parallelism).
 
   Args:
-    x: floating input.
+    x: floating or complex input (complex mean, real variance; see `moments`).
     scale: optional γ of the feature shape `[x.shape[a] for a in feature_axes]`.
     bias: optional β of the feature shape.
     reduction_axes: axes to compute the statistics over (default: the last).
@@ -189,7 +189,7 @@ def rms_norm(
   with `axis_name`, over the named devices.
 
   Args:
-    x: floating input.
+    x: floating or complex input (complex mean, real variance; see `moments`).
     scale: optional γ of the feature shape.
     reduction_axes: axes to compute the mean square over (default: the last).
     feature_axes: axes `scale` runs along (default: the last).
@@ -261,7 +261,7 @@ def group_norm(
       \gamma_c + \beta_c
 
   Args:
-    x: floating input of rank >= 2, batch axis first, channels last.
+    x: floating or complex input of rank >= 2, batch axis first, channels last.
     scale: optional γ of shape (C,).
     bias: optional β of shape (C,).
     num_groups: number of groups G (flax's default, 32); pass None to use `group_size`.
@@ -337,7 +337,7 @@ def instance_norm(
       \gamma_c + \beta_c
 
   Args:
-    x: floating input of rank >= 2, batch axis first.
+    x: floating or complex input of rank >= 2, batch axis first.
     scale: optional γ of the feature shape.
     bias: optional β of the feature shape.
     feature_axes: the channel axes (default: the last); must not include the batch axis.

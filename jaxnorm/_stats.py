@@ -51,8 +51,30 @@ def _wide_dtype(*dtypes: Any) -> Any:
   return jax.dtypes.canonicalize_dtype(best)
 
 
+def _complex_of(dtype: Any) -> Any:
+  """The complex dtype whose parts are `dtype` (float32 -> complex64, float64 -> complex128)."""
+  return jnp.complex128 if jnp.dtype(dtype).itemsize >= 8 else jnp.complex64
+
+
+def _real_of(dtype: Any) -> Any:
+  """The real dtype of `dtype`'s parts (complex64 -> float32); real dtypes unchanged."""
+  return jnp.finfo(dtype).dtype
+
+
 def _compute_dtype(x_dtype: Any, dtype: DTypeLike | None) -> Any:
+  """Accumulation dtype: at least float32, or at least complex64 for complex input."""
+  if jnp.issubdtype(x_dtype, jnp.complexfloating):
+    parts = _wide_dtype(_real_of(x_dtype), *(() if dtype is None else (_real_of(dtype),)))
+    return jax.dtypes.canonicalize_dtype(_complex_of(parts))
   return _wide_dtype(x_dtype if dtype is None else dtype)
+
+
+def _abs2(z: jax.Array) -> jax.Array:
+  """`|z|²`, real: `z * z` for real `z`, `re² + im²` for complex."""
+  if jnp.iscomplexobj(z):
+    re, im = jnp.real(z), jnp.imag(z)
+    return re * re + im * im
+  return z * z
 
 
 def _psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
@@ -67,6 +89,11 @@ def _psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
   if axis_name is None:
     return tree
   leaves, treedef = jax.tree.flatten(tree)
+  if any(jnp.iscomplexobj(leaf) for leaf in leaves):  # summed as their real and imaginary parts
+    parts = [(jnp.real(a), jnp.imag(a)) if jnp.iscomplexobj(a) else a for a in leaves]
+    summed = _psum(parts, axis_name, axis_index_groups)
+    leaves = [jax.lax.complex(*p) if isinstance(p, tuple) else p for p in summed]
+    return jax.tree.unflatten(treedef, leaves)
   dtype = _wide_dtype(*(leaf.dtype for leaf in leaves))
   if len({leaf.shape for leaf in leaves}) == 1:
     flat = jnp.stack([leaf.astype(dtype) for leaf in leaves]).ravel()
@@ -120,9 +147,9 @@ def _reduce(
     count = count.astype(jnp.float32)
     xz = jnp.where(mask, xf, jnp.zeros((), dtype))
   if not centered:
-    sq = jnp.sum(xz * xz, reduction_axes)
+    sq = jnp.sum(_abs2(xz), reduction_axes)
     count, sq = _psum((count, sq), axis_name, axis_index_groups)
-    denom = jnp.maximum(count, 1).astype(dtype)
+    denom = jnp.maximum(count, 1).astype(sq.dtype)
     return Moments(count, jnp.zeros(out_shape, dtype), sq / denom)
   total = jnp.sum(xz, reduction_axes)
   count, total = _psum((count, total), axis_name, axis_index_groups)
@@ -131,7 +158,9 @@ def _reduce(
   centred = xf - jnp.expand_dims(mean, reduction_axes)
   if mask is not None:
     centred = jnp.where(mask, centred, jnp.zeros((), dtype))
-  m2 = _psum(jnp.sum(centred * centred, reduction_axes), axis_name, axis_index_groups)
+  m2 = _psum(jnp.sum(_abs2(centred), reduction_axes), axis_name, axis_index_groups)
+  if m2.dtype != denom.dtype:  # complex input: the variance E[|x - μ|²] is real
+    denom = jnp.maximum(count, 1).astype(m2.dtype)
   return Moments(count, mean, m2 / denom)
 
 
@@ -163,8 +192,12 @@ def moments(
   by its count of valid elements; it costs two `psum`s. Under plain `jax.jit` over sharded
   arrays no `axis_name` is needed: XLA inserts the collectives.
 
+  Complex input (as flax supports it) has a complex mean and the real variance
+  :math:`\sigma^2 = \frac{1}{n}\sum_i m_i |x_i - \mu|^2`, accumulated in at least complex64
+  (its parts in float32).
+
   Args:
-    x: floating input.
+    x: floating or complex input.
     reduction_axes: axis or axes to reduce over.
     mask: optional boolean array broadcastable to `x`; True marks the elements to include.
     axis_name: name (or tuple of names) of mapped axes (`shard_map`, `pmap`, `vmap`) to reduce
@@ -189,7 +222,7 @@ def moments(
     (Array([2., 2.], dtype=float32), Array([ 1.5, 15. ], dtype=float32), Array([ 0.25, 25.  ], dtype=float32))
   """
   x = jnp.asarray(x)
-  _checks.check_floating(x)
+  _checks.check_floating(x, allow_complex=True)
   axes = _checks.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
   mask = _checks.check_mask(mask, x.shape)
   _checks.check_axis_index_groups(axis_name, axis_index_groups)

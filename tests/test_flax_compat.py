@@ -55,6 +55,50 @@ def test_linen_and_nnx_agree_bitwise(name, x_dtype, param_dtype, masked):
     _assert_bitwise(mod_nnx(x).astype(e_linen.dtype), e_linen)
 
 
+@pytest.mark.parametrize("name", fc.NAMES)
+def test_dtype_narrower_than_input_rank_2_float16_masked(name):
+  """`dtype=float16` on float32 input: each family is bitwise its flax counterpart.
+
+  flax.nnx casts the input to `dtype` before the statistics (`promote_dtype`), flax.linen
+  computes them from the float32 input and rounds once at the end; the two flax families
+  therefore differ by a float16 rounding of the input (e.g. 1640 vs 1641 after a Dense layer),
+  in every layer, not only InstanceNorm. jaxnorm keeps each family's behaviour (the drop-in
+  contract), so jaxnorm.nnx on `x` is bitwise jaxnorm.linen on `x` and its parameters cast to
+  float16.
+  """
+  kw = {**fc.KWARGS[name], "dtype": jnp.float16}
+  if name == "GroupNorm":
+    kw["num_groups"] = 2
+  x = fc.data(shape=(10, 6))
+  m = jnp.asarray(np.array([True, False] * 3))
+  mod_nnx = getattr(jnnx, name)(fc.CHANNELS, rngs=nnx.Rngs(0), **kw)
+  mod_linen = getattr(jnn, name)(**kw)
+  flax_nnx = getattr(nnx, name)(fc.CHANNELS, rngs=nnx.Rngs(0), **kw)
+  flax_linen = getattr(nn, name)(**kw)
+  state = nnx.to_pure_dict(nnx.state(mod_nnx))
+  variables = {"params": {k: v for k, v in state.items() if k in ("scale", "bias")}}
+  call = {}
+  if name == "BatchNorm":
+    variables["batch_stats"] = {"mean": state["mean"], "var": state["var"]}
+    call = {"use_running_average": False}
+
+  def linen(mod, x, variables=variables):
+    return mod.apply(variables, x, mask=m, mutable=["batch_stats"], **call)[0]
+
+  y_nnx, y_linen = mod_nnx(x, mask=m), linen(mod_linen, x)
+  # flax.nnx casts x, scale and bias to dtype first; linen on those casts is nnx, bit for bit.
+  cast = {**variables, "params": jax.tree.map(lambda p: p.astype(jnp.float16),
+                                              variables["params"])}
+  _assert_bitwise(y_nnx, linen(mod_linen, x.astype(jnp.float16), cast))
+  with fc.standard_promotion():
+    y_flax_nnx, y_flax_linen = flax_nnx(x, mask=m), linen(flax_linen, x)
+  # flax gives NaN where a masked reduction has no valid element; jaxnorm stays finite there.
+  for ours, theirs in ((y_nnx, y_flax_nnx), (y_linen, y_flax_linen)):
+    finite = np.isfinite(np.asarray(theirs, np.float32))
+    assert finite.any() and np.isfinite(np.asarray(ours, np.float32)).all()
+    _assert_bitwise(np.asarray(ours)[finite], np.asarray(theirs)[finite])
+
+
 # --- checkpoints -----------------------------------------------------------------------------
 
 class _Net(nn.Module):

@@ -1,0 +1,414 @@
+"""Equinox drop-ins: `BatchNorm`, `LayerNorm`, `GroupNorm`, `RMSNorm` on jaxnorm's core.
+
+Each class takes `equinox.nn`'s constructor arguments with its defaults, has the same array
+fields in the same order and shapes (`weight`, `bias`, and for `BatchNorm` the same
+`StateIndex` fields), and is called the same way: one example at a time, channels first, under
+`jax.vmap` (`BatchNorm` with its `axis_name`), returning `(output, state)` when given a state.
+So a model that changes `eqx.nn.BatchNorm` to `jaxnorm.equinox.BatchNorm` keeps its serialized
+weights (`eqx.tree_serialise_leaves`). The layers only declare fields and call the public
+jaxnorm functions: statistics in at least float32, two-pass variance, masks, count-weighted
+statistics across devices.
+
+What differs from `equinox.nn` on purpose:
+
+* `BatchNorm(mode="batch")` starts the exponential average of the variance at 0, as the zero
+  debiasing at inference assumes (equinox starts it at 1: after one step with momentum 0.9 its
+  inference variance is `9 + v` instead of `v`). The state's shapes, dtypes and initial values
+  are equinox's.
+* Inputs of any floating dtype work (equinox's `BatchNorm` raises a `TypeError` on bfloat16),
+  and every layer returns the input's dtype.
+* Every call takes an optional boolean `mask=` broadcastable to the per-example input.
+
+Importing `jaxnorm` does not import this module or equinox (the `equinox` extra).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Hashable, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+try:
+  import equinox as eqx
+except ImportError as e:
+  raise ImportError("jaxnorm.equinox needs equinox, which is not installed. Install it with: "
+                    "pip install jaxnorm[equinox]") from e
+from equinox import field
+from equinox.nn import State, StateIndex
+
+import jaxnorm as jn
+
+__all__ = ("BatchNorm", "GroupNorm", "LayerNorm", "RMSNorm")
+
+_NO_STATE: Any = object()
+
+
+def _default_dtype(dtype: Any) -> Any:
+  if dtype is not None:
+    return dtype
+  return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+
+
+def _check_shape(name: str, shape: tuple[int, ...], x: jax.Array) -> None:
+  if x.shape != shape:
+    raise ValueError(
+        f"`{name}(shape)(x)` needs x.shape == shape; got shape={shape} and x.shape={x.shape}. "
+        f"Call it on one example at a time: replace `norm(x)` with `jax.vmap(norm)(x)`."
+    )
+
+
+def _maybe_state(out: jax.Array, state: Any) -> Any:
+  return out if state is _NO_STATE else (out, state)
+
+
+class BatchNorm(eqx.nn.StatefulLayer):
+  r"""Batch normalization of one example, channels first, under `jax.vmap(axis_name=...)`.
+
+  .. math::
+    y_c = \frac{x_c - \mu_c}{\sqrt{\sigma^2_c + \epsilon}}\,\gamma_c + \beta_c
+
+  with the statistics of every channel over the spatial axes and the batch (the examples of
+  the mapped axis `axis_name`, and across devices when it names a `pmap`/`shard_map` axis too),
+  computed by `jaxnorm.moments`: population variance in two passes in at least float32, each
+  example weighted by its count of valid elements (`mask`).
+
+  `mode="batch"` (jaxnorm's recommendation, as equinox's): training normalizes with the
+  batch's statistics; the state keeps exponential averages `h ← m h + (1 - m) s` that start at
+  0, and inference uses them zero-debiased, :math:`h / (1 - m^t)` after t steps (mean 0 and
+  variance 1 before the first step). `mode="ema"`, and `"legacy"` (the default, with
+  equinox's warning), keep equinox's semantics: the first batch fills the running statistics,
+  later ones are blended in with `momentum`, and training normalizes with the blended
+  statistics.
+
+  Args (constructor, as `equinox.nn.BatchNorm`):
+    input_size: the number of channels.
+    axis_name: the `jax.vmap`/`jax.pmap` axis name (or names) of the batch.
+    eps: constant added to the variance.
+    channelwise_affine: whether to learn `weight` and `bias` of shape `(input_size,)`.
+    momentum: decay of the running statistics, in [0, 1).
+    inference: use the running statistics (toggle with `eqx.nn.inference_mode`).
+    dtype: dtype of the running statistics, `weight` and `bias` (default float32, float64
+      with `jax_enable_x64`).
+    mode: `"batch"`, `"ema"` or `"legacy"`.
+
+  Example:
+    >>> import equinox as eqx, jax, jax.numpy as jnp
+    >>> import jaxnorm.equinox as jne
+    >>> bn, state = eqx.nn.make_with_state(jne.BatchNorm)(2, "batch", mode="batch",
+    ...                                                   momentum=0.9)
+    >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> step = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    >>> y, state = step(x, state)
+    >>> y.round(3)
+    Array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+    >>> y, _ = jax.vmap(eqx.nn.inference_mode(bn), axis_name="batch", in_axes=(0, None),
+    ...                 out_axes=(0, None))(x, state)
+    >>> y.round(3)  # the running statistics after one step: mean (2, 20), variance (1, 100)
+    Array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+  """
+
+  weight: jax.Array | None
+  bias: jax.Array | None
+  ema_first_time_index: StateIndex | None
+  ema_state_index: StateIndex | None
+  batch_counter: StateIndex | None
+  batch_state_index: StateIndex | None
+  axis_name: Hashable | Sequence[Hashable]
+  inference: bool
+  input_size: int = field(static=True)
+  eps: float = field(static=True)
+  channelwise_affine: bool = field(static=True)
+  momentum: float = field(static=True)
+  mode: Literal["ema", "batch"] = field(static=True)
+
+  def __init__(
+      self,
+      input_size: int,
+      axis_name: Hashable | Sequence[Hashable],
+      eps: float = 1e-5,
+      channelwise_affine: bool = True,
+      momentum: float = 0.99,
+      inference: bool = False,
+      dtype: Any = None,
+      mode: Literal["ema", "batch", "legacy"] = "legacy",
+  ):
+    if mode == "legacy":
+      mode = "ema"
+      warnings.warn(
+          "When `BatchNorm(..., mode=...)` is unspecified it defaults to 'ema', for "
+          "compatibility with equinox.nn.BatchNorm; for new code pass mode='batch'.",
+          stacklevel=2,
+      )
+    if mode not in ("ema", "batch"):
+      raise ValueError(f"mode must be 'batch', 'ema' or 'legacy'; got {mode!r}.")
+    if not 0.0 <= momentum < 1.0:
+      raise ValueError(f"momentum must lie in [0, 1); got {momentum!r}.")
+    dtype = _default_dtype(dtype)
+    self.mode = mode
+    if channelwise_affine:
+      self.weight = jnp.ones((input_size,), dtype)
+      self.bias = jnp.zeros((input_size,), dtype)
+    else:
+      self.weight = None
+      self.bias = None
+    init = jn.batch_norm_init(input_size, dtype)
+    if mode == "ema":
+      self.ema_first_time_index = StateIndex(jnp.array(True))
+      self.ema_state_index = StateIndex((init.mean, init.var))
+      self.batch_counter = None
+      self.batch_state_index = None
+    else:
+      self.batch_counter = StateIndex(jnp.array(0))
+      self.batch_state_index = StateIndex((init.mean, init.var))
+      self.ema_first_time_index = None
+      self.ema_state_index = None
+    self.inference = inference
+    self.axis_name = axis_name
+    self.input_size = input_size
+    self.eps = eps
+    self.channelwise_affine = channelwise_affine
+    self.momentum = momentum
+
+  def __call__(
+      self,
+      x: ArrayLike,
+      state: State,
+      *,
+      key: Any = None,
+      inference: bool | None = None,
+      mask: ArrayLike | None = None,
+  ) -> tuple[jax.Array, State]:
+    """Normalizes one example `x` of shape `(input_size, *spatial)`; returns `(y, state)`.
+
+    Args:
+      x: one example, channels first.
+      state: the `eqx.nn.State` holding the running statistics.
+      key: ignored (equinox's convention).
+      inference: overrides `self.inference` when not None.
+      mask: optional boolean array broadcastable to `x`; True marks the elements that enter
+        the batch statistics.
+
+    Returns:
+      `(y, state)`, `y` of `x`'s shape and dtype.
+    """
+    del key
+    x = jnp.asarray(x)
+    if inference is None:
+      inference = self.inference
+    if x.ndim < 1 or x.shape[0] != self.input_size:
+      raise ValueError(
+          f"BatchNorm({self.input_size}) expects one example of shape (input_size, ...) = "
+          f"({self.input_size}, ...); got x.shape={x.shape}. Call it under jax.vmap with "
+          f"axis_name={self.axis_name!r}."
+      )
+    spatial = tuple(range(1, x.ndim))
+
+    def normalize(mean: jax.Array, var: jax.Array) -> jax.Array:
+      return jn.normalize(x, mean, var, self.weight, self.bias, reduction_axes=spatial,
+                          feature_axes=0, epsilon=self.eps)
+
+    if self.mode == "batch":
+      assert self.batch_counter is not None and self.batch_state_index is not None
+      count = state.get(self.batch_counter)
+      mean, var = state.get(self.batch_state_index)
+      if inference:
+        # Zero debiasing: h_t = (1 - m) sum_k m^(t-k) s_k, so h_t / (1 - m^t) is a weighted mean.
+        dtype = mean.dtype
+        debias = 1 - jnp.asarray(self.momentum, dtype) ** count.astype(dtype)
+        debias = jnp.where(count == 0, jnp.ones((), dtype), debias)
+        return normalize(mean / debias, var / debias), state
+      # The average starts at 0 (the initial variance 1 is what inference uses before step 1).
+      hidden = jn.BatchNormState(mean, jnp.where(count == 0, jnp.zeros_like(var), var),
+                                 count.astype(jnp.int32))
+      y, new = jn.batch_norm(x, hidden, self.weight, self.bias, training=True,
+                             feature_axes=0, momentum=self.momentum, epsilon=self.eps,
+                             mask=mask, axis_name=self.axis_name)
+      # count + 0 or 1, written so that equinox's weakly typed counter keeps its type
+      state = state.set(self.batch_counter, count + jnp.where(new.count > hidden.count, 1, 0))
+      state = state.set(self.batch_state_index, (new.mean, new.var))
+      return y, state
+    assert self.ema_first_time_index is not None and self.ema_state_index is not None
+    mean, var = state.get(self.ema_state_index)
+    if not inference:
+      first = state.get(self.ema_first_time_index)
+      state = state.set(self.ema_first_time_index, jnp.array(False))
+      batch = jn.moments(x, spatial, mask=mask, axis_name=self.axis_name)
+      running = jn.BatchNormState(mean, var, jnp.zeros((), jnp.int32))
+      blended = jn.update_running_stats(running, batch, momentum=self.momentum)
+      filled = jn.update_running_stats(running, batch, momentum=None)  # count 0: the batch
+      mean = jnp.where(first, filled.mean, blended.mean)
+      var = jnp.where(first, filled.var, blended.var)
+      state = state.set(self.ema_state_index, (mean, var))
+    return normalize(mean, var), state
+
+
+class LayerNorm(eqx.Module):
+  r"""Layer normalization of one example over its whole shape, as `equinox.nn.LayerNorm`.
+
+  .. math::
+    y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \odot \gamma + \beta
+
+  with `weight` γ and `bias` β of the input's shape, and the statistics of `jaxnorm.layer_norm`
+  (two passes, at least float32) over every element (the valid ones with `mask`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxnorm.equinox as jne
+    >>> jax.vmap(jne.LayerNorm(3, eps=0.0))(jnp.array([[1.0, 2.0, 3.0]])).round(4)
+    Array([[-1.2247,  0.    ,  1.2247]], dtype=float32)
+  """
+
+  shape: tuple[int, ...] = field(static=True)
+  eps: float = field(static=True)
+  use_weight: bool = field(static=True)
+  use_bias: bool = field(static=True)
+  weight: jax.Array | None
+  bias: jax.Array | None
+
+  def __init__(
+      self,
+      shape: int | Sequence[int],
+      eps: float = 1e-5,
+      use_weight: bool = True,
+      use_bias: bool = True,
+      dtype: Any = None,
+      *,
+      elementwise_affine: bool | None = None,
+  ):
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    self.shape = shape
+    self.eps = eps
+    if elementwise_affine is not None:
+      use_weight = use_bias = elementwise_affine
+      warnings.warn("LayerNorm(elementwise_affine=...) is deprecated in favour of "
+                    "LayerNorm(use_weight=...) and LayerNorm(use_bias=...)", stacklevel=2)
+    self.use_weight = use_weight
+    self.use_bias = use_bias
+    self.weight = jnp.ones(shape, dtype=dtype) if use_weight else None
+    self.bias = jnp.zeros(shape, dtype=dtype) if use_bias else None
+
+  def __call__(self, x: ArrayLike, state: Any = _NO_STATE, *, key: Any = None,
+               mask: ArrayLike | None = None) -> Any:
+    """Normalizes `x` (of shape `self.shape`); returns `y`, or `(y, state)` given a state."""
+    del key
+    x = jnp.asarray(x)
+    _check_shape("LayerNorm", self.shape, x)
+    axes = tuple(range(x.ndim))
+    y = jn.layer_norm(x, self.weight, self.bias, reduction_axes=axes, feature_axes=axes,
+                      epsilon=self.eps, mask=mask)
+    return _maybe_state(y, state)
+
+
+class GroupNorm(eqx.Module):
+  r"""Group normalization of one example of shape `(channels, *spatial)`.
+
+  The channels are split into `groups` groups of consecutive channels, each normalized over
+  its channels and the spatial axes (`jaxnorm.layer_norm` on the grouped view), then scaled
+  and shifted per channel as `equinox.nn.GroupNorm`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxnorm.equinox as jne
+    >>> jax.vmap(jne.GroupNorm(2, 4, eps=0.0))(jnp.array([[1.0, 3.0, 10.0, 30.0]]))
+    Array([[-1.,  1., -1.,  1.]], dtype=float32)
+  """
+
+  groups: int = field(static=True)
+  channels: int | None = field(static=True)
+  eps: float = field(static=True)
+  channelwise_affine: bool = field(static=True)
+  weight: jax.Array | None
+  bias: jax.Array | None
+
+  def __init__(self, groups: int, channels: int | None = None, eps: float = 1e-5,
+               channelwise_affine: bool = True, dtype: Any = None):
+    if channels is not None and channels % groups != 0:
+      raise ValueError(f"groups={groups!r} must divide channels={channels!r}.")
+    if channels is None and channelwise_affine:
+      raise ValueError("Give channels when channelwise_affine=True (weight and bias have "
+                       "shape (channels,)).")
+    self.groups = groups
+    self.channels = channels
+    self.eps = eps
+    self.channelwise_affine = channelwise_affine
+    self.weight = jnp.ones(channels, dtype=dtype) if channelwise_affine else None
+    self.bias = jnp.zeros(channels, dtype=dtype) if channelwise_affine else None
+
+  def __call__(self, x: ArrayLike, state: Any = _NO_STATE, *, key: Any = None,
+               mask: ArrayLike | None = None) -> Any:
+    """Normalizes `x` of shape `(channels, *spatial)`; returns `y`, or `(y, state)`."""
+    del key
+    x = jnp.asarray(x)
+    channels = x.shape[0] if x.ndim else 0
+    if x.ndim < 1 or channels % self.groups or (self.channels not in (None, channels)):
+      raise ValueError(
+          f"GroupNorm(groups={self.groups}, channels={self.channels}) expects one example of "
+          f"shape (channels, ...) with channels divisible by groups; got x.shape={x.shape}. "
+          f"Call it under jax.vmap."
+      )
+    grouped = (self.groups, channels // self.groups) + x.shape[1:]
+
+    def group(p: Any) -> Any:
+      return None if p is None else jnp.reshape(p, grouped[:2])
+
+    if mask is not None:
+      mask = jnp.broadcast_to(jnp.asarray(mask), x.shape).reshape(grouped)
+    y = jn.layer_norm(x.reshape(grouped), group(self.weight), group(self.bias),
+                      reduction_axes=tuple(range(1, len(grouped))), feature_axes=(0, 1),
+                      epsilon=self.eps, mask=mask)
+    return _maybe_state(y.reshape(x.shape), state)
+
+
+class RMSNorm(eqx.Module):
+  r"""Root-mean-square normalization of one example over its whole shape.
+
+  .. math::
+    y = \frac{x}{\sqrt{\frac{1}{n}\sum_i x_i^2 + \epsilon}} \odot \gamma + \beta
+
+  as `equinox.nn.RMSNorm` (with its optional bias), with the mean square of
+  `jaxnorm.rms_norm` (at least float32, the valid elements with `mask`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxnorm.equinox as jne
+    >>> jax.vmap(jne.RMSNorm(2, eps=0.0))(jnp.array([[1.0, 7.0]]))
+    Array([[0.2, 1.4]], dtype=float32)
+  """
+
+  shape: tuple[int, ...] = field(static=True)
+  eps: float = field(static=True)
+  use_weight: bool = field(static=True)
+  use_bias: bool = field(static=True)
+  weight: jax.Array | None
+  bias: jax.Array | None
+
+  def __init__(self, shape: int | Sequence[int], eps: float = 1e-5, use_weight: bool = True,
+               use_bias: bool = True, dtype: Any = None):
+    dtype = _default_dtype(dtype)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    self.shape = shape
+    self.eps = eps
+    self.use_weight = use_weight
+    self.use_bias = use_bias
+    self.weight = jnp.ones(shape, dtype=dtype) if use_weight else None
+    self.bias = jnp.zeros(shape, dtype=dtype) if use_bias else None
+
+  def __call__(self, x: ArrayLike, state: Any = _NO_STATE, *, key: Any = None,
+               mask: ArrayLike | None = None) -> Any:
+    """Normalizes `x` (of shape `self.shape`); returns `y`, or `(y, state)` given a state."""
+    del key
+    x = jnp.asarray(x)
+    _check_shape("RMSNorm", self.shape, x)
+    axes = tuple(range(x.ndim))
+    if self.bias is None:
+      y = jn.rms_norm(x, self.weight, reduction_axes=axes, feature_axes=axes,
+                      epsilon=self.eps, mask=mask)
+    else:  # the bias is added in float32 or wider before the one rounding to x.dtype
+      wide = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+      y = jn.rms_norm(x.astype(wide), self.weight, reduction_axes=axes, feature_axes=axes,
+                      epsilon=self.eps, mask=mask)
+      y = (y + self.bias.astype(wide)).astype(x.dtype)
+    return _maybe_state(y, state)
