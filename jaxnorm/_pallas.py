@@ -277,7 +277,10 @@ def normalize_rows(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None
   stages out) it differentiates the `custom_vjp`, so that the transposed program calls the
   backward kernel; otherwise (`jax.jvp`, `jax.jacfwd`) it keeps the kernel's `y` and takes the
   tangent from `xla`, which is exact and linear. Either choice gives the same derivative; the
-  test only picks which kernels compute it. The kernel calls themselves differentiate through
+  test only picks which kernels compute it. It cannot see through everything: the gradient of
+  a function JAX has already traced (`jax.jit`, `jax.checkpoint`) or batched (`jax.vmap`)
+  linearizes with tangents that look like forward mode, so its backward pass runs on the XLA
+  path; `jax.linearize` followed by a call of its linear function is JAX's forward-mode error. The kernel calls themselves differentiate through
   `_forward_math` and `_backward_math` on whole arrays, so that `jax.hessian` works too.
   """
   lead, features = x.shape[:-1], x.shape[-1]
