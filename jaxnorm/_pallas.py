@@ -310,32 +310,29 @@ def normalize_rows(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None
 
   forward.defjvp(lambda p, t: jax.jvp(forward_ref, p, t))
 
-  @jax.custom_jvp
-  def backward(x2, dy2, *stats_and_scale):
-    stats, sc = stats_and_scale[:len(stats_and_scale) - has_scale], (
-        stats_and_scale[-1] if has_scale else None)
-    call = functools.partial(_backward_call, has_bias=has_bias,
-                             bias_dtype=None if bias is None else bias.dtype,
-                             centered=centered)
+  def split_rest(rest):  # the backward kernel's inputs after x and dy: (*stats, [scale])
+    return rest[:len(rest) - has_scale], (rest[-1] if has_scale else None)
 
+  @jax.custom_jvp
+  def backward(x2, dy2, *rest):
     def run(x2, dy2, *rest, interpret):
-      st, s = rest[:len(stats)], (rest[-1] if has_scale else None)
-      out = call(x2, dy2, st, s, interpret=interpret)
+      stats, s = split_rest(rest)
+      out = _backward_call(x2, dy2, stats, s, has_bias=has_bias,
+                           bias_dtype=None if bias is None else bias.dtype,
+                           centered=centered, interpret=interpret)
       return tuple(o for o in out if o is not None)
 
-    return _on_platform(run, x2, dy2, *stats, *(() if sc is None else (sc,)))
+    return _on_platform(run, x2, dy2, *rest)
 
-  def backward_ref(x2, dy2, *stats_and_scale):
-    stats = stats_and_scale[:len(stats_and_scale) - has_scale]
-    sc = stats_and_scale[-1] if has_scale else None
-    mean, rstd = (stats if centered else (None, stats[0]))
+  def backward_ref(x2, dy2, *rest):
+    stats, s = split_rest(rest)
+    mean, rstd = stats if centered else (None, stats[0])
     dx, dg, db = _backward_math(x2.astype(f32), dy2.astype(f32), mean, rstd,
-                                None if sc is None else sc.astype(f32), None, features,
-                                centered)
+                                None if s is None else s.astype(f32), None, features, centered)
     out = [dx.astype(x2.dtype)]
-    if has_scale:
-      out.append(dg.astype(sc.dtype))
-    if has_bias:
+    if s is not None:
+      out.append(dg.astype(s.dtype))
+    if bias is not None:
       out.append(db.astype(bias.dtype))
     return tuple(out)
 
@@ -352,8 +349,7 @@ def normalize_rows(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None
   def kernels_bwd(res, dy2):
     x2, stats, params = res
     s, _ = split(params)
-    grads = backward(x2, dy2, *stats, *(() if s is None else (s,)))
-    return tuple(grads)
+    return tuple(backward(x2, dy2, *stats, *(() if s is None else (s,))))
 
   kernels.defvjp(kernels_fwd, kernels_bwd)
 

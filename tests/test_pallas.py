@@ -188,6 +188,18 @@ def test_float16_with_float32_statistics():
     _assert_within(gp, g, tol, name)
 
 
+def test_bias_without_scale():
+  x, _, bias, w = _inputs((5, 40), jnp.float32, seed=7)
+
+  def run(impl):
+    return jax.jit(lambda x, b: jax.vjp(
+        lambda x, b: jn.layer_norm(x, None, b, implementation=impl), x, b)[1](w))(x, bias)
+
+  _, (dx_tol, _, db_tol) = _bounds("layer_norm", x, (np.ones(40), bias), w, jnp.float32)
+  for name, got, want, tol in zip(("dx", "dbias"), run("pallas"), run("xla"), (dx_tol, db_tol)):
+    _assert_within(got, want, 2 * tol, name)
+
+
 def test_backward_walking_several_row_chunks_per_program(monkeypatch):
   """Few backward programs: each loops over chunks, the last ones wholly past the last row."""
   monkeypatch.setattr(_pallas, "_BWD_PROGRAMS", 1)
