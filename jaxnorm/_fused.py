@@ -259,6 +259,8 @@ def _pallas_obstacle(x: jax.Array, scale: Any, bias: Any, epsilon: Any, mask: An
               f"{', '.join(_pallas.DTYPES)})")
   if isinstance(epsilon, jax.core.Tracer):
     return "a traced epsilon (the kernels take a Python float)"
+  if jax.default_backend() not in ("cpu", "gpu"):
+    return f"the {jax.default_backend()} backend (the kernels are Triton kernels for GPUs)"
   return None
 
 
