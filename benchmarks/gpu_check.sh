@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device check of jaxnorm's Pallas kernels, for a session with a lent GPU: the Pallas tests
 # on the real Triton kernels, then benchmarks/gpu.py (the shapes, and the feature-size
-# sweep). About 5-7 minutes on an H100; each step has its own time limit, so a hang in one
+# sweep). At most 9.5 minutes (one device command may run 10); each step has its own time limit, so a hang in one
 # still leaves the other's output.
 #
 #   bash benchmarks/gpu_check.sh            # writes to $OUT (the device runner's folder) or
@@ -22,13 +22,13 @@ PY
 # 1. tests/test_pallas.py: on a GPU, implementation="pallas" lowers through Triton (the CPU
 #    runs the same tests in interpret mode), so this checks the real kernels against XLA and
 #    float64, ragged shapes, jvp/hessian, the wrappers.
-timeout 240 python -m pytest -q -x -p no:cacheprovider tests/test_pallas.py 2>&1 \
+timeout 180 python -m pytest -q -x -p no:cacheprovider tests/test_pallas.py 2>&1 \
   | tee "$out/gpu_tests.txt"
 tests=${PIPESTATUS[0]}
 # 2. The benchmark: 8192x4096 and 32768x4096 (the goal shapes), float32 and bfloat16,
 #    forward and forward+backward, every library; then the sweep over 1024..16384 features at
 #    2**25 elements (jaxnorm xla, jaxnorm pallas, flax).
-timeout 420 python benchmarks/gpu.py --out "$out" --shapes 8192x4096,32768x4096 2>&1 \
+timeout 390 python benchmarks/gpu.py --out "$out" --shapes 8192x4096,32768x4096 2>&1 \
   | tee "$out/gpu_bench.txt"
 bench=${PIPESTATUS[0]}
 echo "tests exit $tests, benchmark exit $bench"
