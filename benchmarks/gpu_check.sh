@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The device check of jaxnorm's Pallas kernels, for a session with a lent GPU: the Pallas tests
 # on the real Triton kernels, then benchmarks/gpu.py (the shapes, and the feature-size
-# sweep). At most 9.5 minutes (one device command may run 10); each step has its own time limit, so a hang in one
-# still leaves the other's output.
+# sweep). At most 9.5 minutes (one device command may run 10); each step has its own time
+# limit, so a hang in one still leaves the other's output.
 #
 #   bash benchmarks/gpu_check.sh            # writes to $OUT (the device runner's folder) or
 #                                           # benchmarks/results
