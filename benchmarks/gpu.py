@@ -1,22 +1,31 @@
 """jaxnorm on a GPU: achieved memory bandwidth, side by side with flax and JAX's Pallas kernels.
 
-    python benchmarks/gpu.py [--out DIR] [--quick]
+    python benchmarks/gpu.py [--out DIR] [--quick] [--no-sweep]
 
 For LayerNorm and RMSNorm over the last axis (transformer activations), float32 and bfloat16,
-forward and forward+backward, it times jaxnorm, flax.linen (its default fast variance), and
-`jax.experimental.pallas.ops.gpu.layer_norm` / `rms_norm` (hand-written Triton kernels), with
-interleaved rounds and medians, and reports for each:
+forward and forward+backward, it times jaxnorm (its XLA path, `implementation="xla"`, which is
+what `None` picks), jaxnorm's fused Pallas kernels (`implementation="pallas"`, column
+"jaxnorm pallas"), flax.linen (its default fast variance), and
+`jax.experimental.pallas.ops.gpu.layer_norm` / `rms_norm` (JAX's Triton kernels, column
+"pallas"), with interleaved rounds and medians, and reports for each:
 
-* the time and the ratio to flax.linen and to the Pallas kernel;
+* the time and the ratio to flax.linen, to JAX's Pallas kernel and to jaxnorm's XLA path;
 * the achieved bandwidth: the bytes a fused implementation must move divided by the time.
   Forward reads x and writes y (2 arrays); forward+backward also reads x and dy again and
   writes dx (5 arrays; parameters and statistics are negligible);
 * that bandwidth as a fraction of a device-to-device copy measured in the same process (`x + 1`
   on 1 GiB), the practical ceiling.
 
+Then a sweep over the feature size (1024 to 16384, `--sweep-features`) at a fixed element count
+(`--sweep-elements`, default 2**25), for jaxnorm's two implementations and flax: kernels like
+these behave non-monotonically in the aspect ratio, and `None` should pick "pallas" only for
+the shape classes where this sweep measured it faster.
+
 It also checks on the device what the CPU tests check: the maximum error against a float64
-NumPy reference of the same input at offsets 0, 1e3 and 1e4 (jaxnorm's exact statistics and
-flax's default), and jaxnorm's gradients against float64 autodiff of the same formula.
+NumPy reference of the same input at offsets 0, 1e3 and 1e4 (jaxnorm's exact statistics, both
+implementations, and flax's default), and jaxnorm's gradients (both implementations) against
+float64 autodiff of the same formula. On the CPU the "jaxnorm pallas" column runs in Pallas
+interpret mode (which checks that it runs, not its speed).
 Writes `gpu_results.json` and `gpu_results.md` to `--out` (default: benchmarks/results).
 """
 
@@ -41,6 +50,7 @@ import jaxnorm as jn  # noqa: E402
 NORMS = ("layer_norm", "rms_norm")
 PASSES = ("fwd", "fwd+bwd")
 ARRAYS_MOVED = {"fwd": 2, "fwd+bwd": 5}
+SWEEP_LIBS = ("jaxnorm", "jaxnorm pallas", "flax.linen")
 
 
 def _builders(norm: str):
@@ -59,10 +69,14 @@ def _builders(norm: str):
 
   if norm == "layer_norm":
     out["jaxnorm"] = lambda x, g, b: jn.layer_norm(x, g, b, epsilon=eps)
+    out["jaxnorm pallas"] = lambda x, g, b: jn.layer_norm(x, g, b, epsilon=eps,
+                                                          implementation="pallas")
     mod = nn.LayerNorm(epsilon=eps)
     out["flax.linen"] = lambda x, g, b: mod.apply({"params": {"scale": g, "bias": b}}, x)
   else:
     out["jaxnorm"] = lambda x, g, b: jn.rms_norm(x, g, epsilon=eps)
+    out["jaxnorm pallas"] = lambda x, g, b: jn.rms_norm(x, g, epsilon=eps,
+                                                        implementation="pallas")
     mod = nn.RMSNorm(epsilon=eps)
     out["flax.linen"] = lambda x, g, b: mod.apply({"params": {"scale": g}}, x)
   out["jnp two-pass"] = two_pass
@@ -100,7 +114,8 @@ def copy_bandwidth(rounds: int, mib: int = 1024) -> float:
   return 2 * x.nbytes / t
 
 
-def speed(shapes, dtypes, rounds, peak) -> list[dict]:
+def speed(shapes, dtypes, rounds, peak, libs=None) -> list[dict]:
+  """Times every library (or those in `libs`) on every shape and dtype."""
   records = []
   for shape in shapes:
     for dtype in dtypes:
@@ -115,6 +130,8 @@ def speed(shapes, dtypes, rounds, peak) -> list[dict]:
       for norm in NORMS:
         fns = {}
         for lib, f in _builders(norm).items():
+          if libs is not None and lib not in libs:
+            continue
           for kind in PASSES:
             try:
               fn = _with_pass(f, kind)
@@ -129,12 +146,14 @@ def speed(shapes, dtypes, rounds, peak) -> list[dict]:
           moved = ARRAYS_MOVED[kind] * size
           ref = times.get(("flax.linen", kind))
           pal = times.get(("pallas", kind))
+          xla = times.get(("jaxnorm", kind))
           records.append({
               "norm": norm, "lib": lib, "pass": kind, "shape": list(shape),
               "dtype": jnp.dtype(dtype).name, "time_us": t * 1e6,
               "bandwidth_gbs": moved / t / 1e9, "fraction_of_copy": moved / t / peak,
               "ratio_to_flax": None if ref is None else t / ref,
               "ratio_to_pallas": None if pal is None else t / pal,
+              "ratio_to_xla": None if xla is None else t / xla,
           })
         print(f"  {norm} {shape} {jnp.dtype(dtype).name}: " + ", ".join(
             f"{lib} {kind} {t * 1e6:.0f} us ({ARRAYS_MOVED[kind] * size / t / peak:.0%})"
@@ -160,6 +179,8 @@ def exactness() -> list[dict]:
     bn_vars = bn.init(jax.random.key(0), xj)
     got = {
         ("layer_norm", "jaxnorm"): jn.layer_norm(xj),
+        ("layer_norm", "jaxnorm pallas"): jax.jit(
+            lambda x: jn.layer_norm(x, implementation="pallas"))(xj),
         ("layer_norm", "flax.linen"): ln.apply({}, xj),
         ("batch_norm", "jaxnorm"): jn.batch_norm(xj, jn.batch_norm_init(512), training=True)[0],
         ("batch_norm", "flax.linen"): bn.apply(bn_vars, xj, mutable=["batch_stats"])[0],
@@ -192,6 +213,8 @@ def gradients() -> list[dict]:
 
   cases = {
       "layer_norm": (lambda x, g, b: jn.layer_norm(x, g, b, epsilon=1e-6), ref_ln),
+      "layer_norm pallas": (lambda x, g, b: jn.layer_norm(x, g, b, epsilon=1e-6,
+                                                          implementation="pallas"), ref_ln),
       "batch_norm": (lambda x, g, b: jn.batch_norm(x, jn.batch_norm_init(256), g, b,
                                                    training=True, epsilon=1e-5)[0], ref_bn),
   }
@@ -215,15 +238,19 @@ def markdown(result: dict) -> str:
   lines = [f"{meta['date']} · {meta['device']} · jax {meta['jax']} · copy bandwidth "
            f"{meta['copy_gbs']:.0f} GB/s (x + 1, {meta['copy_mib']} MiB, read and write)", "",
            "| norm | shape | dtype | pass | library | time (µs) | GB/s | of copy | ×flax "
-           "| ×pallas |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-  for r in result["speed"]:
-    lines.append(
-        f"| {r['norm']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['pass']} | "
-        f"{r['lib']} | {r['time_us']:.0f} | {r['bandwidth_gbs']:.0f} | "
-        f"{r['fraction_of_copy']:.0%} | "
-        + " | ".join("–" if r[k] is None else f"{r[k]:.2f}"
-                     for k in ("ratio_to_flax", "ratio_to_pallas")) + " |")
+           "| ×pallas | ×jaxnorm xla |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for section in ("speed", "sweep"):
+    if section == "sweep" and result.get("sweep"):
+      lines += ["", f"Feature-size sweep at {result['meta']['sweep_elements']} elements:", "",
+                lines[2], lines[3]]
+    for r in result.get(section, []):
+      lines.append(
+          f"| {r['norm']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['pass']} | "
+          f"{r['lib']} | {r['time_us']:.0f} | {r['bandwidth_gbs']:.0f} | "
+          f"{r['fraction_of_copy']:.0%} | "
+          + " | ".join("–" if r.get(k) is None else f"{r[k]:.2f}"
+                       for k in ("ratio_to_flax", "ratio_to_pallas", "ratio_to_xla")) + " |")
   lines += ["", "| norm | library | offset | max error vs float64 |", "|---|---|---|---|"]
   lines += [f"| {r['norm']} | {r['lib']} | {r['offset']:g} | {r['max_error']:.3g} |"
             for r in result["exactness"]]
@@ -239,6 +266,11 @@ def main(argv=None) -> None:
   ap.add_argument("--quick", action="store_true", help="one shape, few rounds")
   ap.add_argument("--shapes", help="comma-separated, e.g. 8192x4096,32768x4096")
   ap.add_argument("--copy-mib", type=int, default=1024, help="size of the copy yardstick")
+  ap.add_argument("--no-sweep", action="store_true", help="skip the feature-size sweep")
+  ap.add_argument("--sweep-elements", type=int, default=2**25,
+                  help="elements of x in each shape of the sweep")
+  ap.add_argument("--sweep-features", default="1024,2048,4096,8192,16384",
+                  help="comma-separated feature sizes of the sweep")
   args = ap.parse_args(argv)
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}", flush=True)
@@ -257,6 +289,10 @@ def main(argv=None) -> None:
   result["gradients"] = gradients()
   print("exactness and gradients checked", flush=True)
   result["speed"] = speed(shapes, (jnp.float32, jnp.bfloat16), rounds, peak)
+  result["meta"]["sweep_elements"] = args.sweep_elements
+  result["sweep"] = [] if args.no_sweep else speed(
+      [(max(1, args.sweep_elements // int(f)), int(f)) for f in args.sweep_features.split(",")],
+      (jnp.float32, jnp.bfloat16), rounds, peak, libs=SWEEP_LIBS)
   result["meta"]["seconds"] = time.perf_counter() - t0
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "gpu_results.json"), "w") as f:

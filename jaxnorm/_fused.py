@@ -6,8 +6,9 @@ the one statistics path of `_stats`, a hand-written `custom_jvp` derivative that
 float32 statistics as residuals, and the XLA:CPU barriers that keep its fusions lean.
 `apply` is the one place where `(x - mean) * rsqrt(var + epsilon) * scale + bias` is written;
 normalization with given statistics (`jaxnorm.normalize`, batch norm in evaluation) calls it
-directly. Arguments arrive validated: the public functions in `_normalize` and `_batch_norm`
-check them.
+directly. `dispatch` is the one place that picks the kernel of layer and RMS normalization
+(`implementation=`): this XLA path or the fused Pallas kernels of `_pallas`. Arguments arrive
+validated: the public functions in `_normalize` and `_batch_norm` check them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.typing import ArrayLike
 
+from . import _pallas
 from ._stats import (
     AxisName,
     Moments,
@@ -251,3 +253,93 @@ def normalize_with_moments(
   on_cpu = jax.checkpoint(fused, policy=_CHECKPOINT_POLICY)
   elsewhere = jax.checkpoint(fused, policy=_CHECKPOINT_POLICY, prevent_cse=False)
   return jax.lax.platform_dependent(x, scale, bias, eps, mask, cpu=on_cpu, default=elsewhere)
+
+
+IMPLEMENTATIONS = (None, "xla", "pallas")
+
+
+def check_implementation(implementation: Any) -> None:
+  """Raises a ValueError unless `implementation` is one of `IMPLEMENTATIONS`."""
+  if not (implementation is None or (isinstance(implementation, str)
+                                     and implementation in IMPLEMENTATIONS)):
+    raise ValueError(
+        f"implementation={implementation!r} is not one of None (choose), 'xla' (the XLA path) "
+        f"and 'pallas' (the fused Pallas kernels)."
+    )
+
+
+def _pallas_obstacle(x: jax.Array, scale: Any, bias: Any, epsilon: Any, mask: Any,
+                     reduction_axes: tuple[int, ...], feature_axes: tuple[int, ...],
+                     axis_name: Any) -> str | None:
+  """Why the Pallas kernels do not apply to a call, or None in the plain case."""
+  last = (x.ndim - 1,)
+  if x.ndim == 0:
+    return "a scalar input"
+  if reduction_axes != last:
+    return f"reduction_axes={reduction_axes} (the kernels reduce over the last axis only)"
+  if feature_axes != last:
+    return f"feature_axes={feature_axes} (the kernels take parameters along the last axis)"
+  if mask is not None:
+    return "a mask"
+  if axis_name is not None:
+    return f"axis_name={axis_name!r} (a reduction across devices)"
+  for name, a in (("x", x), ("scale", scale), ("bias", bias)):
+    if a is not None and jnp.dtype(jnp.result_type(a)).name not in _pallas.DTYPES:
+      return (f"{name} of dtype {jnp.dtype(jnp.result_type(a)).name} (the kernels take "
+              f"{', '.join(_pallas.DTYPES)})")
+  if isinstance(epsilon, jax.core.Tracer):
+    return "a traced epsilon (the kernels take a Python float)"
+  if jax.default_backend() not in ("cpu", "gpu"):
+    return f"the {jax.default_backend()} backend (the kernels are Triton kernels for GPUs)"
+  return None
+
+
+def dispatch(
+    x: jax.Array,
+    scale: ArrayLike | None,
+    bias: ArrayLike | None,
+    epsilon: Any,
+    mask: jax.Array | None,
+    *,
+    reduction_axes: tuple[int, ...],
+    feature_axes: tuple[int, ...],
+    axis_name: AxisName | None,
+    axis_index_groups: Any,
+    centered: bool,
+    implementation: str | None,
+) -> jax.Array:
+  """Layer (`centered`) or RMS normalization by the kernel that `implementation` picks.
+
+  `"xla"`: `normalize_with_moments`. `"pallas"`: the fused kernels of `_pallas` in the plain
+  case (reduction and parameters over the last axis, no mask, no `axis_name`, float32,
+  bfloat16 or float16, a Python-float epsilon), a ValueError outside it; inputs with more than
+  `_pallas.MAX_FEATURES` features, or no element, take the XLA path. `None`: the XLA path (the
+  kernels are not yet measured on a GPU, so nothing chooses them by itself).
+
+  Raises:
+    ValueError: an unknown `implementation`, or `"pallas"` outside the plain case.
+  """
+  check_implementation(implementation)
+
+  def xla(x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, mask=mask):
+    return normalize_with_moments(x, scale, bias, epsilon, mask, reduction_axes=reduction_axes,
+                                  feature_axes=feature_axes, axis_name=axis_name,
+                                  axis_index_groups=axis_index_groups, centered=centered)[0]
+
+  if implementation != "pallas":
+    return xla(x, scale, bias)
+  obstacle = _pallas_obstacle(x, scale, bias, epsilon, mask, reduction_axes, feature_axes,
+                              axis_name)
+  if obstacle is not None:
+    raise ValueError(
+        f"implementation='pallas' takes only the plain case (reduction and parameters over the "
+        f"last axis, no mask, no axis_name, float32/bfloat16/float16, a Python-float epsilon); "
+        f"got {obstacle}. Use implementation=None or 'xla' for this call."
+    )
+  if x.size == 0 or x.shape[-1] > _pallas.MAX_FEATURES:
+    return xla(x, scale, bias)
+  scale = None if scale is None else jnp.asarray(scale)
+  bias = None if bias is None else jnp.asarray(bias)
+  return _pallas.normalize_rows(
+      x, scale, bias, float(epsilon), centered=centered,
+      xla=lambda x2, s, b: xla(x2, s, b, reduction_axes=(1,), feature_axes=(1,), mask=None))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from . import _checks
-from ._fused import apply, normalize_with_moments
+from ._fused import apply, check_implementation, dispatch
 from ._stats import AxisName
 
 Axes = int | Sequence[int]
@@ -45,15 +45,15 @@ def _prepare(x: ArrayLike, reduction_axes: Axes, feature_axes: Axes, scale: Any,
 def _normalize_by_moments(name: str, x: jax.Array, red: tuple[int, ...],
                           feat: tuple[int, ...], scale: Any, bias: Any, epsilon: Any,
                           mask: Any, axis_name: Any, axis_index_groups: Any,
-                          centered: bool = True) -> jax.Array:
+                          centered: bool = True, implementation: str | None = None,
+                          ) -> jax.Array:
   """Computes the statistics through the one statistics path and normalizes with them."""
   mask = _checks.check_mask(mask, x.shape)
   _checks.check_axis_index_groups(axis_name, axis_index_groups)
   with jax.named_scope(f"jaxnorm.{name}"):
-    y, _ = normalize_with_moments(x, scale, bias, epsilon, mask, reduction_axes=red,
-                                   feature_axes=feat, axis_name=axis_name,
-                                   axis_index_groups=axis_index_groups, centered=centered)
-    return y
+    return dispatch(x, scale, bias, epsilon, mask, reduction_axes=red, feature_axes=feat,
+                    axis_name=axis_name, axis_index_groups=axis_index_groups,
+                    centered=centered, implementation=implementation)
 
 
 def normalize(
@@ -124,6 +124,7 @@ def layer_norm(
     mask: ArrayLike | None = None,
     axis_name: AxisName | None = None,
     axis_index_groups: Any = None,
+    implementation: str | None = None,
 ) -> jax.Array:
   r"""Layer normalization (Ba et al., 2016): statistics of each example over its features.
 
@@ -148,14 +149,19 @@ def layer_norm(
       statistics.
     axis_name: mapped axis (or axes) to reduce over as well.
     axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
+    implementation: None (choose: this release always takes the XLA path), `"xla"` or
+      `"pallas"`: the fused Pallas kernels (Triton on GPU, interpret mode on CPU; opt-in and
+      not yet measured on a GPU), for the plain case only: reduction and parameters over the
+      last axis, no mask, no axis_name, float32/bfloat16/float16. See
+      docs/guides/gpu_kernels.md.
 
   Returns:
     The normalized array, of `x`'s shape and dtype.
 
   Raises:
     TypeError: `x` is not floating or `mask` is not boolean.
-    ValueError: bad axes, parameters of the wrong shape, a mask that does not broadcast, or a
-      negative epsilon.
+    ValueError: bad axes, parameters of the wrong shape, a mask that does not broadcast, a
+      negative epsilon, an unknown `implementation`, or `"pallas"` outside the plain case.
 
   Example:
     >>> import jax.numpy as jnp, jaxnorm as jn
@@ -165,8 +171,9 @@ def layer_norm(
            [-1.2247,  0.    ,  1.2247]], dtype=float32)
   """
   x, red, feat = _prepare(x, reduction_axes, feature_axes, scale, bias, epsilon)
+  check_implementation(implementation)
   return _normalize_by_moments("layer_norm", x, red, feat, scale, bias, epsilon, mask,
-                               axis_name, axis_index_groups)
+                               axis_name, axis_index_groups, implementation=implementation)
 
 
 def rms_norm(
@@ -179,6 +186,7 @@ def rms_norm(
     mask: ArrayLike | None = None,
     axis_name: AxisName | None = None,
     axis_index_groups: Any = None,
+    implementation: str | None = None,
 ) -> jax.Array:
   r"""Root-mean-square normalization (Zhang & Sennrich, 2019): no centring, no bias.
 
@@ -197,14 +205,19 @@ def rms_norm(
     mask: optional boolean array broadcastable to `x`.
     axis_name: mapped axis (or axes) to reduce over as well.
     axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
+    implementation: None (choose: this release always takes the XLA path), `"xla"` or
+      `"pallas"`: the fused Pallas kernels (Triton on GPU, interpret mode on CPU; opt-in and
+      not yet measured on a GPU), for the plain case only: reduction and parameters over the
+      last axis, no mask, no axis_name, float32/bfloat16/float16. See
+      docs/guides/gpu_kernels.md.
 
   Returns:
     The normalized array, of `x`'s shape and dtype.
 
   Raises:
     TypeError: `x` is not floating or `mask` is not boolean.
-    ValueError: bad axes, `scale` of the wrong shape, a mask that does not broadcast, or a
-      negative epsilon.
+    ValueError: bad axes, `scale` of the wrong shape, a mask that does not broadcast, a
+      negative epsilon, an unknown `implementation`, or `"pallas"` outside the plain case.
 
   Example:
     >>> import jax.numpy as jnp, jaxnorm as jn
@@ -212,8 +225,10 @@ def rms_norm(
     Array([0.2, 1.4], dtype=float32)
   """
   x, red, feat = _prepare(x, reduction_axes, feature_axes, scale, None, epsilon)
+  check_implementation(implementation)
   return _normalize_by_moments("rms_norm", x, red, feat, scale, None, epsilon, mask,
-                               axis_name, axis_index_groups, centered=False)
+                               axis_name, axis_index_groups, centered=False,
+                               implementation=implementation)
 
 
 def _resolve_groups(channels: int, num_groups: int | None, group_size: int | None) -> int:

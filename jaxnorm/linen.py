@@ -229,6 +229,8 @@ class LayerNorm(nn.Module):
     use_fast_variance: accepted for compatibility and ignored (always the stable variance).
     force_float32_reductions: accepted for compatibility; False casts the parameters to
       `param_dtype` as flax does, but reductions always run in at least float32.
+    implementation: None, `"xla"` or `"pallas"`: jaxnorm's choice of kernel (see
+      `jaxnorm.layer_norm`; not a flax argument).
   """
 
   epsilon: float = 1e-6
@@ -244,6 +246,7 @@ class LayerNorm(nn.Module):
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
+  implementation: str | None = None
 
   @nn.compact
   def __call__(self, x, *, mask: jax.Array | None = None):
@@ -265,7 +268,8 @@ class LayerNorm(nn.Module):
     xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
     y = jn.layer_norm(xc, scale, bias, reduction_axes=self.reduction_axes, feature_axes=feat,
                       epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-                      axis_index_groups=self.axis_index_groups)
+                      axis_index_groups=self.axis_index_groups,
+                      implementation=self.implementation)
     return y.astype(out_dtype)
 
 
@@ -299,6 +303,8 @@ class RMSNorm(nn.Module):
     use_fast_variance: accepted for compatibility; it has no effect here (nor in flax).
     force_float32_reductions: accepted for compatibility; False casts `scale` to
       `param_dtype` as flax does, but reductions always run in at least float32.
+    implementation: None, `"xla"` or `"pallas"`: jaxnorm's choice of kernel (see
+      `jaxnorm.layer_norm`; not a flax argument).
   """
 
   epsilon: float = 1e-6
@@ -312,6 +318,7 @@ class RMSNorm(nn.Module):
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
+  implementation: str | None = None
 
   @nn.compact
   def __call__(self, x, *, mask: jax.Array | None = None):
@@ -332,7 +339,8 @@ class RMSNorm(nn.Module):
     xc, out_dtype = flax_dtypes(x, (scale,), self.dtype)
     y = jn.rms_norm(xc, scale, reduction_axes=self.reduction_axes, feature_axes=feat,
                     epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-                    axis_index_groups=self.axis_index_groups)
+                    axis_index_groups=self.axis_index_groups,
+                    implementation=self.implementation)
     return y.astype(out_dtype)
 
 

@@ -288,6 +288,8 @@ class LayerNorm(nnx.Module):
     rngs: random number streams; `rngs.params()` initializes `scale` and `bias`.
     bias_metadata: metadata of the `bias` `nnx.Param`.
     scale_metadata: metadata of the `scale` `nnx.Param`.
+    implementation: None, `"xla"` or `"pallas"`: jaxnorm's choice of kernel (see
+      `jaxnorm.layer_norm`; not a flax argument).
   """
 
   def __init__(
@@ -310,6 +312,7 @@ class LayerNorm(nnx.Module):
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = _NO_METADATA,
       scale_metadata: Mapping[str, Any] = _NO_METADATA,
+      implementation: str | None = None,
   ):
     _declare_params(self, num_features, use_scale, use_bias, scale_init, bias_init,
                     param_dtype, rngs, scale_metadata, bias_metadata, nnx.data(None))
@@ -325,6 +328,7 @@ class LayerNorm(nnx.Module):
     self.axis_index_groups = axis_index_groups
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
+    self.implementation = implementation
 
   def __call__(self, x, *, mask: jax.Array | None = None):
     """Normalizes each example of `x` over `reduction_axes`.
@@ -343,7 +347,8 @@ class LayerNorm(nnx.Module):
     y = jn.layer_norm(xc, _to_feature_shape(scale, x, feat), _to_feature_shape(bias, x, feat),
                       reduction_axes=self.reduction_axes, feature_axes=feat,
                       epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-                      axis_index_groups=self.axis_index_groups)
+                      axis_index_groups=self.axis_index_groups,
+                      implementation=self.implementation)
     return y.astype(out_dtype)
 
 
@@ -378,6 +383,8 @@ class RMSNorm(nnx.Module):
     promote_dtype: flax's input promotion function, called with `(x, scale)`.
     rngs: random number streams; `rngs.params()` initializes `scale`.
     scale_metadata: metadata of the `scale` `nnx.Param`.
+    implementation: None, `"xla"` or `"pallas"`: jaxnorm's choice of kernel (see
+      `jaxnorm.layer_norm`; not a flax argument).
   """
 
   def __init__(
@@ -397,6 +404,7 @@ class RMSNorm(nnx.Module):
       promote_dtype: PromoteDtypeFn = flax_dtypes_mod.promote_dtype,
       rngs: nnx.Rngs,
       scale_metadata: Mapping[str, Any] = _NO_METADATA,
+      implementation: str | None = None,
   ):
     if use_scale:
       self.scale = nnx.Param(scale_init(rngs.params(), (num_features,), param_dtype),
@@ -414,6 +422,7 @@ class RMSNorm(nnx.Module):
     self.axis_index_groups = axis_index_groups
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
+    self.implementation = implementation
 
   def __call__(self, x, mask: jax.Array | None = None):
     """Divides each example of `x` by its root mean square over `reduction_axes`.
@@ -431,7 +440,8 @@ class RMSNorm(nnx.Module):
     xc, out_dtype = flax_dtypes(x, (scale,), self.dtype)
     y = jn.rms_norm(xc, _to_feature_shape(scale, x, feat), reduction_axes=self.reduction_axes,
                     feature_axes=feat, epsilon=self.epsilon, mask=mask,
-                    axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
+                    axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+                    implementation=self.implementation)
     return y.astype(out_dtype)
 
 

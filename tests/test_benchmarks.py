@@ -74,23 +74,33 @@ def test_column_reduction_script_times_every_case(capsys):
 
 
 def test_gpu_script_runs_on_cpu_and_checks_exactness(tmp_path):
-  """benchmarks/gpu.py on the CPU: the Pallas GPU kernels are reported as failing, the rest runs."""
+  """benchmarks/gpu.py on the CPU: JAX's Pallas GPU kernels are reported as failing, the rest
+  runs, jaxnorm's own Pallas kernels ("jaxnorm pallas") in interpret mode, in the feature-size
+  sweep too."""
   spec = importlib.util.spec_from_file_location("jaxnorm_bench_gpu",
                                                 ROOT / "benchmarks" / "gpu.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   with jax.numpy_dtype_promotion("standard"):  # flax's bfloat16 layers need it, as users have it
-    module.main(["--quick", "--shapes", "64x128", "--copy-mib", "4", "--out", str(tmp_path)])
+    module.main(["--quick", "--shapes", "64x128", "--copy-mib", "4", "--out", str(tmp_path),
+                 "--sweep-elements", "512", "--sweep-features", "256"])
   result = json.loads((tmp_path / "gpu_results.json").read_text())
   assert result["meta"]["copy_gbs"] > 0
   libs = {r["lib"] for r in result["speed"]}
-  assert {"jaxnorm", "flax.linen", "jnp two-pass"} <= libs
-  for r in result["speed"]:
+  assert {"jaxnorm", "jaxnorm pallas", "flax.linen", "jnp two-pass"} <= libs
+  for r in result["speed"] + result["sweep"]:
     assert r["time_us"] > 0 and r["bandwidth_gbs"] > 0 and r["ratio_to_flax"] is not None
+    assert r["ratio_to_xla"] is not None
+  sweep = {(r["lib"], tuple(r["shape"])) for r in result["sweep"]}
+  assert sweep == {(lib, shape) for lib in module.SWEEP_LIBS for shape in ((2, 256),)}
   err = {(r["norm"], r["lib"], r["offset"]): r["max_error"] for r in result["exactness"]}
+  assert err[("layer_norm", "jaxnorm pallas", 1e4)] < 2e-2
   for norm in ("layer_norm", "batch_norm"):
     assert err[(norm, "jaxnorm", 1e4)] < 2e-2
     assert err[(norm, "flax.linen", 1e4)] > 1.0  # flax's default fast variance cancels
   assert all(r["max_rel_error"] < 1e-5 for r in result["gradients"]), result["gradients"]
-  assert "| layer_norm | 64x128 | float32 | fwd | jaxnorm |" in (
-      tmp_path / "gpu_results.md").read_text()
+  assert {r["norm"] for r in result["gradients"]} == {"layer_norm", "layer_norm pallas",
+                                                      "batch_norm"}
+  table = (tmp_path / "gpu_results.md").read_text()
+  assert "| layer_norm | 64x128 | float32 | fwd | jaxnorm |" in table
+  assert "| rms_norm | 2x256 | bfloat16 | fwd+bwd | jaxnorm pallas |" in table
