@@ -1,14 +1,16 @@
 """jaxnorm: exact, fast batch and layer normalization for JAX.
 
 Pure functions compute statistics (`moments`, `merge_moments`) and normalize with them
-(`normalize`, `layer_norm`, `rms_norm`, `group_norm`, `instance_norm`, `batch_norm`); batch
-normalization's running statistics are an explicit `BatchNormState` pytree. Flax wrappers live
-in `jaxnorm.linen` and `jaxnorm.nnx`; importing `jaxnorm` itself never imports flax.
+(`normalize`, `layer_norm`, `rms_norm`, `group_norm`, `instance_norm`, `batch_norm`,
+`batch_renorm`); batch normalization's running statistics are an explicit `BatchNormState`
+pytree. Flax wrappers live in `jaxnorm.linen` and `jaxnorm.nnx`; importing `jaxnorm` itself
+never imports flax.
 """
 
 from ._batch_norm import BatchNormState as BatchNormState
 from ._batch_norm import batch_norm as batch_norm
 from ._batch_norm import batch_norm_init as batch_norm_init
+from ._batch_norm import batch_renorm as batch_renorm
 from ._batch_norm import momentum_from_torch as momentum_from_torch
 from ._batch_norm import update_running_stats as update_running_stats
 from ._normalize import group_norm as group_norm
@@ -27,6 +29,7 @@ __all__ = (
     "Moments",
     "batch_norm",
     "batch_norm_init",
+    "batch_renorm",
     "group_norm",
     "instance_norm",
     "layer_norm",
