@@ -113,7 +113,7 @@ def test_batch_renorm_matches_float64_with_gradients(vbs, masked):
   _, bn = jn.batch_norm(x, STATE, gamma, beta, training=True, mask=mask, momentum=0.9,
                         virtual_batch_size=vbs)
   jax.tree.map(np.testing.assert_array_equal, new, bn)
-  n, mean, var = refs.ref_moments(x, (0, 1), mask)
+  _, mean, var = refs.ref_moments(x, (0, 1), mask)
   _close(new.mean, 0.9 * refs.f64(STATE.mean) + 0.1 * mean)
   _close(new.var, 0.9 * refs.f64(STATE.var) + 0.1 * var)
 
@@ -226,7 +226,11 @@ def test_ghost_batches_across_devices(transform):
     st = jax.tree.map(lambda a: a[0], st)
   else:
     mesh = jax.make_mesh((n_dev,), ("d",), devices=jax.devices()[:n_dev])
-    body = lambda v, m: (lambda out: (out[0][None], out[1]))(f(v[0], m[0]))
+
+    def body(v, m):
+      y, st = f(v[0], m[0])
+      return y[None], st
+
     args = [jax.device_put(a, jax.NamedSharding(mesh, P("d"))) for a in (x, m_full)]
     y, st = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("d"), P("d")),
                                   out_specs=(P("d"), P())))(*args)
@@ -396,8 +400,8 @@ STATE32 = jn.batch_norm_init(32)
     (lambda: jn.batch_norm(np.zeros((4, 4), np.float32), STATE, training=True,
                            virtual_batch_size=2.0), TypeError, r"virtual_batch_size must be"),
     (lambda: jn.layer_norm(np.zeros((4, 3, 8), np.float32), np.ones((2, 1, 8))), ValueError,
-     r"scale must have the shape .* \(8,\) or a shape that broadcasts to the input's shape "
-     r"\(4, 3, 8\); got shape \(2, 1, 8\)"),
+     (r"scale must have the shape .* \(8,\) or a shape that broadcasts to the input's shape "
+      r"\(4, 3, 8\); got shape \(2, 1, 8\)")),
     (lambda: jn.batch_norm(np.zeros((4, 3, 8), np.float32), jn.batch_norm_init(8), None,
                            np.ones((4, 3, 8, 1)), training=True), ValueError,
      r"bias must have the shape .*; got shape \(4, 3, 8, 1\)"),
