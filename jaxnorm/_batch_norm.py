@@ -188,12 +188,15 @@ def update_running_stats(
 
 
 def _check_virtual_batch_size(virtual_batch_size: Any, x: jax.Array,
-                              feat: tuple[int, ...]) -> None:
+                              feat: tuple[int, ...], training: bool) -> None:
+  """Its type always; its fit to the batch only in training (evaluation ignores it)."""
   if virtual_batch_size is None:
     return
   if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
     raise TypeError(f"virtual_batch_size must be a positive int or None; got "
                     f"{virtual_batch_size!r}.")
+  if not training:
+    return
   if 0 in feat:
     raise ValueError(
         f"virtual_batch_size splits axis 0 into ghost batches, but axis 0 is a feature axis "
@@ -242,7 +245,7 @@ def _validate(x: ArrayLike, state: BatchNormState, scale: Any, bias: Any, traini
   _check_state(state, tuple(xa.shape[a] for a in feat))
   valid = _checks.check_mask(mask, xa.shape)
   _checks.check_axis_index_groups(axis_name, axis_index_groups)
-  _check_virtual_batch_size(virtual_batch_size, xa, feat)
+  _check_virtual_batch_size(virtual_batch_size, xa, feat, training)
   return xa, red, feat, valid
 
 
@@ -331,7 +334,8 @@ def batch_norm(
     axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
     unbiased_running_var: store the Bessel-corrected running variance, as PyTorch does.
     virtual_batch_size: size of the ghost batches axis 0 is split into in training (it must
-      divide `x.shape[0]`), or None for one batch. Ignored in evaluation.
+      divide `x.shape[0]`), or None for one batch. Ignored in evaluation, so a model trained
+      with ghost batches evaluates on any batch size, a single example included.
 
   Returns:
     `(y, new_state)`: `y` of `x`'s shape and dtype, and the updated (or, in evaluation, the

@@ -240,6 +240,16 @@ def test_ghost_batches_across_devices(transform):
   _close(st.var, var)
 
 
+def test_ghost_batches_are_ignored_in_evaluation():
+  x = _data((1, 3))  # one example: no ghost batch of 2 fits, evaluation does not need one
+  got = jn.batch_norm(x, STATE3, training=False, virtual_batch_size=2)
+  jax.tree.map(np.testing.assert_array_equal, got, jn.batch_norm(x, STATE3, training=False))
+
+
+STATE3 = jn.BatchNormState(jnp.array([0.5, 1.0, -1.0]), jnp.array([2.0, 1.0, 0.5]),
+                           jnp.array(3))
+
+
 def test_ghost_batches_stay_on_their_device_without_axis_name():
   x = _data((2, 4, 3))
   y = jax.vmap(lambda v: jn.batch_norm(v, jn.batch_norm_init(3), training=True,
