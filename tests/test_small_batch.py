@@ -212,7 +212,7 @@ def _across_devices_reference(x, mask, vbs):
   return y, mean, var
 
 
-@pytest.mark.parametrize("transform", ["vmap", "shard_map"])
+@pytest.mark.parametrize("transform", ["vmap", "shard_map", "pmap"])
 def test_ghost_batches_across_devices(transform):
   """With axis_name, ghost batch i gathers the i-th chunk of every device (google/flax#332)."""
   n_dev, b, c, vbs = 4, 6, 3, 2
@@ -221,8 +221,9 @@ def test_ghost_batches_across_devices(transform):
   f = lambda v, m: jn.batch_norm(v, jn.batch_norm_init(c), training=True, momentum=0.0,
                                  mask=m, axis_name="d", virtual_batch_size=vbs)
   m_full = np.broadcast_to(mask, x.shape)
-  if transform == "vmap":
-    y, st = jax.vmap(f, axis_name="d")(x, m_full)
+  if transform in ("vmap", "pmap"):
+    mapped = jax.vmap if transform == "vmap" else jax.pmap
+    y, st = mapped(f, axis_name="d")(x, m_full)
     st = jax.tree.map(lambda a: a[0], st)
   else:
     mesh = jax.make_mesh((n_dev,), ("d",), devices=jax.devices()[:n_dev])
