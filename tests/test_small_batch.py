@@ -362,6 +362,18 @@ def test_per_example_scale_and_bias_match_float64(name, shape):
   _grad_check(f, ref, (x, g, b), w, argnums)
 
 
+def test_normalize_with_given_statistics_takes_per_example_parameters():
+  x, w = _data((4, 5, 8)), _data((4, 5, 8), seed=3)
+  r = np.random.RandomState(4)
+  g, b = (r.rand(4, 1, 8) + 0.5).astype(np.float32), r.randn(4, 1, 8).astype(np.float32)
+
+  def f(v, g_, b_):
+    m = jn.moments(v, -1)
+    return jn.normalize(v, m.mean, m.var, g_, b_, reduction_axes=-1, epsilon=1e-6)
+
+  _grad_check(f, ref_ln, (x, g, b), w, (0, 1, 2))
+
+
 def test_per_example_scale_channels_first_and_feature_shape_precedence():
   """A feature-shaped parameter runs along feature_axes; others broadcast as in NumPy."""
   x = _data((4, 8, 5))  # channels first
