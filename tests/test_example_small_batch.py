@@ -29,7 +29,12 @@ def test_small_batch_quick_run(tmp_path):
   assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in results["runs"])
   # The ablation is decided by the rule, and the verdict says which way.
   (v,) = results["ablation_verdicts"]
-  assert v["ghost_batch"] == 2 and isinstance(v["collapses"], bool)
-  assert results["verdict"].startswith("The failure is" if v["collapses"] else "Not")
+  assert v["ghost_batch"] == 2
+  assert isinstance(v["collapses"], bool) and isinstance(v["plain_bn_fails"], bool)
+  if not v["plain_bn_fails"]:
+    expected = "Not decided"
+  else:
+    expected = "The failure is" if v["collapses"] else "Not (only)"
+  assert results["verdict"].startswith(expected)
   assert (tmp_path / "small_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "| normalizer |" in proc.stdout and "Verdict:" in proc.stdout
