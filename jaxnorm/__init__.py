@@ -1,16 +1,18 @@
 """jaxnorm: exact, fast batch and layer normalization for JAX.
 
 Pure functions compute statistics (`moments`, `merge_moments`) and normalize with them
-(`normalize`, `layer_norm`, `rms_norm`, `group_norm`, `instance_norm`, `batch_norm`); batch
-normalization's running statistics are an explicit `BatchNormState` pytree, and
-`fold_batch_norm` folds an evaluation-mode batch normalization into the layer before it. Flax
-wrappers live in `jaxnorm.linen` and `jaxnorm.nnx`, PyTorch checkpoint conversion in
-`jaxnorm.interop`; importing `jaxnorm` itself never imports flax (nor torch).
+(`normalize`, `layer_norm`, `rms_norm`, `group_norm`, `instance_norm`, `batch_norm`,
+`batch_renorm`); batch normalization's running statistics are an explicit `BatchNormState`
+pytree, and `fold_batch_norm` folds an evaluation-mode batch normalization into the layer before
+it. Flax wrappers live in `jaxnorm.linen` and `jaxnorm.nnx`, Equinox ones in `jaxnorm.equinox`,
+PyTorch checkpoint conversion in `jaxnorm.interop`; importing `jaxnorm` itself never imports
+flax, equinox or torch.
 """
 
 from ._batch_norm import BatchNormState as BatchNormState
 from ._batch_norm import batch_norm as batch_norm
 from ._batch_norm import batch_norm_init as batch_norm_init
+from ._batch_norm import batch_renorm as batch_renorm
 from ._batch_norm import momentum_from_torch as momentum_from_torch
 from ._batch_norm import update_running_stats as update_running_stats
 from ._fold import fold_batch_norm as fold_batch_norm
@@ -30,6 +32,7 @@ __all__ = (
     "Moments",
     "batch_norm",
     "batch_norm_init",
+    "batch_renorm",
     "fold_batch_norm",
     "group_norm",
     "instance_norm",

@@ -22,12 +22,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks
 from ._fused import apply, normalize_with_moments
 from ._normalize import _prepare
-from ._stats import AxisName, Moments, _wide_dtype
+from ._stats import AxisName, Moments, _merge_axis, _wide_dtype
 
 
 class BatchNormState(NamedTuple):
@@ -133,6 +134,12 @@ def update_running_stats(
   0.999 would round to 1), and the result has the state's dtypes. Features whose batch count
   is 0 keep their running values, and `count` advances only if some feature saw a valid element.
 
+  A batch whose moments are not all finite (a NaN or Inf at a valid position, or squares that
+  overflow) leaves the whole state unchanged: mean, variance and count. One bad batch then
+  cannot poison the running statistics; the normalized output still shows the NaN, so the loss
+  does too, and `optax.apply_if_finite` can skip that step's parameter update. Across devices
+  the moments are global, so every device makes the same decision.
+
   Args:
     state: the running statistics.
     batch: the batch's `Moments`, of the state's feature shape.
@@ -151,6 +158,9 @@ def update_running_stats(
     >>> batch = jn.moments(jnp.array([[1.0, 2.0], [3.0, 6.0]]), reduction_axes=0)
     >>> jn.update_running_stats(state, batch, momentum=None)
     BatchNormState(mean=Array([2., 4.], dtype=float32), var=Array([1., 4.], dtype=float32), count=Array(1, dtype=int32))
+    >>> bad = jn.moments(jnp.array([[1.0, jnp.nan], [3.0, 6.0]]), reduction_axes=0)
+    >>> jn.update_running_stats(state, bad)  # a non-finite batch changes nothing
+    BatchNormState(mean=Array([0., 0.], dtype=float32), var=Array([1., 1.], dtype=float32), count=Array(0, dtype=int32))
   """
   _checks.check_momentum(momentum)
   _check_state(state, jnp.shape(batch.mean))
@@ -163,7 +173,8 @@ def update_running_stats(
     weight = 1 / (state.count.astype(dtype) + 1)  # weight of the new batch
   else:
     weight = jnp.asarray(1.0 - momentum, dtype)
-  seen = count > 0
+  finite = jnp.all(jnp.isfinite(batch.mean) & jnp.isfinite(batch.var))
+  seen = (count > 0) & finite
 
   def ema(old: jax.Array, new: jax.Array) -> jax.Array:
     mixed = (1 - weight) * old.astype(dtype) + weight * new.astype(dtype)
@@ -174,6 +185,98 @@ def update_running_stats(
       var=ema(state.var, var),
       count=state.count + jnp.any(seen).astype(state.count.dtype),
   )
+
+
+def _check_virtual_batch_size(virtual_batch_size: Any, x: jax.Array,
+                              feat: tuple[int, ...], training: bool) -> None:
+  """Its type always; its fit to the batch only in training (evaluation ignores it)."""
+  if virtual_batch_size is None:
+    return
+  if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
+    raise TypeError(f"virtual_batch_size must be a positive int or None; got "
+                    f"{virtual_batch_size!r}.")
+  if not training:
+    return
+  if 0 in feat:
+    raise ValueError(
+        f"virtual_batch_size splits axis 0 into ghost batches, but axis 0 is a feature axis "
+        f"(feature_axes={feat}); put the batch first."
+    )
+  batch = x.shape[0]
+  if virtual_batch_size <= 0 or batch % virtual_batch_size:
+    raise ValueError(
+        f"virtual_batch_size={virtual_batch_size} must be a positive divisor of the batch "
+        f"size (axis 0 of the input), {batch}."
+    )
+
+
+def _ghost(a: Any, shape: tuple[int, ...], fshape: tuple[int, ...], groups: int) -> Any:
+  """Splits axis 0 of `a` (the input, its mask or a per-example parameter) into ghost batches.
+
+  A feature-shaped parameter is unchanged; any other (validated) one broadcasts to `shape`,
+  so its axis 0 is the batch or 1.
+  """
+  if a is None:
+    return None
+  a = jnp.asarray(a)
+  if a.shape == fshape:
+    return a
+  full = (1,) * (len(shape) - a.ndim) + a.shape
+  lead = (groups, shape[0] // groups) if full[0] == shape[0] else (1, 1)
+  return jnp.reshape(a, lead + full[1:])
+
+
+def _validate(x: ArrayLike, state: BatchNormState, scale: Any, bias: Any, training: Any,
+              feature_axes: Any, momentum: Any, epsilon: Any, mask: Any, axis_name: Any,
+              axis_index_groups: Any, virtual_batch_size: Any,
+              ) -> tuple[jax.Array, tuple[int, ...], tuple[int, ...], jax.Array | None]:
+  """The checks shared by `batch_norm` and `batch_renorm`; returns the canonical arguments."""
+  if not isinstance(training, bool):
+    raise TypeError(
+        f"training must be a Python bool (it selects the code path at trace time); got "
+        f"{training!r}. Make it a static argument of your jitted function."
+    )
+  xa = jnp.asarray(x)
+  _checks.check_floating(xa)
+  feat = _checks.canonicalize_axes(feature_axes, xa.ndim, "feature_axes")
+  red = tuple(a for a in range(xa.ndim) if a not in feat)
+  xa, red, feat = _prepare(xa, red, feat, scale, bias, epsilon)
+  _checks.check_momentum(momentum)
+  _check_state(state, tuple(xa.shape[a] for a in feat))
+  valid = _checks.check_mask(mask, xa.shape)
+  _checks.check_axis_index_groups(axis_name, axis_index_groups)
+  _check_virtual_batch_size(virtual_batch_size, xa, feat, training)
+  return xa, red, feat, valid
+
+
+def _train(x: jax.Array, state: BatchNormState, scale: Any, bias: Any, *,
+           red: tuple[int, ...], feat: tuple[int, ...], momentum: Any, epsilon: Any,
+           mask: jax.Array | None, axis_name: Any, axis_index_groups: Any,
+           unbiased_running_var: bool, virtual_batch_size: int | None,
+           renorm: tuple[Any, Any, Any, Any] | None) -> tuple[jax.Array, BatchNormState]:
+  """A training step of batch (re)normalization, with or without ghost batches."""
+  if virtual_batch_size is None:
+    y, batch = normalize_with_moments(
+        x, scale, bias, epsilon, mask, reduction_axes=red, feature_axes=feat,
+        axis_name=axis_name, axis_index_groups=axis_index_groups, centered=True,
+        renorm=renorm)
+  else:
+    # Ghost batches: axis 0 becomes (groups, virtual_batch_size); the group axis keeps its own
+    # statistics (with axis_name, ghost batch i is the i-th chunk of every device together).
+    groups = x.shape[0] // virtual_batch_size
+    fshape = tuple(x.shape[a] for a in feat)
+    split = lambda a: _ghost(a, x.shape, fshape, groups)
+    red_g = tuple(a + 1 for a in red)  # axis 0 is a reduction axis: it becomes axis 1
+    feat_g = tuple(a + 1 for a in feat)
+    y, ghost = normalize_with_moments(
+        split(x), split(scale), split(bias), epsilon, split(mask), reduction_axes=red_g,
+        feature_axes=feat_g, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        centered=True, renorm=renorm)
+    y = y.reshape(x.shape)
+    batch = _merge_axis(ghost, 0)  # the whole batch's exact moments, for the running state
+  new_state = update_running_stats(state, batch, momentum=momentum,
+                                   unbiased_running_var=unbiased_running_var)
+  return y, new_state
 
 
 def batch_norm(
@@ -190,6 +293,7 @@ def batch_norm(
     axis_name: AxisName | None = None,
     axis_index_groups: Any = None,
     unbiased_running_var: bool = False,
+    virtual_batch_size: int | None = None,
 ) -> tuple[jax.Array, BatchNormState]:
   r"""Batch normalization (Ioffe & Szegedy, 2015) with explicit running statistics.
 
@@ -202,11 +306,24 @@ def batch_norm(
   statistics are updated with `update_running_stats`. In evaluation, the running statistics are
   used and the state is returned unchanged.
 
+  Ghost batches (`virtual_batch_size`, Hoffer et al., 2017): axis 0 is split into consecutive
+  virtual batches of that many examples, each normalized with its own statistics (masks apply
+  within each). With `axis_name`, virtual batch *i* is the *i*-th chunk of every device
+  together; without it, virtual batches stay on their device. The running statistics are
+  updated once per call with the moments of the whole batch, the exact merge of the virtual
+  batches' moments, so they estimate the population (Keras instead folds in the mean of the
+  virtual batches' variances, which lacks the spread of their means).
+
+  A training batch whose moments are not finite leaves the running statistics unchanged (see
+  `update_running_stats`); its output shows the NaN.
+
   Args:
     x: floating input.
     state: running statistics of the feature shape (`batch_norm_init`).
-    scale: optional γ of the feature shape.
-    bias: optional β of the feature shape.
+    scale: optional γ of the feature shape, or of any shape that broadcasts to `x`
+      (conditional batch norm: e.g. `(batch, 1, 1, channels)`; its gradient comes back in that
+      shape).
+    bias: optional β, of the feature shape or a shape that broadcasts to `x`.
     training: True to use and fold in the batch's statistics, False to use the running ones.
     feature_axes: axes that keep separate statistics (default: the last, channels-last).
     momentum: decay of the running statistics in [0, 1), or None for the cumulative average.
@@ -216,6 +333,9 @@ def batch_norm(
     axis_name: mapped axis (or axes) over which the batch is split across devices.
     axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
     unbiased_running_var: store the Bessel-corrected running variance, as PyTorch does.
+    virtual_batch_size: size of the ghost batches axis 0 is split into in training (it must
+      divide `x.shape[0]`), or None for one batch. Ignored in evaluation, so a model trained
+      with ghost batches evaluates on any batch size, a single example included.
 
   Returns:
     `(y, new_state)`: `y` of `x`'s shape and dtype, and the updated (or, in evaluation, the
@@ -225,7 +345,8 @@ def batch_norm(
     TypeError: `x` is not floating, `training` is not a bool, or `state` is not a
       BatchNormState.
     ValueError: bad axes, parameters or state of the wrong shape, a mask that does not
-      broadcast, a negative epsilon, or momentum outside [0, 1).
+      broadcast, a negative epsilon, momentum outside [0, 1), or a `virtual_batch_size` that
+      does not divide the batch.
 
   Example:
     >>> import jax.numpy as jnp, jaxnorm as jn
@@ -236,29 +357,115 @@ def batch_norm(
            [ 1.]], dtype=float32)
     >>> state
     BatchNormState(mean=Array([0.02], dtype=float32), var=Array([1.], dtype=float32), count=Array(1, dtype=int32))
+    >>> x = jnp.array([[1.0], [3.0], [10.0], [30.0]])
+    >>> y, state = jn.batch_norm(x, jn.batch_norm_init(1), training=True, epsilon=0.0,
+    ...                          momentum=0.0, virtual_batch_size=2)
+    >>> y.ravel()  # each pair normalized on its own
+    Array([-1.,  1., -1.,  1.], dtype=float32)
+    >>> state.mean  # the whole batch's mean
+    Array([11.], dtype=float32)
   """
-  if not isinstance(training, bool):
-    raise TypeError(
-        f"training must be a Python bool (it selects the code path at trace time); got "
-        f"{training!r}. Make it a static argument of your jitted function."
-    )
-  x = jnp.asarray(x)
-  _checks.check_floating(x)
-  feat = _checks.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
-  red = tuple(a for a in range(x.ndim) if a not in feat)
-  x, red, feat = _prepare(x, red, feat, scale, bias, epsilon)
-  _checks.check_momentum(momentum)
-  _check_state(state, tuple(x.shape[a] for a in feat))
-  if not training:
-    mask = _checks.check_mask(mask, x.shape)  # validated for consistency, unused
-    with jax.named_scope("jaxnorm.batch_norm"):
-      return apply(x, state.mean, state.var, scale, bias, red, feat, epsilon), state
-  mask = _checks.check_mask(mask, x.shape)
-  _checks.check_axis_index_groups(axis_name, axis_index_groups)
+  xa, red, feat, valid = _validate(x, state, scale, bias, training, feature_axes, momentum,
+                                   epsilon, mask, axis_name, axis_index_groups,
+                                   virtual_batch_size)
   with jax.named_scope("jaxnorm.batch_norm"):
-    y, m = normalize_with_moments(x, scale, bias, epsilon, mask, reduction_axes=red,
-                                   feature_axes=feat, axis_name=axis_name,
-                                   axis_index_groups=axis_index_groups, centered=True)
-    new_state = update_running_stats(state, m, momentum=momentum,
-                                     unbiased_running_var=unbiased_running_var)
-  return y, new_state
+    if not training:
+      return apply(xa, state.mean, state.var, scale, bias, red, feat, epsilon), state
+    return _train(xa, state, scale, bias, red=red, feat=feat, momentum=momentum,
+                  epsilon=epsilon, mask=valid, axis_name=axis_name,
+                  axis_index_groups=axis_index_groups,
+                  unbiased_running_var=unbiased_running_var,
+                  virtual_batch_size=virtual_batch_size, renorm=None)
+
+
+def _check_clip(value: Any, name: str, low: float) -> None:
+  if _checks.is_concrete(value):
+    v = np.asarray(value)
+    if v.ndim != 0 or not np.isfinite(v) or v < low:
+      raise ValueError(
+          f"{name} must be a finite scalar >= {low:g} ({name}={low:g} is plain batch "
+          f"normalization); got {value!r}."
+      )
+
+
+def batch_renorm(
+    x: ArrayLike,
+    state: BatchNormState,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    training: bool,
+    r_max: ArrayLike,
+    d_max: ArrayLike,
+    feature_axes: int | Sequence[int] = -1,
+    momentum: float | None = 0.99,
+    epsilon: float = 1e-5,
+    mask: ArrayLike | None = None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Any = None,
+    virtual_batch_size: int | None = None,
+) -> tuple[jax.Array, BatchNormState]:
+  r"""Batch renormalization (Ioffe, 2017): batch norm corrected toward the running statistics.
+
+  .. math::
+    y = \Big(\frac{x - \mu_B}{\sigma_B}\,r + d\Big)\gamma + \beta, \quad
+    r = \mathrm{clip}\Big(\frac{\sigma_B}{\sigma}, \frac{1}{r_{max}}, r_{max}\Big), \quad
+    d = \mathrm{clip}\Big(\frac{\mu_B - \mu}{\sigma}, -d_{max}, d_{max}\Big)
+
+  with the batch's moments :math:`\mu_B`, :math:`\sigma_B = \sqrt{\sigma^2_B + \epsilon}`
+  (computed as in `batch_norm`) and the running ones :math:`\mu = ` `state.mean`,
+  :math:`\sigma = \sqrt{\texttt{state.var} + \epsilon}`. `r` and `d` are constants for
+  differentiation (stopped gradients). The state is updated exactly as by `batch_norm`; in
+  evaluation this is `batch_norm`'s evaluation. With `r_max=1, d_max=0` it is batch norm.
+
+  It runs through the same fused normalizer as `batch_norm`, with the effective parameters
+  :math:`r\gamma` and :math:`d\gamma + \beta`: no normalized copy of `x` is kept for the
+  backward pass. `r_max` and `d_max` may be traced, so a schedule (the paper ramps `r_max`
+  from 1 to 3 and `d_max` from 0 to 5) costs no retrace.
+
+  Args:
+    x: floating input.
+    state: running statistics of the feature shape (`batch_norm_init`).
+    scale: optional γ of the feature shape, or of a shape that broadcasts to `x`.
+    bias: optional β of the feature shape, or of a shape that broadcasts to `x`.
+    training: True for a training step, False to normalize with the running statistics.
+    r_max: bound (>= 1) of the correction of the scale, a scalar (may be traced).
+    d_max: bound (>= 0) of the correction of the shift, a scalar (may be traced).
+    feature_axes: axes that keep separate statistics (default: the last).
+    momentum: decay of the running statistics in [0, 1), or None for the cumulative average.
+    epsilon: non-negative constant added to both variances.
+    mask: optional boolean array broadcastable to `x`; True marks elements that enter the batch
+      statistics.
+    axis_name: mapped axis (or axes) over which the batch is split across devices.
+    axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
+    virtual_batch_size: ghost batches as in `batch_norm` (each has its own `r` and `d`).
+
+  Returns:
+    `(y, new_state)`, as `batch_norm`.
+
+  Raises:
+    TypeError: as `batch_norm`.
+    ValueError: as `batch_norm`, or a concrete `r_max < 1` or `d_max < 0`.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm as jn
+    >>> x = jnp.array([[1.0], [3.0]])  # batch mean 2, batch std 1
+    >>> state = jn.BatchNormState(jnp.array([1.0]), jnp.array([4.0]), jnp.array(10))
+    >>> y, new = jn.batch_renorm(x, state, training=True, r_max=3.0, d_max=5.0, epsilon=0.0)
+    >>> y  # r = 1/2, d = (2 - 1)/2: y = x̂/2 + 1/2 = (x - 1)/2, the running statistics' output
+    Array([[0.],
+           [1.]], dtype=float32)
+  """
+  xa, red, feat, valid = _validate(x, state, scale, bias, training, feature_axes, momentum,
+                                   epsilon, mask, axis_name, axis_index_groups,
+                                   virtual_batch_size)
+  _check_clip(r_max, "r_max", 1.0)
+  _check_clip(d_max, "d_max", 0.0)
+  with jax.named_scope("jaxnorm.batch_renorm"):
+    if not training:
+      return apply(xa, state.mean, state.var, scale, bias, red, feat, epsilon), state
+    return _train(xa, state, scale, bias, red=red, feat=feat, momentum=momentum,
+                  epsilon=epsilon, mask=valid, axis_name=axis_name,
+                  axis_index_groups=axis_index_groups, unbiased_running_var=False,
+                  virtual_batch_size=virtual_batch_size,
+                  renorm=(state.mean, state.var, r_max, d_max))

@@ -86,14 +86,32 @@ def check_momentum(momentum: Any) -> None:
 
 
 def check_param(param: jax.Array | None, expected: tuple[int, ...], name: str,
-                what: str) -> None:
+                what: str, input_shape: tuple[int, ...] | None = None) -> None:
+  """`param` must have the shape `expected` or, with `input_shape`, one that broadcasts to it.
+
+  The broadcast form is NumPy's (the parameter's axes align with the input's last axes), for
+  per-example parameters such as `(batch, 1, features)`.
+  """
   if param is None:
     return
-  if tuple(jnp.shape(param)) != tuple(expected):
-    raise ValueError(
-        f"{name} must have the shape of the {what}, {tuple(expected)}; got shape "
-        f"{tuple(jnp.shape(param))}."
-    )
+  shape = tuple(jnp.shape(param))
+  if shape == tuple(expected):
+    return
+  if input_shape is not None and _broadcasts_to(shape, tuple(input_shape)):
+    return
+  also = ("" if input_shape is None else
+          f" or a shape that broadcasts to the input's shape {tuple(input_shape)}")
+  raise ValueError(
+      f"{name} must have the shape of the {what}, {tuple(expected)}{also}; got shape "
+      f"{shape}."
+  )
+
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+  try:
+    return np.broadcast_shapes(shape, target) == target
+  except ValueError:
+    return False
 
 
 def check_mask(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
@@ -106,14 +124,10 @@ def check_mask(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | No
         f"mask must be a boolean array (True marks the elements that enter the statistics); "
         f"got dtype {mask.dtype}. Use e.g. mask=(lengths[:, None] > positions)."
     )
-  try:
-    np.broadcast_shapes(mask.shape, shape)
-    if np.broadcast_shapes(mask.shape, shape) != tuple(shape):
-      raise ValueError
-  except ValueError:
+  if not _broadcasts_to(mask.shape, tuple(shape)):
     raise ValueError(
         f"mask of shape {mask.shape} does not broadcast to the input's shape {tuple(shape)}."
-    ) from None
+    )
   return jnp.broadcast_to(mask, shape)
 
 

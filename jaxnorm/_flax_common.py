@@ -2,7 +2,7 @@
 
 Nothing here computes a statistic or normalizes: the wrappers call the functional core for
 that. This module only decides *which dtypes* the core sees and returns, so that the wrappers
-follow flax's output-dtype rules exactly.
+follow flax's output-dtype rules exactly, and which core function a `BatchNorm` calls.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+import jaxnorm as jn
 
 INSTALL_HINT = "pip install jaxnorm[flax]"
 
@@ -44,3 +46,30 @@ def flax_dtypes(x: jax.Array, params: tuple[Any, ...], dtype: Any) -> tuple[jax.
   if not jnp.issubdtype(wide, jnp.inexact):  # integer input: flax computes in float32 too
     wide = jnp.dtype(jnp.float32)
   return (x if x.dtype == wide else x.astype(wide)), out
+
+
+def zero_centered_init(scale_init: Any, zero_centered_scale: bool) -> Any:
+  """flax's default scale initializer (ones) becomes zeros for a zero-centred scale."""
+  if zero_centered_scale and scale_init is jax.nn.initializers.ones:
+    return jax.nn.initializers.zeros
+  return scale_init
+
+
+def batch_norm_or_renorm(x: jax.Array, state: Any, scale: Any, bias: Any, *, renorm: bool,
+                         r_max: Any, d_max: Any, unbiased_running_var: bool,
+                         **kwargs: Any) -> tuple[jax.Array, Any]:
+  """`jaxnorm.batch_renorm` with `renorm=True`, else `jaxnorm.batch_norm` (same keywords)."""
+  if not renorm:
+    return jn.batch_norm(x, state, scale, bias, unbiased_running_var=unbiased_running_var,
+                         **kwargs)
+  if unbiased_running_var:
+    raise ValueError("unbiased_running_var=True is not supported with renorm=True (batch "
+                     "renormalization corrects toward the stored, biased variance).")
+  if kwargs["training"] and (r_max is None or d_max is None):
+    raise ValueError(
+        f"renorm=True needs r_max and d_max at call time in training (e.g. r_max=3.0, "
+        f"d_max=5.0; r_max=1.0, d_max=0.0 is batch norm); got r_max={r_max!r}, "
+        f"d_max={d_max!r}."
+    )
+  return jn.batch_renorm(x, state, scale, bias, r_max=1.0 if r_max is None else r_max,
+                         d_max=0.0 if d_max is None else d_max, **kwargs)

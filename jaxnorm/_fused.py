@@ -38,9 +38,18 @@ _CHECKPOINT_POLICY = jax.checkpoint_policies.save_only_these_names(_COUNT, _MEAN
 
 def _broadcast_param(p: ArrayLike, feature_axes: tuple[int, ...], ndim: int,
                      shape: tuple[int, ...], dtype: Any) -> jax.Array:
-  """Reshapes a feature-shaped parameter so that it broadcasts against the input."""
-  full = tuple(shape[i] if i in feature_axes else 1 for i in range(ndim))
-  return jnp.reshape(jnp.asarray(p).astype(dtype), full)
+  """Reshapes a parameter so that it broadcasts against the input.
+
+  A parameter of exactly the feature shape runs along `feature_axes`; any other shape (a
+  per-example scale or bias such as `(batch, 1, features)`, already validated) broadcasts
+  against the input as in NumPy, so it only gains leading axes of size 1.
+  """
+  p = jnp.asarray(p).astype(dtype)
+  if p.shape == tuple(shape[i] for i in feature_axes):
+    full = tuple(shape[i] if i in feature_axes else 1 for i in range(ndim))
+  else:
+    full = (1,) * (ndim - p.ndim) + p.shape
+  return jnp.reshape(p, full)
 
 
 def _cpu_barrier(x: jax.Array) -> jax.Array:
@@ -74,7 +83,8 @@ def apply(
   """`(x - mean) * rsqrt(var + epsilon) * scale + bias` in float32 or wider, cast to x.dtype.
 
   `mean=None` skips the centring (RMS normalization). Statistics arguments have `x`'s shape
-  with `reduction_axes` removed; `scale` and `bias` have the feature shape.
+  with `reduction_axes` removed; `scale` and `bias` have the feature shape or a shape that
+  broadcasts to `x` (see `_broadcast_param`).
   """
   if jnp.iscomplexobj(x):
     return _apply_complex(x, mean, var, scale, bias, reduction_axes, feature_axes, epsilon)
@@ -120,6 +130,7 @@ def normalize_with_moments(
     axis_name: AxisName | None,
     axis_index_groups: Any,
     centered: bool,
+    renorm: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, Moments]:
   r"""Normalizes `x` by its own moments; returns `(y, moments)` (arguments already validated).
 
@@ -157,6 +168,20 @@ def normalize_with_moments(
   :math:`r` from `x` (which the caller holds anyway) instead of keeping a normalized copy of the
   input, and never repeats a reduction.
 
+  `scale` and `bias` have the feature shape or any shape that broadcasts to `x` (per-example
+  conditioning); their tangents enter through the same broadcast, so reverse mode sums their
+  cotangents back to the shape given.
+
+  With `renorm = (ref_mean, ref_var, r_max, d_max)` (batch renormalization, Ioffe 2017), the
+  affine parameters are replaced inside the derivative by
+  :math:`\gamma' = r\gamma` and :math:`\beta' = d\gamma + \beta` with
+  :math:`r = \mathrm{clip}(\sigma_B/\sigma, 1/r_{max}, r_{max})`,
+  :math:`d = \mathrm{clip}((\mu_B - \mu)/\sigma, -d_{max}, d_{max})`, computed from the
+  batch's moments and the reference (running) statistics :math:`\mu, \sigma^2 + \epsilon`
+  and held constant (stopped gradients): :math:`y = \hat x r\gamma + d\gamma + \beta`,
+  the same derivative with :math:`d\gamma' = r\,d\gamma`, :math:`d\beta' = d\,d\gamma +
+  d\beta`. `r` and `d` are recomputed from the saved statistics in the backward pass.
+
   Returns:
     `y` (of `x`'s shape and dtype) and the batch's `Moments` (whose mean and variance are
     differentiable too, for callers that use them).
@@ -168,7 +193,28 @@ def normalize_with_moments(
     return apply(x, m.mean if centered else None, m.var, scale, bias, red, feat, epsilon), m
 
   def param(p):
-    return _broadcast_param(p, feat, x.ndim, shape, dtype)
+    return None if p is None else _broadcast_param(p, feat, x.ndim, shape, dtype)
+
+  def affine(mean, var, eps, scale, bias, dscale=None, dbias=None, ref=None):
+    """The effective (γ, β) and their tangents (None: absent, or a zero tangent)."""
+    s, b, ds, db = param(scale), param(bias), param(dscale), param(dbias)
+    if ref is None:
+      return s, b, ds, db
+    ref_mean, ref_var, r_max, d_max = (jax.lax.stop_gradient(a) for a in ref)
+    ref_rstd = _rstd(ref_var, eps, dtype)
+    sigma_b = jnp.sqrt(jnp.maximum(var, jnp.zeros((), dtype)) + eps)
+    r = jnp.clip(sigma_b * ref_rstd, 1 / r_max, r_max)
+    d = jnp.clip((mean - ref_mean.astype(dtype)) * ref_rstd, -d_max, d_max)
+    r, d = (jnp.expand_dims(jax.lax.stop_gradient(a), red) for a in (r, d))
+    s_eff = r if s is None else r * s
+    b_eff = d if s is None else d * s
+    if b is not None:
+      b_eff = b_eff + b
+    ds_eff = None if ds is None else r * ds
+    db_eff = None if ds is None else d * ds
+    if db is not None:
+      db_eff = db if db_eff is None else db_eff + db
+    return s_eff, b_eff, ds_eff, db_eff
 
   def output(x, mean, var, scale, bias, eps):
     # y's `x - mean` goes through a barrier so that it is not the same expression as the
@@ -178,19 +224,21 @@ def normalize_with_moments(
     return apply(x, mean, var, scale, bias, red, feat, eps)
 
   @jax.custom_jvp
-  def fused(x, scale, bias, eps, mask):
+  def fused(x, scale, bias, eps, mask, ref):
     m = _reduce(x, red, mask, axis_name, axis_index_groups, dtype, centered)
-    return output(x, m.mean, m.var, scale, bias, eps), m
+    s, b, _, _ = affine(m.mean, m.var, eps, scale, bias, ref=ref)
+    return output(x, m.mean, m.var, s, b, eps), m
 
   @fused.defjvp
   def fused_jvp(primals, tangents):
-    x, scale, bias, eps, mask = primals
-    dx, dscale, dbias, deps, _ = tangents
+    x, scale, bias, eps, mask, ref = primals
+    dx, dscale, dbias, deps, _, _ = tangents
     m = _reduce(x, red, mask, axis_name, axis_index_groups, dtype, centered)
     count = checkpoint_name(m.count, _COUNT)
     mean = checkpoint_name(m.mean, _MEAN)
     var = checkpoint_name(m.var, _VAR)
-    y = output(x, mean, var, scale, bias, eps)
+    s, b, ds, db = affine(mean, var, eps, scale, bias, dscale, dbias, ref)
+    y = output(x, mean, var, s, b, eps)
     rstd = _rstd(var, eps, dtype)  # as in apply: XLA computes it once.
     zero = jnp.zeros((), dtype)
     xc = x.astype(dtype)
@@ -227,18 +275,20 @@ def normalize_with_moments(
       # materialized at x's size (measured), the barrier keeps the two apart.
       r_own = jnp.expand_dims(_cpu_barrier(rstd), red)
       dy = dxc * r_own + u * k
-      if scale is not None:
-        dy = dy * param(scale) + u * param(dscale)
+      if s is not None:
+        dy = dy * s
+        if ds is not None:
+          dy = dy + u * ds
     else:
       dvar = 2 * s_u * inv_n
       dr = jnp.expand_dims(-0.5 * (rstd * rstd * rstd) * (dvar + deps), red)
-      if scale is None:
-        a, b = r, dr
+      if s is None:
+        a, c = r, dr
       else:
-        a, b = r * param(scale), dr * param(scale) + r * param(dscale)
-      dy = dxc * a + xc * b
-    if bias is not None:
-      dy = dy + param(dbias)
+        a, c = r * s, (dr * s if ds is None else dr * s + r * ds)
+      dy = dxc * a + xc * c
+    if db is not None:
+      dy = dy + db
     dm = Moments(jnp.zeros_like(count), dmean, dvar)
     return (y, Moments(count, mean, var)), (dy.astype(x.dtype), dm)
 
@@ -252,7 +302,9 @@ def normalize_with_moments(
   # 12 -> 8 kernels, 1604 -> 1562 µs).
   on_cpu = jax.checkpoint(fused, policy=_CHECKPOINT_POLICY)
   elsewhere = jax.checkpoint(fused, policy=_CHECKPOINT_POLICY, prevent_cse=False)
-  return jax.lax.platform_dependent(x, scale, bias, eps, mask, cpu=on_cpu, default=elsewhere)
+  ref = None if renorm is None else tuple(jnp.asarray(a, dtype) for a in renorm)
+  return jax.lax.platform_dependent(x, scale, bias, eps, mask, ref, cpu=on_cpu,
+                                    default=elsewhere)
 
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
@@ -283,6 +335,10 @@ def _pallas_obstacle(x: jax.Array, scale: Any, bias: Any, epsilon: Any, mask: An
     return "a mask"
   if axis_name is not None:
     return f"axis_name={axis_name!r} (a reduction across devices)"
+  for name, a in (("scale", scale), ("bias", bias)):
+    if a is not None and jnp.shape(a) != x.shape[-1:]:
+      return (f"{name} of shape {jnp.shape(a)} (the kernels take parameters of the feature "
+              f"shape {x.shape[-1:]}, not per-example ones)")
   for name, a in (("x", x), ("scale", scale), ("bias", bias)):
     if a is not None and jnp.dtype(jnp.result_type(a)).name not in _pallas.DTYPES:
       return (f"{name} of dtype {jnp.dtype(jnp.result_type(a)).name} (the kernels take "

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from . import _checks
-from ._fused import apply, check_implementation, dispatch
-from ._stats import AxisName
+from ._fused import apply, check_implementation, dispatch, normalize_with_moments
+from ._stats import AxisName, _wide_dtype
 
 Axes = int | Sequence[int]
 
@@ -37,9 +37,20 @@ def _prepare(x: ArrayLike, reduction_axes: Axes, feature_axes: Axes, scale: Any,
   feat = _checks.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
   fshape = _feature_shape(x.shape, feat)
   for name, p in zip(params, (scale, bias)):
-    _checks.check_param(p, fshape, name, f"input's feature axes {feat}")
+    _checks.check_param(p, fshape, name, f"input's feature axes {feat}", x.shape)
   _checks.check_epsilon(epsilon)
   return x, red, feat
+
+
+def _zero_centered(scale: Any, zero_centered_scale: bool) -> Any:
+  """`1 + scale` in at least float32 when the scale is stored zero-centred."""
+  if not isinstance(zero_centered_scale, bool):
+    raise TypeError(f"zero_centered_scale must be a bool; got {zero_centered_scale!r}.")
+  if not zero_centered_scale or scale is None:
+    return scale
+  scale = jnp.asarray(scale)
+  dtype = _wide_dtype(scale.dtype)
+  return scale.astype(dtype) + jnp.ones((), dtype)
 
 
 def _normalize_by_moments(name: str, x: jax.Array, red: tuple[int, ...],
@@ -124,6 +135,7 @@ def layer_norm(
     mask: ArrayLike | None = None,
     axis_name: AxisName | None = None,
     axis_index_groups: Any = None,
+    zero_centered_scale: bool = False,
     implementation: str | None = None,
 ) -> jax.Array:
   r"""Layer normalization (Ba et al., 2016): statistics of each example over its features.
@@ -132,7 +144,8 @@ def layer_norm(
     y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta, \qquad
     \mu, \sigma^2 = \text{moments}(x, \text{reduction\_axes})
 
-  with the population variance computed in two passes in at least float32 (see `moments`).
+  with the population variance computed in two passes in at least float32 (see `moments`), and
+  :math:`\gamma` replaced by :math:`1 + \gamma` with `zero_centered_scale=True`.
   The result does not depend on the other examples of the batch. With `mask`, only the valid
   elements enter the statistics and every element is normalized with them (as in flax). With
   `axis_name`, the reduction also runs over the named devices, for a feature axis sharded across
@@ -140,8 +153,10 @@ def layer_norm(
 
   Args:
     x: floating or complex input (complex mean, real variance; see `moments`).
-    scale: optional γ of the feature shape `[x.shape[a] for a in feature_axes]`.
-    bias: optional β of the feature shape.
+    scale: optional γ of the feature shape `[x.shape[a] for a in feature_axes]`, or of any
+      shape that broadcasts to `x` (per-example conditioning, e.g. `(batch, 1, features)`:
+      its gradient comes back in that shape).
+    bias: optional β, of the feature shape or a shape that broadcasts to `x`.
     reduction_axes: axes to compute the statistics over (default: the last).
     feature_axes: axes `scale` and `bias` run along (default: the last).
     epsilon: non-negative constant added to the variance.
@@ -149,6 +164,8 @@ def layer_norm(
       statistics.
     axis_name: mapped axis (or axes) to reduce over as well.
     axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
+    zero_centered_scale: `scale` stores γ - 1 (Gemma, TransformerEngine), so that the output is
+      :math:`\hat x(1 + \gamma) + \beta` and weight decay pulls the layer to the identity.
     implementation: None (choose: this release always takes the XLA path), `"xla"` or
       `"pallas"`: the fused Pallas kernels (Triton on GPU, interpret mode on CPU; opt-in and
       not yet measured on a GPU), for the plain case only: reduction and parameters over the
@@ -172,6 +189,7 @@ def layer_norm(
   """
   x, red, feat = _prepare(x, reduction_axes, feature_axes, scale, bias, epsilon)
   check_implementation(implementation)
+  scale = _zero_centered(scale, zero_centered_scale)
   return _normalize_by_moments("layer_norm", x, red, feat, scale, bias, epsilon, mask,
                                axis_name, axis_index_groups, implementation=implementation)
 
@@ -186,6 +204,7 @@ def rms_norm(
     mask: ArrayLike | None = None,
     axis_name: AxisName | None = None,
     axis_index_groups: Any = None,
+    zero_centered_scale: bool = False,
     implementation: str | None = None,
 ) -> jax.Array:
   r"""Root-mean-square normalization (Zhang & Sennrich, 2019): no centring, no bias.
@@ -193,18 +212,23 @@ def rms_norm(
   .. math::
     y = \frac{x}{\sqrt{\frac{1}{n}\sum_i m_i x_i^2 + \epsilon}}\,\gamma
 
+  (:math:`\gamma` replaced by :math:`1 + \gamma` with `zero_centered_scale=True`).
+
   The mean square is accumulated in at least float32 over the valid elements (`mask`) and,
   with `axis_name`, over the named devices.
 
   Args:
     x: floating or complex input (complex mean, real variance; see `moments`).
-    scale: optional γ of the feature shape.
+    scale: optional γ of the feature shape, or of any shape that broadcasts to `x`
+      (per-example conditioning; its gradient comes back in that shape).
     reduction_axes: axes to compute the mean square over (default: the last).
     feature_axes: axes `scale` runs along (default: the last).
     epsilon: non-negative constant added to the mean square.
     mask: optional boolean array broadcastable to `x`.
     axis_name: mapped axis (or axes) to reduce over as well.
     axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
+    zero_centered_scale: `scale` stores γ - 1 (Gemma's RMSNorm): the output is
+      :math:`x r (1 + \gamma)`.
     implementation: None (choose: this release always takes the XLA path), `"xla"` or
       `"pallas"`: the fused Pallas kernels (Triton on GPU, interpret mode on CPU; opt-in and
       not yet measured on a GPU), for the plain case only: reduction and parameters over the
@@ -226,6 +250,7 @@ def rms_norm(
   """
   x, red, feat = _prepare(x, reduction_axes, feature_axes, scale, None, epsilon)
   check_implementation(implementation)
+  scale = _zero_centered(scale, zero_centered_scale)
   return _normalize_by_moments("rms_norm", x, red, feat, scale, None, epsilon, mask,
                                axis_name, axis_index_groups, centered=False,
                                implementation=implementation)
@@ -251,6 +276,19 @@ def _resolve_groups(channels: int, num_groups: int | None, group_size: int | Non
         f"{channels} (the input's last axis)."
     )
   return num_groups
+
+
+def _grouped_param(p: Any, shape: tuple[int, ...], groups: int) -> jax.Array | None:
+  """A (validated) group-norm parameter with its channel axis split into (groups, size)."""
+  if p is None:
+    return None
+  p = jnp.asarray(p)
+  channels = shape[-1]
+  if p.shape == (channels,):
+    return jnp.reshape(p, (groups, channels // groups))
+  full = (1,) * (len(shape) - p.ndim) + p.shape  # per-example: broadcasts to the input
+  last = (groups, channels // groups) if full[-1] == channels else (1, 1)
+  return jnp.reshape(p, full[:-1] + last)
 
 
 def group_norm(
@@ -324,8 +362,7 @@ def group_norm(
   red_g = tuple(a for a in red if a != x.ndim - 1) + (x.ndim,)
   feat_g = (x.ndim - 1, x.ndim)
   mask_g = None if mask is None else mask.reshape(grouped)
-  scale_g = None if scale is None else jnp.reshape(scale, grouped[-2:])
-  bias_g = None if bias is None else jnp.reshape(bias, grouped[-2:])
+  scale_g, bias_g = (_grouped_param(p, x.shape, groups) for p in (scale, bias))
   y = _normalize_by_moments("group_norm", xg, red_g, feat_g, scale_g, bias_g, epsilon, mask_g,
                             axis_name, axis_index_groups)
   return y.reshape(x.shape)

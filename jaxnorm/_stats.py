@@ -268,3 +268,24 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
   mean = jnp.where(n > 0, mean, zero)
   var = jnp.where(n > 0, m2 / safe_n, zero)
   return Moments((a.count + b.count).astype(jnp.float32), mean, var)
+
+
+def _merge_axis(m: Moments, axis: int) -> Moments:
+  r"""Exact moments of the union of the disjoint sets laid out along `axis` of `m`.
+
+  `merge_moments` of many sets at once (ghost batches merged into their whole batch):
+
+  .. math::
+    n = \sum_g n_g, \quad \mu = \frac{1}{n}\sum_g n_g\mu_g, \quad
+    \sigma^2 = \frac{1}{n}\sum_g n_g\big(\sigma_g^2 + (\mu_g - \mu)^2\big)
+
+  Only non-negative terms are added, and a set of count 0 is neutral.
+  """
+  dtype = _wide_dtype(m.mean.dtype, m.var.dtype)
+  n_g = m.count.astype(dtype)
+  n = jnp.sum(n_g, axis)
+  safe_n = jnp.maximum(n, jnp.ones((), dtype))
+  mean = jnp.sum(n_g * m.mean.astype(dtype), axis) / safe_n
+  dev = m.mean.astype(dtype) - jnp.expand_dims(mean, axis)
+  var = jnp.sum(n_g * (m.var.astype(dtype) + dev * dev), axis) / safe_n
+  return Moments(n.astype(jnp.float32), mean, var)

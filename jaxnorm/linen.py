@@ -20,9 +20,10 @@ the statistics are always jaxnorm's:
   with no valid element gives finite output and leaves `batch_stats` unchanged (flax: NaN).
 
 Beyond flax, `BatchNorm` has `momentum=None` (exact cumulative average; adds
-`batch_stats/count`), `unbiased_running_var` (PyTorch's stored variance) and `update_stats`
+`batch_stats/count`), `unbiased_running_var` (PyTorch's stored variance), `update_stats`
 (train with the batch's statistics without writing `batch_stats`, so the collection need not be
-mutable). Importing this module needs flax (`pip install jaxnorm[flax]`); `import jaxnorm`
+mutable), `renorm` (batch renormalization, with `r_max`/`d_max` given at call time) and
+`virtual_batch_size` (ghost batches); `LayerNorm` and `RMSNorm` have `zero_centered_scale`. Importing this module needs flax (`pip install jaxnorm[flax]`); `import jaxnorm`
 never imports it.
 """
 
@@ -41,7 +42,9 @@ from jax.nn import initializers  # noqa: E402
 
 import jaxnorm as jn  # noqa: E402
 from jaxnorm import _checks  # noqa: E402
+from jaxnorm._flax_common import batch_norm_or_renorm as _batch_norm_or_renorm  # noqa: E402
 from jaxnorm._flax_common import flax_dtypes  # noqa: E402
+from jaxnorm._flax_common import zero_centered_init as _zero_centered_init  # noqa: E402
 from jaxnorm._fold import _as_dict, fold_variables  # noqa: E402
 from jaxnorm._recompute import Sink, population_stats, recompute  # noqa: E402
 
@@ -127,6 +130,11 @@ class BatchNorm(nn.Module):
     update_stats: in training, write the updated statistics to `batch_stats` (default). With
       False the batch's statistics are used but `batch_stats` is left untouched, so it need not
       be mutable. May also be given at call time.
+    renorm: batch renormalization (`jaxnorm.batch_renorm`) in training, with `r_max` and
+      `d_max` passed at call time (they may be traced: a schedule costs no retrace). Off by
+      default. During `init`, missing bounds default to plain batch norm (1 and 0).
+    virtual_batch_size: ghost batches of that many examples in training (see
+      `jaxnorm.batch_norm`); None (default) normalizes the batch as one.
   """
 
   use_running_average: bool | None = None
@@ -145,10 +153,13 @@ class BatchNorm(nn.Module):
   force_float32_reductions: bool = True
   unbiased_running_var: bool = False
   update_stats: bool = True
+  renorm: bool = False
+  virtual_batch_size: int | None = None
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *,
-               mask: jax.Array | None = None, update_stats: bool | None = None):
+               mask: jax.Array | None = None, update_stats: bool | None = None,
+               r_max: Any = None, d_max: Any = None):
     """Normalizes `x` with the batch's or the running statistics.
 
     Args:
@@ -156,9 +167,11 @@ class BatchNorm(nn.Module):
       use_running_average: normalize with `batch_stats`; give it here or at construction,
         not both (flax's `merge_param` rule).
       mask: optional boolean array broadcastable to `x`; True marks the elements that enter
-        the batch statistics (ignored with running averages). A batch with no valid element
-        leaves `batch_stats` unchanged.
+        the batch statistics (ignored with running averages). A batch with no valid element,
+        or one whose statistics are not finite, leaves `batch_stats` unchanged.
       update_stats: overrides the attribute of the same name for this call.
+      r_max: with `renorm=True`, the bound of batch renormalization's `r` (>= 1).
+      d_max: with `renorm=True`, the bound of batch renormalization's `d` (>= 0).
 
     Returns:
       The normalized input, of `x`'s shape and flax's output dtype.
@@ -182,12 +195,15 @@ class BatchNorm(nn.Module):
     state = jn.BatchNormState(ra_mean.value, ra_var.value, count)
     initializing = self.is_initializing()
     training = not use_running_average
-    y, new_state = jn.batch_norm(
+    y, new_state = _batch_norm_or_renorm(
         xc, state, scale, bias, training=training, feature_axes=feat,
         momentum=self.momentum, epsilon=self.epsilon, mask=mask,
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=None if initializing else self.axis_index_groups,
-        unbiased_running_var=self.unbiased_running_var)
+        unbiased_running_var=self.unbiased_running_var,
+        virtual_batch_size=self.virtual_batch_size, renorm=self.renorm,
+        r_max=1.0 if initializing and r_max is None else r_max,
+        d_max=0.0 if initializing and d_max is None else d_max)
     if training and update and not initializing:
       ra_mean.value = new_state.mean
       ra_var.value = new_state.var
@@ -229,6 +245,8 @@ class LayerNorm(nn.Module):
     use_fast_variance: accepted for compatibility and ignored (always the stable variance).
     force_float32_reductions: accepted for compatibility; False casts the parameters to
       `param_dtype` as flax does, but reductions always run in at least float32.
+    zero_centered_scale: `scale` stores γ - 1 (output :math:`\hat x(1 + \gamma) + \beta`, as
+      Gemma and TransformerEngine), and the default `scale_init` becomes zeros.
     implementation: None, `"xla"` or `"pallas"`: jaxnorm's choice of kernel (see
       `jaxnorm.layer_norm`; not a flax argument).
   """
@@ -246,6 +264,7 @@ class LayerNorm(nn.Module):
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
+  zero_centered_scale: bool = False
   implementation: str | None = None
 
   @nn.compact
@@ -262,13 +281,15 @@ class LayerNorm(nn.Module):
     """
     x = jnp.asarray(x)
     feat, shape = _feature_shape(x, self.feature_axes, "feature_axes")
-    scale, bias = _params(self, shape, self.use_scale, self.use_bias, self.scale_init,
+    scale_init = _zero_centered_init(self.scale_init, self.zero_centered_scale)
+    scale, bias = _params(self, shape, self.use_scale, self.use_bias, scale_init,
                           self.bias_init, self.param_dtype,
                           cast=not self.force_float32_reductions)
     xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
     y = jn.layer_norm(xc, scale, bias, reduction_axes=self.reduction_axes, feature_axes=feat,
                       epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
                       axis_index_groups=self.axis_index_groups,
+                      zero_centered_scale=self.zero_centered_scale,
                       implementation=self.implementation)
     return y.astype(out_dtype)
 
@@ -303,6 +324,8 @@ class RMSNorm(nn.Module):
     use_fast_variance: accepted for compatibility; it has no effect here (nor in flax).
     force_float32_reductions: accepted for compatibility; False casts `scale` to
       `param_dtype` as flax does, but reductions always run in at least float32.
+    zero_centered_scale: `scale` stores γ - 1 (output :math:`x r (1 + \gamma)`, Gemma's
+      RMSNorm), and the default `scale_init` becomes zeros.
     implementation: None, `"xla"` or `"pallas"`: jaxnorm's choice of kernel (see
       `jaxnorm.layer_norm`; not a flax argument).
   """
@@ -318,6 +341,7 @@ class RMSNorm(nn.Module):
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
+  zero_centered_scale: bool = False
   implementation: str | None = None
 
   @nn.compact
@@ -334,12 +358,14 @@ class RMSNorm(nn.Module):
     """
     x = jnp.asarray(x)
     feat, shape = _feature_shape(x, self.feature_axes, "feature_axes")
-    scale, _ = _params(self, shape, self.use_scale, False, self.scale_init, None,
+    scale_init = _zero_centered_init(self.scale_init, self.zero_centered_scale)
+    scale, _ = _params(self, shape, self.use_scale, False, scale_init, None,
                        self.param_dtype, cast=not self.force_float32_reductions)
     xc, out_dtype = flax_dtypes(x, (scale,), self.dtype)
     y = jn.rms_norm(xc, scale, reduction_axes=self.reduction_axes, feature_axes=feat,
                     epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
                     axis_index_groups=self.axis_index_groups,
+                    zero_centered_scale=self.zero_centered_scale,
                     implementation=self.implementation)
     return y.astype(out_dtype)
 

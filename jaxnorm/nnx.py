@@ -46,7 +46,9 @@ from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn  # noqa: E402
 
 import jaxnorm as jn  # noqa: E402
 from jaxnorm import _checks  # noqa: E402
+from jaxnorm._flax_common import batch_norm_or_renorm as _batch_norm_or_renorm  # noqa: E402
 from jaxnorm._flax_common import flax_dtypes  # noqa: E402
+from jaxnorm._flax_common import zero_centered_init as _zero_centered_init  # noqa: E402
 from jaxnorm._recompute import Sink, population_stats, recompute  # noqa: E402
 
 __all__ = ("BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
@@ -143,6 +145,10 @@ class BatchNorm(nnx.Module):
       PyTorch does (normalization still uses the biased one).
     update_stats: in training, update the `BatchStat`s (default). False uses the batch's
       statistics and leaves the `BatchStat`s untouched.
+    renorm: batch renormalization (`jaxnorm.batch_renorm`) in training, with `r_max` and
+      `d_max` passed at call time (they may be traced). Off by default.
+    virtual_batch_size: ghost batches of that many examples in training (see
+      `jaxnorm.batch_norm`); None (default) normalizes the batch as one.
   """
 
   def __init__(
@@ -168,6 +174,8 @@ class BatchNorm(nnx.Module):
       scale_metadata: Mapping[str, Any] = _NO_METADATA,
       unbiased_running_var: bool = False,
       update_stats: bool = True,
+      renorm: bool = False,
+      virtual_batch_size: int | None = None,
   ):
     feature_shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
@@ -193,18 +201,23 @@ class BatchNorm(nnx.Module):
     self.promote_dtype = promote_dtype
     self.unbiased_running_var = unbiased_running_var
     self.update_stats = update_stats
+    self.renorm = renorm
+    self.virtual_batch_size = virtual_batch_size
 
   def __call__(self, x, use_running_average: bool | None = None, *,
-               mask: jax.Array | None = None, update_stats: bool | None = None):
+               mask: jax.Array | None = None, update_stats: bool | None = None,
+               r_max: Any = None, d_max: Any = None):
     """Normalizes `x` with the batch's or the running statistics.
 
     Args:
       x: the input.
       use_running_average: overrides the attribute of the same name for this call.
       mask: optional boolean array broadcastable to `x`; True marks the elements that enter
-        the batch statistics (ignored with running averages). A batch with no valid element
-        leaves the `BatchStat`s unchanged.
+        the batch statistics (ignored with running averages). A batch with no valid element,
+        or one whose statistics are not finite, leaves the `BatchStat`s unchanged.
       update_stats: overrides the attribute of the same name for this call.
+      r_max: with `renorm=True`, the bound of batch renormalization's `r` (>= 1).
+      d_max: with `renorm=True`, the bound of batch renormalization's `d` (>= 0).
 
     Returns:
       The normalized input, of `x`'s shape and flax's output dtype.
@@ -224,11 +237,13 @@ class BatchNorm(nnx.Module):
     state = jn.BatchNormState(jnp.reshape(self.mean[...], fshape),
                               jnp.reshape(self.var[...], fshape), count)
     training = not use_running_average
-    y, new_state = jn.batch_norm(
+    y, new_state = _batch_norm_or_renorm(
         xc, state, _to_feature_shape(scale, x, feat), _to_feature_shape(bias, x, feat),
         training=training, feature_axes=feat, momentum=self.momentum, epsilon=self.epsilon,
         mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-        unbiased_running_var=self.unbiased_running_var)
+        unbiased_running_var=self.unbiased_running_var,
+        virtual_batch_size=self.virtual_batch_size, renorm=self.renorm, r_max=r_max,
+        d_max=d_max)
     if training and update:
       # As flax: stop_gradient only where variables are array refs.
       can_update = self.mean._can_update or self.var._can_update
@@ -288,6 +303,8 @@ class LayerNorm(nnx.Module):
     rngs: random number streams; `rngs.params()` initializes `scale` and `bias`.
     bias_metadata: metadata of the `bias` `nnx.Param`.
     scale_metadata: metadata of the `scale` `nnx.Param`.
+    zero_centered_scale: `scale` stores γ - 1 (output :math:`\hat x(1 + \gamma) + \beta`, as
+      Gemma and TransformerEngine), and the default `scale_init` becomes zeros.
     implementation: None, `"xla"` or `"pallas"`: jaxnorm's choice of kernel (see
       `jaxnorm.layer_norm`; not a flax argument).
   """
@@ -312,10 +329,13 @@ class LayerNorm(nnx.Module):
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = _NO_METADATA,
       scale_metadata: Mapping[str, Any] = _NO_METADATA,
+      zero_centered_scale: bool = False,
       implementation: str | None = None,
   ):
-    _declare_params(self, num_features, use_scale, use_bias, scale_init, bias_init,
+    _declare_params(self, num_features, use_scale, use_bias,
+                    _zero_centered_init(scale_init, zero_centered_scale), bias_init,
                     param_dtype, rngs, scale_metadata, bias_metadata, nnx.data(None))
+    self.zero_centered_scale = zero_centered_scale
     self.num_features = num_features
     self.epsilon = epsilon
     self.dtype = dtype
@@ -348,6 +368,7 @@ class LayerNorm(nnx.Module):
                       reduction_axes=self.reduction_axes, feature_axes=feat,
                       epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
                       axis_index_groups=self.axis_index_groups,
+                      zero_centered_scale=self.zero_centered_scale,
                       implementation=self.implementation)
     return y.astype(out_dtype)
 
@@ -383,6 +404,8 @@ class RMSNorm(nnx.Module):
     promote_dtype: flax's input promotion function, called with `(x, scale)`.
     rngs: random number streams; `rngs.params()` initializes `scale`.
     scale_metadata: metadata of the `scale` `nnx.Param`.
+    zero_centered_scale: `scale` stores γ - 1 (output :math:`x r (1 + \gamma)`, Gemma's
+      RMSNorm), and the default `scale_init` becomes zeros.
     implementation: None, `"xla"` or `"pallas"`: jaxnorm's choice of kernel (see
       `jaxnorm.layer_norm`; not a flax argument).
   """
@@ -404,8 +427,11 @@ class RMSNorm(nnx.Module):
       promote_dtype: PromoteDtypeFn = flax_dtypes_mod.promote_dtype,
       rngs: nnx.Rngs,
       scale_metadata: Mapping[str, Any] = _NO_METADATA,
+      zero_centered_scale: bool = False,
       implementation: str | None = None,
   ):
+    scale_init = _zero_centered_init(scale_init, zero_centered_scale)
+    self.zero_centered_scale = zero_centered_scale
     if use_scale:
       self.scale = nnx.Param(scale_init(rngs.params(), (num_features,), param_dtype),
                              **scale_metadata)
@@ -441,6 +467,7 @@ class RMSNorm(nnx.Module):
     y = jn.rms_norm(xc, _to_feature_shape(scale, x, feat), reduction_axes=self.reduction_axes,
                     feature_axes=feat, epsilon=self.epsilon, mask=mask,
                     axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+                    zero_centered_scale=self.zero_centered_scale,
                     implementation=self.implementation)
     return y.astype(out_dtype)
 

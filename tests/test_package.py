@@ -17,7 +17,7 @@ def test_all_is_exact_and_sorted():
   assert list(jaxnorm.__all__) == sorted(jaxnorm.__all__)
   for name in ("Moments", "moments", "merge_moments", "normalize", "layer_norm", "rms_norm",
                "group_norm", "instance_norm", "BatchNormState", "batch_norm_init",
-               "batch_norm", "update_running_stats", "fold_batch_norm"):
+               "batch_norm", "batch_renorm", "update_running_stats", "fold_batch_norm"):
     assert name in jaxnorm.__all__
 
 
