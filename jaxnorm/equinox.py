@@ -84,7 +84,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
   later ones are blended in with `momentum`, and training normalizes with the blended
   statistics.
 
-  Args (constructor, as `equinox.nn.BatchNorm`):
+  The constructor takes `equinox.nn.BatchNorm`'s arguments:
+
+  Args:
     input_size: the number of channels.
     axis_name: the `jax.vmap`/`jax.pmap` axis name (or names) of the batch.
     eps: constant added to the variance.

@@ -587,8 +587,8 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping[str, Any], batche
   (`jaxnorm.merge_moments`: count-weighted, masked elements excluded):
 
   .. math::
-    \mu = rac{1}{N}\sum_{b}\sum_{i \in b} x_i, \qquad
-    \sigma^2 = rac{1}{N}\sum_{b}\sum_{i \in b} (x_i - \mu)^2
+    \mu = \frac{1}{N}\sum_{b}\sum_{i \in b} x_i, \qquad
+    \sigma^2 = \frac{1}{N}\sum_{b}\sum_{i \in b} (x_i - \mu)^2
 
   over all N valid elements of all batches (per feature). Call it with the keyword arguments
   of an evaluation-mode forward pass (`train=False`): the BatchNorms are then re-estimated one

@@ -717,8 +717,8 @@ def recompute_batch_stats(model: nnx.Module, batches: Any, *, progress: bool = F
   `var` `BatchStat`s (and the number of batches into `count`, with momentum=None):
 
   .. math::
-    \mu = rac{1}{N}\sum_{b}\sum_{i \in b} x_i, \qquad
-    \sigma^2 = rac{1}{N}\sum_{b}\sum_{i \in b} (x_i - \mu)^2
+    \mu = \frac{1}{N}\sum_{b}\sum_{i \in b} x_i, \qquad
+    \sigma^2 = \frac{1}{N}\sum_{b}\sum_{i \in b} (x_i - \mu)^2
 
   With the model in evaluation mode (`model.eval()`, the usual case) the BatchNorms are
   re-estimated one after the other in call order, each seeing the BatchNorms before it with
