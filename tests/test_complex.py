@@ -1,7 +1,5 @@
 """Complex input: complex mean, real variance E[|x - μ|²], Wirtinger gradients, flax's behaviour."""
 
-import doctest
-import pathlib
 
 import flax.linen as nn
 import jax
@@ -153,11 +151,3 @@ def test_linen_and_nnx_match_flax_on_complex_input(name):
     y_o = o_nnx(x)
     assert y_o.dtype == y_t.dtype == jnp.complex64
     np.testing.assert_allclose(np.asarray(y_o), np.asarray(y_t), atol=TOL)
-
-
-def test_guide_runs_as_written():
-  page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "guides" / "complex.md"
-  result = doctest.testfile(str(page), module_relative=False,
-                            optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
-  assert result.attempted > 0
-  assert result.failed == 0

@@ -2,8 +2,6 @@
 
 import contextlib
 import dataclasses
-import doctest
-import pathlib
 import subprocess
 import sys
 import warnings
@@ -421,12 +419,3 @@ def test_filter_jit_training_on_digits():
   assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
   logits, _ = _vmapped(eqx.nn.inference_mode(model), x, state)
   assert np.mean(np.argmax(logits, -1) == y) > 0.8  # chance is 0.1
-
-
-def test_guide_runs_as_written():
-  page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "guides" / "equinox.md"
-  with _standard():  # the guide runs equinox.nn itself, written for JAX's default promotion
-    result = doctest.testfile(str(page), module_relative=False,
-                              optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
-  assert result.attempted > 0
-  assert result.failed == 0

@@ -335,13 +335,3 @@ def test_kernels_lower_through_triton_for_cuda():
   for name in ("jaxnorm_layer_norm_fwd", "jaxnorm_layer_norm_bwd"):
     assert name in text
   assert "tt.divisibility" in text  # the serialized Triton module
-
-
-def test_gpu_kernels_guide_runs():
-  import doctest
-  import pathlib
-
-  page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "guides" / "gpu_kernels.md"
-  result = doctest.testfile(str(page), module_relative=False,
-                            optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
-  assert result.attempted > 0 and result.failed == 0, result
