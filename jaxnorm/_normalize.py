@@ -36,7 +36,7 @@ def _prepare(x: ArrayLike, reduction_axes: Axes, feature_axes: Axes, scale: Any,
   red = _checks.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
   feat = _checks.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
   fshape = _feature_shape(x.shape, feat)
-  for name, p in zip(params, (scale, bias)):
+  for name, p in zip(params, (scale, bias), strict=True):
     _checks.check_param(p, fshape, name, f"input's feature axes {feat}")
   _checks.check_epsilon(epsilon)
   return x, red, feat

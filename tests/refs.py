@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 # Absolute tolerance on normalized outputs (values of order 1) per input dtype, set once here.
 _ATOL = {

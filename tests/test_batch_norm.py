@@ -19,7 +19,7 @@ def test_training_step_matches_float64(offset):
   scale, bias = np.float32([1.0, 2.0, 0.5]), np.float32([0.0, -1.0, 3.0])
   state = jn.batch_norm_init(3)
   y, new = jn.batch_norm(x, state, scale, bias, training=True, momentum=0.9)
-  ref_y, n, mean, var = refs.ref_batch_norm_train(x, scale, bias)
+  ref_y, _, mean, var = refs.ref_batch_norm_train(x, scale, bias)
   np.testing.assert_allclose(y, ref_y, atol=2e-2 if offset else 1e-5)
   np.testing.assert_allclose(new.mean, 0.1 * mean, rtol=1e-6)
   np.testing.assert_allclose(new.var, 0.9 + 0.1 * var, rtol=1e-3 if offset else 1e-6)
@@ -66,7 +66,7 @@ def test_all_masked_batch_leaves_running_statistics_unchanged():
   x = np.full((4, 3), np.nan, np.float32)
   state = jn.BatchNormState(jnp.float32([1.0, 2.0, 3.0]), jnp.float32([2.0, 2.0, 2.0]),
                             jnp.int32(5))
-  y, new = jn.batch_norm(x, state, training=True, mask=np.zeros((4, 1), bool))
+  _, new = jn.batch_norm(x, state, training=True, mask=np.zeros((4, 1), bool))
   np.testing.assert_array_equal(new.mean, state.mean)
   np.testing.assert_array_equal(new.var, state.var)
   assert int(new.count) == 5
@@ -91,7 +91,7 @@ def test_momentum_none_is_the_exact_cumulative_average():
 
 def test_unbiased_running_var_is_pytorch_convention():
   x = _x((5, 3), offset=1.0)
-  _, n, mean, var = refs.ref_batch_norm_train(x)
+  _, _, mean, var = refs.ref_batch_norm_train(x)
   torch_momentum = 0.1
   m = jn.momentum_from_torch(torch_momentum)
   assert m == 0.9
@@ -168,6 +168,6 @@ def test_state_round_trips_through_numpy_bit_for_bit(tmp_path):
   np.savez(path, **state._asdict())
   loaded = np.load(path)
   restored = jn.BatchNormState(**{k: jnp.asarray(loaded[k]) for k in state._fields})
-  for a, b in zip(state, restored):
+  for a, b in zip(state, restored, strict=True):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(a, b)

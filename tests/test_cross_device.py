@@ -68,27 +68,30 @@ def run(kind: str, fn: Callable[..., tuple], args: tuple, in_axes: tuple, out_ax
   split along its entry of `out_axes`, or is replicated (None)."""
   if kind == "shard_map":
     mesh = _mesh()
-    placed = [jax.device_put(a, NamedSharding(mesh, _spec(ax))) for a, ax in zip(args, in_axes)]
+    placed = [jax.device_put(a, NamedSharding(mesh, _spec(ax)))
+              for a, ax in zip(args, in_axes, strict=True)]
     f = jax.shard_map(lambda *a: fn(*a, "d"), mesh=mesh, check_vma=True,
                       in_specs=tuple(_spec(ax) for ax in in_axes),
                       out_specs=tuple(_spec(ax) for ax in out_axes))
     return jax.tree.map(np.asarray, jax.jit(f)(*placed))
   if kind.startswith("sharded_jit"):  # no axis_name: XLA's partitioner inserts collectives
     mesh = _mesh(auto=kind.endswith("auto"))
-    placed = [jax.device_put(a, NamedSharding(mesh, _spec(ax))) for a, ax in zip(args, in_axes)]
+    placed = [jax.device_put(a, NamedSharding(mesh, _spec(ax)))
+              for a, ax in zip(args, in_axes, strict=True)]
     out = jax.jit(lambda *a: fn(*a, None))(*placed)
-    for o, ax in zip(out, out_axes):  # the inputs' sharding carries through to the outputs
+    # The inputs' sharding carries through to the outputs.
+    for o, ax in zip(out, out_axes, strict=True):
       if ax is not None:
         assert len(o.sharding.device_set) == N_DEV
     return jax.tree.map(np.asarray, out)
-  split = [a if ax is None else _split(a, ax) for a, ax in zip(args, in_axes)]
+  split = [a if ax is None else _split(a, ax) for a, ax in zip(args, in_axes, strict=True)]
   vin = tuple(None if ax is None else 0 for ax in in_axes)
   if kind == "pmap":
     out = jax.pmap(lambda *a: fn(*a, "d"), axis_name="d", in_axes=vin)(*split)
   else:
     out = jax.jit(jax.vmap(lambda *a: fn(*a, "d"), axis_name="d", in_axes=vin))(*split)
   return tuple(_first_replica(o) if ax is None else _unsplit(o, ax)
-               for o, ax in zip(out, out_axes))
+               for o, ax in zip(out, out_axes, strict=True))
 
 
 def _rows_mask(valid_per_device: list[int], per_device: int) -> np.ndarray:

@@ -74,7 +74,7 @@ def _run_cluster_once(out_dir: pathlib.Path, port: int) -> list[dict[str, np.nda
   if any(p.returncode for p in procs) and re.search(r"already in use|Failed to add port",
                                                     "".join(logs)):
     raise _PortTaken(port)
-  for i, (p, log) in enumerate(zip(procs, logs)):
+  for i, (p, log) in enumerate(zip(procs, logs, strict=True)):
     assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log[-5000:]}"
   return [dict(np.load(out_dir / f"result_{i}.npz")) for i in range(worker.PROCESSES)]
 

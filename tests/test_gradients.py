@@ -132,7 +132,7 @@ def _grads(norm, ref, x, scale, bias, w, mask, with_scale, with_bias):
 
 
 def _assert_close(got, want, rel):
-  for g, r in zip(got, want):
+  for g, r in zip(got, want, strict=True):
     assert g.shape == r.shape
     np.testing.assert_allclose(g, r, atol=rel * max(1.0, np.abs(r).max()))
 
@@ -189,7 +189,7 @@ def test_masked_nan_does_not_reach_gradients(name):
 
   g_nan = jax.grad(loss, (0, 1, 2))(jnp.asarray(poisoned), scale, bias)
   g_zero = jax.grad(loss, (0, 1, 2))(jnp.asarray(zeroed), scale, bias)
-  for a, b in zip(g_nan, g_zero):
+  for a, b in zip(g_nan, g_zero, strict=True):
     a, b = np.asarray(a), np.asarray(b)
     assert np.isfinite(a).all()
     np.testing.assert_allclose(a, b, atol=1e-5)

@@ -276,7 +276,7 @@ def test_update_stats_false_trains_without_a_mutable_collection():
   x = fc.data()
   bn = jnn.BatchNorm(use_running_average=False)
   v = bn.init(KEY, x)
-  with pytest.raises(Exception, match="immutable|batch_stats"):
+  with pytest.raises(Exception, match=r"immutable|batch_stats"):
     bn.apply(v, x)  # as in flax
   y = bn.apply(v, x, update_stats=False)
   y_ref, _ = bn.apply(v, x, mutable=["batch_stats"])

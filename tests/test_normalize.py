@@ -157,7 +157,7 @@ def test_every_normalizer_has_jvp_and_hessian():
   for f in fns:
     _, tangent = jax.jvp(f, (x,), (jnp.ones_like(x),))
     assert np.isfinite(np.asarray(tangent)).all()
-    h = jax.hessian(lambda v: jnp.sum(f(v) ** 3))(x)
+    h = jax.hessian(lambda v, f=f: jnp.sum(f(v) ** 3))(x)
     assert h.shape == x.shape * 2 and np.isfinite(np.asarray(h)).all()
     # A Hessian is symmetric.
     h2 = np.asarray(h).reshape(x.size, x.size)

@@ -22,7 +22,8 @@ def test_all_is_exact_and_sorted():
 
 
 def test_import_jaxnorm_does_not_import_flax():
-  code = "import sys, jaxnorm; sys.exit(any(m.split('.')[0] in ('flax', 'optax') for m in sys.modules))"
+  code = ("import sys, jaxnorm; "
+          "sys.exit(any(m.split('.')[0] in ('flax', 'optax') for m in sys.modules))")
   assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 

@@ -1,7 +1,8 @@
 """Property tests: normalized output has zero mean and unit variance over the valid elements."""
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxnorm as jn
 

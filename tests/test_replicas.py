@@ -108,7 +108,7 @@ def test_a_tree_of_states_keeps_structure_and_dtypes_and_costs_two_all_reduces()
   sync = jax.pmap(lambda t: jn.sync_running_stats(t, "r"), axis_name="r")
   out = sync(tree)
   assert jax.tree.structure(out) == jax.tree.structure(tree)
-  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(tree)):
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(tree), strict=True):
     assert a.shape == b.shape and a.dtype == b.dtype
   head = out["head"][0]
   mean, var = _ref_merge(jax.tree.map(lambda a: np.asarray(a, np.float32), tree["head"][0]),
@@ -138,10 +138,10 @@ def test_momentum_none_stays_the_exact_cumulative_average_across_syncs():
 
   sync = jax.vmap(lambda s: jn.sync_running_stats(s, "r"), axis_name="r")
   stack = lambda states: jax.tree.map(lambda *a: jnp.stack(a), *states)
-  states = stack([fold(jn.batch_norm_init(3), b[:c]) for b, c in zip(batches, counts)])
+  states = stack([fold(jn.batch_norm_init(3), b[:c]) for b, c in zip(batches, counts, strict=True)])
   states = sync(states)
   np.testing.assert_array_equal(states.count, 2)
-  states = stack([fold(jax.tree.map(lambda a: a[i], states), batches[i][counts[i]:])
+  states = stack([fold(jax.tree.map(lambda a, i=i: a[i], states), batches[i][counts[i]:])
                   for i in range(R)])
   states = sync(states)
   every = np.concatenate([np.stack(b) for b in batches])
