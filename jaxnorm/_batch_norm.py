@@ -41,7 +41,8 @@ class BatchNormState(NamedTuple):
 
   mean: jax.Array  # shape=feature_shape
   var: jax.Array  # shape=feature_shape
-  count: jax.Array  # shape=(), dtype=int32
+  # `count` is the contract's name; mypy reports that it shadows the method tuple.count.
+  count: jax.Array  # type: ignore[assignment]  # shape=(), dtype=int32
 
 
 def batch_norm_init(feature_shape: int | Sequence[int],

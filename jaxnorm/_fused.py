@@ -81,8 +81,8 @@ def apply(
 
 def normalize_with_moments(
     x: jax.Array,
-    scale: jax.Array | None,
-    bias: jax.Array | None,
+    scale: ArrayLike | None,
+    bias: ArrayLike | None,
     epsilon: Any,
     mask: jax.Array | None,
     *,

@@ -230,6 +230,7 @@ def _resolve_groups(channels: int, num_groups: int | None, group_size: int | Non
           f"{channels}."
       )
     return channels // group_size
+  assert num_groups is not None  # exactly one of the two is given (checked above)
   if num_groups <= 0 or channels % num_groups:
     raise ValueError(
         f"num_groups={num_groups!r} must be a positive divisor of the number of channels, "

@@ -36,7 +36,8 @@ class Moments(NamedTuple):
     var: the population (biased) variance `sum((x - mean)²) / count`, never negative.
   """
 
-  count: jax.Array  # dtype=float32, shape=mean.shape
+  # `count` is the contract's name; mypy reports that it shadows the method tuple.count.
+  count: jax.Array  # type: ignore[assignment]  # dtype=float32, shape=mean.shape
   mean: jax.Array
   var: jax.Array
 
