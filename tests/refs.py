@@ -406,3 +406,70 @@ def group_norm_bound(x, y, num_groups, scale=None, epsilon=1e-6, mask=None,
   g = None if scale is None else np.broadcast_to(f64(scale), (c,)).reshape(xg.shape[-2:])
   return norm_bound(xg, f64(y).reshape(xg.shape), g, axes, (x.ndim - 1, x.ndim), epsilon, mg,
                     out_dtype=out_dtype).reshape(x.shape)
+
+
+def derivative_bounds(x, reduction_axes, feature_axes, scale, cot, cot_err, epsilon=1e-6,
+                      mask=None, centered=True) -> tuple[float, float, float]:
+  r"""Bounds (max-norm) on the float32 derivatives of a normalizer: input, scale and bias.
+
+  With :math:`h = \gamma g` for the cotangent (or tangent) g of y, the derivative of a
+  normalization over n valid elements is
+  :math:`\partial x_i = r\,(h_i - \overline{h} - \hat x_i S)`, :math:`S = \overline{h\hat x}`
+  (no :math:`\overline{h}` without centring), :math:`\partial\gamma = \sum g\hat x`,
+  :math:`\partial\beta = \sum g`, the last two over the M elements of each feature. jaxnorm's
+  float32 evaluation (any order of the same terms) differs, to first order, through r's
+  relative error ρ and x̂'s absolute error :math:`d_i` (`output_error`'s terms, from the
+  forward statistics' bounds), h's error :math:`\delta h_i` (`cot_err` times |γ|), the two
+  sums (c(N) relative to the sums of |h| and |h x̂|) and four roundings:
+
+  .. math::
+    |\delta\partial x_i| \le \rho A_i + r\big[\delta h_i + \overline{\delta h} + c(N)\overline{|h|}
+    + d_i|S| + |\hat x_i|\,(\overline{\delta h|\hat x|} + \overline{|h|d}
+    + c(N)\overline{|h\hat x|}) + 4u A_i / r\big]
+
+  with :math:`A_i = r(|h_i| + |\overline h| + |\hat x_i S|)`, and
+
+  .. math::
+    |\delta\partial\gamma| \le \sum (c(M)|g\hat x| + \delta g\,|\hat x| + |g|d), \qquad
+    |\delta\partial\beta| \le \sum (c(M)|g| + \delta g)
+
+  `x`, `cot` and `cot_err` have the statistics' reduction axes explicit (group norm: reshape
+  to (..., groups, channels per group) first, as `group_norm_bound` does).
+  """
+  x, cot, cot_err = f64(x), f64(cot), f64(cot_err)
+  red, feat = _axes(reduction_axes, x.ndim), _axes(feature_axes, x.ndim)
+  m = _valid(x, mask)
+  u = U32
+  big_n = int(np.prod([x.shape[a] for a in red]))
+  cn = sum_factor(big_n)
+  e = lambda a: np.expand_dims(f64(a), red)
+  if centered:
+    _, mean, var = ref_moments(x, red, mask)
+    merr, verr = mean_error(x, red, mask), var_error(x, red, mask)
+  else:
+    var = np.where(m, x * x, 0.0).sum(red) / np.maximum(m.sum(red), 1)
+    mean, merr, verr = np.zeros_like(var), np.zeros_like(var), mean_square_error(x, red, mask)
+  n = e(np.maximum(m.sum(red), 1))
+  avg = lambda a: np.where(m, a, 0.0).sum(red, keepdims=True) / n
+  r = 1.0 / np.sqrt(e(var) + epsilon)
+  xhat = np.where(m, (x - e(mean)) * r, 0.0)
+  rho = e(verr) / (2 * (e(var) + epsilon)) + 4 * u
+  d = np.where(m, r * (e(merr) + np.abs(x - e(mean)) * (rho + 3 * u)), 0.0)
+  fshape = tuple(x.shape[i] if i in feat else 1 for i in range(x.ndim))
+  gam = np.ones(fshape) if scale is None else np.abs(f64(scale)).reshape(fshape)
+  sgam = np.ones(fshape) if scale is None else f64(scale).reshape(fshape)
+  h = np.where(m, sgam * cot, 0.0)
+  dh = np.where(m, gam * (cot_err + u * np.abs(cot)), 0.0)
+  hbar = avg(h) if centered else 0.0
+  big_s = avg(h * xhat)
+  a = r * (np.abs(h) + np.abs(hbar) + np.abs(xhat * big_s))
+  bx = rho * a + r * (dh + avg(dh) + cn * avg(np.abs(h)) + d * np.abs(big_s)
+                      + np.abs(xhat) * (avg(dh * np.abs(xhat)) + avg(np.abs(h) * d)
+                                        + cn * avg(np.abs(h * xhat)))) + 4 * u * a
+  other = tuple(i for i in range(x.ndim) if i not in feat)
+  cm = sum_factor(int(np.prod([x.shape[i] for i in other])))
+  gv = np.where(m, np.abs(cot), 0.0)
+  dg = np.where(m, cot_err, 0.0)
+  bscale = (cm * gv * np.abs(xhat) + dg * np.abs(xhat) + gv * d).sum(other)
+  bbias = (cm * gv + dg).sum(other)
+  return float(np.where(m, bx, 0.0).max()), float(bscale.max()), float(bbias.max())
