@@ -16,15 +16,15 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _timing  # noqa: E402
+import _timing
 
 if __name__ == "__main__":
   _timing.use_allocator_settings()
 
-import argparse  # noqa: E402
+import argparse
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
 CASES = {
     "sum(x)": lambda x, m: x.sum(0),

@@ -44,8 +44,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _timing  # noqa: E402
-import jaxnorm as jn  # noqa: E402
+import _timing
+
+import jaxnorm as jn
 
 NORMS = ("layer_norm", "rms_norm")
 PASSES = ("fwd", "fwd+bwd")
@@ -89,7 +90,7 @@ def _builders(norm: str):
       kernel = pallas_mod.rms_norm
     out["pallas"] = lambda x, g, b: kernel(x.reshape(1, *x.shape), g, b,
                                            eps=eps).reshape(x.shape)
-  except Exception as e:  # noqa: BLE001 - reported, not fatal
+  except Exception as e:  # reported, not fatal
     print(f"  pallas {norm} unavailable: {type(e).__name__}: {e}")
   return out
 
@@ -136,7 +137,7 @@ def speed(shapes, dtypes, rounds, peak, libs=None) -> list[dict]:
             try:
               fn = _with_pass(f, kind)
               jax.block_until_ready(fn(x, g, b, dy))
-            except Exception as e:  # noqa: BLE001 - reported, not fatal
+            except Exception as e:  # reported, not fatal
               print(f"  {lib} {norm} {kind} {shape} {jnp.dtype(dtype).name} failed: "
                     f"{type(e).__name__}: {str(e)[:300]}")
               continue
@@ -219,13 +220,13 @@ def gradients() -> list[dict]:
                                                    training=True, epsilon=1e-5)[0], ref_bn),
   }
   for name, (f, ref) in cases.items():
-    got = jax.jit(jax.grad(lambda x, g, b: jnp.sum(f(x, g, b) * w), (0, 1, 2)))(x, g, b)
+    got = jax.jit(jax.grad(lambda x, g, b, f=f: jnp.sum(f(x, g, b) * w), (0, 1, 2)))(x, g, b)
     with jax.enable_x64(True):
       cpu = jax.devices("cpu")[0]
       args = [jax.device_put(np.asarray(a, np.float64), cpu) for a in (x, g, b)]
       wd = jax.device_put(w.astype(np.float64), cpu)
-      want = jax.grad(lambda x, g, b: jnp.sum(ref(x, g, b) * wd), (0, 1, 2))(*args)
-    for arg, gg, ww in zip("xgb", got, want):
+      want = jax.grad(lambda x, g, b, ref=ref, wd=wd: jnp.sum(ref(x, g, b) * wd), (0, 1, 2))(*args)
+    for arg, gg, ww in zip("xgb", got, want, strict=True):
       ww = np.asarray(ww)
       rows.append({"norm": name, "grad": arg,
                    "max_rel_error": float(np.abs(np.asarray(gg, np.float64) - ww).max()
@@ -282,7 +283,7 @@ def main(argv=None) -> None:
   peak = copy_bandwidth(rounds, args.copy_mib)
   print(f"copy bandwidth {peak / 1e9:.0f} GB/s", flush=True)
   result = {"meta": {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       "device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
       "copy_gbs": peak / 1e9, "copy_mib": args.copy_mib, "rounds": rounds}}
   result["exactness"] = exactness()

@@ -34,25 +34,25 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _timing  # noqa: E402
+import _timing
 
 if __name__ == "__main__":
   _timing.use_allocator_settings()
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import datetime
+import importlib.util
+import json
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jaxnorm as jn  # noqa: E402
+import jaxnorm as jn
 
 NORMS = ("layer_norm", "rms_norm", "group_norm", "batch_norm_train", "batch_norm_eval")
 LIBS = ("jaxnorm", "flax.linen", "flax.nnx", "haiku", "equinox", "jnp")
@@ -320,7 +320,7 @@ def run(mode: str, out_dir: str, libs: tuple[str, ...] = LIBS,
         {key: (c, args) for key, (c, args, _) in cases.items()}, REPS[mode], inner)
     med = _timing.medians(samples)
     ew = med[("elementwise", "-", "fwd")]
-    for (norm, lib, kind), (c, args, temp) in cases.items():
+    for (norm, lib, kind), (_, _, temp) in cases.items():
       if norm == "elementwise":
         continue
       ref = med.get((norm, REF, kind))
@@ -339,7 +339,7 @@ def run(mode: str, out_dir: str, libs: tuple[str, ...] = LIBS,
         f"{len(cases) - 1} cases, elementwise {ew * 1e3:.3f} ms")
   result = {
       "meta": {
-          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
           "mode": mode, "jax": jax.__version__, "jaxnorm": jn.__version__,
           "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
           "cpu_count": os.cpu_count(), "platform": platform.platform(),
@@ -441,7 +441,7 @@ def chart(result: dict, path: str) -> None:
   fig, axes = plt.subplots(len(groups), 1, figsize=(14, 3.2 * len(groups)), squeeze=False)
   cases = [(n, k) for n in NORMS for k in ("fwd", "fwd+bwd")]
   width = 0.8 / len(libs)
-  for ax, (shape, dtype) in zip(axes[:, 0], groups):
+  for ax, (shape, dtype) in zip(axes[:, 0], groups, strict=True):
     by = {(r["norm"], r["pass"], r["lib"]): r for r in recs
           if tuple(r["shape"]) == shape and r["dtype"] == dtype}
     for i, lib in enumerate(libs):
@@ -471,8 +471,8 @@ def main(argv=None) -> None:
                   help="keep glibc's default allocator settings (see the module docstring)")
   args = ap.parse_args(argv)
   mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-  libs = tuple(l for l in args.libs.split(",") if l)
-  bad = [l for l in libs if l not in BUILDERS]
+  libs = tuple(name for name in args.libs.split(",") if name)
+  bad = [name for name in libs if name not in BUILDERS]
   if bad:
     ap.error(f"unknown --libs {bad}; choose from {list(BUILDERS)}")
   norms = tuple(n for n in args.norms.split(",") if n)

@@ -42,26 +42,26 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true"
 ).strip()
 
-import argparse  # noqa: E402
-import concurrent.futures  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import pathlib  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import concurrent.futures
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import matplotlib  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import optax
+from tqdm import tqdm
 
-import jaxnorm as jn  # noqa: E402
+import jaxnorm as jn
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 NORMS = ("none", "batch", "layer", "group")
 LABELS = {"none": "no normalization", "batch": "BatchNorm", "layer": "LayerNorm",
@@ -410,7 +410,7 @@ def plot_accuracy(acc: dict, cfg: dict, path: pathlib.Path, dpi: int = 90) -> No
   """Accuracy vs batch size: the full range (left) and the top band, zoomed (right)."""
   bss = cfg["batch_sizes"]
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for ax, zoom in zip(axes, (False, True)):
+  for ax, zoom in zip(axes, (False, True), strict=True):
     for i, norm in enumerate(NORMS):
       a = np.stack([acc[(norm, b)] for b in bss]) * 100  # (sizes, seeds)
       x = np.asarray(bss, float) * (1 + 0.03 * (i - 1.5))  # small offsets against overlap
@@ -439,10 +439,10 @@ def plot_losses(losses: dict, cfg: dict, path: pathlib.Path) -> None:
   ref = cfg["ref_batch_size"]
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   for norm in NORMS:
-    l = losses[(norm, ref)]  # (seeds, epochs)
-    ep = np.arange(1, l.shape[1] + 1)
-    ax.plot(ep, l.mean(0), "-o", color=COLORS[norm], label=LABELS[norm], ms=4)
-    ax.fill_between(ep, l.min(0), l.max(0), color=COLORS[norm], alpha=0.2)
+    curves = losses[(norm, ref)]  # (seeds, epochs)
+    ep = np.arange(1, curves.shape[1] + 1)
+    ax.plot(ep, curves.mean(0), "-o", color=COLORS[norm], label=LABELS[norm], ms=4)
+    ax.fill_between(ep, curves.min(0), curves.max(0), color=COLORS[norm], alpha=0.2)
   ax.set_yscale("log")
   ax.set_xlabel("epoch")
   ax.set_ylabel("mean training loss over the epoch")
@@ -508,8 +508,9 @@ def run_sweep(data: dict, cfg: dict, progress: bool = True):
   # Compile ahead on a second thread while the current batch size trains.
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     futures = [pool.submit(compile_one, b) for b in cfg["batch_sizes"]]
-    bar = tqdm(list(zip(cfg["batch_sizes"], futures)), desc="CNN sweep (4 variants x seeds)",
-               unit="batch size", disable=not progress, file=sys.stdout)
+    bar = tqdm(list(zip(cfg["batch_sizes"], futures, strict=True)),
+               desc="CNN sweep (4 variants x seeds)", unit="batch size", disable=not progress,
+               file=sys.stdout)
     for b, fut in bar:
       bar.set_postfix_str(f"batch {b}")
       exe, compile_s = fut.result()
@@ -519,9 +520,9 @@ def run_sweep(data: dict, cfg: dict, progress: bool = True):
       jax.block_until_ready(params)
       train_s = time.perf_counter() - t  # includes the (tiny) test-set forward pass
       a = np.asarray((logits.argmax(-1) == y_test).mean(-1), np.float64).reshape(nv, seeds)
-      l = np.asarray(ep_losses, np.float64).reshape(nv, seeds, epochs)
+      lo = np.asarray(ep_losses, np.float64).reshape(nv, seeds, epochs)
       for i, n in enumerate(NORMS):
-        acc[(n, b)], losses[(n, b)] = a[i], l[i]
+        acc[(n, b)], losses[(n, b)] = a[i], lo[i]
       timing[b] = {"compile_seconds": compile_s, "train_seconds_all_replicas": train_s}
       if b == cfg["ref_batch_size"]:
         models = (params, state)
@@ -535,7 +536,7 @@ def inference_comparison(models: tuple, data: dict, seeds: int) -> dict[str, Any
   plan = ((1, True), (8, True), (N_TEST, True), (1, False), (N_TEST, False))
   outs = make_inference(plan)(variants, params, state, x_test)
   acc, logits = {}, {}
-  for (chunk, training), lg in zip(plan, outs):
+  for (chunk, training), lg in zip(plan, outs, strict=True):
     lg = np.asarray(lg).reshape(len(NORMS), seeds, N_TEST, -1)
     a = (lg.argmax(-1) == y_test).mean(-1)
     for i, n in enumerate(NORMS):

@@ -134,7 +134,7 @@ def train_linen(norms, data, steps: int, width: int, blocks: tuple[str, ...], ba
 
   start = time.perf_counter()
   for idx in batches(len(xtr), batch_size, steps):
-    params, stats, opt_state, loss = step(params, stats, opt_state, xtr[idx], ytr[idx])
+    params, stats, opt_state, _ = step(params, stats, opt_state, xtr[idx], ytr[idx])
   variables = {"params": params, "batch_stats": stats}
   logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, xte)
   jax.block_until_ready(logits)
@@ -149,8 +149,9 @@ def linen_layer_difference(variables, x, width, blocks):
   out = []
   for norms in (nn, jaxnorm.linen):
     model = LinenResNet(norms, width, blocks)
-    out.append(jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
-        variables, x))
+    run = jax.jit(lambda v, x, model=model: model.apply(v, x, train=True,
+                                                        mutable=["batch_stats"]))
+    out.append(run(variables, x))
   return _max_diff(out[0][1], out[1][1]), _max_diff(out[0][0], out[1][0])
 
 
@@ -231,7 +232,7 @@ def nnx_layer_difference(trained, x, width, blocks):
 
 def _max_diff(a, b) -> float:
   return max(float(jnp.max(jnp.abs(jnp.asarray(u, jnp.float32) - jnp.asarray(v, jnp.float32))))
-             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

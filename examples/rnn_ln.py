@@ -40,25 +40,25 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true"
 ).strip()
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import pathlib  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import matplotlib  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import optax
+from tqdm import tqdm
 
-import jaxnorm as jn  # noqa: E402
+import jaxnorm as jn
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 NORMS = ("none", "layer", "batch_shared", "batch_per_step")
 LABELS = {"none": "no normalization", "layer": "LayerNorm",
@@ -78,7 +78,7 @@ CLAIM = "5. BN does not fit recurrent networks with variable-length sequences; L
 def resample(images: np.ndarray, lengths: np.ndarray, t_pad: int) -> np.ndarray:
   """Rows of each (8, 8) image stretched to `lengths[i]` steps (nearest row), zero-padded."""
   out = np.zeros((len(images), t_pad, FEATURES), np.float32)
-  for i, (img, t) in enumerate(zip(images, lengths)):
+  for i, (img, t) in enumerate(zip(images, lengths, strict=True)):
     rows = np.floor((np.arange(t) + 0.5) * 8 / t).astype(int)
     out[i, :t] = img[rows]
   return out

@@ -42,7 +42,8 @@ class BatchNormState(NamedTuple):
 
   mean: jax.Array  # shape=feature_shape
   var: jax.Array  # shape=feature_shape
-  count: jax.Array  # shape=(), dtype=int32
+  # `count` is the contract's name; mypy reports that it shadows the method tuple.count.
+  count: jax.Array  # type: ignore[assignment]  # shape=(), dtype=int32
 
 
 def batch_norm_init(feature_shape: int | Sequence[int],
@@ -63,7 +64,8 @@ def batch_norm_init(feature_shape: int | Sequence[int],
   Example:
     >>> import jaxnorm as jn
     >>> jn.batch_norm_init(3)
-    BatchNormState(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32), count=Array(0, dtype=int32))
+    BatchNormState(mean=Array([0., 0., 0.], dtype=float32),
+                   var=Array([1., 1., 1.], dtype=float32), count=Array(0, dtype=int32))
   """
   shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
   if not all(isinstance(d, int) and d >= 0 for d in shape):
@@ -157,10 +159,12 @@ def update_running_stats(
     >>> state = jn.batch_norm_init(2)
     >>> batch = jn.moments(jnp.array([[1.0, 2.0], [3.0, 6.0]]), reduction_axes=0)
     >>> jn.update_running_stats(state, batch, momentum=None)
-    BatchNormState(mean=Array([2., 4.], dtype=float32), var=Array([1., 4.], dtype=float32), count=Array(1, dtype=int32))
+    BatchNormState(mean=Array([2., 4.], dtype=float32), var=Array([1., 4.], dtype=float32),
+                   count=Array(1, dtype=int32))
     >>> bad = jn.moments(jnp.array([[1.0, jnp.nan], [3.0, 6.0]]), reduction_axes=0)
     >>> jn.update_running_stats(state, bad)  # a non-finite batch changes nothing
-    BatchNormState(mean=Array([0., 0.], dtype=float32), var=Array([1., 1.], dtype=float32), count=Array(0, dtype=int32))
+    BatchNormState(mean=Array([0., 0.], dtype=float32), var=Array([1., 1.], dtype=float32),
+                   count=Array(0, dtype=int32))
   """
   _checks.check_momentum(momentum)
   _check_state(state, jnp.shape(batch.mean))
@@ -356,7 +360,8 @@ def batch_norm(
     Array([[-1.],
            [ 1.]], dtype=float32)
     >>> state
-    BatchNormState(mean=Array([0.02], dtype=float32), var=Array([1.], dtype=float32), count=Array(1, dtype=int32))
+    BatchNormState(mean=Array([0.02], dtype=float32), var=Array([1.], dtype=float32),
+                   count=Array(1, dtype=int32))
     >>> x = jnp.array([[1.0], [3.0], [10.0], [30.0]])
     >>> y, state = jn.batch_norm(x, jn.batch_norm_init(1), training=True, epsilon=0.0,
     ...                          momentum=0.0, virtual_batch_size=2)

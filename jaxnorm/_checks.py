@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 Axes = int | Sequence[int]
 
@@ -23,6 +24,7 @@ def canonicalize_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
     TypeError: an axis is not an int.
     ValueError: an axis is out of range for an array of rank `ndim`, or repeated.
   """
+  items: tuple[Any, ...]
   if isinstance(axes, (int, np.integer)):
     items = (axes,)
   elif isinstance(axes, Sequence):
@@ -114,7 +116,7 @@ def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     return False
 
 
-def check_mask(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
+def check_mask(mask: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
   """Returns `mask` as a boolean array broadcast to `shape`, or raises."""
   if mask is None:
     return None

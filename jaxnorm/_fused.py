@@ -120,8 +120,8 @@ def _apply_complex(x: jax.Array, mean: jax.Array | None, var: jax.Array, scale: 
 
 def normalize_with_moments(
     x: jax.Array,
-    scale: jax.Array | None,
-    bias: jax.Array | None,
+    scale: ArrayLike | None,
+    bias: ArrayLike | None,
     epsilon: Any,
     mask: jax.Array | None,
     *,

@@ -36,7 +36,7 @@ def _prepare(x: ArrayLike, reduction_axes: Axes, feature_axes: Axes, scale: Any,
   red = _checks.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
   feat = _checks.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
   fshape = _feature_shape(x.shape, feat)
-  for name, p in zip(params, (scale, bias)):
+  for name, p in zip(params, (scale, bias), strict=True):
     _checks.check_param(p, fshape, name, f"input's feature axes {feat}", x.shape)
   _checks.check_epsilon(epsilon)
   return x, red, feat
@@ -270,6 +270,7 @@ def _resolve_groups(channels: int, num_groups: int | None, group_size: int | Non
           f"{channels}."
       )
     return channels // group_size
+  assert num_groups is not None  # exactly one of the two is given (checked above)
   if num_groups <= 0 or channels % num_groups:
     raise ValueError(
         f"num_groups={num_groups!r} must be a positive divisor of the number of channels, "

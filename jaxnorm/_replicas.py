@@ -114,7 +114,9 @@ def sync_running_stats(
     ...                            count=jnp.array([1, 3], jnp.int32))
     >>> sync = lambda s: jn.sync_running_stats(s, "replica")
     >>> jax.vmap(sync, axis_name="replica")(states)
-    BatchNormState(mean=Array([[3.25], [3.25]], dtype=float32), var=Array([[3.4375], [3.4375]], dtype=float32), count=Array([2, 2], dtype=int32))
+    BatchNormState(mean=Array([[3.25], [3.25]], dtype=float32),
+                   var=Array([[3.4375], [3.4375]], dtype=float32),
+                   count=Array([2, 2], dtype=int32))
   """
   if axis_name is None:
     raise ValueError(

@@ -36,7 +36,8 @@ class Moments(NamedTuple):
     var: the population (biased) variance `sum((x - mean)²) / count`, never negative.
   """
 
-  count: jax.Array  # dtype=float32, shape=mean.shape
+  # `count` is the contract's name; mypy reports that it shadows the method tuple.count.
+  count: jax.Array  # type: ignore[assignment]  # dtype=float32, shape=mean.shape
   mean: jax.Array
   var: jax.Array
 
@@ -219,7 +220,8 @@ def moments(
     >>> x = jnp.array([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]])
     >>> m = jn.moments(x, reduction_axes=1, mask=jnp.array([True, True, False]))
     >>> m.count, m.mean, m.var
-    (Array([2., 2.], dtype=float32), Array([ 1.5, 15. ], dtype=float32), Array([ 0.25, 25.  ], dtype=float32))
+    (Array([2., 2.], dtype=float32), Array([ 1.5, 15. ], dtype=float32),
+     Array([ 0.25, 25.  ], dtype=float32))
   """
   x = jnp.asarray(x)
   _checks.check_floating(x, allow_complex=True)

@@ -59,11 +59,16 @@ def _feature_shape(x: jax.Array, axes: Axes, name: str) -> tuple[tuple[int, ...]
 
 
 def _params(mdl: nn.Module, shape: list[int], use_scale: bool, use_bias: bool,
-            scale_init: Initializer, bias_init: Initializer, param_dtype: Dtype,
+            scale_init: Initializer, bias_init: Initializer | None, param_dtype: Dtype,
             cast: bool = False) -> tuple[jax.Array | None, jax.Array | None]:
-  """Declares `scale` then `bias` (flax's order, so the params RNG draws match)."""
+  """Declares `scale` then `bias` (flax's order, so the params RNG draws match); `bias_init`
+  may be None when `use_bias` is False (RMSNorm has no bias)."""
   scale = mdl.param("scale", scale_init, shape, param_dtype) if use_scale else None
-  bias = mdl.param("bias", bias_init, shape, param_dtype) if use_bias else None
+  bias = None
+  if use_bias:
+    if bias_init is None:
+      raise ValueError("use_bias=True needs a bias_init; got None.")
+    bias = mdl.param("bias", bias_init, shape, param_dtype)
   if cast:  # flax's force_float32_reductions=False: parameters enter in param_dtype
     scale = None if scale is None else jnp.asarray(scale, param_dtype)
     bias = None if bias is None else jnp.asarray(bias, param_dtype)

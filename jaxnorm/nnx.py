@@ -57,30 +57,30 @@ __all__ = ("BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
 
-def _declare_params(mdl: nnx.Module, num_features: int, use_scale: bool, use_bias: bool,
+def _declare_params(num_features: int, use_scale: bool, use_bias: bool,
                     scale_init: Initializer, bias_init: Initializer, param_dtype: Dtype,
                     rngs: nnx.Rngs, scale_metadata: Mapping[str, Any],
-                    bias_metadata: Mapping[str, Any], none: Any) -> None:
-  """Creates `scale` then `bias` as flax does (same order, so the same `rngs.params()` draws)."""
+                    bias_metadata: Mapping[str, Any], none: Any) -> tuple[Any, Any]:
+  """`(scale, bias)` created as flax does (same order, so the same `rngs.params()` draws); an
+  unused one is `none`. The caller assigns both to its attributes."""
   shape = (num_features,)
-  if use_scale:
-    mdl.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
-  else:
-    mdl.scale = none
-  if use_bias:
-    mdl.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
-  else:
-    mdl.bias = none
+  scale = (nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
+           if use_scale else none)
+  bias = (nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
+          if use_bias else none)
+  return scale, bias
 
 
 def _value(v: Any) -> jax.Array | None:
   return None if v is None else v[...]
 
 
-def _promote(mdl: nnx.Module, x: Any, *arrays: Any) -> tuple[Any, ...]:
-  """flax.nnx's input promotion (`promote_dtype`), under standard promotion rules."""
+def _promote(promote_dtype: PromoteDtypeFn, dtype: Dtype | None, x: Any,
+             *arrays: Any) -> tuple[Any, ...]:
+  """flax.nnx's input promotion (a module's `promote_dtype` to its `dtype`), under standard
+  promotion rules."""
   with jax.numpy_dtype_promotion("standard"):
-    return tuple(mdl.promote_dtype((x, *arrays), dtype=mdl.dtype))
+    return tuple(promote_dtype((x, *arrays), dtype=dtype))
 
 
 def _to_feature_shape(p: jax.Array | None, x: jax.Array,
@@ -180,12 +180,14 @@ class BatchNorm(nnx.Module):
     feature_shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+    self.count: nnx.BatchStat[jax.Array] | None
     if momentum is None:
       self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
     else:
       self.count = nnx.data(None)
-    _declare_params(self, num_features, use_scale, use_bias, scale_init, bias_init,
-                    param_dtype, rngs, scale_metadata, bias_metadata, nnx.data(None))
+    self.scale, self.bias = _declare_params(
+        num_features, use_scale, use_bias, scale_init, bias_init, param_dtype, rngs,
+        scale_metadata, bias_metadata, nnx.data(None))
     self.num_features = num_features
     self.use_running_average = use_running_average
     self.axis = axis
@@ -228,8 +230,8 @@ class BatchNorm(nnx.Module):
             "No `use_running_average` argument was provided to BatchNorm. Pass it to the "
             "constructor, to the call, or use nnx.view(model, use_running_average=...)."))
     update = first_from(update_stats, self.update_stats, error_msg="update_stats is None.")
-    x, _, _, scale, bias = _promote(self, x, self.mean[...], self.var[...],
-                                    _value(self.scale), _value(self.bias))
+    x, _, _, scale, bias = _promote(self.promote_dtype, self.dtype, x, self.mean[...],
+                                    self.var[...], _value(self.scale), _value(self.bias))
     feat = _checks.canonicalize_axes(self.axis, x.ndim, "axis")
     fshape = tuple(x.shape[a] for a in feat)
     xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
@@ -332,9 +334,9 @@ class LayerNorm(nnx.Module):
       zero_centered_scale: bool = False,
       implementation: str | None = None,
   ):
-    _declare_params(self, num_features, use_scale, use_bias,
-                    _zero_centered_init(scale_init, zero_centered_scale), bias_init,
-                    param_dtype, rngs, scale_metadata, bias_metadata, nnx.data(None))
+    self.scale, self.bias = _declare_params(
+        num_features, use_scale, use_bias, _zero_centered_init(scale_init, zero_centered_scale),
+        bias_init, param_dtype, rngs, scale_metadata, bias_metadata, nnx.data(None))
     self.zero_centered_scale = zero_centered_scale
     self.num_features = num_features
     self.epsilon = epsilon
@@ -361,7 +363,8 @@ class LayerNorm(nnx.Module):
     Returns:
       The normalized input, of `x`'s shape and flax's output dtype.
     """
-    x, scale, bias = _promote(self, x, _value(self.scale), _value(self.bias))
+    x, scale, bias = _promote(self.promote_dtype, self.dtype, x, _value(self.scale),
+                              _value(self.bias))
     feat = _checks.canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
     xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
     y = jn.layer_norm(xc, _to_feature_shape(scale, x, feat), _to_feature_shape(bias, x, feat),
@@ -432,6 +435,7 @@ class RMSNorm(nnx.Module):
   ):
     scale_init = _zero_centered_init(scale_init, zero_centered_scale)
     self.zero_centered_scale = zero_centered_scale
+    self.scale: nnx.Param[jax.Array] | None
     if use_scale:
       self.scale = nnx.Param(scale_init(rngs.params(), (num_features,), param_dtype),
                              **scale_metadata)
@@ -461,7 +465,7 @@ class RMSNorm(nnx.Module):
     Returns:
       The normalized input, of `x`'s shape and flax's output dtype.
     """
-    x, scale = _promote(self, x, _value(self.scale))
+    x, scale = _promote(self.promote_dtype, self.dtype, x, _value(self.scale))
     feat = _checks.canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
     xc, out_dtype = flax_dtypes(x, (scale,), self.dtype)
     y = jn.rms_norm(xc, _to_feature_shape(scale, x, feat), reduction_axes=self.reduction_axes,
@@ -551,8 +555,9 @@ class GroupNorm(nnx.Module):
                        f"num_features={num_features}.")
     self.num_groups = num_groups
     self.group_size = num_features // num_groups
-    _declare_params(self, num_features, use_scale, use_bias, scale_init, bias_init,
-                    param_dtype, rngs, scale_metadata, bias_metadata, nnx.data(None))
+    self.scale, self.bias = _declare_params(
+        num_features, use_scale, use_bias, scale_init, bias_init, param_dtype, rngs,
+        scale_metadata, bias_metadata, nnx.data(None))
     self.epsilon = epsilon
     self.dtype = dtype
     self.param_dtype = param_dtype
@@ -575,7 +580,8 @@ class GroupNorm(nnx.Module):
     Returns:
       The normalized input, of `x`'s shape and flax's output dtype.
     """
-    x, scale, bias = _promote(self, x, _value(self.scale), _value(self.bias))
+    x, scale, bias = _promote(self.promote_dtype, self.dtype, x, _value(self.scale),
+                              _value(self.bias))
     xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
     y = jn.group_norm(xc, scale, bias, num_groups=self.num_groups, epsilon=self.epsilon,
                       reduction_axes=self.reduction_axes, mask=mask,
@@ -637,8 +643,9 @@ class InstanceNorm(nnx.Module):
       bias_metadata: Mapping[str, Any] = _NO_METADATA,
       scale_metadata: Mapping[str, Any] = _NO_METADATA,
   ):
-    _declare_params(self, num_features, use_scale, use_bias, scale_init, bias_init,
-                    param_dtype, rngs, scale_metadata, bias_metadata, None)
+    self.scale, self.bias = _declare_params(
+        num_features, use_scale, use_bias, scale_init, bias_init, param_dtype, rngs,
+        scale_metadata, bias_metadata, None)
     self.num_features = num_features
     self.epsilon = epsilon
     self.dtype = dtype
@@ -662,7 +669,8 @@ class InstanceNorm(nnx.Module):
     Returns:
       The normalized input, of `x`'s shape and flax's output dtype.
     """
-    x, scale, bias = _promote(self, x, _value(self.scale), _value(self.bias))
+    x, scale, bias = _promote(self.promote_dtype, self.dtype, x, _value(self.scale),
+                              _value(self.bias))
     feat = _checks.canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
     xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
     y = jn.instance_norm(xc, _to_feature_shape(scale, x, feat),

@@ -57,14 +57,14 @@ def assert_close(ours, theirs, atol=1e-5):
 
 def assert_trees_close(ours, theirs, atol=1e-5):
   assert jax.tree.structure(ours) == jax.tree.structure(theirs)
-  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
     assert_close(a, b, atol)
 
 
 def assert_trees_identical(a, b):
   """Same structure, shapes, dtypes and bits."""
   assert jax.tree.structure(a) == jax.tree.structure(b)
-  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     u, v = np.asarray(u), np.asarray(v)
     assert u.dtype == v.dtype and u.shape == v.shape, (u.dtype, v.dtype, u.shape, v.shape)
     np.testing.assert_array_equal(np.atleast_1d(u).view(np.uint8), np.atleast_1d(v).view(np.uint8))

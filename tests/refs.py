@@ -1,11 +1,25 @@
-"""Float64 NumPy references and per-dtype tolerances, shared by every test module."""
+"""Float64 NumPy references and the error bounds that every test's tolerance comes from.
+
+Tolerances are derived from floating-point error bounds of the computation jaxnorm performs,
+evaluated on the test's own data, never from the numbers one run printed: XLA:CPU chooses a
+different reduction kernel per instruction set (SSE4.2, AVX2, AVX-512) and per thread count, so
+the order of a float32 sum, and with it the last bits of every statistic, differs between
+machines. Each bound below is valid for every summation order.
+
+Notation: u is the unit roundoff of the arithmetic (2**-24 for float32, 2**-8 for bfloat16,
+2**-11 for float16), and a float sum of n terms is off by at most c(n)·Σ|xᵢ| (`sum_factor`).
+Every bound is first order in u (the O(u²) terms are below 1e-12 relative here).
+"""
 
 from __future__ import annotations
 
-import numpy as np
-import jax.numpy as jnp
+import functools
 
-# Absolute tolerance on normalized outputs (values of order 1) per input dtype, set once here.
+import jax.numpy as jnp
+import numpy as np
+
+# Absolute tolerance on normalized outputs (values of order 1) per input dtype, for comparisons
+# where no bound below applies (wrapper-vs-flax comparisons use tests/flax_cases.py).
 _ATOL = {
     np.dtype(np.float64): 1e-9,
     np.dtype(np.float32): 2e-5,
@@ -13,10 +27,278 @@ _ATOL = {
     np.dtype(np.float16): 4e-3,
 }
 
+# Confidence factor of the probabilistic sum bound (see `sum_factor`): the probability that
+# one sum exceeds it is below 2·exp(-LAMBDA²/2) = 7.5e-6 under the rounding model.
+LAMBDA = 5.0
+
 
 def atol(dtype) -> float:
   """Tolerance for outputs of order 1 computed from input of `dtype`."""
   return _ATOL[np.dtype(dtype)]
+
+
+def unit_roundoff(dtype=np.float32) -> float:
+  """u = 2**-(p) for a format with p significand bits (round to nearest): 2**-24 for float32."""
+  return 2.0 ** -(jnp.finfo(dtype).nmant + 1)
+
+
+U32 = unit_roundoff(np.float32)
+
+
+def sum_factor(n, dtype=np.float32, worst=False) -> float:
+  r"""c(n) such that a float sum of n terms, in any order, is off by at most c(n)·Σ|xᵢ|.
+
+  Any summation order (sequential, pairwise, the blocked and vectorized loops XLA emits, a
+  `psum` of per-device partial sums) is a binary tree of n - 1 additions, and the computed sum
+  is :math:`\hat s = s + \sum_k \delta_k \hat s_k` over the tree's partial sums
+  :math:`\hat s_k`, each rounding :math:`|\delta_k| \le u`, and every
+  :math:`|\hat s_k| \le \sum_i |x_i|` (to first order). Hence two bounds:
+
+  * worst case, deterministic (Higham, *Accuracy and Stability of Numerical Algorithms*, 2002,
+    §4.2): :math:`|\hat s - s| \le \gamma_{n-1} \sum|x_i|`, :math:`\gamma_k = ku/(1-ku)`;
+  * probabilistic (Higham & Mary, SIAM J. Sci. Comput. 41(5), 2019, Thm 3.1): with the
+    :math:`\delta_k` independent and of mean zero, Azuma-Hoeffding's inequality gives
+    :math:`|\sum_k \delta_k \hat s_k| \le \lambda u \sqrt{\sum_k \hat s_k^2}
+    \le \lambda\sqrt{n-1}\,u\sum|x_i|` except with probability
+    :math:`2e^{-\lambda^2/2}` (`LAMBDA` = 5: 7.5e-6).
+
+  Both hold, so their minimum does: the worst case for n ≤ 26, the √n bound beyond. It stays
+  pessimistic (it replaces every partial sum by Σ|xᵢ|), which is what makes it hold for every
+  kernel XLA may choose. `worst=True` keeps only the deterministic bound, for data whose
+  roundings are correlated (a constant input rounds the same way at every step).
+  """
+  n = max(int(n), 1)
+  u = unit_roundoff(dtype)
+  gamma = (n - 1) * u / (1 - (n - 1) * u)
+  return gamma if worst else min(gamma, LAMBDA * np.sqrt(n - 1) * u)
+
+
+def _axes(axes, ndim) -> tuple[int, ...]:
+  return tuple(sorted(a % ndim for a in ((axes,) if isinstance(axes, int) else axes)))
+
+
+def _valid(x, mask):
+  return np.ones(x.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask), x.shape)
+
+
+def mean_error(x, axes, mask=None, dtype=np.float32, worst=False) -> np.ndarray:
+  r"""Bound on |μ̂ - μ| of a masked mean over `axes`, accumulated in `dtype` (float32).
+
+  .. math::
+    |\hat\mu - \mu| \le c(N)\,\frac{\sum_i m_i|x_i|}{n} + u|\mu|
+
+  The sum runs over N = the number of positions reduced (masked ones add an exact zero), the
+  count n is exact, and the division rounds once. The bound scales with the data's magnitude
+  (Σ|x|/n), not with the mean's own size: a mean near 0 of data of scale 3 is off by
+  about as much as the mean of the same data offset by 3. Cross-device means are the same
+  sum split into per-device partial sums plus a `psum`: another tree over the same N terms.
+  """
+  x = f64(x)
+  axes = _axes(axes, x.ndim)
+  m = _valid(x, mask)
+  big_n = int(np.prod([x.shape[a] for a in axes]))
+  n = np.maximum(m.sum(axes), 1)
+  abs_mean = np.where(m, np.abs(x), 0.0).sum(axes) / n
+  mean = np.where(m, x, 0.0).sum(axes) / n
+  u = unit_roundoff(dtype)
+  return sum_factor(big_n, dtype, worst) * abs_mean + u * np.abs(mean)
+
+
+def var_error(x, axes, mask=None, dtype=np.float32, worst=False) -> np.ndarray:
+  r"""Bound on |σ̂² - σ²| of jaxnorm's two-pass population variance (mean first, then the
+  mean of centred squares).
+
+  With the computed mean :math:`\hat\mu = \mu + \delta` (`mean_error`), the exact mean of
+  :math:`(x_i - \hat\mu)^2` is :math:`\sigma^2 + \delta^2` (because
+  :math:`\sum_i m_i(x_i - \mu) = 0`); each centred square carries three roundings
+  (difference, square; the difference of two nearby numbers is often exact), the sum of these
+  non-negative terms c(N) relative, the division one more:
+
+  .. math::
+    |\hat\sigma^2 - \sigma^2| \le \delta^2 + (c(N) + 4u)(\sigma^2 + \delta^2)
+
+  There is no term in μ²: `E[x²] - E[x]²` would be off by about c(N)·(μ² + σ²), i.e. by
+  order 1 for data of std 1 at offset 1e4 in float32 (see tests/test_bounds.py).
+  """
+  _, _, var = ref_moments(x, axes, mask)
+  x = f64(x)
+  big_n = int(np.prod([x.shape[a] for a in _axes(axes, x.ndim)]))
+  d = mean_error(x, axes, mask, dtype, worst)
+  u = unit_roundoff(dtype)
+  return d * d + (sum_factor(big_n, dtype, worst) + 4 * u) * (var + d * d)
+
+
+def mean_square_error(x, axes, mask=None, dtype=np.float32) -> np.ndarray:
+  r"""Bound on the error of RMS normalization's mean square :math:`\frac1n\sum m_i x_i^2`:
+  one rounding per square, c(N) for the sum of non-negative terms, one for the division:
+  :math:`(c(N) + 2u)\,\overline{x^2}`."""
+  x = f64(x)
+  axes = _axes(axes, x.ndim)
+  m = _valid(x, mask)
+  n = np.maximum(m.sum(axes), 1)
+  ms = np.where(m, x * x, 0.0).sum(axes) / n
+  big_n = int(np.prod([x.shape[a] for a in axes]))
+  return (sum_factor(big_n, dtype) + 2 * unit_roundoff(dtype)) * ms
+
+
+def output_error(x, mean, var, mean_err, var_err, scale, y, reduction_axes, feature_axes,
+                 epsilon, out_dtype=np.float32) -> np.ndarray:
+  r"""Bound on |ŷ - y| of a normalized output, elementwise, from its statistics' bounds.
+
+  jaxnorm computes :math:`\hat y = \mathrm{fl}((x - \hat\mu)\cdot\mathrm{fl}(\hat r\gamma) +
+  \beta)` in float32 with :math:`\hat r = \mathrm{rsqrt}(\hat\sigma^2 + \epsilon)`. To first
+  order, with :math:`r = (\sigma^2 + \epsilon)^{-1/2}`:
+
+  .. math::
+    |\hat r - r| \le r\Big(\frac{|\hat\sigma^2 - \sigma^2|}{2(\sigma^2+\epsilon)} + 4u\Big)
+    \qquad\text{(the addition of ε, rsqrt's two roundings, ε's own rounding)}
+
+  .. math::
+    |\hat y - y| \le |\gamma|\,r\,\big(|\hat\mu - \mu| + |x - \mu|\,(\rho + 3u)\big)
+    + 2u|y| + u_{\text{out}}|y|
+
+  where ρ is the bracket above, 3u covers the difference x - μ̂ and the two products, 2u the
+  bias addition, and :math:`u_{\text{out}}` the final rounding to the output dtype (0 for
+  float32 and wider). `mean` may be None (RMS normalization: no centring, no mean error).
+  """
+  x = f64(x)
+  red = _axes(reduction_axes, x.ndim)
+  feat = _axes(feature_axes, x.ndim)
+  fshape = tuple(x.shape[i] if i in feat else 1 for i in range(x.ndim))
+  out_u = unit_roundoff(out_dtype) if jnp.finfo(out_dtype).bits < 32 else 0.0
+  e = lambda a: f64(a) if np.ndim(a) == 0 else np.expand_dims(f64(a), red)
+  with np.errstate(divide="ignore", invalid="ignore"):  # inf/NaN only where var + ε = 0
+    return _output_error(x, e, var, mean, mean_err, var_err, scale, y, fshape, epsilon, out_u)
+
+
+def _output_error(x, e, var, mean, mean_err, var_err, scale, y, fshape, epsilon, out_u):
+  u = U32
+  r = 1.0 / np.sqrt(e(var) + epsilon)
+  rho = e(var_err) / (2 * (e(var) + epsilon)) + 4 * u
+  g = 1.0 if scale is None else np.abs(f64(scale)).reshape(fshape)
+  if mean is None:
+    centred, dmean = np.abs(x), 0.0
+  else:
+    centred, dmean = np.abs(x - e(mean)), e(mean_err)
+  return g * r * (dmean + centred * (rho + 3 * u)) + (2 * u + out_u) * np.abs(f64(y))
+
+
+def ema_error(momentum, old, batch, batch_err, state_dtype=np.float32) -> np.ndarray:
+  r"""Bound on a running-statistics update :math:`(1-w)\,old + w\,b` with w = 1 - momentum.
+
+  jaxnorm rounds w and 1 - w to float32 (u each), then two products and a sum:
+
+  .. math::
+    |\Delta| \le w\,|\hat b - b| + 4u\,\big((1-w)|old| + w|b|\big) + u_{\text{state}}|new|
+  """
+  w = 1.0 - momentum
+  old, batch = f64(old), f64(batch)
+  new = (1 - w) * old + w * batch
+  out_u = unit_roundoff(state_dtype) if jnp.finfo(state_dtype).bits < 32 else 0.0
+  return w * f64(batch_err) + 4 * U32 * ((1 - w) * np.abs(old) + w * np.abs(batch)) \
+      + out_u * np.abs(new)
+
+
+def cumulative_average_error(batch_values, batch_errors) -> np.ndarray:
+  r"""Bound on the exact cumulative average (momentum=None) after K updates, each
+  :math:`s_k = (1 - w_k)s_{k-1} + w_k b_k` with :math:`w_k = 1/(k+1)` in float32.
+
+  The error obeys :math:`E_k \le (1-w_k)E_{k-1} + w_k|\hat b_k - b_k| + 4uM`, with M the
+  largest :math:`|b_k|` (a running average of them never exceeds it), hence
+  :math:`E_K \le \max_k |\hat b_k - b_k| + 4uKM`.
+  """
+  b = np.abs(f64(batch_values))
+  return np.max(f64(batch_errors), 0) + 4 * U32 * len(b) * b.max(0)
+
+
+def ema_chain_error(momentum, batch_values, batch_errors) -> np.ndarray:
+  r"""Bound on running statistics after many `ema_error` updates with the same momentum.
+
+  :math:`E_k \le m E_{k-1} + w|\hat b_k - b_k| + 4uM` (w = 1 - m, M the largest |value| of
+  state or batch) has the fixed point :math:`E \le \max_k |\hat b_k - b_k| + 4uM/w`.
+  """
+  w = 1.0 - momentum
+  m = max(np.abs(f64(batch_values)).max(), 1.0)
+  return np.max(f64(batch_errors), 0) + 4 * U32 * m / w
+
+
+def sync_error(means, variances, weights, state_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+  r"""Bounds on `sync_running_stats` of R replicas' float32 states (axis 0) with `weights`.
+
+  The merged mean is a weighted mean of R exact inputs (a product, c(R) for the sum, a
+  division); the variance is the two-pass variance of the replicas' means plus their
+  variances, :math:`\sum_i w_i(v_i + (m_i - \hat\mu)^2)/W`, so as in `var_error` the mean's
+  error δ enters only squared, and each term carries five roundings:
+
+  .. math::
+    |\hat\mu - \mu| \le (c(R) + 2u)\,\frac{\sum_i w_i|m_i|}{W} = \delta, \qquad
+    |\hat\sigma^2 - \sigma^2| \le \delta^2 + (c(R) + 6u)(\sigma^2 + \delta^2)
+
+  plus the final rounding to the state's dtype.
+  """
+  means, variances = f64(means), f64(variances)
+  w = f64(weights).reshape((-1,) + (1,) * (means.ndim - 1))
+  big_w = w.sum(0)
+  mean = (w * means).sum(0) / big_w
+  var = (w * (variances + (means - mean) ** 2)).sum(0) / big_w
+  r = means.shape[0]
+  u = U32
+  out_u = unit_roundoff(state_dtype) if jnp.finfo(state_dtype).bits < 32 else 0.0
+  d = (sum_factor(r) + 2 * u) * (w * np.abs(means)).sum(0) / big_w
+  return (d + out_u * np.abs(mean),
+          d * d + (sum_factor(r) + 6 * u) * (var + d * d) + out_u * var)
+
+
+def merge_error(a, a_err, b, b_err) -> tuple[np.ndarray, np.ndarray]:
+  r"""Bounds on `merge_moments` (Chan et al.) of float64 moments `a`, `b` = (n, μ, σ²), whose
+  float32 values are off by `a_err`, `b_err` = (mean bound, variance bound).
+
+  :math:`\mu = \mu_a + \delta w_b`, :math:`\sigma^2 = (n_a\sigma_a^2 + n_b\sigma_b^2 +
+  \delta^2 n_a w_b)/n` with :math:`\delta = \mu_b - \mu_a`, :math:`w_b = n_b/n`. The inputs'
+  errors propagate with weights :math:`w_a, w_b` (and :math:`2|\delta|w_a w_b` into the
+  variance); each formula adds at most five roundings of terms no larger than its inputs.
+  """
+  (na, ma, va), (nb, mb, vb) = [tuple(map(f64, t)) for t in (a, b)]
+  (dma, dva), (dmb, dvb) = [tuple(map(f64, t)) for t in (a_err, b_err)]
+  n = np.maximum(na + nb, 1)
+  wa, wb = na / n, nb / n
+  delta = mb - ma
+  u = U32
+  mean_err = wa * dma + wb * dmb + 4 * u * (np.abs(ma) + np.abs(mb))
+  var = wa * va + wb * vb + delta * delta * wa * wb
+  var_err = (wa * dva + wb * dvb + 2 * np.abs(delta) * wa * wb * (dma + dmb)
+             + (dma + dmb) ** 2 * wa * wb + 6 * u * (var + delta * delta * wa * wb))
+  return mean_err, var_err
+
+
+def assert_within(actual, desired, bound, what="") -> None:
+  """|actual - desired| <= bound elementwise (NaN nowhere), with the worst offender reported."""
+  a, d = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
+  b = np.broadcast_to(np.asarray(bound, np.float64), np.broadcast_shapes(a.shape, d.shape))
+  err = np.abs(a - d)
+  assert np.all(np.isfinite(a) == np.isfinite(d)), f"{what}: non-finite values differ"
+  bad = ~(err <= b) & np.isfinite(d)
+  if bad.any():
+    i = np.unravel_index(np.argmax(np.where(bad, err / np.maximum(b, 1e-300), 0)), bad.shape)
+    raise AssertionError(
+        f"{what}: {int(bad.sum())} of {bad.size} elements outside the bound; worst at {i}: "
+        f"actual {np.broadcast_to(a, bad.shape)[i]!r}, "
+        f"desired {np.broadcast_to(d, bad.shape)[i]!r}, "
+        f"|error| {err[i]:.3g} > bound {b[i]:.3g}")
+
+
+@functools.cache
+def float16_compiles() -> bool:
+  """Whether XLA:CPU can run float16 arithmetic here (it cannot without F16C: jax 0.10.2 then
+  fails to link `__extendhfsf2`); any other error propagates."""
+  import jax
+  try:
+    jax.block_until_ready(jax.jit(lambda v: v * v)(jnp.ones(2, jnp.float16)))
+  except jax.errors.JaxRuntimeError as e:
+    if "materialize symbols" in str(e):
+      return False
+    raise
+  return True
 
 
 def f64(a) -> np.ndarray:
@@ -90,3 +372,104 @@ def ref_batch_norm_train(x, scale=None, bias=None, feature_axes=-1, epsilon=1e-5
   red = tuple(a for a in range(x.ndim) if a not in feat)
   n, mean, var = ref_moments(x, red, mask)
   return ref_normalize(x, mean, var, scale, bias, red, feat, epsilon), n, mean, var
+
+
+# --- tolerances of whole normalizers, from the bounds above -----------------------------------
+
+def norm_bound(x, y, scale=None, reduction_axes=-1, feature_axes=-1, epsilon=1e-6, mask=None,
+               centered=True, out_dtype=np.float32) -> np.ndarray:
+  """Elementwise bound on a normalizer's output `y` (the float64 reference) computed by jaxnorm
+  from the float32 values of `x`: statistics over `reduction_axes` (`mean_error`, `var_error`,
+  or `mean_square_error` without centring), then `output_error`."""
+  x = f64(x)
+  if centered:
+    _, mean, var = ref_moments(x, reduction_axes, mask)
+    merr, verr = mean_error(x, reduction_axes, mask), var_error(x, reduction_axes, mask)
+  else:
+    axes = _axes(reduction_axes, x.ndim)
+    m = _valid(x, mask)
+    mean, merr = None, None
+    var = np.where(m, x * x, 0.0).sum(axes) / np.maximum(m.sum(axes), 1)
+    verr = mean_square_error(x, reduction_axes, mask)
+  return output_error(x, mean, var, merr, verr, scale, y, reduction_axes, feature_axes, epsilon,
+                      out_dtype)
+
+
+def group_norm_bound(x, y, num_groups, scale=None, epsilon=1e-6, mask=None,
+                     out_dtype=np.float32) -> np.ndarray:
+  """`norm_bound` of group normalization (statistics per example and group of channels)."""
+  x = f64(x)
+  c = x.shape[-1]
+  xg = x.reshape(x.shape[:-1] + (num_groups, c // num_groups))
+  mg = None if mask is None else np.broadcast_to(np.asarray(mask), x.shape).reshape(xg.shape)
+  axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+  g = None if scale is None else np.broadcast_to(f64(scale), (c,)).reshape(xg.shape[-2:])
+  return norm_bound(xg, f64(y).reshape(xg.shape), g, axes, (x.ndim - 1, x.ndim), epsilon, mg,
+                    out_dtype=out_dtype).reshape(x.shape)
+
+
+def derivative_bounds(x, reduction_axes, feature_axes, scale, cot, cot_err, epsilon=1e-6,
+                      mask=None, centered=True) -> tuple[float, float, float]:
+  r"""Bounds (max-norm) on the float32 derivatives of a normalizer: input, scale and bias.
+
+  With :math:`h = \gamma g` for the cotangent (or tangent) g of y, the derivative of a
+  normalization over n valid elements is
+  :math:`\partial x_i = r\,(h_i - \overline{h} - \hat x_i S)`, :math:`S = \overline{h\hat x}`
+  (no :math:`\overline{h}` without centring), :math:`\partial\gamma = \sum g\hat x`,
+  :math:`\partial\beta = \sum g`, the last two over the M elements of each feature. jaxnorm's
+  float32 evaluation (any order of the same terms) differs, to first order, through r's
+  relative error ρ and x̂'s absolute error :math:`d_i` (`output_error`'s terms, from the
+  forward statistics' bounds), h's error :math:`\delta h_i` (`cot_err` times |γ|), the two
+  sums (c(N) relative to the sums of |h| and |h x̂|) and four roundings:
+
+  .. math::
+    |\delta\partial x_i| \le \rho A_i + r\big[\delta h_i + \overline{\delta h} + c(N)\overline{|h|}
+    + d_i|S| + |\hat x_i|\,(\overline{\delta h|\hat x|} + \overline{|h|d}
+    + c(N)\overline{|h\hat x|}) + 4u A_i / r\big]
+
+  with :math:`A_i = r(|h_i| + |\overline h| + |\hat x_i S|)`, and
+
+  .. math::
+    |\delta\partial\gamma| \le \sum (c(M)|g\hat x| + \delta g\,|\hat x| + |g|d), \qquad
+    |\delta\partial\beta| \le \sum (c(M)|g| + \delta g)
+
+  `x`, `cot` and `cot_err` have the statistics' reduction axes explicit (group norm: reshape
+  to (..., groups, channels per group) first, as `group_norm_bound` does).
+  """
+  x, cot, cot_err = f64(x), f64(cot), f64(cot_err)
+  red, feat = _axes(reduction_axes, x.ndim), _axes(feature_axes, x.ndim)
+  m = _valid(x, mask)
+  u = U32
+  big_n = int(np.prod([x.shape[a] for a in red]))
+  cn = sum_factor(big_n)
+  e = lambda a: np.expand_dims(f64(a), red)
+  if centered:
+    _, mean, var = ref_moments(x, red, mask)
+    merr, verr = mean_error(x, red, mask), var_error(x, red, mask)
+  else:
+    var = np.where(m, x * x, 0.0).sum(red) / np.maximum(m.sum(red), 1)
+    mean, merr, verr = np.zeros_like(var), np.zeros_like(var), mean_square_error(x, red, mask)
+  n = e(np.maximum(m.sum(red), 1))
+  avg = lambda a: np.where(m, a, 0.0).sum(red, keepdims=True) / n
+  r = 1.0 / np.sqrt(e(var) + epsilon)
+  xhat = np.where(m, (x - e(mean)) * r, 0.0)
+  rho = e(verr) / (2 * (e(var) + epsilon)) + 4 * u
+  d = np.where(m, r * (e(merr) + np.abs(x - e(mean)) * (rho + 3 * u)), 0.0)
+  fshape = tuple(x.shape[i] if i in feat else 1 for i in range(x.ndim))
+  gam = np.ones(fshape) if scale is None else np.abs(f64(scale)).reshape(fshape)
+  sgam = np.ones(fshape) if scale is None else f64(scale).reshape(fshape)
+  h = np.where(m, sgam * cot, 0.0)
+  dh = np.where(m, gam * (cot_err + u * np.abs(cot)), 0.0)
+  hbar = avg(h) if centered else 0.0
+  big_s = avg(h * xhat)
+  a = r * (np.abs(h) + np.abs(hbar) + np.abs(xhat * big_s))
+  bx = rho * a + r * (dh + avg(dh) + cn * avg(np.abs(h)) + d * np.abs(big_s)
+                      + np.abs(xhat) * (avg(dh * np.abs(xhat)) + avg(np.abs(h) * d)
+                                        + cn * avg(np.abs(h * xhat)))) + 4 * u * a
+  other = tuple(i for i in range(x.ndim) if i not in feat)
+  cm = sum_factor(int(np.prod([x.shape[i] for i in other])))
+  gv = np.where(m, np.abs(cot), 0.0)
+  dg = np.where(m, cot_err, 0.0)
+  bscale = (cm * gv * np.abs(xhat) + dg * np.abs(xhat) + gv * d).sum(other)
+  bbias = (cm * gv + dg).sum(other)
+  return float(np.where(m, bx, 0.0).max()), float(bscale.max()), float(bbias.max())

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-import accuracy  # noqa: E402
+import accuracy
 
 
 def test_offset_1e4():

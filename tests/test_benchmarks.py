@@ -47,7 +47,7 @@ def test_tiny_benchmark_writes_json_markdown_and_chart(tmp_path):
   table = (tmp_path / "results.md").read_text()
   assert "| case | pass | jaxnorm |" in table and "batch_norm_eval" in table
   # The summary (the README's table): one row per case, one column per input shape and dtype.
-  rows = [l for l in table.split("\n\n")[2].splitlines() if l.startswith("| ")][1:]
+  rows = [r for r in table.split("\n\n")[2].splitlines() if r.startswith("| ")][1:]
   assert len(rows) == 2 * len(bench.NORMS)
   assert all("×)" in cell for row in rows for cell in row.split(" | ")[2:]), rows
   png = (tmp_path / "chart.png").read_bytes() if (tmp_path / "chart.png").exists() else None
@@ -69,8 +69,8 @@ def test_column_reduction_script_times_every_case(capsys):
   module.main(["--rows", "64", "--columns", "32", "--rounds", "1"])
   lines = capsys.readouterr().out.splitlines()
   assert lines[0].startswith("64x32 float32")
-  assert [l[2:44].strip() for l in lines[1:]] == list(module.CASES)
-  assert all(l.rstrip().endswith("x sum(x * x)") for l in lines[1:])
+  assert [line[2:44].strip() for line in lines[1:]] == list(module.CASES)
+  assert all(line.rstrip().endswith("x sum(x * x)") for line in lines[1:])
 
 
 def test_gpu_script_runs_on_cpu_and_checks_exactness(tmp_path):

@@ -131,8 +131,61 @@ def _grads(norm, ref, x, scale, bias, w, mask, with_scale, with_bias):
   return [np.asarray(g, np.float64) for g in got], want
 
 
+# name: (reduction axes, feature axes of the parameters, centred, epsilon, groups) of the
+# statistics, in the grouped layout for group norm.
+LAYOUT = {
+    "layer_norm": ((-1,), (-1,), True, 1e-6, None),
+    "rms_norm": ((-1,), (-1,), False, 1e-6, None),
+    "group_norm": ((1, 2, 4), (3, 4), True, 1e-6, 4),
+    "batch_norm": ((0, 1), (2,), True, 1e-5, None),
+}
+
+
+def _forward_ref(name, x, scale, bias, mask):
+  """The float64 output and its bound (`refs.norm_bound`) for the float32 inputs."""
+  red, feat, centered, eps, _ = LAYOUT[name]
+  if name == "group_norm":
+    y = refs.ref_group_norm(x, 4, scale, bias, mask=mask)
+    return y, refs.group_norm_bound(x, y, 4, scale, mask=mask)
+  if name == "rms_norm":
+    y = refs.ref_rms_norm(x, scale, mask=mask)
+  elif name == "layer_norm":
+    y = refs.ref_layer_norm(x, scale, bias, mask=mask)
+  else:
+    y = refs.ref_batch_norm_train(x, scale, bias, mask=mask)[0]
+  return y, refs.norm_bound(x, y, scale, red, feat, eps, mask, centered)
+
+
+def _derivative_bounds(name, x, scale, cot, cot_err, mask):
+  """`refs.derivative_bounds` of case `name`: (input, scale, bias) bounds."""
+  red, feat, centered, eps, groups = LAYOUT[name]
+  if groups:
+    c = x.shape[-1]
+    g = lambda a: None if a is None else np.broadcast_to(a, x.shape).reshape(
+        x.shape[:-1] + (groups, c // groups))
+    scale = None if scale is None else np.asarray(scale).reshape(groups, c // groups)
+    x, cot, cot_err, mask = g(x), g(cot), g(cot_err), g(mask)
+  return refs.derivative_bounds(x, red, feat, scale, cot, cot_err, eps, mask, centered)
+
+
+def _grad_bounds(name, x, scale, bias, w, mask, with_scale, with_bias):
+  """Bounds on the gradients of `_loss` (cotangent g = w + y/2, off by δy/2 and two
+  roundings), in `_grads`' order."""
+  s = scale if with_scale else None
+  y, dy = _forward_ref(name, x, s, bias if with_bias else None, mask)
+  cot = refs.f64(w) + 0.5 * y
+  bx, bs, bb = _derivative_bounds(name, x, s, cot, 0.5 * dy + 2 * refs.U32 * np.abs(cot), mask)
+  return [bx] + ([bs] if with_scale else []) + ([bb] if with_bias else [])
+
+
+def _assert_within(got, want, bounds):
+  for g, r, b in zip(got, want, bounds, strict=True):
+    assert g.shape == r.shape
+    refs.assert_within(g, r, b)
+
+
 def _assert_close(got, want, rel):
-  for g, r in zip(got, want):
+  for g, r in zip(got, want, strict=True):
     assert g.shape == r.shape
     np.testing.assert_allclose(g, r, atol=rel * max(1.0, np.abs(r).max()))
 
@@ -143,9 +196,9 @@ def _assert_close(got, want, rel):
 def test_grad_matches_float64_autodiff(name, with_scale, with_bias, masked):
   norm, ref, shape = CASES[name]
   x, scale, bias, w, mask = _inputs(shape)
-  got, want = _grads(norm, ref, x, scale, bias, w, mask if masked else None, with_scale,
-                     with_bias)
-  _assert_close(got, want, refs.atol(jnp.float32) * 10)
+  m = mask if masked else None
+  got, want = _grads(norm, ref, x, scale, bias, w, m, with_scale, with_bias)
+  _assert_within(got, want, _grad_bounds(name, x, scale, bias, w, m, with_scale, with_bias))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -157,8 +210,8 @@ def test_grad_is_exact_at_large_offsets(name, offset):
   x, scale, bias, w, mask = _inputs(shape, offset=offset)
   x = (x - offset) / 2 + offset  # std 1 around the offset
   got, want = _grads(norm, ref, x, scale, bias, w, mask, True, True)
-  # float32 holds x only to offset·6e-8 (6e-4 at 1e4), and x - mean inherits that: the floor.
-  _assert_close(got, want, 2e-2 if offset >= 1e4 else 4e-3)
+  # The mean's error scales with the offset (c(n)·1e4), and x̂, so every gradient, inherits it.
+  _assert_within(got, want, _grad_bounds(name, x, scale, bias, w, mask, True, True))
 
 
 def test_grad_in_bfloat16_matches_float64_of_the_rounded_input():
@@ -189,10 +242,11 @@ def test_masked_nan_does_not_reach_gradients(name):
 
   g_nan = jax.grad(loss, (0, 1, 2))(jnp.asarray(poisoned), scale, bias)
   g_zero = jax.grad(loss, (0, 1, 2))(jnp.asarray(zeroed), scale, bias)
-  for a, b in zip(g_nan, g_zero):
+  for a, b in zip(g_nan, g_zero, strict=True):
     a, b = np.asarray(a), np.asarray(b)
     assert np.isfinite(a).all()
-    np.testing.assert_allclose(a, b, atol=1e-5)
+    # The same program on the same valid values (masked ones never enter a sum): bitwise.
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -208,8 +262,15 @@ def test_jvp_matches_float64(name, masked):
     y64, t64 = jax.jvp(lambda v, s, b: ref(v, s, b, m),
                        tuple(jnp.asarray(a, F64) for a in (x, scale, bias)),
                        tuple(jnp.asarray(a, F64) for a in (tx, ts, tb)))
-  _assert_close([np.asarray(y), np.asarray(t)], [np.asarray(y64), np.asarray(t64)],
-                refs.atol(jnp.float32) * 10)
+  # y: the forward bound. t = r γ (tx - mean(tx) - x̂ mean(x̂ tx)) + x̂ tγ + tβ: the
+  # derivative bound with h = γ tx (exact tangents), plus x̂'s error (y's bound over |γ|) times
+  # |tγ| and two roundings.
+  _, y_bound = _forward_ref(name, x, scale, bias, m)
+  bx, _, _ = _derivative_bounds(name, x, scale, tx, np.zeros_like(x, np.float64), m)
+  t_bound = (bx + np.max(y_bound * np.abs(ts) / np.abs(scale))
+             + 2 * refs.U32 * np.abs(np.asarray(t64)).max())
+  _assert_within([np.asarray(y), np.asarray(t)], [np.asarray(y64), np.asarray(t64)],
+                 [y_bound, t_bound])
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -233,7 +294,16 @@ def test_epsilon_is_differentiable():
     want = jax.grad(lambda e: jnp.sum(jnp.asarray(w, F64) * _ref_norm(
         jnp.asarray(x, F64), jnp.asarray(scale, F64), jnp.asarray(bias, F64), (-1,), None,
         e)))(jnp.asarray(0.5, F64))
-  np.testing.assert_allclose(float(got), float(want), rtol=1e-4)
+  # dL/dε = -Σ w γ x̂ r² / 2: each term off by x̂'s error d (`norm_bound` without scale) and
+  # r²'s relative 2ρ, the rows' and the total's sums by c(64) of their absolute values.
+  _, mean, var = refs.ref_moments(x, -1)
+  r2 = 1 / (var[:, None] + 0.5)
+  xhat = (refs.f64(x) - mean[:, None]) * np.sqrt(r2)
+  d = refs.norm_bound(x, xhat, None, -1, -1, 0.5)
+  rho = refs.var_error(x, -1)[:, None] * r2 / 2 + 4 * refs.U32
+  terms = 0.5 * r2 * np.abs(refs.f64(w) * refs.f64(scale))
+  bound = (terms * (np.abs(xhat) * (2 * rho + 4 * refs.U32 + refs.sum_factor(x.size)) + d)).sum()
+  refs.assert_within(float(got), float(want), bound)
 
 
 def test_batch_norm_running_statistics_are_differentiable():
@@ -243,7 +313,14 @@ def test_batch_norm_running_statistics_are_differentiable():
   got = jax.jacrev(f)(x)
   with jax.enable_x64(True):
     want = jax.jacrev(lambda v: _ref_stats(v, (0,), None)[1][0])(jnp.asarray(x, F64))
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  # d var_j / d x_ij = 2 (x_ij - μ_j) / n: off by 2 (|μ̂ - μ| + 2u |x - μ|) / n.
+  _, mean, _ = refs.ref_moments(x, 0)
+  n = x.shape[0]
+  per = 2 * (refs.mean_error(x, 0) + 2 * refs.U32 * np.abs(refs.f64(x) - mean)) / n  # (6, 8)
+  bound = np.zeros(want.shape)  # (8, 6, 8): output feature j, input (i, k); nonzero for k = j
+  for j in range(x.shape[1]):
+    bound[j, :, j] = per[:, j]
+  refs.assert_within(got, want, bound)
 
 
 def test_backward_keeps_only_the_input_and_small_statistics():
@@ -295,7 +372,13 @@ def test_cross_device_gradient_equals_single_device(transform):
     args = [jax.device_put(split(a), jax.NamedSharding(mesh, P("d"))) for a in (x, mask, w)]
     gx, gs, gb = jax.shard_map(body, mesh=mesh, in_specs=(P("d"),) * 3,
                                out_specs=(P("d"), P(), P()))(*args)
-  np.testing.assert_allclose(np.asarray(gx).reshape(x.shape), whole[0], atol=1e-5)
-  np.testing.assert_allclose(gs, whole[1], atol=1e-5)
-  np.testing.assert_allclose(gb, whole[2], atol=1e-5)
+  # Both are within the derivative bounds of the exact gradient (cotangent w, exact, where
+  # valid) plus that of the statistics' own term, d(mean + var)/dx = (1 + 2 (x - μ)) / n.
+  bx, bs, bb = refs.derivative_bounds(x, (0,), (1,), scale, np.where(mask, w, 0.0),
+                                      np.zeros(x.shape), 1e-5, mask)
+  n = mask.sum(0)
+  bx += np.max((2 * refs.mean_error(x, 0, mask) + 5 * refs.U32 * np.nanmax(np.abs(x), 0)) / n)
+  refs.assert_within(np.asarray(gx).reshape(x.shape)[mask], whole[0][mask], 2 * bx)
+  refs.assert_within(gs, whole[1], 2 * bs)
+  refs.assert_within(gb, whole[2], 2 * bb)
   assert np.isfinite(np.asarray(gx)).all()

@@ -66,9 +66,10 @@ def test_sync_is_the_count_weighted_merge_and_ignores_replicas_that_never_update
   states.mean[0] = -5e4  # count 0: must not move the merged mean
   out = _sync_everywhere(states, kind)
   mean, var = _ref_merge(states, counts)
-  np.testing.assert_allclose(out.mean, mean, rtol=1e-7)
+  mean_err, var_err = refs.sync_error(states.mean, states.var, counts)
+  refs.assert_within(out.mean, mean, mean_err, "mean")
   # The spread of the means is taken about the merged mean: no cancellation at 1e4.
-  np.testing.assert_allclose(out.var, var, rtol=1e-5)
+  refs.assert_within(out.var, var, var_err, "var")
   assert out.count.dtype == np.int32 and int(out.count) == 2  # round(16 / 8)
 
 
@@ -78,8 +79,9 @@ def test_weights_replace_the_counts_and_all_zero_weights_mean_equal_weights():
   out = jax.vmap(lambda s, w: jn.sync_running_stats(s, "r", weights=w), axis_name="r")(
       states, examples)
   mean, var = _ref_merge(states, examples)
-  np.testing.assert_allclose(out.mean[3], mean, rtol=1e-6)
-  np.testing.assert_allclose(out.var[3], var, rtol=1e-5)
+  mean_err, var_err = refs.sync_error(states.mean, states.var, examples)
+  refs.assert_within(out.mean[3], mean, mean_err, "mean")
+  refs.assert_within(out.var[3], var, var_err, "var")
   # No replica has updated: equal weights, and initial states merge to themselves exactly.
   init = jax.tree.map(lambda a: np.stack([a] * R), jn.batch_norm_init(3))
   out = jax.vmap(lambda s: jn.sync_running_stats(s, "r"), axis_name="r")(init)
@@ -92,8 +94,9 @@ def test_identical_states_merge_to_themselves():
   one = _stacked_states([5] * R, seed=3)
   same = jax.tree.map(lambda a: np.broadcast_to(a[:1], a.shape), one)
   out = jax.vmap(lambda s: jn.sync_running_stats(s, "r"), axis_name="r")(same)
-  np.testing.assert_allclose(out.mean, same.mean, rtol=1e-7)
-  np.testing.assert_allclose(out.var, same.var, rtol=1e-6)
+  mean_err, var_err = refs.sync_error(same.mean, same.var, [5] * R)
+  refs.assert_within(out.mean, same.mean, mean_err, "mean")
+  refs.assert_within(out.var, same.var, var_err, "var")
   np.testing.assert_array_equal(out.count, 5)
 
 
@@ -108,13 +111,14 @@ def test_a_tree_of_states_keeps_structure_and_dtypes_and_costs_two_all_reduces()
   sync = jax.pmap(lambda t: jn.sync_running_stats(t, "r"), axis_name="r")
   out = sync(tree)
   assert jax.tree.structure(out) == jax.tree.structure(tree)
-  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(tree)):
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(tree), strict=True):
     assert a.shape == b.shape and a.dtype == b.dtype
   head = out["head"][0]
-  mean, var = _ref_merge(jax.tree.map(lambda a: np.asarray(a, np.float32), tree["head"][0]),
-                         np.arange(R))
-  np.testing.assert_allclose(np.asarray(head.mean[5], np.float32), mean, rtol=1e-2)
-  np.testing.assert_allclose(np.asarray(head.var[5], np.float32), var, rtol=1e-2)
+  head_in = jax.tree.map(lambda a: np.asarray(a, np.float32), tree["head"][0])
+  mean, var = _ref_merge(head_in, np.arange(R))
+  mean_err, var_err = refs.sync_error(head_in.mean, head_in.var, np.arange(R), jnp.bfloat16)
+  refs.assert_within(np.asarray(head.mean[5], np.float32), mean, mean_err, "mean")
+  refs.assert_within(np.asarray(head.var[5], np.float32), var, var_err, "var")
   # The result passes through lax.cond with the input: same structure, shapes and dtypes.
   one = jax.tree.map(lambda a: a[0], tree)
   jax.lax.cond(True, lambda: one, lambda: jax.tree.map(lambda a: a[0], out))
@@ -138,25 +142,36 @@ def test_momentum_none_stays_the_exact_cumulative_average_across_syncs():
 
   sync = jax.vmap(lambda s: jn.sync_running_stats(s, "r"), axis_name="r")
   stack = lambda states: jax.tree.map(lambda *a: jnp.stack(a), *states)
-  states = stack([fold(jn.batch_norm_init(3), b[:c]) for b, c in zip(batches, counts)])
+  states = stack([fold(jn.batch_norm_init(3), b[:c]) for b, c in zip(batches, counts, strict=True)])
   states = sync(states)
   np.testing.assert_array_equal(states.count, 2)
-  states = stack([fold(jax.tree.map(lambda a: a[i], states), batches[i][counts[i]:])
+  states = stack([fold(jax.tree.map(lambda a, i=i: a[i], states), batches[i][counts[i]:])
                   for i in range(R)])
   states = sync(states)
   every = np.concatenate([np.stack(b) for b in batches])
-  np.testing.assert_allclose(states.mean[0], every.mean(0), rtol=1e-6)
+  # Each batch mean is rounded to float32 once (u), then two rounds of cumulative averages
+  # (`cumulative_average_error`: 4u per update, at most max(counts) + 3 updates) and two syncs
+  # (`sync_error`: c(R) + 2u each) of values no larger than M.
+  big_m = np.abs(every).max(0)
+  bound = ((1 + 4 * (max(counts) + 3)) * refs.U32 + 2 * (refs.sum_factor(R) + 2 * refs.U32)) * big_m
+  refs.assert_within(states.mean[0], every.mean(0), bound, "mean")
   np.testing.assert_array_equal(states.count, 5)
+
+
+def _steps(steps: int = 48) -> tuple[np.ndarray, np.ndarray]:
+  """Inputs (steps, 32, 3) at 1e4 and masks (steps, 32, 1): 0 to 4 valid rows of 4 per
+  device, device 0 always empty."""
+  rng = np.random.RandomState(6)
+  xs = (rng.randn(steps, 32, 3) * [1.0, 2.0, 0.5] + 1e4).astype(np.float32)
+  valid = rng.randint(0, 5, (steps, R))
+  valid[:, 0] = 0
+  return xs, (np.arange(4)[None, None, :] < valid[:, :, None]).reshape(steps, 32, 1)
 
 
 def _train(synced: bool, steps: int = 48):
   """`steps` batch-norm training steps on 8 devices with uneven masks (device 0 always
   empty): per-device states, and the states of one device running the whole batch."""
-  rng = np.random.RandomState(6)
-  xs = (rng.randn(steps, 32, 3) * [1.0, 2.0, 0.5] + 1e4).astype(np.float32)
-  valid = rng.randint(0, 5, (steps, R))
-  valid[:, 0] = 0
-  masks = (np.arange(4)[None, None, :] < valid[:, :, None]).reshape(steps, 32, 1)
+  xs, masks = _steps(steps)
   xs = np.where(masks, xs, np.nan).astype(np.float32)
   init = jn.batch_norm_init(3)
   ax = "r" if synced else None
@@ -188,9 +203,17 @@ def test_replicas_with_synchronized_statistics_stay_bit_identical_over_many_step
     assert np.all(np.isfinite(a))
     for i in range(1, R):
       np.testing.assert_array_equal(a[i], a[0])
-  # And they equal one device training on the whole batch, to float32 rounding.
-  np.testing.assert_allclose(per_device.mean[0], whole.mean, rtol=1e-6)
-  np.testing.assert_allclose(per_device.var[0], whole.var, rtol=1e-3)
+  # And they equal one device training on the whole batch, to float32 rounding: both are within
+  # `ema_chain_error` of the exact running statistics, from the per-step batch bounds.
+  xs, masks = _steps()
+  means = [refs.ref_moments(x, 0, m)[1] for x, m in zip(xs, masks, strict=True)]
+  mean_err = refs.ema_chain_error(0.9, means, [refs.mean_error(x, 0, m)
+                                               for x, m in zip(xs, masks, strict=True)])
+  var_err = refs.ema_chain_error(0.9, [refs.ref_moments(x, 0, m)[2]
+                                       for x, m in zip(xs, masks, strict=True)],
+                                 [refs.var_error(x, 0, m) for x, m in zip(xs, masks, strict=True)])
+  refs.assert_within(per_device.mean[0], whole.mean, 2 * mean_err, "mean")
+  refs.assert_within(per_device.var[0], whole.var, 2 * var_err, "var")
   assert int(per_device.count[0]) == int(whole.count) == 48
 
 
@@ -201,8 +224,9 @@ def test_unsynchronized_replicas_diverge_and_sync_running_stats_reunites_them():
   np.testing.assert_array_equal(per_device.mean[0], 0.0)
   out = _sync_everywhere(per_device, "pmap")
   mean, var = _ref_merge(per_device, per_device.count)
-  np.testing.assert_allclose(out.mean, mean, rtol=1e-7)
-  np.testing.assert_allclose(out.var, var, rtol=1e-4)
+  mean_err, var_err = refs.sync_error(per_device.mean, per_device.var, per_device.count)
+  refs.assert_within(out.mean, mean, mean_err, "mean")
+  refs.assert_within(out.var, var, var_err, "var")
 
 
 def test_bad_arguments_raise_clear_errors():
