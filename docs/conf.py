@@ -25,7 +25,7 @@ from sphinx.util.nodes import make_refnode
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout's jaxnorm, also without `pip install -e`
 
-import jaxnorm
+import jaxnorm  # noqa: E402 (after the sys.path entry that makes it the checkout's)
 
 logger = logging.getLogger("jaxnorm.docs")
 

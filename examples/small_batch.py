@@ -47,7 +47,7 @@ import jaxnorm as jn
 # The CNN, data and noise rule of the BN-vs-LN demonstration; importing it also sets its
 # cheap-compilation XLA flags (read when JAX's backend starts, on first use).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bn_vs_ln as base  # noqa: E402
+import bn_vs_ln as base
 
 plt = base.plt
 DEVICES = 8

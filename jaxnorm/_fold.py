@@ -141,7 +141,7 @@ def _pop(tree: dict[str, Any], collection: str, path: tuple[str, ...]) -> None:
     node = node[key]
   del node[path[-1]]
   keys = (collection, *path[:-1])
-  for parent, key in zip(reversed(nodes), reversed(keys)):
+  for parent, key in zip(reversed(nodes), reversed(keys), strict=True):
     if parent[key]:
       break
     del parent[key]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from . import _checks
-from ._fused import apply, check_implementation, dispatch, normalize_with_moments
+from ._fused import apply, check_implementation, dispatch
 from ._stats import AxisName, _wide_dtype
 
 Axes = int | Sequence[int]

@@ -153,7 +153,7 @@ def _forward_kernel(*all_refs, rows: int, features: int, eps: float, centered: b
   b = None if b_ref is None else _load(b_ref, col_ok)
   y, mean, rstd = _forward_math(x, g, b, valid, features, eps, centered)
   _store(y_ref, y, valid)
-  for ref, s in zip(stat_refs, (mean, rstd) if centered else (rstd,)):
+  for ref, s in zip(stat_refs, (mean, rstd) if centered else (rstd,), strict=True):
     _store(ref, s, row_ok)
 
 
@@ -280,8 +280,9 @@ def normalize_rows(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None
   test only picks which kernels compute it. It cannot see through everything: the gradient of
   a function JAX has already traced (`jax.jit`, `jax.checkpoint`) or batched (`jax.vmap`)
   linearizes with tangents that look like forward mode, so its backward pass runs on the XLA
-  path; `jax.linearize` followed by a call of its linear function is JAX's forward-mode error. The kernel calls themselves differentiate through
-  `_forward_math` and `_backward_math` on whole arrays, so that `jax.hessian` works too.
+  path; `jax.linearize` followed by a call of its linear function is JAX's forward-mode error.
+  The kernel calls themselves differentiate through `_forward_math` and `_backward_math` on
+  whole arrays, so that `jax.hessian` works too.
   """
   lead, features = x.shape[:-1], x.shape[-1]
   x2 = x.reshape(math.prod(lead), features)

@@ -124,14 +124,16 @@ def recompute(
     try:
       first = next(batches)
     except StopIteration:
-      raise ValueError("batches is empty: population statistics need at least one batch.")
+      raise ValueError(
+          "batches is empty: population statistics need at least one batch.") from None
     sink = discover(first)
     source: Iterable[Any] = itertools.chain([first], batches)
   else:
     try:
       first = next(iter(batches))
     except StopIteration:
-      raise ValueError("batches is empty: population statistics need at least one batch.")
+      raise ValueError(
+          "batches is empty: population statistics need at least one batch.") from None
     sink = discover(first)
     source = batches
   if not sink.order:

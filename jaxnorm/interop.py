@@ -91,7 +91,8 @@ def from_torch(state_dict: Mapping[str, Any], prefix: str = "", *,
     ...       "bn.num_batches_tracked": np.array(7)}
     >>> v = interop.from_torch(sd, "bn.", with_count=True)
     >>> v["batch_stats"]
-    {'mean': Array([0.5, 1. ], dtype=float32), 'var': Array([2., 3.], dtype=float32), 'count': Array(7, dtype=int32)}
+    {'mean': Array([0.5, 1. ], dtype=float32), 'var': Array([2., 3.], dtype=float32),
+     'count': Array(7, dtype=int32)}
   """
   present = {k: _to_numpy(state_dict[prefix + k]) for k in _KEYS if prefix + k in state_dict}
   expected = [prefix + k for k in _KEYS]

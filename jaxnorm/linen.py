@@ -23,8 +23,10 @@ Beyond flax, `BatchNorm` has `momentum=None` (exact cumulative average; adds
 `batch_stats/count`), `unbiased_running_var` (PyTorch's stored variance), `update_stats`
 (train with the batch's statistics without writing `batch_stats`, so the collection need not be
 mutable), `renorm` (batch renormalization, with `r_max`/`d_max` given at call time) and
-`virtual_batch_size` (ghost batches); `LayerNorm` and `RMSNorm` have `zero_centered_scale`. Importing this module needs flax (`pip install jaxnorm[flax]`); `import jaxnorm`
-never imports it.
+`virtual_batch_size` (ghost batches); `LayerNorm` and `RMSNorm` have `zero_centered_scale` and
+`implementation`. `fold_batch_norms` folds BatchNorms into the layers before them and
+`recompute_batch_stats` re-estimates population statistics. Importing this module needs flax
+(`pip install jaxnorm[flax]`); `import jaxnorm` never imports it.
 """
 
 from jaxnorm._flax_common import require_flax

@@ -116,7 +116,7 @@ def test_gradients_of_real_losses_match_autodiff_of_complex128():
     ref = jax.grad(_loss(_ref_layer_norm_jnp), argnums=(0, 1, 2))(*args)
     ref64 = jax.grad(_loss(jn.layer_norm), argnums=(0, 1, 2))(*args)  # jaxnorm in complex128
     ref, ref64 = [np.asarray(a) for a in ref], [np.asarray(a) for a in ref64]
-  for a, r, r64 in zip(ours, ref, ref64):
+  for a, r, r64 in zip(ours, ref, ref64, strict=True):
     np.testing.assert_allclose(r64, r, rtol=1e-10, atol=1e-10)
     scale = np.abs(r).max()  # the loss is a sum of squares of order 1-36
     np.testing.assert_allclose(np.asarray(a), r, atol=20 * TOL * scale)

@@ -191,7 +191,7 @@ def test_linen_fold_batch_norms_gives_the_folded_architecture():
 
 def test_linen_fold_batch_norms_errors():
   variables = _random_variables(_Net(), jnp.ones((2, 4, 4, 2)))
-  with pytest.raises(KeyError, match="'_Block_0/Conv_9'.*keys at that level"):
+  with pytest.raises(KeyError, match=r"'_Block_0/Conv_9'.*keys at that level"):
     jnn.fold_batch_norms(variables, [("_Block_0/Conv_9", "_Block_0/BatchNorm_0")])
   with pytest.raises(KeyError, match="BatchNorm '_Block_0/BatchNorm_7'"):
     jnn.fold_batch_norms(variables, [("_Block_0/Conv_0", "_Block_0/BatchNorm_7")])

@@ -251,7 +251,7 @@ def test_to_torch_loads_strictly(torch, make):
   layer = make(torch)
   rs = np.random.RandomState(4)
   with torch.no_grad():
-    for name, buf in [*layer.named_parameters(), *layer.named_buffers()]:
+    for _, buf in [*layer.named_parameters(), *layer.named_buffers()]:
       if buf.dtype == torch.float32:
         buf.copy_(torch.from_numpy(np.abs(rs.randn(*buf.shape)).astype(np.float32)))
   layer.num_batches_tracked.fill_(5)

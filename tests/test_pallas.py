@@ -165,7 +165,7 @@ def test_outputs_and_gradients_match_xla_and_float64(norm, shape, dtype, with_pa
   assert np.isfinite(y_p).all() and all(np.isfinite(g).all() for g in g_p)
   _assert_within(y_p, y64, y_tol, "y vs float64")
   _assert_within(y_p, y_x, 2 * y_tol, "y vs xla")
-  for name, gp, gx, g, tol in zip(("dx", "dscale", "dbias"), g_p, g_x, g64, g_tols):
+  for name, gp, gx, g, tol in zip(("dx", "dscale", "dbias"), g_p, g_x, g64, g_tols, strict=True):
     assert gp.shape == g.shape, name
     _assert_within(gp, g, tol, f"{name} vs float64")
     _assert_within(gp, gx, 2 * tol, f"{name} vs xla")
@@ -184,7 +184,7 @@ def test_float16_with_float32_statistics():
   y64, g64 = _float64("layer_norm", x, [np.asarray(p, np.float32) for p in params], w)
   y_tol, g_tols = _bounds("layer_norm", x, params, w, jnp.float16)
   _assert_within(y_p, y64, y_tol, "y")
-  for name, gp, g, tol in zip(("dx", "dscale", "dbias"), g_p, g64, g_tols):
+  for name, gp, g, tol in zip(("dx", "dscale", "dbias"), g_p, g64, g_tols, strict=True):
     _assert_within(gp, g, tol, name)
 
 
@@ -196,7 +196,8 @@ def test_bias_without_scale():
         lambda x, b: jn.layer_norm(x, None, b, implementation=impl), x, b)[1](w))(x, bias)
 
   _, (dx_tol, _, db_tol) = _bounds("layer_norm", x, (np.ones(40), bias), w, jnp.float32)
-  for name, got, want, tol in zip(("dx", "dbias"), run("pallas"), run("xla"), (dx_tol, db_tol)):
+  for name, got, want, tol in zip(("dx", "dbias"), run("pallas"), run("xla"), (dx_tol, db_tol),
+                                  strict=True):
     _assert_within(got, want, 2 * tol, name)
 
 
@@ -210,7 +211,7 @@ def test_backward_walking_several_row_chunks_per_program(monkeypatch):
   _, g_p = _value_and_grads("layer_norm", jnp.asarray(x), params, w, "pallas")
   _, g64 = _float64("layer_norm", x, params, w)
   _, g_tols = _bounds("layer_norm", x, params, w, jnp.float32)
-  for name, gp, g, tol in zip(("dx", "dscale", "dbias"), g_p, g64, g_tols):
+  for name, gp, g, tol in zip(("dx", "dscale", "dbias"), g_p, g64, g_tols, strict=True):
     _assert_within(gp, g, tol, name)
 
 
@@ -292,7 +293,7 @@ def test_vmap_and_the_flax_wrappers_pass_the_choice_through():
 @pytest.mark.parametrize("implementation", ["triton", "XLA", "", 1])
 def test_unknown_implementation_lists_the_choices(implementation):
   for f in (jn.layer_norm, jn.rms_norm):
-    with pytest.raises(ValueError, match="None.*'xla'.*'pallas'"):
+    with pytest.raises(ValueError, match=r"None.*'xla'.*'pallas'"):
       f(jnp.ones((2, 4)), implementation=implementation)
 
 

@@ -87,7 +87,7 @@ def _reference(variables, training):
   def bn(h, mean, var, name, eps):
     return (h - mean) / np.sqrt(var + eps) * f64(p[name]["scale"]) + f64(p[name]["bias"])
 
-  xs = [f64(b["x"][:n]) for b, n in zip(_batches(), VALID)]
+  xs = [f64(b["x"][:n]) for b, n in zip(_batches(), VALID, strict=True)]
   h1 = [dense("Dense_0", x) for x in xs]
   all1 = np.concatenate(h1)
   m1, v1 = all1.mean(0), all1.var(0)

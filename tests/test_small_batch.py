@@ -82,7 +82,7 @@ def _grad_check(f, ref, args, w, argnums):
   with jax.enable_x64(True):
     want = jax.grad(loss(ref, jnp.asarray(w, F64)), argnums)(
         *(jnp.asarray(a, F64) for a in args))
-  for g, r, i in zip(got, want, argnums):
+  for g, r, i in zip(got, want, argnums, strict=True):
     assert g.shape == np.shape(args[i])  # gradients come back in the shape given
     _close(g, r, TOL * 10)
 
@@ -167,7 +167,7 @@ def test_batch_renorm_across_devices_equals_the_concatenated_batch():
   y, st = jax.vmap(functools.partial(f, axis_name="d"), axis_name="d")(x, mask)
   y1, st1 = f(x.reshape(24, 4), np.broadcast_to(mask, x.shape).reshape(24, 4))
   _close(np.where(mask, y, 0).reshape(24, 4), np.where(mask.reshape(24, 1), y1, 0))
-  for a, b in zip(st, st1):
+  for a, b in zip(st, st1, strict=True):
     _close(a[0], b)
 
 
@@ -287,7 +287,7 @@ def test_a_bad_batch_on_one_device_leaves_every_device_state_unchanged():
   x[2, 1, 0] = np.nan
   f = lambda v: jn.batch_norm(v, STATE, training=True, axis_name="d")[1]
   st = jax.vmap(f, axis_name="d")(x)
-  for a, b in zip(st, STATE):
+  for a, b in zip(st, STATE, strict=True):
     np.testing.assert_array_equal(a, np.broadcast_to(b, a.shape))
 
 

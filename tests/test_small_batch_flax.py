@@ -49,7 +49,7 @@ def test_batch_norm_options_equal_the_core_in_linen_and_nnx(renorm, vbs):
   bn = jnn.BatchNorm(use_running_average=False, **kw)
   variables = bn.init(jax.random.key(0), x1, **call)
   step = jax.jit(lambda v, x, c: bn.apply(v, x, mutable=["batch_stats"], **c))
-  for x, want in zip((x1, x2), ys_jit):
+  for x, want in zip((x1, x2), ys_jit, strict=True):
     y, upd = step(variables, x, call)
     variables = {**variables, **upd}
     _eq(y, want)
@@ -58,7 +58,7 @@ def test_batch_norm_options_equal_the_core_in_linen_and_nnx(renorm, vbs):
 
   # nnx.
   m = jnnx.BatchNorm(C, rngs=nnx.Rngs(0), **kw)
-  for x, want in zip((x1, x2), ys):
+  for x, want in zip((x1, x2), ys, strict=True):
     _eq(m(x, **call), want)
   _eq(m.mean[...], state.mean)
   _eq(m.var[...], state.var)
