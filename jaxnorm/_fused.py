@@ -26,6 +26,8 @@ from ._stats import (
     Moments,
     _complex_of,
     _compute_dtype,
+    _group_expand,
+    _group_sum,
     _psum,
     _reduce,
     _wide_dtype,
@@ -79,22 +81,29 @@ def apply(
     reduction_axes: tuple[int, ...],
     feature_axes: tuple[int, ...],
     epsilon: Any,
+    groups: int | None = None,
 ) -> jax.Array:
   """`(x - mean) * rsqrt(var + epsilon) * scale + bias` in float32 or wider, cast to x.dtype.
 
   `mean=None` skips the centring (RMS normalization). Statistics arguments have `x`'s shape
-  with `reduction_axes` removed; `scale` and `bias` have the feature shape or a shape that
-  broadcasts to `x` (see `_broadcast_param`).
+  with `reduction_axes` removed (and, with `groups`, `groups` entries on a last axis, one per
+  group of the input's last-axis channels: see `_stats._group_sum`); `scale` and `bias` have
+  the feature shape or a shape that broadcasts to `x` (see `_broadcast_param`).
   """
   if jnp.iscomplexobj(x):
-    return _apply_complex(x, mean, var, scale, bias, reduction_axes, feature_axes, epsilon)
+    return _apply_complex(x, mean, var, scale, bias, reduction_axes, feature_axes, epsilon,
+                          groups)
   dtype = _wide_dtype(x.dtype, var.dtype)
-  mul = jnp.expand_dims(_rstd(var, epsilon, dtype), reduction_axes)
+
+  def expand(s: jax.Array) -> jax.Array:
+    return _group_expand(s, reduction_axes, groups, x.shape[-1])
+
+  mul = expand(_rstd(var, epsilon, dtype))
   if scale is not None:
     mul = mul * _broadcast_param(scale, feature_axes, x.ndim, x.shape, dtype)
   y = x.astype(dtype)
   if mean is not None:
-    y = y - jnp.expand_dims(mean.astype(dtype), reduction_axes)
+    y = y - expand(mean.astype(dtype))
   y = y * mul
   if bias is not None:
     y = y + _broadcast_param(bias, feature_axes, x.ndim, x.shape, dtype)
@@ -103,13 +112,17 @@ def apply(
 
 def _apply_complex(x: jax.Array, mean: jax.Array | None, var: jax.Array, scale: Any,
                    bias: Any, reduction_axes: tuple[int, ...], feature_axes: tuple[int, ...],
-                   epsilon: Any) -> jax.Array:
+                   epsilon: Any, groups: int | None = None) -> jax.Array:
   """`apply` for complex `x`: complex mean, real variance, in complex64 or wider."""
   cdtype = _complex_of(_wide_dtype(jnp.finfo(x.dtype).dtype, var.dtype))
-  r = jnp.expand_dims(_rstd(var, epsilon, jnp.finfo(cdtype).dtype), reduction_axes)
+
+  def expand(s: jax.Array) -> jax.Array:
+    return _group_expand(s, reduction_axes, groups, x.shape[-1])
+
+  r = expand(_rstd(var, epsilon, jnp.finfo(cdtype).dtype))
   y = x.astype(cdtype)
   if mean is not None:
-    y = y - jnp.expand_dims(mean.astype(cdtype), reduction_axes)
+    y = y - expand(mean.astype(cdtype))
   y = y * r.astype(cdtype)
   if scale is not None:
     y = y * _broadcast_param(scale, feature_axes, x.ndim, x.shape, cdtype)
@@ -131,6 +144,7 @@ def normalize_with_moments(
     axis_index_groups: Any,
     centered: bool,
     renorm: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
+    groups: int | None = None,
 ) -> tuple[jax.Array, Moments]:
   r"""Normalizes `x` by its own moments; returns `(y, moments)` (arguments already validated).
 
@@ -168,6 +182,11 @@ def normalize_with_moments(
   :math:`r` from `x` (which the caller holds anyway) instead of keeping a normalized copy of the
   input, and never repeats a reduction.
 
+  With `groups` (group normalization of channels-last input), the statistics are those of
+  `groups` groups of consecutive last-axis channels, reduced per channel first (see
+  `_stats._group_sum`): every sum above runs the same way and every statistic is broadcast back
+  over its group's channels.
+
   `scale` and `bias` have the feature shape or any shape that broadcasts to `x` (per-example
   conditioning); their tangents enter through the same broadcast, so reverse mode sums their
   cotangents back to the shape given.
@@ -189,11 +208,18 @@ def normalize_with_moments(
   dtype = _compute_dtype(x.dtype, None)
   red, feat, shape = reduction_axes, feature_axes, x.shape
   if jnp.iscomplexobj(x):  # JAX's own (Wirtinger) derivative of the two passes and `apply`
-    m = _reduce(x, red, mask, axis_name, axis_index_groups, dtype, centered)
-    return apply(x, m.mean if centered else None, m.var, scale, bias, red, feat, epsilon), m
+    m = _reduce(x, red, mask, axis_name, axis_index_groups, dtype, centered, groups)
+    return (apply(x, m.mean if centered else None, m.var, scale, bias, red, feat, epsilon,
+                  groups), m)
 
   def param(p):
     return None if p is None else _broadcast_param(p, feat, x.ndim, shape, dtype)
+
+  def total(a: jax.Array) -> jax.Array:
+    return _group_sum(a, red, groups)
+
+  def expand(s: jax.Array) -> jax.Array:
+    return _group_expand(s, red, groups, shape[-1])
 
   def affine(mean, var, eps, scale, bias, dscale=None, dbias=None, ref=None):
     """The effective (γ, β) and their tangents (None: absent, or a zero tangent)."""
@@ -205,7 +231,7 @@ def normalize_with_moments(
     sigma_b = jnp.sqrt(jnp.maximum(var, jnp.zeros((), dtype)) + eps)
     r = jnp.clip(sigma_b * ref_rstd, 1 / r_max, r_max)
     d = jnp.clip((mean - ref_mean.astype(dtype)) * ref_rstd, -d_max, d_max)
-    r, d = (jnp.expand_dims(jax.lax.stop_gradient(a), red) for a in (r, d))
+    r, d = (expand(jax.lax.stop_gradient(a)) for a in (r, d))
     s_eff = r if s is None else r * s
     b_eff = d if s is None else d * s
     if b is not None:
@@ -221,11 +247,11 @@ def normalize_with_moments(
     # variance pass's `x - mean`: XLA:CPU would compute that once for both and write it out at
     # x's size (an extra pass over memory in batch and group norm; measured, jax 0.10.2).
     mean = _cpu_barrier(mean) if centered else None
-    return apply(x, mean, var, scale, bias, red, feat, eps)
+    return apply(x, mean, var, scale, bias, red, feat, eps, groups)
 
   @jax.custom_jvp
   def fused(x, scale, bias, eps, mask, ref):
-    m = _reduce(x, red, mask, axis_name, axis_index_groups, dtype, centered)
+    m = _reduce(x, red, mask, axis_name, axis_index_groups, dtype, centered, groups)
     s, b, _, _ = affine(m.mean, m.var, eps, scale, bias, ref=ref)
     return output(x, m.mean, m.var, s, b, eps), m
 
@@ -233,7 +259,7 @@ def normalize_with_moments(
   def fused_jvp(primals, tangents):
     x, scale, bias, eps, mask, ref = primals
     dx, dscale, dbias, deps, _, _ = tangents
-    m = _reduce(x, red, mask, axis_name, axis_index_groups, dtype, centered)
+    m = _reduce(x, red, mask, axis_name, axis_index_groups, dtype, centered, groups)
     count = checkpoint_name(m.count, _COUNT)
     mean = checkpoint_name(m.mean, _MEAN)
     var = checkpoint_name(m.var, _VAR)
@@ -243,12 +269,12 @@ def normalize_with_moments(
     zero = jnp.zeros((), dtype)
     xc = x.astype(dtype)
     if centered:
-      xc = xc - jnp.expand_dims(mean, red)
+      xc = xc - expand(mean)
     if mask is not None:  # a NaN/Inf at a masked position must not reach the sums' cotangents
       xc = jnp.where(jnp.isfinite(xc), xc, zero)
     dxf = dx.astype(dtype)
     inv_n = 1 / jnp.maximum(count, 1).astype(dtype)
-    r = jnp.expand_dims(rstd, red)
+    r = expand(rstd)
     # Per-example normalizers (every axis a statistics or a feature axis: layer, RMS norm) sum
     # against x̂ = (x - μ) r; the others (batch, instance, spatial group norm) against x - μ, so
     # that r γ and dr γ + r dγ stay small arrays. Either way the reverse pass then reads one
@@ -260,20 +286,20 @@ def normalize_with_moments(
       u_dx = jnp.where(mask, u_dx, zero)
     if centered:
       dx_valid = dxf if mask is None else jnp.where(mask, dxf, zero)
-      s_dx, s_u = _psum((jnp.sum(dx_valid, red), jnp.sum(u_dx, red)), axis_name,
+      s_dx, s_u = _psum((total(dx_valid), total(u_dx)), axis_name,
                         axis_index_groups)
       dmean = s_dx * inv_n
-      dxc = dxf - jnp.expand_dims(dmean, red)
+      dxc = dxf - expand(dmean)
     else:
-      s_u = _psum(jnp.sum(u_dx, red), axis_name, axis_index_groups)
+      s_u = _psum(total(u_dx), axis_name, axis_index_groups)
       dmean = jnp.zeros_like(mean)
       dxc = dxf
     if per_example:
       dvar = 2 * s_u * inv_n * jnp.sqrt(jnp.maximum(var, zero) + eps)
-      k = jnp.expand_dims(-(rstd * s_u) * inv_n - 0.5 * (rstd * rstd) * deps, red)  # dr / r
+      k = expand(-(rstd * s_u) * inv_n - 0.5 * (rstd * rstd) * deps)  # dr / r
       # Its own broadcast of r: one that XLA:CPU shares with the forward pass's fusions is
       # materialized at x's size (measured), the barrier keeps the two apart.
-      r_own = jnp.expand_dims(_cpu_barrier(rstd), red)
+      r_own = expand(_cpu_barrier(rstd))
       dy = dxc * r_own + u * k
       if s is not None:
         dy = dy * s
@@ -281,7 +307,7 @@ def normalize_with_moments(
           dy = dy + u * ds
     else:
       dvar = 2 * s_u * inv_n
-      dr = jnp.expand_dims(-0.5 * (rstd * rstd * rstd) * (dvar + deps), red)
+      dr = expand(-0.5 * (rstd * rstd * rstd) * (dvar + deps))
       if s is None:
         a, c = r, dr
       else:
@@ -363,6 +389,7 @@ def dispatch(
     axis_index_groups: Any,
     centered: bool,
     implementation: str | None,
+    groups: int | None = None,
 ) -> jax.Array:
   """Layer (`centered`) or RMS normalization by the kernel that `implementation` picks.
 
@@ -370,7 +397,8 @@ def dispatch(
   case (reduction and parameters over the last axis, no mask, no `axis_name`, float32,
   bfloat16 or float16, a Python-float epsilon), a ValueError outside it; inputs with more than
   `_pallas.MAX_FEATURES` features, or no element, take the XLA path. `None`: the XLA path (the
-  kernels are not yet measured on a GPU, so nothing chooses them by itself).
+  kernels are not yet measured on a GPU, so nothing chooses them by itself). `groups` (group
+  normalization, always on the XLA path) goes to `normalize_with_moments`.
 
   Raises:
     ValueError: an unknown `implementation`, or `"pallas"` outside the plain case.
@@ -380,7 +408,8 @@ def dispatch(
   def xla(x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, mask=mask):
     return normalize_with_moments(x, scale, bias, epsilon, mask, reduction_axes=reduction_axes,
                                   feature_axes=feature_axes, axis_name=axis_name,
-                                  axis_index_groups=axis_index_groups, centered=centered)[0]
+                                  axis_index_groups=axis_index_groups, centered=centered,
+                                  groups=groups)[0]
 
   if implementation != "pallas":
     return xla(x, scale, bias)

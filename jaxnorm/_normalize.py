@@ -57,14 +57,14 @@ def _normalize_by_moments(name: str, x: jax.Array, red: tuple[int, ...],
                           feat: tuple[int, ...], scale: Any, bias: Any, epsilon: Any,
                           mask: Any, axis_name: Any, axis_index_groups: Any,
                           centered: bool = True, implementation: str | None = None,
-                          ) -> jax.Array:
+                          groups: int | None = None) -> jax.Array:
   """Computes the statistics through the one statistics path and normalizes with them."""
   mask = _checks.check_mask(mask, x.shape)
   _checks.check_axis_index_groups(axis_name, axis_index_groups)
   with jax.named_scope(f"jaxnorm.{name}"):
     return dispatch(x, scale, bias, epsilon, mask, reduction_axes=red, feature_axes=feat,
                     axis_name=axis_name, axis_index_groups=axis_index_groups,
-                    centered=centered, implementation=implementation)
+                    centered=centered, implementation=implementation, groups=groups)
 
 
 def normalize(
@@ -279,19 +279,6 @@ def _resolve_groups(channels: int, num_groups: int | None, group_size: int | Non
   return num_groups
 
 
-def _grouped_param(p: Any, shape: tuple[int, ...], groups: int) -> jax.Array | None:
-  """A (validated) group-norm parameter with its channel axis split into (groups, size)."""
-  if p is None:
-    return None
-  p = jnp.asarray(p)
-  channels = shape[-1]
-  if p.shape == (channels,):
-    return jnp.reshape(p, (groups, channels // groups))
-  full = (1,) * (len(shape) - p.ndim) + p.shape  # per-example: broadcasts to the input
-  last = (groups, channels // groups) if full[-1] == channels else (1, 1)
-  return jnp.reshape(p, full[:-1] + last)
-
-
 def group_norm(
     x: ArrayLike,
     scale: ArrayLike | None = None,
@@ -355,18 +342,12 @@ def group_norm(
         f"reduction_axes={reduction_axes!r} must include the last (channel) axis, "
         f"{x.ndim - 1}."
     )
-  channels = x.shape[-1]
-  groups = _resolve_groups(channels, num_groups, group_size)
-  mask = _checks.check_mask(mask, x.shape)
-  grouped = x.shape[:-1] + (groups, channels // groups)
-  xg = x.reshape(grouped)
-  red_g = tuple(a for a in red if a != x.ndim - 1) + (x.ndim,)
-  feat_g = (x.ndim - 1, x.ndim)
-  mask_g = None if mask is None else mask.reshape(grouped)
-  scale_g, bias_g = (_grouped_param(p, x.shape, groups) for p in (scale, bias))
-  y = _normalize_by_moments("group_norm", xg, red_g, feat_g, scale_g, bias_g, epsilon, mask_g,
-                            axis_name, axis_index_groups)
-  return y.reshape(x.shape)
+  groups = _resolve_groups(x.shape[-1], num_groups, group_size)
+  # The statistics are reduced per channel, then per group of channels (`groups=`), on x as it
+  # is: no (..., groups, channels // groups) view, whose reductions XLA:CPU runs slowly. The
+  # parameters broadcast against x itself, per channel or per example.
+  return _normalize_by_moments("group_norm", x, red, (x.ndim - 1,), scale, bias, epsilon, mask,
+                               axis_name, axis_index_groups, groups=groups)
 
 
 def instance_norm(

@@ -119,6 +119,41 @@ def _psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
   return jax.tree.unflatten(treedef, out)
 
 
+def _group_sum(a: jax.Array, reduction_axes: tuple[int, ...], groups: int | None,
+               **kwargs: Any) -> jax.Array:
+  """`jnp.sum(a, reduction_axes)`, or with `groups` a sum per group of last-axis channels.
+
+  With `groups`, the last axis (which `reduction_axes` includes) holds C channels in `groups`
+  runs of C/groups consecutive channels, and the result has `groups` entries on its last axis.
+  It sums over the other reduction axes first, keeping the channels contiguous (a column
+  reduction, which XLA:CPU vectorizes), then over the channels of each group (a small array).
+  Reducing a `(..., groups, C/groups)` view over its spatial and last axes in one reduction
+  instead took 1.5-3x as long on XLA:CPU (group norm statistics at 64x32x32x128 float32;
+  measured, jax 0.10.2).
+  """
+  if groups is None:
+    return jnp.sum(a, reduction_axes, **kwargs)
+  last = a.ndim - 1
+  per_channel = jnp.sum(a, tuple(i for i in reduction_axes if i != last), **kwargs)
+  return jnp.sum(per_channel.reshape(per_channel.shape[:-1] + (groups, -1)), -1)
+
+
+def _group_expand(s: jax.Array, reduction_axes: tuple[int, ...], groups: int | None,
+                  channels: int) -> jax.Array:
+  """Broadcasts a statistic of `_group_sum`'s shape back against the input.
+
+  Without `groups` this is `jnp.expand_dims(s, reduction_axes)`; with it, each group's value is
+  repeated over the group's `channels // groups` channels of the last axis (a broadcast, not a
+  gather).
+  """
+  if groups is None:
+    return jnp.expand_dims(s, reduction_axes)
+  last = s.ndim + len(reduction_axes) - 2  # the input's channel axis
+  s = jnp.broadcast_to(s[..., None], (*s.shape, channels // groups))
+  s = s.reshape((*s.shape[:-2], channels))
+  return jnp.expand_dims(s, tuple(i for i in reduction_axes if i != last))
+
+
 def _reduce(
     x: jax.Array,
     reduction_axes: tuple[int, ...],
@@ -127,39 +162,48 @@ def _reduce(
     axis_index_groups: Any,
     dtype: Any,
     centered: bool,
+    groups: int | None = None,
 ) -> Moments:
   """Masked, count-weighted, cross-device moments of `x` (already validated).
 
   With `centered=False` the returned `mean` is zero and `var` is the mean square `E[x²]`,
-  the statistic of RMS normalization.
+  the statistic of RMS normalization. With `groups` (group normalization of channels-last
+  input), the last axis is one of `reduction_axes` and its channels are reduced in `groups`
+  groups of consecutive channels, so the moments have `groups` entries on a last axis (see
+  `_group_sum`); the variance is still the two-pass one, centred by each group's own mean.
   """
   xf = x.astype(dtype)
   out_shape = tuple(d for i, d in enumerate(x.shape) if i not in reduction_axes)
+  if groups is not None:
+    out_shape += (groups,)
+  n = math.prod(x.shape[a] for a in reduction_axes) // (groups or 1)
+
+  def total(a: jax.Array, **kwargs: Any) -> jax.Array:
+    return _group_sum(a, reduction_axes, groups, **kwargs)
+
   if mask is None:
-    n = math.prod(x.shape[a] for a in reduction_axes)
     count = jnp.full(out_shape, n, jnp.float32)
     xz = xf
   else:
     # Summed in float32 when that is exact (every partial sum is an integer below 2**24), so
     # that under sharded jit XLA can merge the count's all-reduce with the sum's (an int32
     # count needs its own all-reduce: three collectives instead of two).
-    exact = math.prod(x.shape[a] for a in reduction_axes) < 2**24
-    count = jnp.sum(mask, reduction_axes, dtype=jnp.float32 if exact else jnp.int32)
+    count = total(mask, dtype=jnp.float32 if n < 2**24 else jnp.int32)
     count = count.astype(jnp.float32)
     xz = jnp.where(mask, xf, jnp.zeros((), dtype))
   if not centered:
-    sq = jnp.sum(_abs2(xz), reduction_axes)
+    sq = total(_abs2(xz))
     count, sq = _psum((count, sq), axis_name, axis_index_groups)
     denom = jnp.maximum(count, 1).astype(sq.dtype)
     return Moments(count, jnp.zeros(out_shape, dtype), sq / denom)
-  total = jnp.sum(xz, reduction_axes)
-  count, total = _psum((count, total), axis_name, axis_index_groups)
+  s1 = total(xz)
+  count, s1 = _psum((count, s1), axis_name, axis_index_groups)
   denom = jnp.maximum(count, 1).astype(dtype)  # count 0: the sums are 0, so mean = var = 0.
-  mean = total / denom
-  centred = xf - jnp.expand_dims(mean, reduction_axes)
+  mean = s1 / denom
+  centred = xf - _group_expand(mean, reduction_axes, groups, x.shape[-1])
   if mask is not None:
     centred = jnp.where(mask, centred, jnp.zeros((), dtype))
-  m2 = _psum(jnp.sum(_abs2(centred), reduction_axes), axis_name, axis_index_groups)
+  m2 = _psum(total(_abs2(centred)), axis_name, axis_index_groups)
   if m2.dtype != denom.dtype:  # complex input: the variance E[|x - μ|²] is real
     denom = jnp.maximum(count, 1).astype(m2.dtype)
   return Moments(count, mean, m2 / denom)
