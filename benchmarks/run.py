@@ -1,6 +1,6 @@
 """Side-by-side speed and memory of jaxnorm and its peers: one command, one process.
 
-    python benchmarks/run.py [--quick | --tiny] [--out DIR]
+    python benchmarks/run.py [--quick | --tiny] [--out DIR] [--hlo]
 
 For LayerNorm, RMSNorm, GroupNorm, BatchNorm (train and eval), forward and forward+backward,
 float32 and bfloat16, it times jaxnorm, flax.linen, flax.nnx, haiku, equinox and a plain-jnp
@@ -10,7 +10,8 @@ time, the ratio to flax.linen, the ratio to one elementwise pass over the same a
 read x, write y; the memory-traffic yardstick: a forward pass cannot beat about 1x,
 forward+backward, which reads x and dy and writes y and dx, about 2.5x) and, for
 forward+backward, the temporary memory XLA assigns to the compiled program
-(`jax.jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes`).
+(`jax.jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes`) and, in results.json,
+the number of fusions of each compiled program (`--hlo` prints them per case as they compile).
 
 Forward+backward is `y, pullback = jax.vjp(f, params, x); pullback(dy)` with a fixed random
 cotangent `dy`, returning `y` and every gradient (and BatchNorm's new running statistics), so
@@ -44,6 +45,7 @@ import datetime
 import importlib.util
 import json
 import platform
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -276,12 +278,18 @@ def _fwd_bwd(fn):
   return jax.jit(f)
 
 
+def fusion_count(compiled) -> int:
+  """The number of fusions in a compiled program's entry computation (its kernels on CPU)."""
+  text = compiled.as_text()
+  return len(re.findall(r"\bfusion\(", text[text.index("ENTRY"):]))
+
+
 def _label(shape, dtype) -> str:
   return f"{'x'.join(map(str, shape))} {dtype}"
 
 
 def run(mode: str, out_dir: str, libs: tuple[str, ...] = LIBS,
-        norms: tuple[str, ...] = NORMS, log=print) -> dict:
+        norms: tuple[str, ...] = NORMS, log=print, hlo: bool = False) -> dict:
   available = [lib for lib in libs if _have(BUILDERS[lib][0])]
   skipped = [lib for lib in libs if lib not in available]
   records, failures = [], []
@@ -310,6 +318,9 @@ def run(mode: str, out_dir: str, libs: tuple[str, ...] = LIBS,
         temp = None if mem is None else int(mem.temp_size_in_bytes)
         cases[(norm, lib, "fwd")] = (fwd, (params, x), None)
         cases[(norm, lib, "fwd+bwd")] = (fb, (params, x, dy), temp)
+        if hlo:
+          log(f"  fusions {lib:10s} {norm:16s} {_label(shape, dtype_name):22s} "
+              f"fwd {fusion_count(fwd):3d}  fwd+bwd {fusion_count(fb):3d}")
     # Calibrate the number of calls per sample so that a sample lasts MIN_SAMPLE_S.
     inner = {}
     for key, (c, args, _) in cases.items():
@@ -327,6 +338,7 @@ def run(mode: str, out_dir: str, libs: tuple[str, ...] = LIBS,
       ref_temp = cases.get((norm, REF, kind), (None, None, None))[2]
       records.append({
           "norm": norm, "lib": lib, "pass": kind, "shape": list(shape), "dtype": dtype_name,
+          "fusions": fusion_count(c),
           "time_ms": med[(norm, lib, kind)] * 1e3,
           "samples_ms": [s * 1e3 for s in samples[(norm, lib, kind)]],
           "ratio_to_flax": None if ref is None else med[(norm, lib, kind)] / ref,
@@ -467,6 +479,8 @@ def main(argv=None) -> None:
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   ap.add_argument("--libs", default=",".join(LIBS), help="comma-separated subset of the peers")
   ap.add_argument("--norms", default=",".join(NORMS), help="comma-separated subset of the cases")
+  ap.add_argument("--hlo", action="store_true",
+                  help="print each case's fusion count in the compiled HLO (also in results.json)")
   ap.add_argument("--system-malloc", action="store_true",
                   help="keep glibc's default allocator settings (see the module docstring)")
   args = ap.parse_args(argv)
@@ -478,7 +492,7 @@ def main(argv=None) -> None:
   norms = tuple(n for n in args.norms.split(",") if n)
   if any(n not in NORMS for n in norms):
     ap.error(f"unknown --norms {norms}; choose from {list(NORMS)}")
-  result = run(mode, args.out, libs, norms)
+  result = run(mode, args.out, libs, norms, hlo=args.hlo)
   print(markdown(result))
   print(f"wrote {args.out}/results.json, results.md, chart.png "
         f"in {result['meta']['seconds']:.0f} s")

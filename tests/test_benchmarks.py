@@ -25,9 +25,9 @@ def _load_run_module():
   return module
 
 
-def test_tiny_benchmark_writes_json_markdown_and_chart(tmp_path):
+def test_tiny_benchmark_writes_json_markdown_and_chart(tmp_path, capsys):
   bench = _load_run_module()
-  bench.main(["--tiny", "--out", str(tmp_path)])
+  bench.main(["--tiny", "--hlo", "--out", str(tmp_path)])
   result = json.loads((tmp_path / "results.json").read_text())
   meta, records = result["meta"], result["records"]
   assert meta["mode"] == "tiny" and "jaxnorm" in meta["libs"] and "jnp" in meta["libs"]
@@ -37,8 +37,11 @@ def test_tiny_benchmark_writes_json_markdown_and_chart(tmp_path):
   for lib in ("jaxnorm", "jnp"):
     cases = {(r["norm"], r["pass"]) for r in records if r["lib"] == lib}
     assert cases == {(n, p) for n in bench.NORMS for p in ("fwd", "fwd+bwd")}, lib
+  printed = capsys.readouterr().out
   for r in records:
     assert r["time_ms"] > 0 and r["ratio_to_elementwise"] > 0
+    assert r["fusions"] >= 1  # every compiled program runs at least one kernel
+    assert f"fusions {r['lib']:10s} {r['norm']:16s}" in printed  # --hlo printed the case
     assert len(r["samples_ms"]) == meta["reps"]
     if r["pass"] == "fwd+bwd":
       assert r["temp_bytes"] is not None and r["temp_bytes"] >= 0
