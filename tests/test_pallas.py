@@ -165,7 +165,8 @@ def test_outputs_and_gradients_match_xla_and_float64(norm, shape, dtype, with_pa
   assert np.isfinite(y_p).all() and all(np.isfinite(g).all() for g in g_p)
   _assert_within(y_p, y64, y_tol, "y vs float64")
   _assert_within(y_p, y_x, 2 * y_tol, "y vs xla")
-  for name, gp, gx, g, tol in zip(("dx", "dscale", "dbias"), g_p, g_x, g64, g_tols, strict=True):
+  names = ("dx", "dscale", "dbias")[:len(g_p)]  # the gradients of the arguments given
+  for name, gp, gx, g, tol in zip(names, g_p, g_x, g64, g_tols, strict=True):
     assert gp.shape == g.shape, name
     _assert_within(gp, g, tol, f"{name} vs float64")
     _assert_within(gp, gx, 2 * tol, f"{name} vs xla")
@@ -184,7 +185,8 @@ def test_float16_with_float32_statistics():
   y64, g64 = _float64("layer_norm", x, [np.asarray(p, np.float32) for p in params], w)
   y_tol, g_tols = _bounds("layer_norm", x, params, w, jnp.float16)
   _assert_within(y_p, y64, y_tol, "y")
-  for name, gp, g, tol in zip(("dx", "dscale", "dbias"), g_p, g64, g_tols, strict=True):
+  names = ("dx", "dscale", "dbias")[:len(g_p)]  # the gradients of the arguments given
+  for name, gp, g, tol in zip(names, g_p, g64, g_tols, strict=True):
     _assert_within(gp, g, tol, name)
 
 
@@ -211,7 +213,8 @@ def test_backward_walking_several_row_chunks_per_program(monkeypatch):
   _, g_p = _value_and_grads("layer_norm", jnp.asarray(x), params, w, "pallas")
   _, g64 = _float64("layer_norm", x, params, w)
   _, g_tols = _bounds("layer_norm", x, params, w, jnp.float32)
-  for name, gp, g, tol in zip(("dx", "dscale", "dbias"), g_p, g64, g_tols, strict=True):
+  names = ("dx", "dscale", "dbias")[:len(g_p)]  # the gradients of the arguments given
+  for name, gp, g, tol in zip(names, g_p, g64, g_tols, strict=True):
     _assert_within(gp, g, tol, name)
 
 
