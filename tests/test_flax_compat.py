@@ -16,6 +16,7 @@ from flax import nnx
 from jaxnorm import linen as jnn
 from jaxnorm import nnx as jnnx
 from tests import flax_cases as fc
+from tests import refs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DTYPES = (jnp.float32, jnp.bfloat16)
@@ -55,6 +56,8 @@ def test_linen_and_nnx_agree_bitwise(name, x_dtype, param_dtype, masked):
     _assert_bitwise(mod_nnx(x).astype(e_linen.dtype), e_linen)
 
 
+@pytest.mark.skipif(not refs.float16_compiles(),
+                    reason="XLA:CPU compiles no float16 code without F16C (see tests/refs.py)")
 @pytest.mark.parametrize("name", fc.NAMES)
 def test_dtype_narrower_than_input_rank_2_float16_masked(name):
   """`dtype=float16` on float32 input: each family is bitwise its flax counterpart.
