@@ -9,6 +9,7 @@ scale + bias` is written), layer, RMS, group and instance normalization its
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -342,12 +343,39 @@ def group_norm(
         f"reduction_axes={reduction_axes!r} must include the last (channel) axis, "
         f"{x.ndim - 1}."
     )
-  groups = _resolve_groups(x.shape[-1], num_groups, group_size)
-  # The statistics are reduced per channel, then per group of channels (`groups=`), on x as it
-  # is: no (..., groups, channels // groups) view, whose reductions XLA:CPU runs slowly. The
-  # parameters broadcast against x itself, per channel or per example.
-  return _normalize_by_moments("group_norm", x, red, (x.ndim - 1,), scale, bias, epsilon, mask,
-                               axis_name, axis_index_groups, groups=groups)
+  channels = x.shape[-1]
+  groups = _resolve_groups(channels, num_groups, group_size)
+  if math.prod(x.shape[a] for a in red if a != x.ndim - 1) > 1:
+    # Spatial axes (images): the statistics are reduced per channel over them, then per group
+    # of channels (`groups=`), on x as it is. One reduction over a (..., groups,
+    # channels // groups) view took XLA:CPU 1.5-3x as long at 64x32x32x128.
+    return _normalize_by_moments("group_norm", x, red, (x.ndim - 1,), scale, bias, epsilon,
+                                 mask, axis_name, axis_index_groups, groups=groups)
+  # No spatial extent (features of an MLP): each group is a row of the (..., groups,
+  # channels // groups) view, normalized as layer norm normalizes its rows. Reducing x per
+  # channel first would reduce nothing, and broadcasting each group's statistics back over its
+  # channels made XLA:CPU 4x slower here (8192x1024 float32: 29 ms instead of 7).
+  mask = _checks.check_mask(mask, x.shape)
+  grouped = x.shape[:-1] + (groups, channels // groups)
+  red_g = tuple(a for a in red if a != x.ndim - 1) + (x.ndim,)
+  mask_g = None if mask is None else mask.reshape(grouped)
+  scale_g, bias_g = (_grouped_param(p, x.shape, groups) for p in (scale, bias))
+  y = _normalize_by_moments("group_norm", x.reshape(grouped), red_g, (x.ndim - 1, x.ndim),
+                            scale_g, bias_g, epsilon, mask_g, axis_name, axis_index_groups)
+  return y.reshape(x.shape)
+
+
+def _grouped_param(p: Any, shape: tuple[int, ...], groups: int) -> jax.Array | None:
+  """A (validated) group-norm parameter with its channel axis split into (groups, size)."""
+  if p is None:
+    return None
+  p = jnp.asarray(p)
+  channels = shape[-1]
+  if p.shape == (channels,):
+    return jnp.reshape(p, (groups, channels // groups))
+  full = (1,) * (len(shape) - p.ndim) + p.shape  # per-example: broadcasts to the input
+  last = (groups, channels // groups) if full[-1] == channels else (1, 1)
+  return jnp.reshape(p, full[:-1] + last)
 
 
 def instance_norm(
