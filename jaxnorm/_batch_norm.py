@@ -28,15 +28,15 @@ from jax.typing import ArrayLike, DTypeLike
 from . import _checks
 from ._fused import apply, normalize_with_moments
 from ._normalize import _prepare
-from ._stats import AxisName, Moments, _merge_axis, _wide_dtype
+from ._stats import AxisName, Moments, _complex_of, _merge_axis, _real_of, _wide_dtype
 
 
 class BatchNormState(NamedTuple):
   """Running statistics of batch normalization, one entry per feature.
 
   Attributes:
-    mean: running mean, of the feature shape.
-    var: running (biased, or unbiased with `unbiased_running_var=True`) variance.
+    mean: running mean, of the feature shape (complex for complex input).
+    var: running (biased, or unbiased with `unbiased_running_var=True`) variance, always real.
     count: number of updates that saw at least one valid element.
   """
 
@@ -48,15 +48,19 @@ class BatchNormState(NamedTuple):
 
 def batch_norm_init(feature_shape: int | Sequence[int],
                     dtype: DTypeLike = jnp.float32) -> BatchNormState:
-  """Initial running statistics: mean 0, variance 1, count 0.
+  r"""Initial running statistics: mean 0, variance 1, count 0.
 
   Evaluating before any training step therefore normalizes by `sqrt(1 + epsilon)`: finite,
   close to the identity.
 
+  For complex input give a complex `dtype`: the running mean is then complex and the running
+  variance, :math:`E[|x - \mu|^2]`, real (`complex64` gives a complex64 mean and a float32
+  variance).
+
   Args:
     feature_shape: the shape of the feature axes (an int for one axis).
     dtype: dtype of the running mean and variance (the update computes in float32 or wider
-      and casts back).
+      and casts back); a complex dtype for complex input (the variance gets its real dtype).
 
   Returns:
     A `BatchNormState`.
@@ -66,14 +70,17 @@ def batch_norm_init(feature_shape: int | Sequence[int],
     >>> jn.batch_norm_init(3)
     BatchNormState(mean=Array([0., 0., 0.], dtype=float32),
                    var=Array([1., 1., 1.], dtype=float32), count=Array(0, dtype=int32))
+    >>> jn.batch_norm_init(2, jnp.complex64)
+    BatchNormState(mean=Array([0.+0.j, 0.+0.j], dtype=complex64),
+                   var=Array([1., 1.], dtype=float32), count=Array(0, dtype=int32))
   """
   shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
   if not all(isinstance(d, int) and d >= 0 for d in shape):
     raise ValueError(f"feature_shape must be a sequence of non-negative ints; got "
                      f"{feature_shape!r}.")
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"dtype must be a floating dtype; got {dtype!r}.")
-  return BatchNormState(jnp.zeros(shape, dtype), jnp.ones(shape, dtype),
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(f"dtype must be a floating or complex dtype; got {dtype!r}.")
+  return BatchNormState(jnp.zeros(shape, dtype), jnp.ones(shape, _real_of(dtype)),
                         jnp.zeros((), jnp.int32))
 
 
@@ -96,10 +103,24 @@ def momentum_from_torch(momentum: float | None) -> float | None:
   return round(1.0 - momentum, 15)
 
 
-def _check_state(state: BatchNormState, feature_shape: tuple[int, ...]) -> None:
+def _check_state(state: BatchNormState, feature_shape: tuple[int, ...],
+                 complex_input: bool) -> None:
   if not isinstance(state, BatchNormState):
     raise TypeError(f"state must be a jaxnorm.BatchNormState (see batch_norm_init); got "
                     f"{type(state).__name__}.")
+  if jnp.iscomplexobj(state.var):
+    raise TypeError(f"state.var is complex ({state.var.dtype}); the running variance "
+                    f"E[|x - mean|^2] is real (batch_norm_init(shape, jnp.complex64) makes a "
+                    f"complex mean and a real variance).")
+  if jnp.iscomplexobj(state.mean) != complex_input:
+    kind = "complex" if complex_input else "real"
+    hint = (f"batch_norm_init({tuple(feature_shape)}, jnp.complex64)" if complex_input
+            else f"batch_norm_init({tuple(feature_shape)})")
+    raise TypeError(
+        f"state.mean is {state.mean.dtype} but the batch is {kind}: a complex batch needs a "
+        f"complex running mean (its imaginary part would be lost) and a real batch a real one; "
+        f"create the state with {hint}."
+    )
   for name in ("mean", "var"):
     shape = tuple(jnp.shape(getattr(state, name)))
     if shape != tuple(feature_shape):
@@ -133,7 +154,9 @@ def update_running_stats(
   PyTorch stores it; n = 1 contributes 0).
 
   The arithmetic runs in float32 or wider whatever the state's dtype (in bfloat16, a decay of
-  0.999 would round to 1), and the result has the state's dtypes. Features whose batch count
+  0.999 would round to 1), and the result has the state's dtypes. Moments of complex input
+  (a complex mean, a real variance) need a state with a complex mean
+  (`batch_norm_init(shape, jnp.complex64)`). Features whose batch count
   is 0 keep their running values, and `count` advances only if some feature saw a valid element.
 
   A batch whose moments are not all finite (a NaN or Inf at a valid position, or squares that
@@ -152,6 +175,7 @@ def update_running_stats(
     The new `BatchNormState`, with the same structure, shapes and dtypes.
 
   Raises:
+    TypeError: complex moments and a real running mean, or the reverse.
     ValueError: momentum outside [0, 1), or moments of another shape than the state.
 
   Example:
@@ -167,8 +191,10 @@ def update_running_stats(
                    count=Array(0, dtype=int32))
   """
   _checks.check_momentum(momentum)
-  _check_state(state, jnp.shape(batch.mean))
-  dtype = _wide_dtype(state.mean.dtype, batch.mean.dtype)
+  _check_state(state, jnp.shape(batch.mean), jnp.iscomplexobj(batch.mean))
+  dtype = _wide_dtype(_real_of(state.mean.dtype), state.var.dtype, _real_of(batch.mean.dtype),
+                      batch.var.dtype)
+  mean_dtype = _complex_of(dtype) if jnp.iscomplexobj(batch.mean) else dtype
   count = batch.count.astype(dtype)
   var = batch.var.astype(dtype)
   if unbiased_running_var:
@@ -180,13 +206,14 @@ def update_running_stats(
   finite = jnp.all(jnp.isfinite(batch.mean) & jnp.isfinite(batch.var))
   seen = (count > 0) & finite
 
-  def ema(old: jax.Array, new: jax.Array) -> jax.Array:
-    mixed = (1 - weight) * old.astype(dtype) + weight * new.astype(dtype)
+  def ema(old: jax.Array, new: jax.Array, dtype: Any) -> jax.Array:
+    w = weight.astype(dtype)
+    mixed = (1 - w) * old.astype(dtype) + w * new.astype(dtype)
     return jnp.where(seen, mixed, old.astype(dtype)).astype(old.dtype)
 
   return BatchNormState(
-      mean=ema(state.mean, batch.mean),
-      var=ema(state.var, var),
+      mean=ema(state.mean, batch.mean, mean_dtype),
+      var=ema(state.var, var, dtype),
       count=state.count + jnp.any(seen).astype(state.count.dtype),
   )
 
@@ -232,7 +259,7 @@ def _ghost(a: Any, shape: tuple[int, ...], fshape: tuple[int, ...], groups: int)
 
 def _validate(x: ArrayLike, state: BatchNormState, scale: Any, bias: Any, training: Any,
               feature_axes: Any, momentum: Any, epsilon: Any, mask: Any, axis_name: Any,
-              axis_index_groups: Any, virtual_batch_size: Any,
+              axis_index_groups: Any, virtual_batch_size: Any, allow_complex: bool = True,
               ) -> tuple[jax.Array, tuple[int, ...], tuple[int, ...], jax.Array | None]:
   """The checks shared by `batch_norm` and `batch_renorm`; returns the canonical arguments."""
   if not isinstance(training, bool):
@@ -241,12 +268,13 @@ def _validate(x: ArrayLike, state: BatchNormState, scale: Any, bias: Any, traini
         f"{training!r}. Make it a static argument of your jitted function."
     )
   xa = jnp.asarray(x)
-  _checks.check_floating(xa)
+  _checks.check_floating(xa, allow_complex=allow_complex,
+                         real_only="batch_renorm (its clipped corrections r and d are real)")
   feat = _checks.canonicalize_axes(feature_axes, xa.ndim, "feature_axes")
   red = tuple(a for a in range(xa.ndim) if a not in feat)
   xa, red, feat = _prepare(xa, red, feat, scale, bias, epsilon)
   _checks.check_momentum(momentum)
-  _check_state(state, tuple(xa.shape[a] for a in feat))
+  _check_state(state, tuple(xa.shape[a] for a in feat), jnp.iscomplexobj(xa))
   valid = _checks.check_mask(mask, xa.shape)
   _checks.check_axis_index_groups(axis_name, axis_index_groups)
   _check_virtual_batch_size(virtual_batch_size, xa, feat, training)
@@ -321,8 +349,13 @@ def batch_norm(
   A training batch whose moments are not finite leaves the running statistics unchanged (see
   `update_running_stats`); its output shows the NaN.
 
+  Complex input (as `flax.linen.BatchNorm` takes it) is normalized with a complex mean and the
+  real variance :math:`E[|x - \mu|^2]` (see `moments`); its state needs a complex running mean,
+  `batch_norm_init(shape, jnp.complex64)`, whose variance stays real. Its gradients are JAX's
+  own (Wirtinger) derivatives of the two passes; the fused derivative serves real input.
+
   Args:
-    x: floating input.
+    x: floating or complex input.
     state: running statistics of the feature shape (`batch_norm_init`).
     scale: optional γ of the feature shape, or of any shape that broadcasts to `x`
       (conditional batch norm: e.g. `(batch, 1, 1, channels)`; its gradient comes back in that
@@ -346,8 +379,8 @@ def batch_norm(
     same) state.
 
   Raises:
-    TypeError: `x` is not floating, `training` is not a bool, or `state` is not a
-      BatchNormState.
+    TypeError: `x` is neither floating nor complex, `training` is not a bool, `state` is not
+      a BatchNormState, or its mean is real for complex `x` (or complex for real `x`).
     ValueError: bad axes, parameters or state of the wrong shape, a mask that does not
       broadcast, a negative epsilon, momentum outside [0, 1), or a `virtual_batch_size` that
       does not divide the batch.
@@ -449,7 +482,7 @@ def batch_renorm(
     `(y, new_state)`, as `batch_norm`.
 
   Raises:
-    TypeError: as `batch_norm`.
+    TypeError: as `batch_norm`, or complex `x` (batch renormalization takes real input).
     ValueError: as `batch_norm`, or a concrete `r_max < 1` or `d_max < 0`.
 
   Example:
@@ -463,7 +496,7 @@ def batch_renorm(
   """
   xa, red, feat, valid = _validate(x, state, scale, bias, training, feature_axes, momentum,
                                    epsilon, mask, axis_name, axis_index_groups,
-                                   virtual_batch_size)
+                                   virtual_batch_size, allow_complex=False)
   _check_clip(r_max, "r_max", 1.0)
   _check_clip(d_max, "d_max", 0.0)
   with jax.named_scope("jaxnorm.batch_renorm"):

@@ -46,15 +46,15 @@ def canonicalize_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
   return tuple(sorted(out))
 
 
-def check_floating(x: jax.Array, name: str = "x", allow_complex: bool = False) -> None:
+def check_floating(x: jax.Array, name: str = "x", allow_complex: bool = False,
+                   real_only: str = "this function") -> None:
+  """Raises a TypeError unless `x` is floating (or, with `allow_complex`, complex); `real_only`
+  names what takes real input only, for the message about a complex `x`."""
   if allow_complex and jnp.issubdtype(x.dtype, jnp.complexfloating):
     return
   if not jnp.issubdtype(x.dtype, jnp.floating):
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
-      raise TypeError(
-          f"{name} is complex ({x.dtype}); batch normalization takes real input only (the "
-          f"per-example normalizers and moments accept complex input)."
-      )
+      raise TypeError(f"{name} is complex ({x.dtype}); {real_only} takes real input only.")
     raise TypeError(
         f"{name} must have a floating dtype (float16, bfloat16, float32, float64); "
         f"got {x.dtype}. Cast it first, e.g. {name}.astype(jnp.float32)."

@@ -48,6 +48,22 @@ def flax_dtypes(x: jax.Array, params: tuple[Any, ...], dtype: Any) -> tuple[jax.
   return (x if x.dtype == wide else x.astype(wide)), out
 
 
+def complex_batch(x_dtype: Any, dtype: Any, param_dtype: Any) -> bool:
+  """Whether a `BatchNorm`'s batch reaches the core complex under flax's dtype rule: complex
+  input, a complex `dtype` or a complex `param_dtype`."""
+  return any(d is not None and jnp.issubdtype(d, jnp.complexfloating)
+             for d in (x_dtype, dtype, param_dtype))
+
+
+def running_mean_dtype(stat_dtype: Any, complex_input: bool) -> Any:
+  """The dtype of a `BatchNorm`'s running mean: `stat_dtype`, or its complex counterpart
+  (float32 -> complex64) for complex batches, whose mean is complex (the variance stays
+  real)."""
+  if not complex_input or jnp.issubdtype(stat_dtype, jnp.complexfloating):
+    return stat_dtype
+  return jnp.complex128 if jnp.dtype(stat_dtype).itemsize >= 8 else jnp.complex64
+
+
 def zero_centered_init(scale_init: Any, zero_centered_scale: bool) -> Any:
   """flax's default scale initializer (ones) becomes zeros for a zero-centred scale."""
   if zero_centered_scale and scale_init is jax.nn.initializers.ones:

@@ -59,7 +59,7 @@ def fold_batch_norm(
     `(kernel, bias)` of the folded layer, of `kernel`'s shape and `(features,)`.
 
   Raises:
-    TypeError: `kernel` is not floating.
+    TypeError: `kernel`, a statistic or a parameter is not floating (complex included).
     ValueError: `kernel` is a scalar, a statistic or parameter does not have the shape
       `(features,)`, or epsilon is negative.
 
@@ -76,7 +76,7 @@ def fold_batch_norm(
     Array([0., 0.], dtype=float32)
   """
   kernel = jnp.asarray(kernel)
-  _checks.check_floating(kernel, "kernel")
+  _checks.check_floating(kernel, "kernel", real_only="fold_batch_norm")
   if kernel.ndim == 0:
     raise ValueError("kernel must have at least one axis (output features last); got a "
                      "scalar.")
@@ -88,6 +88,8 @@ def fold_batch_norm(
       k: None if v is None else jnp.asarray(v) for k, v in given.items()}
   for name, value in arrays.items():
     _checks.check_param(value, features, name, what)
+    if value is not None:  # a complex mean (of complex batch norm) would lose its imaginary part
+      _checks.check_floating(value, name, real_only="fold_batch_norm")
   with jax.named_scope("jaxnorm.fold_batch_norm"):
     return _fold(kernel, arrays, epsilon)
 

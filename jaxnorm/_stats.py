@@ -286,7 +286,9 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     \sigma^2 = \frac{n_a\sigma_a^2 + n_b\sigma_b^2 + \delta^2 n_a n_b / n}{n}
 
   The update adds only non-negative terms, so it keeps the precision of both inputs, and an
-  empty side (count 0) is neutral: merging with it returns the other side unchanged.
+  empty side (count 0) is neutral: merging with it returns the other side unchanged. Complex
+  moments (a complex mean, the real variance of `moments`) merge with :math:`|\delta|^2` for
+  :math:`\delta^2`.
 
   Args:
     a: moments of the first set.
@@ -302,18 +304,28 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     >>> m.count, m.mean, m.var
     (Array(10., dtype=float32), Array(4.5, dtype=float32), Array(8.25, dtype=float32))
   """
-  dtype = _wide_dtype(a.mean.dtype, b.mean.dtype)
+  dtype, mdtype = _merge_dtypes(a, b)
   na, nb = a.count.astype(dtype), b.count.astype(dtype)
   n = na + nb
   safe_n = jnp.where(n > 0, n, jnp.ones((), dtype))
   wb = nb / safe_n
-  delta = b.mean.astype(dtype) - a.mean.astype(dtype)
-  mean = a.mean.astype(dtype) + delta * wb
-  m2 = na * a.var.astype(dtype) + nb * b.var.astype(dtype) + delta * delta * na * wb
+  delta = b.mean.astype(mdtype) - a.mean.astype(mdtype)
+  mean = a.mean.astype(mdtype) + delta * wb.astype(mdtype)
+  m2 = na * a.var.astype(dtype) + nb * b.var.astype(dtype) + _abs2(delta) * na * wb
   zero = jnp.zeros((), dtype)
-  mean = jnp.where(n > 0, mean, zero)
+  mean = jnp.where(n > 0, mean, jnp.zeros((), mdtype))
   var = jnp.where(n > 0, m2 / safe_n, zero)
   return Moments((a.count + b.count).astype(jnp.float32), mean, var)
+
+
+def _merge_dtypes(*ms: Moments) -> tuple[Any, Any]:
+  """The real dtype of merged counts and variances (at least float32) and that of the merged
+  mean: the same, or its complex counterpart when a mean is complex."""
+  parts = [_real_of(d) for m in ms for d in (m.mean.dtype, m.var.dtype)]
+  dtype = _wide_dtype(*parts)
+  if any(jnp.iscomplexobj(m.mean) for m in ms):
+    return dtype, jax.dtypes.canonicalize_dtype(_complex_of(dtype))
+  return dtype, dtype
 
 
 def _merge_axis(m: Moments, axis: int) -> Moments:
@@ -327,11 +339,11 @@ def _merge_axis(m: Moments, axis: int) -> Moments:
 
   Only non-negative terms are added, and a set of count 0 is neutral.
   """
-  dtype = _wide_dtype(m.mean.dtype, m.var.dtype)
+  dtype, mdtype = _merge_dtypes(m)
   n_g = m.count.astype(dtype)
   n = jnp.sum(n_g, axis)
   safe_n = jnp.maximum(n, jnp.ones((), dtype))
-  mean = jnp.sum(n_g * m.mean.astype(dtype), axis) / safe_n
-  dev = m.mean.astype(dtype) - jnp.expand_dims(mean, axis)
-  var = jnp.sum(n_g * (m.var.astype(dtype) + dev * dev), axis) / safe_n
+  mean = jnp.sum(n_g.astype(mdtype) * m.mean.astype(mdtype), axis) / safe_n.astype(mdtype)
+  dev = m.mean.astype(mdtype) - jnp.expand_dims(mean, axis)
+  var = jnp.sum(n_g * (m.var.astype(dtype) + _abs2(dev)), axis) / safe_n
   return Moments(n.astype(jnp.float32), mean, var)

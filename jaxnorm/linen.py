@@ -45,7 +45,7 @@ from jax.nn import initializers  # noqa: E402
 import jaxnorm as jn  # noqa: E402
 from jaxnorm import _checks  # noqa: E402
 from jaxnorm._flax_common import batch_norm_or_renorm as _batch_norm_or_renorm  # noqa: E402
-from jaxnorm._flax_common import flax_dtypes  # noqa: E402
+from jaxnorm._flax_common import complex_batch, flax_dtypes, running_mean_dtype  # noqa: E402
 from jaxnorm._flax_common import zero_centered_init as _zero_centered_init  # noqa: E402
 from jaxnorm._fold import _as_dict, fold_variables  # noqa: E402
 from jaxnorm._recompute import Sink, population_stats, recompute  # noqa: E402
@@ -95,6 +95,13 @@ class BatchNorm(nn.Module):
   `force_float32_reductions=False`) and, only with `momentum=None`, `batch_stats/count`
   (int32 scalar: the number of updates). With a numeric momentum (the default) the variable
   tree is exactly flax's, so checkpoints move both ways.
+
+  Complex input (or `dtype=jnp.complex64`) is normalized with a complex mean and the real
+  variance `E[|x - μ|²]`, as in flax. `batch_stats/mean` is then complex64 from `init` on
+  (flax creates it float32 and makes it complex64 at the first update, so the variable tree
+  changes dtype after one step: a jitted training step compiles twice and a `lax.scan` carry
+  fails); a float32 mean from a flax checkpoint is converted exactly. `batch_stats/var` stays
+  real.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -189,8 +196,11 @@ class BatchNorm(nn.Module):
     x = jnp.asarray(x)
     feat, shape = _feature_shape(x, self.axis, "axis")
     stat_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stat_dtype), shape)
-    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stat_dtype), shape)
+    is_complex = complex_batch(x.dtype, self.dtype, self.param_dtype)
+    mean_dtype = running_mean_dtype(stat_dtype, is_complex)
+    var_dtype = jnp.finfo(stat_dtype).dtype  # real, also for a complex param_dtype
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, mean_dtype), shape)
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, var_dtype), shape)
     ra_count = None
     if self.momentum is None:
       ra_count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
@@ -199,7 +209,10 @@ class BatchNorm(nn.Module):
                           cast=not self.force_float32_reductions)
     xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
     count = jnp.zeros((), jnp.int32) if ra_count is None else ra_count.value
-    state = jn.BatchNormState(ra_mean.value, ra_var.value, count)
+    mean = ra_mean.value
+    if is_complex and not jnp.iscomplexobj(mean):  # flax.linen's float32 mean at init: exact
+      mean = mean.astype(running_mean_dtype(mean.dtype, True))
+    state = jn.BatchNormState(mean, ra_var.value, count)
     initializing = self.is_initializing()
     training = not use_running_average
     y, new_state = _batch_norm_or_renorm(

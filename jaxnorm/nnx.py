@@ -17,10 +17,20 @@ construction or call; its statistics updates work inside `nnx.jit`.
 The modules only declare variables and call the functional core, so the statistics are
 jaxnorm's: two-pass variance in at least float32 whatever `use_fast_variance` says (accepted,
 no effect), count-weighted across `axis_name`, finite output and unchanged `BatchStat`s for a
-batch with no valid element. Two deliberate differences from flax.nnx: `BatchNorm` in
-evaluation uses the running statistics as stored (float32), where flax first rounds them to
-`dtype` (so with `dtype=jnp.bfloat16` flax evaluates in bfloat16 arithmetic); and `GroupNorm`
-with custom `reduction_axes` is correct (flax.nnx spreads the group statistics along axis 1).
+batch with no valid element. Deliberate differences from flax.nnx:
+
+* a `dtype` narrower than the input (`dtype=jnp.float16` or `jnp.bfloat16` on float32 input)
+  is the output's dtype only: the input and the parameters are normalized at their own
+  precision and the result is rounded once, as flax.linen does. flax.nnx rounds the input and
+  the parameters to `dtype` first, which loses the digits of `x - mean` where the data have an
+  offset. So `jaxnorm.nnx` and `jaxnorm.linen` agree bit for bit in every configuration, and
+  differ from flax.nnx there by flax.nnx's input rounding;
+* `BatchNorm` in evaluation uses the running statistics as stored (float32), where flax first
+  rounds them to `dtype` (so with `dtype=jnp.bfloat16` flax evaluates in bfloat16 arithmetic);
+* `BatchNorm` on complex input (`dtype=jnp.complex64`) keeps a complex64 running mean, where
+  flax.nnx stores it in float32 and drops its imaginary part;
+* `GroupNorm` with custom `reduction_axes` is correct (flax.nnx spreads the group statistics
+  along axis 1).
 
 Beyond flax, `BatchNorm` has `momentum=None` (exact cumulative average; adds a `count`
 `BatchStat`), `unbiased_running_var` and `update_stats` (train with the batch's statistics
@@ -47,7 +57,7 @@ from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn  # noqa: E402
 import jaxnorm as jn  # noqa: E402
 from jaxnorm import _checks  # noqa: E402
 from jaxnorm._flax_common import batch_norm_or_renorm as _batch_norm_or_renorm  # noqa: E402
-from jaxnorm._flax_common import flax_dtypes  # noqa: E402
+from jaxnorm._flax_common import complex_batch, flax_dtypes, running_mean_dtype  # noqa: E402
 from jaxnorm._flax_common import zero_centered_init as _zero_centered_init  # noqa: E402
 from jaxnorm._recompute import Sink, population_stats, recompute  # noqa: E402
 
@@ -77,10 +87,29 @@ def _value(v: Any) -> jax.Array | None:
 
 def _promote(promote_dtype: PromoteDtypeFn, dtype: Dtype | None, x: Any,
              *arrays: Any) -> tuple[Any, ...]:
-  """flax.nnx's input promotion (a module's `promote_dtype` to its `dtype`), under standard
-  promotion rules."""
+  """flax.nnx's input promotion (a module's `promote_dtype` to its `dtype`, under standard
+  promotion rules), except that nothing is rounded to a narrower dtype.
+
+  flax.nnx casts the input and the parameters to `dtype` before it normalizes, so
+  `dtype=jnp.float16` on float32 input rounds `x` to float16 first and normalizes the rounded
+  values: where the data have an offset, `x - mean` loses most of its digits (offset 300, std
+  1: about 3 of float16's 11 bits are left). Here an array that the promotion would cast to a
+  dtype that does not hold all its values (float32 -> float16, bfloat16 -> float16) keeps its
+  own dtype; the output alone is cast to `dtype`. This is flax.linen's rule, so the two
+  families of jaxnorm compute the same thing bit for bit.
+  """
+  originals = (x, *arrays)
   with jax.numpy_dtype_promotion("standard"):
-    return tuple(promote_dtype((x, *arrays), dtype=dtype))
+    promoted = tuple(promote_dtype(originals, dtype=dtype))
+    return tuple(_widest(a, p) for a, p in zip(originals, promoted, strict=True))
+
+
+def _widest(original: Any, promoted: Any) -> Any:
+  """`promoted`, unless it is `original` cast to a dtype that cannot hold all its values."""
+  if original is None or promoted is None:
+    return promoted
+  before, after = jnp.result_type(original), jnp.result_type(promoted)
+  return promoted if jnp.promote_types(before, after) == after else original
 
 
 def _to_feature_shape(p: jax.Array | None, x: jax.Array,
@@ -101,6 +130,11 @@ class BatchNorm(nnx.Module):
   updated with `running = momentum * running + (1 - momentum) * batch`
   (`jaxnorm.update_running_stats`); in evaluation (`model.eval()`) the running statistics are
   used, in float32.
+
+  For complex input construct it with `dtype=jnp.complex64` (flax's way): the `mean`
+  `BatchStat` is then complex64 and `var` float32, `E[|x - μ|²]`. A `BatchNorm` made with a
+  real `dtype` raises a TypeError on complex input rather than drop the imaginary part of the
+  running mean, as flax.nnx does.
 
   Example:
     >>> import jax.numpy as jnp
@@ -137,7 +171,8 @@ class BatchNorm(nnx.Module):
     use_fast_variance: accepted for compatibility and ignored (always the stable variance).
     promote_dtype: flax's input promotion function; it receives
       `(x, mean, var, scale, bias)` and `dtype=`. The promoted `x`, `scale` and `bias` are
-      used; the running statistics always enter in their stored dtype.
+      used, except where the promotion would round them to a narrower dtype (see the module
+      docstring); the running statistics always enter in their stored dtype.
     rngs: random number streams; `rngs.params()` initializes `scale` and `bias`.
     bias_metadata: metadata of the `bias` `nnx.Param`.
     scale_metadata: metadata of the `scale` `nnx.Param`.
@@ -178,7 +213,8 @@ class BatchNorm(nnx.Module):
       virtual_batch_size: int | None = None,
   ):
     feature_shape = (num_features,)
-    self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
+    mean_dtype = running_mean_dtype(jnp.float32, complex_batch(None, dtype, param_dtype))
+    self.mean = nnx.BatchStat(jnp.zeros(feature_shape, mean_dtype))
     self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
     self.count: nnx.BatchStat[jax.Array] | None
     if momentum is None:
@@ -235,6 +271,11 @@ class BatchNorm(nnx.Module):
     feat = _checks.canonicalize_axes(self.axis, x.ndim, "axis")
     fshape = tuple(x.shape[a] for a in feat)
     xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
+    if jnp.iscomplexobj(xc) and not jnp.iscomplexobj(self.mean[...]):
+      raise TypeError(
+          f"BatchNorm got complex input ({xc.dtype}) but its running mean is "
+          f"{self.mean[...].dtype}, which would lose the mean's imaginary part (flax.nnx drops "
+          f"it). Construct it with dtype=jnp.complex64 to keep a complex running mean.")
     count = jnp.zeros((), jnp.int32) if self.count is None else self.count[...]
     state = jn.BatchNormState(jnp.reshape(self.mean[...], fshape),
                               jnp.reshape(self.var[...], fshape), count)
@@ -301,7 +342,8 @@ class LayerNorm(nnx.Module):
     axis_name: mapped axis to reduce over as well.
     axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
     use_fast_variance: accepted for compatibility and ignored (always the stable variance).
-    promote_dtype: flax's input promotion function, called with `(x, scale, bias)`.
+    promote_dtype: flax's input promotion function, called with `(x, scale, bias)`; a result
+      narrower than its argument is not used (see the module docstring).
     rngs: random number streams; `rngs.params()` initializes `scale` and `bias`.
     bias_metadata: metadata of the `bias` `nnx.Param`.
     scale_metadata: metadata of the `scale` `nnx.Param`.
@@ -404,7 +446,8 @@ class RMSNorm(nnx.Module):
     axis_name: mapped axis to reduce over as well.
     axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
     use_fast_variance: accepted for compatibility; no effect here (nor in flax).
-    promote_dtype: flax's input promotion function, called with `(x, scale)`.
+    promote_dtype: flax's input promotion function, called with `(x, scale)`; a result
+      narrower than its argument is not used (see the module docstring).
     rngs: random number streams; `rngs.params()` initializes `scale`.
     scale_metadata: metadata of the `scale` `nnx.Param`.
     zero_centered_scale: `scale` stores γ - 1 (output :math:`x r (1 + \gamma)`, Gemma's
@@ -507,7 +550,8 @@ class GroupNorm(nnx.Module):
     axis_name: mapped axis to reduce over as well.
     axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
     use_fast_variance: accepted for compatibility and ignored (always the stable variance).
-    promote_dtype: flax's input promotion function, called with `(x, scale, bias)`.
+    promote_dtype: flax's input promotion function, called with `(x, scale, bias)`; a result
+      narrower than its argument is not used (see the module docstring).
     rngs: random number streams; `rngs.params()` initializes `scale` and `bias`.
     bias_metadata: metadata of the `bias` `nnx.Param`.
     scale_metadata: metadata of the `scale` `nnx.Param`.
@@ -617,7 +661,8 @@ class InstanceNorm(nnx.Module):
     axis_name: mapped axis to reduce over as well.
     axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
     use_fast_variance: accepted for compatibility and ignored (always the stable variance).
-    promote_dtype: flax's input promotion function, called with `(x, scale, bias)`.
+    promote_dtype: flax's input promotion function, called with `(x, scale, bias)`; a result
+      narrower than its argument is not used (see the module docstring).
     rngs: random number streams; `rngs.params()` initializes `scale` and `bias`.
     bias_metadata: metadata of the `bias` `nnx.Param`.
     scale_metadata: metadata of the `scale` `nnx.Param`.

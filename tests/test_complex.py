@@ -1,5 +1,6 @@
 """Complex input: complex mean, real variance E[|x - μ|²], Wirtinger gradients, flax's behaviour."""
 
+import warnings
 
 import flax.linen as nn
 import jax
@@ -83,9 +84,127 @@ def test_normalizers_on_complex_input_match_complex128():
     np.testing.assert_allclose(np.asarray(y), ref, atol=TOL)
 
 
-def test_batch_norm_says_it_takes_real_input():
-  with pytest.raises(TypeError, match="complex"):
-    jn.batch_norm(_data((4, 3)), jn.batch_norm_init(3), training=True)
+# --- batch normalization ---------------------------------------------------------------------
+
+def _ref_ema(old, new, momentum):
+  return momentum * np.asarray(old, np.complex128) + (1 - momentum) * np.asarray(new)
+
+
+def test_batch_norm_init_complex_has_complex_mean_and_real_var():
+  state = jn.batch_norm_init(3, jnp.complex64)
+  assert state.mean.dtype == jnp.complex64 and state.var.dtype == jnp.float32
+  with pytest.raises(TypeError, match="floating or complex"):
+    jn.batch_norm_init(3, jnp.int32)
+
+
+def test_batch_norm_on_complex_input_matches_complex128():
+  x = _data((8, 3))
+  rng = np.random.default_rng(4)
+  s, b = (jnp.asarray(rng.normal(size=3), jnp.float32) for _ in range(2))
+  state = jn.batch_norm_init(3, jnp.complex64)
+  y, new = jn.batch_norm(x, state, s, b, training=True, momentum=0.9, epsilon=1e-6)
+  mean, var = _ref_moments(x, 0)
+  assert y.dtype == jnp.complex64
+  assert new.mean.dtype == jnp.complex64 and new.var.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y), _ref_norm(x, 0, s, b), atol=TOL)
+  np.testing.assert_allclose(np.asarray(new.mean), _ref_ema(0, mean[0], 0.9), atol=TOL)
+  np.testing.assert_allclose(np.asarray(new.var), _ref_ema(1, var[0], 0.9).real, atol=TOL)
+  assert int(new.count) == 1
+  # evaluation: the running statistics, complex mean and real variance
+  y_eval, same = jn.batch_norm(x, new, s, b, training=False, epsilon=1e-6)
+  assert same is new
+  ref_mean, ref_var = np.asarray(new.mean, np.complex128), np.asarray(new.var, np.float64)
+  ref = (np.asarray(x, np.complex128) - ref_mean) / np.sqrt(ref_var + 1e-6) * np.asarray(s)
+  np.testing.assert_allclose(np.asarray(y_eval), ref + np.asarray(b), atol=TOL)
+  # the cumulative average (momentum=None) and a mask
+  m = np.array([True, True, False, True, True, True, False, True])[:, None]
+  y, new = jn.batch_norm(x, state, training=True, momentum=None, epsilon=1e-6, mask=m)
+  mean, var = _ref_moments(x[m[:, 0]], 0)
+  np.testing.assert_allclose(np.asarray(new.mean), mean[0], atol=TOL)
+  np.testing.assert_allclose(np.asarray(new.var), var[0], atol=TOL)
+
+
+def test_batch_norm_complex_across_devices_and_in_ghost_batches():
+  x = _data((4, 6, 3), seed=5)  # 4 devices of 6 examples
+  state = jn.batch_norm_init(3, jnp.complex64)
+  step = jax.vmap(lambda xi: jn.batch_norm(xi, state, training=True, momentum=0.0,
+                                           epsilon=1e-6, axis_name="d"),
+                  axis_name="d")
+  y, new = step(x)
+  flat = np.asarray(x).reshape(24, 3)
+  mean, var = _ref_moments(flat, 0)
+  np.testing.assert_allclose(np.asarray(y).reshape(24, 3), _ref_norm(flat, 0), atol=TOL)
+  np.testing.assert_allclose(np.asarray(new.mean), np.broadcast_to(mean, (4, 3)), atol=TOL)
+  np.testing.assert_allclose(np.asarray(new.var), np.broadcast_to(var, (4, 3)), atol=TOL)
+  # ghost batches of 2: each normalized alone; the state gets the whole batch's exact moments
+  y, new = jn.batch_norm(flat[:8], state, training=True, momentum=0.0, epsilon=1e-6,
+                         virtual_batch_size=2)
+  ghosts = flat[:8].reshape(4, 2, 3)
+  np.testing.assert_allclose(np.asarray(y).reshape(4, 2, 3), _ref_norm(ghosts, 1), atol=TOL)
+  mean, var = _ref_moments(flat[:8], 0)
+  np.testing.assert_allclose(np.asarray(new.mean), mean[0], atol=TOL)
+  np.testing.assert_allclose(np.asarray(new.var), var[0], atol=TOL)
+
+
+def test_merge_moments_of_complex_sets_is_exact():
+  x = _data((10, 2), seed=6)
+  a, b = jn.moments(x[:3], 0), jn.moments(x[3:], 0)
+  m = jn.merge_moments(a, b)
+  mean, var = _ref_moments(x, 0)
+  assert m.mean.dtype == jnp.complex64 and m.var.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(m.mean), mean[0], atol=TOL)
+  np.testing.assert_allclose(np.asarray(m.var), var[0], atol=TOL)
+
+
+def test_batch_norm_complex_errors_name_the_fix():
+  x = _data((4, 3))
+  with pytest.raises(TypeError, match=r"batch_norm_init\(\(3,\), jnp.complex64\)"):
+    jn.batch_norm(x, jn.batch_norm_init(3), training=True)
+  with pytest.raises(TypeError, match="a real batch a real one"):
+    jn.batch_norm(np.real(x), jn.batch_norm_init(3, jnp.complex64), training=True)
+  with pytest.raises(TypeError, match="batch_renorm"):
+    jn.batch_renorm(x, jn.batch_norm_init(3, jnp.complex64), training=True, r_max=3.0,
+                    d_max=5.0)
+  with pytest.raises(TypeError, match="fold_batch_norm"):
+    jn.fold_batch_norm(jnp.ones((2, 3)), None, jnp.zeros(3, jnp.complex64), jnp.ones(3))
+
+
+def _ref_batch_norm_jnp(x, s, b):
+  """Plain jnp complex batch norm over axis 0, for JAX's own derivative."""
+  mean = jnp.mean(x, 0, keepdims=True)
+  d = x - mean
+  var = jnp.mean(jnp.real(d * jnp.conj(d)), 0, keepdims=True)
+  return d * jax.lax.rsqrt(var + 1e-6).astype(x.dtype) * s.astype(x.dtype) + b.astype(x.dtype)
+
+
+def test_batch_norm_gradients_match_autodiff_of_complex128():
+  x = _data((6, 4), seed=7)
+  rng = np.random.default_rng(8)
+  s, b = (rng.normal(size=4).astype(np.float32) for _ in range(2))
+
+  def ours_fn(x, s, b):
+    return jn.batch_norm(x, jn.batch_norm_init(4, x.dtype), s, b, training=True,
+                         epsilon=1e-6)[0]
+
+  w = jnp.arange(1.0, 5.0)
+
+  def loss(norm):
+    def f(x, s, b):
+      y = norm(x, s, b)
+      return jnp.sum(jnp.abs(y * w.astype(y.dtype)) ** 2) + jnp.sum(jnp.real(y) * jnp.imag(y))
+    return f
+
+  ours = jax.grad(loss(ours_fn), argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(s),
+                                                    jnp.asarray(b))
+  with jax.enable_x64(True):
+    args = (jnp.asarray(x, jnp.complex128), jnp.asarray(s, jnp.float64),
+            jnp.asarray(b, jnp.float64))
+    ref = [np.asarray(a) for a in jax.grad(loss(_ref_batch_norm_jnp), argnums=(0, 1, 2))(*args)]
+    ref64 = [np.asarray(a) for a in jax.grad(loss(ours_fn), argnums=(0, 1, 2))(*args)]
+  for a, r, r64 in zip(ours, ref, ref64, strict=True):
+    np.testing.assert_allclose(r64, r, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(a), r, atol=20 * TOL * np.abs(r).max())
+  assert ours[0].dtype == jnp.complex64 and ours[1].dtype == jnp.float32
 
 
 def _ref_layer_norm_jnp(x, s, b):
@@ -151,3 +270,71 @@ def test_linen_and_nnx_match_flax_on_complex_input(name):
     y_o = o_nnx(x)
     assert y_o.dtype == y_t.dtype == jnp.complex64
     np.testing.assert_allclose(np.asarray(y_o), np.asarray(y_t), atol=TOL)
+
+
+def test_linen_batch_norm_on_complex_input_matches_flax_with_a_stable_tree():
+  x = jnp.asarray(_data((8, 3), seed=9))
+  kw = dict(momentum=0.9, epsilon=1e-6)
+  theirs, ours = nn.BatchNorm(use_fast_variance=False, **kw), jnn.BatchNorm(**kw)
+  train = dict(use_running_average=False, mutable=["batch_stats"])
+  with fc.standard_promotion():
+    v_theirs = theirs.init(jax.random.key(0), x, use_running_average=False)
+    y_theirs, u_theirs = theirs.apply(v_theirs, x, **train)
+    e_theirs = theirs.apply({**v_theirs, **u_theirs}, x, use_running_average=True)
+  v_ours = ours.init(jax.random.key(0), x, use_running_average=False)
+  # flax creates a float32 mean that becomes complex64 at the first update; ours is complex64
+  # from init on, so the variable tree keeps its dtypes from step to step.
+  assert v_theirs["batch_stats"]["mean"].dtype == jnp.float32
+  assert v_ours["batch_stats"]["mean"].dtype == jnp.complex64
+  assert v_ours["batch_stats"]["var"].dtype == jnp.float32
+  fc.assert_trees_identical(v_ours["params"], v_theirs["params"])
+  for variables in (v_ours, v_theirs):  # flax's own init variables load too
+    y, u = ours.apply(variables, x, **train)
+    assert jax.tree.map(lambda a: a.dtype, u) == jax.tree.map(
+        lambda a: a.dtype, {"batch_stats": v_ours["batch_stats"]})
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_theirs), atol=TOL)
+    for k in ("mean", "var"):
+      np.testing.assert_allclose(np.asarray(u["batch_stats"][k]),
+                                 np.asarray(u_theirs["batch_stats"][k]), atol=TOL)
+    e = ours.apply({**variables, **u}, x, use_running_average=True)
+    np.testing.assert_allclose(np.asarray(e), np.asarray(e_theirs), atol=TOL)
+
+
+def test_nnx_batch_norm_keeps_the_imaginary_part_of_the_running_mean():
+  x = jnp.asarray(_data((8, 3), seed=10))
+  kw = dict(dtype=jnp.complex64, momentum=0.5, epsilon=1e-6)
+  ours = jnnx.BatchNorm(3, rngs=nnx.Rngs(0), **kw)
+  theirs = nnx.BatchNorm(3, use_fast_variance=False, rngs=nnx.Rngs(0), **kw)
+  assert ours.mean[...].dtype == jnp.complex64 and ours.var[...].dtype == jnp.float32
+  y = ours(x)
+  with fc.standard_promotion(), pytest.warns(np.exceptions.ComplexWarning):
+    warnings.simplefilter("ignore", FutureWarning)  # flax's cast of the complex mean, too
+    y_theirs = theirs(x)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_theirs), atol=TOL)  # batch statistics
+  mean, var = _ref_moments(x, 0)
+  np.testing.assert_allclose(np.asarray(ours.mean[...]), _ref_ema(0, mean[0], 0.5), atol=TOL)
+  np.testing.assert_allclose(np.asarray(ours.var[...]), _ref_ema(1, var[0], 0.5).real,
+                             atol=TOL)
+  # jaxnorm.linen computes the same (bit for bit)
+  mod_linen = jnn.BatchNorm(use_running_average=False, **kw)
+  variables = {"params": {"scale": ours.scale[...], "bias": ours.bias[...]},
+               "batch_stats": {"mean": jnp.zeros(3, jnp.complex64),
+                               "var": jnp.ones(3, jnp.float32)}}
+  y_linen, upd = mod_linen.apply(variables, x, mutable=["batch_stats"])
+  fc.assert_trees_identical((y, ours.mean[...], ours.var[...]),
+                            (y_linen, upd["batch_stats"]["mean"], upd["batch_stats"]["var"]))
+  # evaluation: flax.nnx lost the imaginary part of the mean (about -1 after one step here)
+  ours.eval()
+  theirs.eval()
+  ref = (np.asarray(x, np.complex128) - _ref_ema(0, mean[0], 0.5)) / np.sqrt(
+      _ref_ema(1, var[0], 0.5).real + 1e-6)
+  with fc.standard_promotion():
+    err_theirs = np.abs(np.asarray(theirs(x)) - ref).max()
+  np.testing.assert_allclose(np.asarray(ours(x)), ref, atol=TOL)
+  assert err_theirs > 0.5
+
+
+def test_nnx_batch_norm_with_a_real_dtype_rejects_complex_input():
+  bn = jnnx.BatchNorm(3, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=r"dtype=jnp\.complex64"):
+    bn(jnp.asarray(_data((4, 3))))

@@ -73,7 +73,7 @@ STATE = jn.batch_norm_init(6)
         # training must be static
         (lambda: jn.batch_norm(X, STATE, training=1), TypeError, r"training must be a Python"),
         (lambda: jn.batch_norm_init(-3), ValueError, r"feature_shape"),
-        (lambda: jn.batch_norm_init(3, dtype=jnp.int32), TypeError, r"floating dtype"),
+        (lambda: jn.batch_norm_init(3, dtype=jnp.int32), TypeError, r"floating or complex dtype"),
         (lambda: jn.moments(X, 0, axis_index_groups=[[0, 1]]), ValueError,
          r"axis_index_groups was given without axis_name"),
     ],

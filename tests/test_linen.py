@@ -316,15 +316,10 @@ def test_train_step_under_jit_does_not_retrace():
   assert len(traces) == 1
 
 
-def test_integer_input_follows_flax_and_complex_batch_norm_is_rejected():
+def test_integer_input_follows_flax():
   x = jnp.arange(24, dtype=jnp.int32).reshape(4, 6) % 7
   theirs, ours = _pair("LayerNorm")
   with fc.standard_promotion():
     v = theirs.init(KEY, x)
     y_t = theirs.apply(v, x)
   fc.assert_close(ours.apply(v, x), y_t)
-  # complex LayerNorm works (tests/test_complex.py); complex BatchNorm is not supported yet
-  bn = jnn.BatchNorm(use_running_average=False)
-  xc = x.astype(jnp.complex64)
-  with pytest.raises(TypeError, match="complex"):
-    bn.init(KEY, xc)

@@ -47,11 +47,30 @@ def test_matches_flax_train_and_eval(name, x_dtype, param_dtype, masked):
                                            (jnp.bfloat16, jnp.float32)])
 def test_matches_flax_with_dtype_argument(name, x_dtype, dtype):
   theirs, ours = _pair(name, dtype=dtype)
+  state = nnx.to_pure_dict(nnx.state(ours))
   x = fc.data(x_dtype)
   y = ours(x)
   assert y.dtype == dtype
-  fc.assert_close(y, _run_flax(theirs, x))
-  fc.assert_trees_close(nnx.state(ours), nnx.state(theirs))
+  with fc.standard_promotion():
+    holds_x = jnp.promote_types(x_dtype, dtype) == dtype
+  if holds_x:  # dtype holds every value of x: flax.nnx computes as we do
+    fc.assert_close(y, _run_flax(theirs, x))
+    fc.assert_trees_close(nnx.state(ours), nnx.state(theirs))
+    return
+  # A narrower dtype is the output's dtype only (the module docstring): flax.linen's rule,
+  # where flax.nnx rounds x and the parameters to dtype first.
+  linen = getattr(nn, name)(dtype=dtype, use_fast_variance=False, **fc.KWARGS[name])
+  variables = {"params": {k: v for k, v in state.items() if k in ("scale", "bias")}}
+  call = {}
+  if name == "BatchNorm":
+    variables["batch_stats"] = {"mean": state["mean"], "var": state["var"]}
+    call = {"use_running_average": False}
+  with fc.standard_promotion():
+    y_linen, upd = linen.apply(variables, x, mutable=["batch_stats"], **call)
+  fc.assert_close(y, y_linen)
+  if name == "BatchNorm":
+    fc.assert_trees_close((ours.mean[...], ours.var[...]),
+                          (upd["batch_stats"]["mean"], upd["batch_stats"]["var"]))
 
 
 def test_layer_norm_with_several_feature_axes_matches_flax():
@@ -172,11 +191,11 @@ def test_eval_in_bfloat16_uses_float32_running_statistics():
   _run_flax(theirs, x)
   bn.eval()
   theirs.eval()
-  xb = x.astype(jnp.bfloat16)
-  ref = refs.ref_normalize(xb, bn.mean[...], bn.var[...], None, None, (0, 1), -1, 1e-5)
-  # ours: given statistics, float32 arithmetic, one bfloat16 rounding of the output;
-  # flax: x - mean in bfloat16 (ulp 0.125 at 30), far outside that bound.
-  bound = refs.output_error(xb.astype(jnp.float32), bn.mean[...], bn.var[...], 0.0, 0.0, None,
+  ref = refs.ref_normalize(x, bn.mean[...], bn.var[...], None, None, (0, 1), -1, 1e-5)
+  # ours: the float32 input (dtype is the output's dtype only), given statistics, float32
+  # arithmetic, one bfloat16 rounding of the output; flax: x rounded to bfloat16 and
+  # x - mean in bfloat16 (ulp 0.125 at 30), far outside that bound.
+  bound = refs.output_error(x, bn.mean[...], bn.var[...], 0.0, 0.0, None,
                             ref, (0, 1), -1, 1e-5, out_dtype=jnp.bfloat16)
   refs.assert_within(bn(x).astype(jnp.float32), ref, bound, "ours")
   err_flax = np.abs(np.asarray(_run_flax(theirs, x), np.float64) - ref)
