@@ -26,6 +26,7 @@ from ._stats import (
     Moments,
     _complex_of,
     _compute_dtype,
+    _cpu_barrier,
     _group_expand,
     _group_sum,
     _psum,
@@ -52,18 +53,6 @@ def _broadcast_param(p: ArrayLike, feature_axes: tuple[int, ...], ndim: int,
   else:
     full = (1,) * (ndim - p.ndim) + p.shape
   return jnp.reshape(p, full)
-
-
-def _cpu_barrier(x: jax.Array) -> jax.Array:
-  """`lax.optimization_barrier(x)` in programs compiled for CPU, `x` itself elsewhere.
-
-  The barrier keeps XLA:CPU from sharing one full-size broadcast between fusions, which it
-  would write out at x's size (see its two uses). On GPU the same sharing happens inside one
-  fused kernel, and a barrier splits that kernel in two: on an H100 (jax 0.11.2), LayerNorm
-  forward at 32768x4096 float32 took 719 µs with the barrier and 382 µs without it (flax's
-  LayerNorm: 545 µs; a copy of the array at the card's measured bandwidth: 363 µs).
-  """
-  return jax.lax.platform_dependent(x, cpu=jax.lax.optimization_barrier, default=lambda x: x)
 
 
 def _rstd(var: jax.Array, epsilon: Any, dtype: Any) -> jax.Array:
@@ -246,7 +235,18 @@ def normalize_with_moments(
     # y's `x - mean` goes through a barrier so that it is not the same expression as the
     # variance pass's `x - mean`: XLA:CPU would compute that once for both and write it out at
     # x's size (an extra pass over memory in batch and group norm; measured, jax 0.10.2).
-    mean = _cpu_barrier(mean) if centered else None
+    # Likewise the float32 conversion of narrower input: one shared with the statistics'
+    # reductions is written out as a float32 copy of x, where each fusion can convert as it
+    # reads (bfloat16 batch norm at 8192x1024: 32 MiB less temporary memory). x joins the
+    # mean's barrier, so that it is not the second pass's barrier of x alone, which XLA would
+    # merge with this one (see `_stats._reduce`).
+    if not centered:
+      mean = None
+      x = x if x.dtype == dtype else _cpu_barrier(x)
+    elif x.dtype == dtype:
+      mean = _cpu_barrier(mean)
+    else:
+      x, mean = _cpu_barrier((x, mean))
     return apply(x, mean, var, scale, bias, red, feat, eps, groups)
 
   @jax.custom_jvp
@@ -267,11 +267,16 @@ def normalize_with_moments(
     y = output(x, mean, var, s, b, eps)
     rstd = _rstd(var, eps, dtype)  # as in apply: XLA computes it once.
     zero = jnp.zeros((), dtype)
-    xc = x.astype(dtype)
-    if centered:
-      xc = xc - expand(mean)
-    if mask is not None:  # a NaN/Inf at a masked position must not reach the sums' cotangents
-      xc = jnp.where(jnp.isfinite(xc), xc, zero)
+
+    def centre(xv, mean=mean):
+      xv = xv.astype(dtype)
+      if centered:
+        xv = xv - expand(mean)
+      if mask is not None:  # a NaN/Inf at a masked position must not reach the sums' cotangents
+        xv = jnp.where(jnp.isfinite(xv), xv, zero)
+      return xv
+
+    xc = centre(x)
     dxf = dx.astype(dtype)
     inv_n = 1 / jnp.maximum(count, 1).astype(dtype)
     r = expand(rstd)
@@ -312,7 +317,16 @@ def normalize_with_moments(
         a, c = r, dr
       else:
         a, c = r * s, (dr * s if ds is None else dr * s + r * ds)
-      dy = dxc * a + xc * c
+      # (dx - dμ) a as dx a - (dμ a), whose second term is a small array: reverse mode then
+      # sums the cotangent g itself for dμ (the same sum as dβ's) instead of writing g a out
+      # at x's size to sum it.
+      # The x - μ that multiplies c is computed from narrower input on its own (a barrier
+      # with rstd, unlike any other): reverse mode sums g (x - μ) for dγ and dσ², and with the
+      # x - μ of the other sum shared, XLA:CPU writes it out in float32 at x's size.
+      xc_c = xc if x.dtype == dtype else centre(*_cpu_barrier((x, mean, rstd))[:2])
+      dy = dxf * a + xc_c * c
+      if centered:
+        dy = dy - expand(dmean) * a
     if db is not None:
       dy = dy + db
     dm = Moments(jnp.zeros_like(count), dmean, dvar)
