@@ -26,7 +26,7 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks
-from ._fused import apply, normalize_with_moments
+from ._fused import apply_given, normalize_with_moments
 from ._normalize import _prepare
 from ._stats import AxisName, Moments, _complex_of, _merge_axis, _real_of, _wide_dtype
 
@@ -408,7 +408,7 @@ def batch_norm(
                                    virtual_batch_size)
   with jax.named_scope("jaxnorm.batch_norm"):
     if not training:
-      return apply(xa, state.mean, state.var, scale, bias, red, feat, epsilon), state
+      return apply_given(xa, state.mean, state.var, scale, bias, red, feat, epsilon), state
     return _train(xa, state, scale, bias, red=red, feat=feat, momentum=momentum,
                   epsilon=epsilon, mask=valid, axis_name=axis_name,
                   axis_index_groups=axis_index_groups,
@@ -501,7 +501,7 @@ def batch_renorm(
   _check_clip(d_max, "d_max", 0.0)
   with jax.named_scope("jaxnorm.batch_renorm"):
     if not training:
-      return apply(xa, state.mean, state.var, scale, bias, red, feat, epsilon), state
+      return apply_given(xa, state.mean, state.var, scale, bias, red, feat, epsilon), state
     return _train(xa, state, scale, bias, red=red, feat=feat, momentum=momentum,
                   epsilon=epsilon, mask=valid, axis_name=axis_name,
                   axis_index_groups=axis_index_groups, unbiased_running_var=False,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from . import _checks
-from ._fused import apply, check_implementation, dispatch
+from ._fused import apply_given, check_implementation, dispatch
 from ._stats import AxisName, _wide_dtype
 
 Axes = int | Sequence[int]
@@ -122,7 +122,7 @@ def normalize(
           f"{stat_shape}; got shape {s.shape}."
       )
   with jax.named_scope("jaxnorm.normalize"):
-    return apply(x, mean, var, scale, bias, red, feat, epsilon)
+    return apply_given(x, mean, var, scale, bias, red, feat, epsilon)
 
 
 def layer_norm(
