@@ -104,11 +104,12 @@ def apply_given(x: jax.Array, mean: jax.Array | None, var: jax.Array, scale: Arr
                 feature_axes: tuple[int, ...], epsilon: Any) -> jax.Array:
   """`apply` with given statistics (batch norm in evaluation, `jaxnorm.normalize`).
 
-  JAX differentiates it. For input narrower than the arithmetic (bfloat16 x, float32
-  statistics) it runs under `jax.checkpoint` with nothing saved, so that reverse mode
-  recomputes `x - mean` from `x` where it sums against the cotangent: the value shared with the
-  forward pass would be written out as a float32 copy of `x` (XLA:CPU, batch norm evaluation
-  forward+backward at 8192x1024 bfloat16: 64 MiB of temporary memory instead of 32).
+  JAX differentiates it. In programs compiled for CPU, input narrower than the arithmetic
+  (bfloat16 x, float32 statistics) runs under `jax.checkpoint` with nothing saved, so that
+  reverse mode recomputes `x - mean` from `x` where it sums against the cotangent: the value
+  shared with the forward pass would be written out as a float32 copy of `x` (XLA:CPU, batch
+  norm evaluation forward+backward at 8192x1024 bfloat16: 64 MiB of temporary memory instead of
+  32). Elsewhere XLA fuses the recomputation itself, and the program is plain `apply`.
   """
   if jnp.iscomplexobj(x) or x.dtype == _wide_dtype(x.dtype, var.dtype):
     return apply(x, mean, var, scale, bias, reduction_axes, feature_axes, epsilon)
@@ -116,8 +117,9 @@ def apply_given(x: jax.Array, mean: jax.Array | None, var: jax.Array, scale: Arr
   def run(x, mean, var, scale, bias, epsilon):
     return apply(x, mean, var, scale, bias, reduction_axes, feature_axes, epsilon)
 
-  return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(
-      x, mean, var, scale, bias, epsilon)
+  on_cpu = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
+  return jax.lax.platform_dependent(x, mean, var, scale, bias, epsilon, cpu=on_cpu,
+                                    default=run)
 
 
 def _apply_complex(x: jax.Array, mean: jax.Array | None, var: jax.Array, scale: Any,
