@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxnorm as jn
+from jaxnorm._stats import _complex_of
 
 INSTALL_HINT = "pip install jaxnorm[flax]"
 
@@ -61,7 +62,7 @@ def running_mean_dtype(stat_dtype: Any, complex_input: bool) -> Any:
   real)."""
   if not complex_input or jnp.issubdtype(stat_dtype, jnp.complexfloating):
     return stat_dtype
-  return jnp.complex128 if jnp.dtype(stat_dtype).itemsize >= 8 else jnp.complex64
+  return _complex_of(stat_dtype)
 
 
 def zero_centered_init(scale_init: Any, zero_centered_scale: bool) -> Any:

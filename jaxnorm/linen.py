@@ -49,6 +49,7 @@ from jaxnorm._flax_common import complex_batch, flax_dtypes, running_mean_dtype 
 from jaxnorm._flax_common import zero_centered_init as _zero_centered_init  # noqa: E402
 from jaxnorm._fold import _as_dict, fold_variables  # noqa: E402
 from jaxnorm._recompute import Sink, population_stats, recompute  # noqa: E402
+from jaxnorm._stats import _real_of  # noqa: E402
 
 __all__ = ("BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "fold_batch_norms",
            "recompute_batch_stats")
@@ -198,7 +199,7 @@ class BatchNorm(nn.Module):
     stat_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
     is_complex = complex_batch(x.dtype, self.dtype, self.param_dtype)
     mean_dtype = running_mean_dtype(stat_dtype, is_complex)
-    var_dtype = jnp.finfo(stat_dtype).dtype  # real, also for a complex param_dtype
+    var_dtype = _real_of(stat_dtype)  # real, also for a complex param_dtype
     ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, mean_dtype), shape)
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, var_dtype), shape)
     ra_count = None

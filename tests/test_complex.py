@@ -169,12 +169,40 @@ def test_batch_norm_complex_errors_name_the_fix():
     jn.fold_batch_norm(jnp.ones((2, 3)), None, jnp.zeros(3, jnp.complex64), jnp.ones(3))
 
 
-def _ref_batch_norm_jnp(x, s, b):
-  """Plain jnp complex batch norm over axis 0, for JAX's own derivative."""
-  mean = jnp.mean(x, 0, keepdims=True)
-  d = x - mean
-  var = jnp.mean(jnp.real(d * jnp.conj(d)), 0, keepdims=True)
-  return d * jax.lax.rsqrt(var + 1e-6).astype(x.dtype) * s.astype(x.dtype) + b.astype(x.dtype)
+def _ref_norm_jnp(axis):
+  """Plain jnp complex normalization over `axis`, for JAX's own derivative."""
+  def norm(x, s, b):
+    mean = jnp.mean(x, axis, keepdims=True)
+    d = x - mean
+    var = jnp.mean(jnp.real(d * jnp.conj(d)), axis, keepdims=True)
+    return (d * jax.lax.rsqrt(var + 1e-6).astype(x.dtype) * s.astype(x.dtype)
+            + b.astype(x.dtype))
+  return norm
+
+
+def _loss(norm):
+  def loss(x, s, b):
+    y = norm(x, s, b)
+    w = jnp.arange(1.0, y.shape[-1] + 1.0).astype(y.dtype)
+    return jnp.sum(jnp.abs(y * w) ** 2) + jnp.sum(jnp.real(y) * jnp.imag(y))
+  return loss
+
+
+def _assert_gradients_match_complex128(ours_fn, ref_fn, x, s, b):
+  """Gradients of a real loss of `ours_fn` in complex64 against JAX's autodiff of `ref_fn` in
+  complex128; `ours_fn` in complex128 must agree with that reference to 1e-10."""
+  ours = jax.grad(_loss(ours_fn), argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(s),
+                                                     jnp.asarray(b))
+  with jax.enable_x64(True):
+    args = (jnp.asarray(x, jnp.complex128), jnp.asarray(s, jnp.float64),
+            jnp.asarray(b, jnp.float64))
+    ref = [np.asarray(a) for a in jax.grad(_loss(ref_fn), argnums=(0, 1, 2))(*args)]
+    ref64 = [np.asarray(a) for a in jax.grad(_loss(ours_fn), argnums=(0, 1, 2))(*args)]
+  for a, r, r64 in zip(ours, ref, ref64, strict=True):
+    np.testing.assert_allclose(r64, r, rtol=1e-10, atol=1e-10)
+    scale = np.abs(r).max()  # the loss is a sum of squares of order 1-36
+    np.testing.assert_allclose(np.asarray(a), r, atol=20 * TOL * scale)
+  assert ours[0].dtype == jnp.complex64 and ours[1].dtype == jnp.float32
 
 
 def test_batch_norm_gradients_match_autodiff_of_complex128():
@@ -186,60 +214,14 @@ def test_batch_norm_gradients_match_autodiff_of_complex128():
     return jn.batch_norm(x, jn.batch_norm_init(4, x.dtype), s, b, training=True,
                          epsilon=1e-6)[0]
 
-  w = jnp.arange(1.0, 5.0)
-
-  def loss(norm):
-    def f(x, s, b):
-      y = norm(x, s, b)
-      return jnp.sum(jnp.abs(y * w.astype(y.dtype)) ** 2) + jnp.sum(jnp.real(y) * jnp.imag(y))
-    return f
-
-  ours = jax.grad(loss(ours_fn), argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(s),
-                                                    jnp.asarray(b))
-  with jax.enable_x64(True):
-    args = (jnp.asarray(x, jnp.complex128), jnp.asarray(s, jnp.float64),
-            jnp.asarray(b, jnp.float64))
-    ref = [np.asarray(a) for a in jax.grad(loss(_ref_batch_norm_jnp), argnums=(0, 1, 2))(*args)]
-    ref64 = [np.asarray(a) for a in jax.grad(loss(ours_fn), argnums=(0, 1, 2))(*args)]
-  for a, r, r64 in zip(ours, ref, ref64, strict=True):
-    np.testing.assert_allclose(r64, r, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(np.asarray(a), r, atol=20 * TOL * np.abs(r).max())
-  assert ours[0].dtype == jnp.complex64 and ours[1].dtype == jnp.float32
-
-
-def _ref_layer_norm_jnp(x, s, b):
-  """Plain jnp complex layer norm, for JAX's own derivative."""
-  mean = jnp.mean(x, -1, keepdims=True)
-  d = x - mean
-  var = jnp.mean(jnp.real(d * jnp.conj(d)), -1, keepdims=True)
-  return d * jax.lax.rsqrt(var + 1e-6).astype(x.dtype) * s.astype(x.dtype) + b.astype(x.dtype)
-
-
-def _loss(norm):
-  def loss(x, s, b):
-    y = norm(x, s, b)
-    w = jnp.arange(1.0, 7.0).astype(y.dtype)
-    return jnp.sum(jnp.abs(y * w) ** 2) + jnp.sum(jnp.real(y) * jnp.imag(y))
-  return loss
+  _assert_gradients_match_complex128(ours_fn, _ref_norm_jnp(0), x, s, b)
 
 
 def test_gradients_of_real_losses_match_autodiff_of_complex128():
   x = _data((4, 6))
   rng = np.random.default_rng(3)
   s, b = (rng.normal(size=6).astype(np.float32) for _ in range(2))
-  ours = jax.grad(_loss(jn.layer_norm), argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(s),
-                                                          jnp.asarray(b))
-  with jax.enable_x64(True):
-    args = (jnp.asarray(x, jnp.complex128), jnp.asarray(s, jnp.float64),
-            jnp.asarray(b, jnp.float64))
-    ref = jax.grad(_loss(_ref_layer_norm_jnp), argnums=(0, 1, 2))(*args)
-    ref64 = jax.grad(_loss(jn.layer_norm), argnums=(0, 1, 2))(*args)  # jaxnorm in complex128
-    ref, ref64 = [np.asarray(a) for a in ref], [np.asarray(a) for a in ref64]
-  for a, r, r64 in zip(ours, ref, ref64, strict=True):
-    np.testing.assert_allclose(r64, r, rtol=1e-10, atol=1e-10)
-    scale = np.abs(r).max()  # the loss is a sum of squares of order 1-36
-    np.testing.assert_allclose(np.asarray(a), r, atol=20 * TOL * scale)
-  assert ours[0].dtype == jnp.complex64 and ours[1].dtype == jnp.float32
+  _assert_gradients_match_complex128(jn.layer_norm, _ref_norm_jnp(-1), x, s, b)
 
 
 # --- flax's behaviour: dtype=jnp.complex64 ---------------------------------------------------
