@@ -1,0 +1,313 @@
+"""Snapshots of jaxnorm's compiled programs, to show that a change leaves them as they were.
+
+    python tools/hlo_snapshot.py save before.json        # on the old commit
+    python tools/hlo_snapshot.py save after.json         # on the new one
+    python tools/hlo_snapshot.py compare before.json after.json
+
+`save` compiles, for XLA:CPU, every jaxnorm case of `benchmarks/run.py` (each normalizer,
+forward and forward+backward, at every shape and dtype of its full configuration) and a set of
+configurations the benchmark does not reach (masks, ghost batches, batch renormalization,
+complex input, per-example parameters, `shard_map` across devices, the flax and equinox
+wrappers), and stores each optimized HLO module with its metadata stripped (source lines and
+op names differ whenever code moves, the program does not). Nothing is executed: the inputs are
+abstract (`jax.ShapeDtypeStruct`). `compare` prints the cases whose programs differ, with a
+unified diff of the first few, and exits 1 if any does.
+
+With `--pallas-cuda` (in an environment with the CUDA plugin, `JAX_PLATFORMS=cpu`), `save`
+stores the lowering of the Pallas Triton kernels for an H100 target instead (the StableHLO
+with its Triton custom calls, lowered without a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxnorm as jn  # noqa: E402
+
+_METADATA = re.compile(r",?\s*metadata=\{[^{}]*\}")
+_SOURCE = re.compile(r',?\s*(source_file|source_line|op_name|op_type|scheduling_name)="?[^,}"]*"?')
+
+
+_TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
+
+
+def strip(text: str) -> str:
+  """The optimized HLO text without metadata (source positions, op names, the stack-frame
+  tables that name files and functions)."""
+  text = _METADATA.sub("", text)
+  text = _SOURCE.sub("", text)
+  lines, skipping = [], False
+  for line in text.splitlines():
+    if line.strip() in _TABLES:
+      skipping = True
+    elif skipping and not line.strip():
+      skipping = False
+      continue
+    if not skipping:
+      lines.append(line.rstrip())
+  return "\n".join(lines)
+
+
+_NAME = re.compile(r"(?<![\w.])(%?[A-Za-z_][\w-]*?)((?:\.\d+)+)(?![\w])")
+
+
+def canonical(text: str) -> str:
+  """`text` with every numbered name (`%fusion.12`, `region_0.7`) renumbered by first
+  appearance, so that two programs of the same graph built in another order compare equal."""
+  seen: dict[str, str] = {}
+
+  def rename(m: re.Match[str]) -> str:
+    name = m.group(0)
+    if name not in seen:
+      seen[name] = f"{m.group(1)}.#{len(seen)}"
+    return seen[name]
+
+  return _NAME.sub(rename, text)
+
+
+def _spec(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+
+
+def _fwd_bwd(fn: Callable[..., Any]) -> Callable[..., Any]:
+  def f(p, x, dy):
+    y, pullback, aux = jax.vjp(fn, p, x, has_aux=True)
+    return y, pullback(dy), aux
+  return f
+
+
+def _cases_benchmark() -> Iterator[tuple[str, Callable[..., Any], tuple[Any, ...]]]:
+  """benchmarks/run.py's jaxnorm cases (full configuration), forward and forward+backward."""
+  import run as bench  # benchmarks/run.py
+
+  for shape, dtype in bench.CONFIGS["full"]:
+    for norm in bench.NORMS:
+      built = bench.build_jaxnorm(norm, shape, dtype)
+      if built is None:
+        continue
+      fn, params = built
+      p = jax.tree.map(lambda a: _spec(a.shape, a.dtype), params)
+      x = _spec(shape, dtype)
+      label = f"{norm}/{'x'.join(map(str, shape))}/{dtype}"
+      yield f"{label}/fwd", (lambda fn=fn: lambda p, x: fn(p, x))(), (p, x)
+      yield f"{label}/fwd_bwd", _fwd_bwd(fn), (p, x, x)
+
+
+def _cases_features() -> Iterator[tuple[str, Callable[..., Any], tuple[Any, ...]]]:
+  """Configurations the benchmark does not reach, each forward+backward (and forward)."""
+  shape, c = (64, 8, 32), 32
+  state = jn.BatchNormState(jnp.zeros(c), jnp.ones(c), jnp.zeros((), jnp.int32))
+  p = {"scale": _spec((c,), jnp.float32), "bias": _spec((c,), jnp.float32)}
+  mask = np.arange(64)[:, None, None] < 40
+
+  def case(name, fn, dtype="float32", params=p, xshape=shape):
+    x = _spec(xshape, dtype)
+
+    def f(p, x):
+      out = fn(p, x)
+      return (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
+    yield f"{name}/{dtype}/fwd", f, (params, x)
+    if not jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating):
+      yield f"{name}/{dtype}/fwd_bwd", _fwd_bwd(f), (params, x, x)
+
+  def bn(**kw):
+    return lambda p, x: jn.batch_norm(x, state, p["scale"], p["bias"], training=True, **kw)
+
+  for dtype in ("float32", "bfloat16"):
+    yield from case("layer_norm_mask", lambda p, x: jn.layer_norm(
+        x, p["scale"], p["bias"], mask=mask), dtype)
+    yield from case("layer_norm_axes01", lambda p, x: jn.layer_norm(
+        x, reduction_axes=(1, 2), feature_axes=(1, 2)), dtype, params={})
+    yield from case("rms_norm_zero_centered", lambda p, x: jn.rms_norm(
+        x, p["scale"], zero_centered_scale=True), dtype)
+    yield from case("batch_norm_mask", bn(mask=mask), dtype)
+    yield from case("batch_norm_ghost", bn(virtual_batch_size=16), dtype)
+    yield from case("batch_norm_cumulative_unbiased", bn(momentum=None,
+                                                         unbiased_running_var=True), dtype)
+    yield from case("batch_renorm", lambda p, x: jn.batch_renorm(
+        x, state, p["scale"], p["bias"], training=True, r_max=3.0, d_max=5.0), dtype)
+    yield from case("batch_norm_eval", lambda p, x: jn.batch_norm(
+        x, state, p["scale"], p["bias"], training=False), dtype)
+    yield from case("normalize", lambda p, x: jn.normalize(
+        x, jnp.full((c,), 0.5), jnp.full((c,), 2.0), p["scale"], p["bias"],
+        reduction_axes=(0, 1), epsilon=1e-5), dtype)
+    yield from case("group_norm_rank2", lambda p, x: jn.group_norm(
+        x, p["scale"], p["bias"], num_groups=4), dtype, xshape=(64, c))
+    yield from case("group_norm_mask", lambda p, x: jn.group_norm(
+        x, p["scale"], p["bias"], num_groups=4, mask=mask), dtype)
+    yield from case("instance_norm", lambda p, x: jn.instance_norm(
+        x, p["scale"], p["bias"]), dtype)
+    per_example = {"scale": _spec((64, 1, c), jnp.float32), "bias": _spec((64, 1, c),
+                                                                           jnp.float32)}
+    yield from case("layer_norm_per_example", lambda p, x: jn.layer_norm(
+        x, p["scale"], p["bias"]), dtype, params=per_example)
+    yield f"moments/{dtype}/fwd", lambda x: jn.moments(x, (0, 1), mask=mask), (
+        _spec(shape, dtype),)
+  cstate = jn.BatchNormState(jnp.zeros(c, jnp.complex64), jnp.ones(c), jnp.zeros((),
+                                                                              jnp.int32))
+  yield from case("batch_norm_complex", lambda p, x: jn.batch_norm(
+      x, cstate, p["scale"], p["bias"], training=True), "complex64")
+  yield from case("layer_norm_complex", lambda p, x: jn.layer_norm(x, p["scale"]), "complex64")
+
+
+def _cases_devices() -> Iterator[tuple[str, Callable[..., Any], tuple[Any, ...]]]:
+  """Batch norm and layer norm across 8 devices: shard_map with axis_name, and sharded jit."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  c = 32
+  state = jn.BatchNormState(jnp.zeros(c), jnp.ones(c), jnp.zeros((), jnp.int32))
+  mask = np.arange(64)[:, None] < 37
+
+  def local(x, m):
+    return jn.batch_norm(x, state, training=True, mask=m, axis_name="data")
+
+  sm = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=(P("data"), P()))
+  x = _spec((64, c), jnp.float32)
+  m = jax.ShapeDtypeStruct((64, c), jnp.bool_)
+  yield "shard_map_batch_norm/fwd", lambda x, m: sm(x, m), (x, m)
+  yield "shard_map_batch_norm/fwd_bwd", (
+      lambda x, m, dy: jax.vjp(lambda x: sm(x, m)[0], x)[1](dy)), (x, m, x)
+  xs = jax.ShapeDtypeStruct((64, c), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+  yield "sharded_jit_batch_norm/fwd", lambda x: jn.batch_norm(
+      x, state, training=True, mask=jnp.asarray(mask)), (xs,)
+  yield "pmap_style_vmap_layer_norm/fwd", jax.vmap(
+      lambda x: jn.layer_norm(x, axis_name="i", reduction_axes=0, feature_axes=0),
+      axis_name="i"), (_spec((8, 16), jnp.float32),)
+
+
+def _cases_wrappers() -> Iterator[tuple[str, Callable[..., Any], tuple[Any, ...]]]:
+  """The flax.linen, flax.nnx and equinox layers, forward and forward+backward."""
+  from flax import linen as nn
+  from flax import nnx
+
+  import jaxnorm.equinox as jne
+  import jaxnorm.linen as jnn
+  import jaxnorm.nnx as jnnx
+
+  x32 = jnp.zeros((16, 8, 24), jnp.float32)
+  for name, mod in (("linen_batch_norm", jnn.BatchNorm(use_running_average=False)),
+                    ("linen_layer_norm", jnn.LayerNorm()),
+                    ("linen_rms_norm", jnn.RMSNorm()),
+                    ("linen_group_norm", jnn.GroupNorm(num_groups=4))):
+    variables = jax.eval_shape(lambda m=mod: m.init(jax.random.key(0), x32))
+    for dtype in ("float32", "bfloat16"):
+      def f(v, x, mod=mod):
+        return mod.apply(v, x, mutable=["batch_stats"])
+      yield f"{name}/{dtype}/fwd", f, (variables, _spec(x32.shape, dtype))
+  for name, make in (("nnx_batch_norm", lambda: jnnx.BatchNorm(24, rngs=nnx.Rngs(0))),
+                     ("nnx_layer_norm", lambda: jnnx.LayerNorm(24, rngs=nnx.Rngs(0)))):
+    graphdef, state = nnx.split(make())
+    sstate = jax.tree.map(lambda a: _spec(a.shape, a.dtype), state)
+
+    def g(s, x, graphdef=graphdef):
+      m = nnx.merge(graphdef, s)
+      y = m(x)
+      return y, nnx.state(m)
+    yield f"{name}/float32/fwd", g, (sstate, _spec(x32.shape, "float32"))
+  import equinox as eqx
+
+  del nn
+  bn, bstate = eqx.nn.make_with_state(jne.BatchNorm)(24, "batch", mode="batch")
+  step = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+  yield "equinox_batch_norm/float32/fwd", lambda x, s: step(x, s), (
+      _spec((16, 24, 8), "float32"), bstate)
+  for name, layer, xs in (("equinox_group_norm", jne.GroupNorm(4, 24), (16, 24, 8)),
+                          ("equinox_rms_norm", jne.RMSNorm(24), (16, 24)),
+                          ("equinox_layer_norm", jne.LayerNorm(24), (16, 24))):
+    yield f"{name}/float32/fwd", lambda x, layer=layer: jax.vmap(layer)(x), (
+        _spec(xs, "float32"),)
+    yield f"{name}/float32/fwd_bwd", (lambda x, dy, layer=layer: jax.vjp(
+        jax.vmap(layer), x)[1](dy)), (_spec(xs, "float32"), _spec(xs, "float32"))
+
+
+def _cases_pallas() -> Iterator[tuple[str, Callable[..., Any], tuple[Any, ...]]]:
+  for norm in ("layer_norm", "rms_norm"):
+    for dtype in ("float32", "bfloat16"):
+      f = getattr(jn, norm)
+      p = {"scale": _spec((1024,), jnp.float32)}
+      fn = lambda p, x, f=f: (f(x, p["scale"], implementation="pallas"), None)
+      x = _spec((4096, 1024), dtype)
+      yield f"pallas_{norm}/{dtype}/fwd", fn, (p, x)
+      yield f"pallas_{norm}/{dtype}/fwd_bwd", _fwd_bwd(fn), (p, x, x)
+
+
+def save(path: str, pallas_cuda: bool = False) -> None:
+  out: dict[str, str] = {}
+  if pallas_cuda:
+    from jax.experimental import topologies
+    from jax.sharding import SingleDeviceSharding
+
+    config = open(os.path.join(os.path.dirname(__file__), "..", "benchmarks",
+                               "h100_sxm.txtpb")).read()
+    topo = topologies.get_topology_desc(platform="cuda", target_config=config,
+                                        topology="1x1x1")
+    device = topo.devices[0]
+    for name, fn, args in _cases_pallas():
+      args = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
+          s.shape, s.dtype, sharding=SingleDeviceSharding(device)), args)
+      out[name] = strip(jax.jit(fn).lower(*args).as_text())
+      print(name, flush=True)
+  else:
+    groups = (_cases_benchmark(), _cases_features(), _cases_devices(), _cases_wrappers(),
+              _cases_pallas())
+    for group in groups:
+      for name, fn, args in group:
+        out[name] = strip(jax.jit(fn).lower(*args).compile().as_text())
+        print(name, flush=True)
+  with open(path, "w") as f:
+    json.dump(out, f, indent=0, sort_keys=True)
+  print(f"{len(out)} programs written to {path}")
+
+
+def compare(a_path: str, b_path: str, show: int = 3) -> int:
+  a, b = ({k: canonical(strip(v)) for k, v in json.load(open(p)).items()}
+          for p in (a_path, b_path))
+  only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+  differ = sorted(k for k in set(a) & set(b) if a[k] != b[k])
+  same = len(set(a) & set(b)) - len(differ)
+  print(f"{same} programs identical, {len(differ)} differ, {len(only_a)} only in {a_path}, "
+        f"{len(only_b)} only in {b_path}")
+  for k in only_a + only_b:
+    print("  missing on one side:", k)
+  for k in differ:
+    print("  differs:", k)
+  for k in differ[:show]:
+    sys.stdout.writelines(difflib.unified_diff(
+        a[k].splitlines(True), b[k].splitlines(True), f"{a_path}:{k}", f"{b_path}:{k}", n=2))
+  return 1 if differ or only_a or only_b else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  sub = parser.add_subparsers(dest="cmd", required=True)
+  s = sub.add_parser("save")
+  s.add_argument("path")
+  s.add_argument("--pallas-cuda", action="store_true")
+  c = sub.add_parser("compare")
+  c.add_argument("a")
+  c.add_argument("b")
+  args = parser.parse_args(argv)
+  if args.cmd == "save":
+    save(args.path, args.pallas_cuda)
+    return 0
+  return compare(args.a, args.b)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
