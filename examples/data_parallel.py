@@ -230,7 +230,8 @@ def main(argv=None) -> dict[str, np.ndarray]:
   # Merge the 8 per-device states where they live: two all-reduces for both layers, and the
   # result is replicated (out_specs=P()).
   mesh = jax.make_mesh((DEVICES,), ("data",))
-  merge = jax.shard_map(lambda s: jn.sync_running_stats(jax.tree.map(lambda a: a[0], s), "data"),
+  merge = jax.shard_map(lambda s: jn.sync_running_stats(jax.tree.map(lambda a: a[0], s),
+                                                             axis_name="data"),
                         mesh=mesh, in_specs=P("data"), out_specs=P())
   merged = jax.jit(merge)(s_local)
   s_local = jax.tree.map(np.asarray, s_local)  # on the host, to look at each device's state

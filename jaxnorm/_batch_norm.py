@@ -22,13 +22,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks
-from ._fused import apply_given, normalize_with_moments
-from ._normalize import _prepare
-from ._stats import AxisName, Moments, _complex_of, _merge_axis, _real_of, _wide_dtype
+from ._apply import apply_given
+from ._dtypes import complex_of, real_of, wide_dtype
+from ._fused import normalize_with_moments
+from ._layout import split_axis
+from ._stats import AxisName, Moments, bessel, merge_axis
 
 
 class BatchNormState(NamedTuple):
@@ -37,7 +38,10 @@ class BatchNormState(NamedTuple):
   Attributes:
     mean: running mean, of the feature shape (complex for complex input).
     var: running (biased, or unbiased with `unbiased_running_var=True`) variance, always real.
-    count: number of updates that saw at least one valid element.
+    count: number of *updates* that saw at least one valid element, an int32 scalar (what
+      `momentum=None` averages over). Not `Moments.count`, which counts the *elements* a
+      reduction saw, per feature; both keep the name of the quantity they count in their
+      field, as PyTorch's `num_batches_tracked` and flax's statistics do.
   """
 
   mean: jax.Array  # shape=feature_shape
@@ -46,7 +50,12 @@ class BatchNormState(NamedTuple):
   count: jax.Array  # type: ignore[assignment]  # shape=(), dtype=int32
 
 
-def batch_norm_init(feature_shape: int | Sequence[int],
+# A training step that takes or returns the state can be serialized with `jax.export`.
+jax.export.register_namedtuple_serialization(BatchNormState,
+                                             serialized_name="jaxnorm.BatchNormState")
+
+
+def batch_norm_init(feature_shape: int | Sequence[int], *,
                     dtype: DTypeLike = jnp.float32) -> BatchNormState:
   r"""Initial running statistics: mean 0, variance 1, count 0.
 
@@ -70,7 +79,7 @@ def batch_norm_init(feature_shape: int | Sequence[int],
     >>> jn.batch_norm_init(3)
     BatchNormState(mean=Array([0., 0., 0.], dtype=float32),
                    var=Array([1., 1., 1.], dtype=float32), count=Array(0, dtype=int32))
-    >>> jn.batch_norm_init(2, jnp.complex64)
+    >>> jn.batch_norm_init(2, dtype=jnp.complex64)
     BatchNormState(mean=Array([0.+0.j, 0.+0.j], dtype=complex64),
                    var=Array([1., 1.], dtype=float32), count=Array(0, dtype=int32))
   """
@@ -80,7 +89,7 @@ def batch_norm_init(feature_shape: int | Sequence[int],
                      f"{feature_shape!r}.")
   if not jnp.issubdtype(dtype, jnp.inexact):
     raise TypeError(f"dtype must be a floating or complex dtype; got {dtype!r}.")
-  return BatchNormState(jnp.zeros(shape, dtype), jnp.ones(shape, _real_of(dtype)),
+  return BatchNormState(jnp.zeros(shape, dtype), jnp.ones(shape, real_of(dtype)),
                         jnp.zeros((), jnp.int32))
 
 
@@ -110,11 +119,11 @@ def _check_state(state: BatchNormState, feature_shape: tuple[int, ...],
                     f"{type(state).__name__}.")
   if jnp.iscomplexobj(state.var):
     raise TypeError(f"state.var is complex ({state.var.dtype}); the running variance "
-                    f"E[|x - mean|^2] is real (batch_norm_init(shape, jnp.complex64) makes a "
-                    f"complex mean and a real variance).")
+                    f"E[|x - mean|^2] is real (batch_norm_init(shape, dtype=jnp.complex64) "
+                    f"makes a complex mean and a real variance).")
   if jnp.iscomplexobj(state.mean) != complex_input:
     kind = "complex" if complex_input else "real"
-    hint = (f"batch_norm_init({tuple(feature_shape)}, jnp.complex64)" if complex_input
+    hint = (f"batch_norm_init({tuple(feature_shape)}, dtype=jnp.complex64)" if complex_input
             else f"batch_norm_init({tuple(feature_shape)})")
     raise TypeError(
         f"state.mean is {state.mean.dtype} but the batch is {kind}: a complex batch needs a "
@@ -156,7 +165,7 @@ def update_running_stats(
   The arithmetic runs in float32 or wider whatever the state's dtype (in bfloat16, a decay of
   0.999 would round to 1), and the result has the state's dtypes. Moments of complex input
   (a complex mean, a real variance) need a state with a complex mean
-  (`batch_norm_init(shape, jnp.complex64)`). Features whose batch count
+  (`batch_norm_init(shape, dtype=jnp.complex64)`). Features whose batch count
   is 0 keep their running values, and `count` advances only if some feature saw a valid element.
 
   A batch whose moments are not all finite (a NaN or Inf at a valid position, or squares that
@@ -191,14 +200,24 @@ def update_running_stats(
                    count=Array(0, dtype=int32))
   """
   _checks.check_momentum(momentum)
+  _checks.check_bool(unbiased_running_var, "unbiased_running_var")
+  if not isinstance(batch, Moments):
+    raise TypeError(f"batch must be a jaxnorm.Moments (see jaxnorm.moments); got "
+                    f"{type(batch).__name__}.")
   _check_state(state, jnp.shape(batch.mean), jnp.iscomplexobj(batch.mean))
-  dtype = _wide_dtype(_real_of(state.mean.dtype), state.var.dtype, _real_of(batch.mean.dtype),
-                      batch.var.dtype)
-  mean_dtype = _complex_of(dtype) if jnp.iscomplexobj(batch.mean) else dtype
+  return _update(state, batch, momentum, unbiased_running_var)
+
+
+def _update(state: BatchNormState, batch: Moments, momentum: float | None,
+            unbiased_running_var: bool) -> BatchNormState:
+  """`update_running_stats` of validated arguments."""
+  dtype = wide_dtype(real_of(state.mean.dtype), state.var.dtype, real_of(batch.mean.dtype),
+                     batch.var.dtype)
+  mean_dtype = complex_of(dtype) if jnp.iscomplexobj(batch.mean) else dtype
   count = batch.count.astype(dtype)
   var = batch.var.astype(dtype)
   if unbiased_running_var:
-    var = var * count / jnp.maximum(count - 1, jnp.ones((), dtype))
+    var = bessel(var, count)
   if momentum is None:
     weight = 1 / (state.count.astype(dtype) + 1)  # weight of the new batch
   else:
@@ -218,66 +237,22 @@ def update_running_stats(
   )
 
 
-def _check_virtual_batch_size(virtual_batch_size: Any, x: jax.Array,
-                              feat: tuple[int, ...], training: bool) -> None:
-  """Its type always; its fit to the batch only in training (evaluation ignores it)."""
-  if virtual_batch_size is None:
-    return
-  if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
-    raise TypeError(f"virtual_batch_size must be a positive int or None; got "
-                    f"{virtual_batch_size!r}.")
-  if not training:
-    return
-  if 0 in feat:
-    raise ValueError(
-        f"virtual_batch_size splits axis 0 into ghost batches, but axis 0 is a feature axis "
-        f"(feature_axes={feat}); put the batch first."
-    )
-  batch = x.shape[0]
-  if virtual_batch_size <= 0 or batch % virtual_batch_size:
-    raise ValueError(
-        f"virtual_batch_size={virtual_batch_size} must be a positive divisor of the batch "
-        f"size (axis 0 of the input), {batch}."
-    )
-
-
-def _ghost(a: Any, shape: tuple[int, ...], fshape: tuple[int, ...], groups: int) -> Any:
-  """Splits axis 0 of `a` (the input, its mask or a per-example parameter) into ghost batches.
-
-  A feature-shaped parameter is unchanged; any other (validated) one broadcasts to `shape`,
-  so its axis 0 is the batch or 1.
-  """
-  if a is None:
-    return None
-  a = jnp.asarray(a)
-  if a.shape == fshape:
-    return a
-  full = (1,) * (len(shape) - a.ndim) + a.shape
-  lead = (groups, shape[0] // groups) if full[0] == shape[0] else (1, 1)
-  return jnp.reshape(a, lead + full[1:])
-
-
 def _validate(x: ArrayLike, state: BatchNormState, scale: Any, bias: Any, training: Any,
               feature_axes: Any, momentum: Any, epsilon: Any, mask: Any, axis_name: Any,
-              axis_index_groups: Any, virtual_batch_size: Any, allow_complex: bool = True,
+              axis_index_groups: Any, virtual_batch_size: Any, unbiased_running_var: Any,
+              allow_complex: bool = True,
               ) -> tuple[jax.Array, tuple[int, ...], tuple[int, ...], jax.Array | None]:
-  """The checks shared by `batch_norm` and `batch_renorm`; returns the canonical arguments."""
-  if not isinstance(training, bool):
-    raise TypeError(
-        f"training must be a Python bool (it selects the code path at trace time); got "
-        f"{training!r}. Make it a static argument of your jitted function."
-    )
-  xa = jnp.asarray(x)
-  _checks.check_floating(xa, allow_complex=allow_complex,
-                         real_only="batch_renorm (its clipped corrections r and d are real)")
-  feat = _checks.canonicalize_axes(feature_axes, xa.ndim, "feature_axes")
-  red = tuple(a for a in range(xa.ndim) if a not in feat)
-  xa, red, feat = _prepare(xa, red, feat, scale, bias, epsilon)
+  """The checks of `batch_norm` and `batch_renorm`; returns the canonical arguments."""
+  _checks.check_bool(training, "training", " (it selects the code path at trace time; make "
+                     "it a static argument of your jitted function)")
+  xa, red, feat, valid = _checks.normalizer_args(
+      x, None, feature_axes, scale, bias, epsilon, mask, axis_name, axis_index_groups,
+      allow_complex=allow_complex,
+      real_only="batch_renorm (its clipped corrections r and d are real)")
   _checks.check_momentum(momentum)
+  _checks.check_bool(unbiased_running_var, "unbiased_running_var")
   _check_state(state, tuple(xa.shape[a] for a in feat), jnp.iscomplexobj(xa))
-  valid = _checks.check_mask(mask, xa.shape)
-  _checks.check_axis_index_groups(axis_name, axis_index_groups)
-  _check_virtual_batch_size(virtual_batch_size, xa, feat, training)
+  _checks.check_virtual_batch_size(virtual_batch_size, xa.shape, feat, training)
   return xa, red, feat, valid
 
 
@@ -296,8 +271,7 @@ def _train(x: jax.Array, state: BatchNormState, scale: Any, bias: Any, *,
     # Ghost batches: axis 0 becomes (groups, virtual_batch_size); the group axis keeps its own
     # statistics (with axis_name, ghost batch i is the i-th chunk of every device together).
     groups = x.shape[0] // virtual_batch_size
-    fshape = tuple(x.shape[a] for a in feat)
-    split = lambda a: _ghost(a, x.shape, fshape, groups)
+    split = lambda a: split_axis(a, x.shape, 0, groups, feat)
     red_g = tuple(a + 1 for a in red)  # axis 0 is a reduction axis: it becomes axis 1
     feat_g = tuple(a + 1 for a in feat)
     y, ghost = normalize_with_moments(
@@ -305,9 +279,8 @@ def _train(x: jax.Array, state: BatchNormState, scale: Any, bias: Any, *,
         feature_axes=feat_g, axis_name=axis_name, axis_index_groups=axis_index_groups,
         centered=True, renorm=renorm)
     y = y.reshape(x.shape)
-    batch = _merge_axis(ghost, 0)  # the whole batch's exact moments, for the running state
-  new_state = update_running_stats(state, batch, momentum=momentum,
-                                   unbiased_running_var=unbiased_running_var)
+    batch = merge_axis(ghost, 0)  # the whole batch's exact moments, for the running state
+  new_state = _update(state, batch, momentum, unbiased_running_var)
   return y, new_state
 
 
@@ -351,7 +324,7 @@ def batch_norm(
 
   Complex input (as `flax.linen.BatchNorm` takes it) is normalized with a complex mean and the
   real variance :math:`E[|x - \mu|^2]` (see `moments`); its state needs a complex running mean,
-  `batch_norm_init(shape, jnp.complex64)`, whose variance stays real. Its gradients are JAX's
+  `batch_norm_init(shape, dtype=jnp.complex64)`, whose variance stays real. Its gradients are JAX's
   own (Wirtinger) derivatives of the two passes; the fused derivative serves real input.
 
   Args:
@@ -405,7 +378,7 @@ def batch_norm(
   """
   xa, red, feat, valid = _validate(x, state, scale, bias, training, feature_axes, momentum,
                                    epsilon, mask, axis_name, axis_index_groups,
-                                   virtual_batch_size)
+                                   virtual_batch_size, unbiased_running_var)
   with jax.named_scope("jaxnorm.batch_norm"):
     if not training:
       return apply_given(xa, state.mean, state.var, scale, bias, red, feat, epsilon), state
@@ -414,16 +387,6 @@ def batch_norm(
                   axis_index_groups=axis_index_groups,
                   unbiased_running_var=unbiased_running_var,
                   virtual_batch_size=virtual_batch_size, renorm=None)
-
-
-def _check_clip(value: Any, name: str, low: float) -> None:
-  if _checks.is_concrete(value):
-    v = np.asarray(value)
-    if v.ndim != 0 or not np.isfinite(v) or v < low:
-      raise ValueError(
-          f"{name} must be a finite scalar >= {low:g} ({name}={low:g} is plain batch "
-          f"normalization); got {value!r}."
-      )
 
 
 def batch_renorm(
@@ -441,6 +404,7 @@ def batch_renorm(
     mask: ArrayLike | None = None,
     axis_name: AxisName | None = None,
     axis_index_groups: Any = None,
+    unbiased_running_var: bool = False,
     virtual_batch_size: int | None = None,
 ) -> tuple[jax.Array, BatchNormState]:
   r"""Batch renormalization (Ioffe, 2017): batch norm corrected toward the running statistics.
@@ -455,6 +419,8 @@ def batch_renorm(
   :math:`\sigma = \sqrt{\texttt{state.var} + \epsilon}`. `r` and `d` are constants for
   differentiation (stopped gradients). The state is updated exactly as by `batch_norm`; in
   evaluation this is `batch_norm`'s evaluation. With `r_max=1, d_max=0` it is batch norm.
+  With `unbiased_running_var=True` the state stores the Bessel-corrected variance (as
+  PyTorch's), and :math:`\sigma` is computed from it as stored.
 
   It runs through the same fused normalizer as `batch_norm`, with the effective parameters
   :math:`r\gamma` and :math:`d\gamma + \beta`: no normalized copy of `x` is kept for the
@@ -476,6 +442,7 @@ def batch_renorm(
       statistics.
     axis_name: mapped axis (or axes) over which the batch is split across devices.
     axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
+    unbiased_running_var: store the Bessel-corrected running variance, as PyTorch does.
     virtual_batch_size: ghost batches as in `batch_norm` (each has its own `r` and `d`).
 
   Returns:
@@ -496,14 +463,16 @@ def batch_renorm(
   """
   xa, red, feat, valid = _validate(x, state, scale, bias, training, feature_axes, momentum,
                                    epsilon, mask, axis_name, axis_index_groups,
-                                   virtual_batch_size, allow_complex=False)
-  _check_clip(r_max, "r_max", 1.0)
-  _check_clip(d_max, "d_max", 0.0)
+                                   virtual_batch_size, unbiased_running_var,
+                                   allow_complex=False)
+  _checks.check_bound(r_max, "r_max", 1.0)
+  _checks.check_bound(d_max, "d_max", 0.0)
   with jax.named_scope("jaxnorm.batch_renorm"):
     if not training:
       return apply_given(xa, state.mean, state.var, scale, bias, red, feat, epsilon), state
     return _train(xa, state, scale, bias, red=red, feat=feat, momentum=momentum,
                   epsilon=epsilon, mask=valid, axis_name=axis_name,
-                  axis_index_groups=axis_index_groups, unbiased_running_var=False,
+                  axis_index_groups=axis_index_groups,
+                  unbiased_running_var=unbiased_running_var,
                   virtual_batch_size=virtual_batch_size,
                   renorm=(state.mean, state.var, r_max, d_max))

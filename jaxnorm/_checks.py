@@ -1,7 +1,8 @@
-"""Argument validation shared by every public function.
+"""Argument validation: each public call checks its arguments here, once.
 
 Every check runs at trace time on static information (shapes, dtypes, Python numbers) and raises
-an error that names the argument, the value received and what is expected.
+an error that names the argument, the value received and what is expected. The functions that
+compute (`_stats`, `_apply`, `_fused`, the kernels) take validated arguments and check nothing.
 """
 
 from __future__ import annotations
@@ -139,3 +140,108 @@ def check_axis_index_groups(axis_name: Any, axis_index_groups: Any) -> None:
         "axis_index_groups was given without axis_name; name the mapped axis the groups "
         "subdivide."
     )
+
+
+def check_bool(value: Any, name: str, why: str = "") -> None:
+  """Raises a TypeError unless `value` is a Python bool."""
+  if not isinstance(value, bool):
+    raise TypeError(f"{name} must be a Python bool{why}; got {value!r}.")
+
+
+def feature_shape(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(shape[a] for a in feature_axes)
+
+
+def normalizer_args(x: ArrayLike, reduction_axes: Axes | None, feature_axes: Axes, scale: Any,
+                    bias: Any, epsilon: Any, mask: Any = None, axis_name: Any = None,
+                    axis_index_groups: Any = None, allow_complex: bool = True,
+                    real_only: str = "this function",
+                    ) -> tuple[jax.Array, tuple[int, ...], tuple[int, ...], jax.Array | None]:
+  """Validates the arguments every normalizer shares; returns `(x, reduction axes, feature
+  axes, mask broadcast to x)` in canonical form. `reduction_axes=None`: every axis that is
+  not a feature axis (batch normalization)."""
+  x = jnp.asarray(x)
+  check_floating(x, allow_complex=allow_complex, real_only=real_only)
+  feat = canonicalize_axes(feature_axes, x.ndim, "feature_axes")
+  if reduction_axes is None:
+    red = tuple(a for a in range(x.ndim) if a not in feat)
+  else:
+    red = canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
+  fshape = feature_shape(x.shape, feat)
+  for name, p in (("scale", scale), ("bias", bias)):
+    check_param(p, fshape, name, f"input's feature axes {feat}", x.shape)
+  check_epsilon(epsilon)
+  valid = check_mask(mask, x.shape)
+  check_axis_index_groups(axis_name, axis_index_groups)
+  return x, red, feat, valid
+
+
+IMPLEMENTATIONS = (None, "xla", "pallas")
+
+
+def check_implementation(implementation: Any) -> None:
+  """Raises a ValueError unless `implementation` is one of `IMPLEMENTATIONS`."""
+  if not (implementation is None or (isinstance(implementation, str)
+                                     and implementation in IMPLEMENTATIONS)):
+    raise ValueError(
+        f"implementation={implementation!r} is not one of None (choose), 'xla' (the XLA path) "
+        f"and 'pallas' (the fused Pallas kernels)."
+    )
+
+
+def resolve_groups(channels: int, num_groups: Any, group_size: Any,
+                   channels_name: str = "the number of channels", where: str = "") -> int:
+  """The number of groups from exactly one of `num_groups` and `group_size`, or raises.
+
+  Raises:
+    ValueError: both or neither given, or a count that is not a positive divisor of
+      `channels` (named `channels_name` in the message, followed by `where`).
+  """
+  if (num_groups is None) == (group_size is None):
+    raise ValueError(
+        f"Give exactly one of num_groups and group_size; got num_groups={num_groups!r}, "
+        f"group_size={group_size!r} (num_groups defaults to 32: pass num_groups=None to use "
+        f"group_size)."
+    )
+  name, value = ("group_size", group_size) if num_groups is None else ("num_groups",
+                                                                        num_groups)
+  if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0
+      or channels % value):
+    raise ValueError(
+        f"{name}={value!r} must be a positive divisor of {channels_name}, {channels}{where}."
+    )
+  return channels // int(value) if num_groups is None else int(value)
+
+
+def check_virtual_batch_size(virtual_batch_size: Any, shape: tuple[int, ...],
+                             feat: tuple[int, ...], training: bool) -> None:
+  """Its type always; its fit to the batch (axis 0) only in training (evaluation ignores it)."""
+  if virtual_batch_size is None:
+    return
+  if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
+    raise TypeError(f"virtual_batch_size must be a positive int or None; got "
+                    f"{virtual_batch_size!r}.")
+  if not training:
+    return
+  if 0 in feat:
+    raise ValueError(
+        f"virtual_batch_size splits axis 0 into ghost batches, but axis 0 is a feature axis "
+        f"(feature_axes={feat}); put the batch first."
+    )
+  batch = shape[0]
+  if virtual_batch_size <= 0 or batch % virtual_batch_size:
+    raise ValueError(
+        f"virtual_batch_size={virtual_batch_size} must be a positive divisor of the batch "
+        f"size (axis 0 of the input), {batch}."
+    )
+
+
+def check_bound(value: Any, name: str, low: float) -> None:
+  """A concrete `value` must be a finite scalar >= `low` (batch renormalization's bounds)."""
+  if is_concrete(value):
+    v = np.asarray(value)
+    if v.ndim != 0 or not np.isfinite(v) or v < low:
+      raise ValueError(
+          f"{name} must be a finite scalar >= {low:g} ({name}={low:g} is plain batch "
+          f"normalization); got {value!r}."
+      )

@@ -1,22 +1,26 @@
-"""What `jaxnorm.linen` and `jaxnorm.nnx` share: the flax import guard and flax's dtype rule.
+"""What `jaxnorm.linen` and `jaxnorm.nnx` share: flax's dtype rule and one core call per layer.
 
-Nothing here computes a statistic or normalizes: the wrappers call the functional core for
-that. This module only decides *which dtypes* the core sees and returns, so that the wrappers
-follow flax's output-dtype rules exactly, and which core function a `BatchNorm` calls.
+Nothing here computes a statistic: the layers call the functional core through these
+functions, which decide *which dtypes* the core sees and returns, so that the layers follow
+flax's output-dtype rules exactly (flax's rule also accepts integer input, normalized in
+float32, which the core refuses), and which core function a `BatchNorm` calls.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 import jaxnorm as jn
-from jaxnorm._stats import _complex_of
 
-INSTALL_HINT = "pip install jaxnorm[flax]"
+from ._dtypes import complex_of
+
+INSTALL_HINT = ('pip install -e ".[flax]" (from a clone of the repository), or '
+                'pip install "jaxnorm[flax]" (from a package index)')
 
 
 def require_flax(module_name: str) -> None:
@@ -37,16 +41,24 @@ def flax_dtypes(x: jax.Array, params: tuple[Any, ...], dtype: Any) -> tuple[jax.
   returns its input's dtype and computes in at least float32; handing it `x` upcast to the
   wider of `x.dtype` and `out_dtype` (an exact conversion) gives the single rounding flax does
   when the output is wider than the input (bfloat16 input, float32 parameters). Complex input
-  (or `dtype=jnp.complex64`) reaches the core complex, as in flax.
+  (or `dtype=jnp.complex64`) reaches the core complex, as in flax; integer input float32.
   """
   from flax.nnx.nn import dtypes as flax_nn_dtypes  # the same function as flax.linen's
 
+  params = tuple(p for p in params if p is not None)
   with jax.numpy_dtype_promotion("standard"):
     out = jnp.dtype(flax_nn_dtypes.canonicalize_dtype(x, *params, dtype=dtype))
     wide = jnp.dtype(jnp.promote_types(x.dtype, out))
   if not jnp.issubdtype(wide, jnp.inexact):  # integer input: flax computes in float32 too
     wide = jnp.dtype(jnp.float32)
   return (x if x.dtype == wide else x.astype(wide)), out
+
+
+def normalize(fn: Callable[..., jax.Array], x: jax.Array, params: tuple[Any, ...],
+              dtype: Any, **kwargs: Any) -> jax.Array:
+  """`fn(x, *params, **kwargs)` (a jaxnorm normalizer) under flax's dtype rule."""
+  xc, out_dtype = flax_dtypes(x, params, dtype)
+  return fn(xc, *params, **kwargs).astype(out_dtype)
 
 
 def complex_batch(x_dtype: Any, dtype: Any, param_dtype: Any) -> bool:
@@ -62,7 +74,7 @@ def running_mean_dtype(stat_dtype: Any, complex_input: bool) -> Any:
   real)."""
   if not complex_input or jnp.issubdtype(stat_dtype, jnp.complexfloating):
     return stat_dtype
-  return _complex_of(stat_dtype)
+  return complex_of(stat_dtype)
 
 
 def zero_centered_init(scale_init: Any, zero_centered_scale: bool) -> Any:
@@ -72,21 +84,37 @@ def zero_centered_init(scale_init: Any, zero_centered_scale: bool) -> Any:
   return scale_init
 
 
-def batch_norm_or_renorm(x: jax.Array, state: Any, scale: Any, bias: Any, *, renorm: bool,
-                         r_max: Any, d_max: Any, unbiased_running_var: bool,
-                         **kwargs: Any) -> tuple[jax.Array, Any]:
-  """`jaxnorm.batch_renorm` with `renorm=True`, else `jaxnorm.batch_norm` (same keywords)."""
+def check_features(layer: str, num_features: int, x: jax.Array, feat: tuple[int, ...],
+                   axis: Any, axis_name: str = "axis") -> tuple[int, ...]:
+  """The feature shape of `x` along `feat`, which must hold `num_features` elements."""
+  shape = tuple(x.shape[a] for a in feat)
+  size = 1
+  for d in shape:
+    size *= d
+  if size != num_features:
+    raise ValueError(
+        f"{layer}(num_features={num_features}) got input of shape {x.shape}, whose feature "
+        f"{axis_name}={axis!r} holds {size} features; construct it with "
+        f"num_features={size}, or pass the {axis_name} that holds the features."
+    )
+  return shape
+
+
+def batch_norm(x: jax.Array, state: Any, scale: Any, bias: Any, *, dtype: Any, renorm: bool,
+               r_max: Any, d_max: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
+  """`jaxnorm.batch_renorm` with `renorm=True`, else `jaxnorm.batch_norm`, under flax's dtype
+  rule; the keywords are the core's."""
+  xc, out_dtype = flax_dtypes(x, (scale, bias), dtype)
   if not renorm:
-    return jn.batch_norm(x, state, scale, bias, unbiased_running_var=unbiased_running_var,
-                         **kwargs)
-  if unbiased_running_var:
-    raise ValueError("unbiased_running_var=True is not supported with renorm=True (batch "
-                     "renormalization corrects toward the stored, biased variance).")
+    y, new_state = jn.batch_norm(xc, state, scale, bias, **kwargs)
+    return y.astype(out_dtype), new_state
   if kwargs["training"] and (r_max is None or d_max is None):
     raise ValueError(
         f"renorm=True needs r_max and d_max at call time in training (e.g. r_max=3.0, "
         f"d_max=5.0; r_max=1.0, d_max=0.0 is batch norm); got r_max={r_max!r}, "
         f"d_max={d_max!r}."
     )
-  return jn.batch_renorm(x, state, scale, bias, r_max=1.0 if r_max is None else r_max,
-                         d_max=0.0 if d_max is None else d_max, **kwargs)
+  y, new_state = jn.batch_renorm(xc, state, scale, bias,
+                                 r_max=1.0 if r_max is None else r_max,
+                                 d_max=0.0 if d_max is None else d_max, **kwargs)
+  return y.astype(out_dtype), new_state

@@ -8,27 +8,24 @@ matrix product, a bias add and a normalization.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from . import _checks
-from ._fused import _rstd
-from ._stats import _wide_dtype
+from ._apply import rstd
+from ._dtypes import wide_dtype
 
 
 def fold_batch_norm(
     kernel: ArrayLike,
-    bias: ArrayLike | None,
+    bias: ArrayLike | None = None,
+    *,
     mean: ArrayLike,
     var: ArrayLike,
-    scale: ArrayLike | None,
-    offset: ArrayLike | None,
-    *,
-    epsilon: float,
+    scale: ArrayLike | None = None,
+    offset: ArrayLike | None = None,
+    epsilon: float = 1e-5,
 ) -> tuple[jax.Array, jax.Array]:
   r"""Folds an evaluation-mode batch normalization into the layer before it.
 
@@ -44,7 +41,8 @@ def fold_batch_norm(
   in float32 or wider and `ε` enters exactly as `jaxnorm.batch_norm` adds it (a negative stored
   variance is clipped to 0 there and here), so the folded layer equals layer → BatchNorm to
   float32 rounding. The folded kernel keeps `kernel`'s dtype; the folded bias has `bias`'s
-  dtype, or `kernel`'s when there was no bias.
+  dtype, or `kernel`'s when there was no bias. The layer's own arrays are positional, the
+  BatchNorm's keyword-only, so that no two arrays of the same shape can be swapped silently.
 
   Args:
     kernel: floating kernel, output features last.
@@ -53,7 +51,7 @@ def fold_batch_norm(
     var: its (biased) variance (`batch_stats/var`), shape `(features,)`.
     scale: its γ (`params/scale`), or None for `use_scale=False`.
     offset: its β (`params/bias`), or None for `use_bias=False`.
-    epsilon: the BatchNorm's epsilon (flax's and jaxnorm's default is 1e-5).
+    epsilon: the BatchNorm's epsilon (default 1e-5, flax's and jaxnorm's batch norm's).
 
   Returns:
     `(kernel, bias)` of the folded layer, of `kernel`'s shape and `(features,)`.
@@ -67,7 +65,7 @@ def fold_batch_norm(
     >>> import jax.numpy as jnp, jaxnorm as jn
     >>> kernel = jnp.array([[1.0, 2.0], [3.0, 4.0]])  # (in, out)
     >>> mean, var = jnp.array([1.0, 0.0]), jnp.array([4.0, 1.0])
-    >>> k, b = jn.fold_batch_norm(kernel, None, mean, var, None, jnp.array([0.5, 0.0]),
+    >>> k, b = jn.fold_batch_norm(kernel, mean=mean, var=var, offset=jnp.array([0.5, 0.0]),
     ...                           epsilon=0.0)
     >>> k
     Array([[0.5, 2. ],
@@ -96,8 +94,8 @@ def fold_batch_norm(
 
 def _fold(kernel: jax.Array, arrays: dict[str, jax.Array | None],
           epsilon: float) -> tuple[jax.Array, jax.Array]:
-  dtype = _wide_dtype(*(v.dtype for v in (kernel, *arrays.values()) if v is not None))
-  mul = _rstd(arrays["var"], epsilon, dtype)  # type: ignore[arg-type]
+  dtype = wide_dtype(*(v.dtype for v in (kernel, *arrays.values()) if v is not None))
+  mul = rstd(arrays["var"], epsilon, dtype)  # type: ignore[arg-type]
   if arrays["scale"] is not None:
     mul = mul * arrays["scale"].astype(dtype)
   shift = -arrays["mean"].astype(dtype)  # type: ignore[union-attr]
@@ -108,80 +106,3 @@ def _fold(kernel: jax.Array, arrays: dict[str, jax.Array | None],
     new_bias = new_bias + arrays["offset"].astype(dtype)
   bias_dtype = kernel.dtype if arrays["bias"] is None else arrays["bias"].dtype
   return (kernel.astype(dtype) * mul).astype(kernel.dtype), new_bias.astype(bias_dtype)
-
-
-def _as_dict(tree: Any) -> Any:
-  """A copy of nested mappings as plain dicts (leaves shared)."""
-  if isinstance(tree, Mapping):
-    return {k: _as_dict(v) for k, v in tree.items()}
-  return tree
-
-
-def _split(path: str) -> tuple[str, ...]:
-  return tuple(p for p in path.split("/") if p)
-
-
-def _get(tree: dict[str, Any], collection: str, path: tuple[str, ...], what: str) -> Any:
-  node = tree.get(collection)
-  for i, key in enumerate(path):
-    if not isinstance(node, dict) or key not in node:
-      have = sorted(node) if isinstance(node, dict) else []
-      raise KeyError(
-          f"{what} {'/'.join(path)!r}: variables[{collection!r}] has no "
-          f"{'/'.join(path[:i + 1])!r} (keys at that level: {have}). Paths are module names "
-          f"joined by '/', as in the variables tree, e.g. 'Block_0/Conv_0'.")
-    node = node[key]
-  return node
-
-
-def _pop(tree: dict[str, Any], collection: str, path: tuple[str, ...]) -> None:
-  """Removes `path` from `tree[collection]` and every dict it leaves empty."""
-  nodes = [tree]
-  node = tree[collection]
-  for key in path[:-1]:
-    nodes.append(node)
-    node = node[key]
-  del node[path[-1]]
-  keys = (collection, *path[:-1])
-  for parent, key in zip(reversed(nodes), reversed(keys), strict=True):
-    if parent[key]:
-      break
-    del parent[key]
-
-
-def fold_variables(
-    variables: Mapping[str, Any],
-    pairs: Mapping[str, str] | Sequence[tuple[str, str]],
-    *,
-    epsilon: float | Mapping[str, float] = 1e-5,
-) -> dict[str, Any]:
-  """Folds named (layer, BatchNorm) pairs of a flax variables tree; see linen.fold_batch_norms."""
-  items = list(pairs.items()) if isinstance(pairs, Mapping) else [tuple(p) for p in pairs]
-  if not items:
-    raise ValueError("pairs is empty; give (layer, BatchNorm) module paths, e.g. "
-                     "{'Conv_0': 'BatchNorm_0'}.")
-  out = _as_dict(variables)
-  for layer, bn in items:
-    lp, bp = _split(layer), _split(bn)
-    eps = epsilon[bn] if isinstance(epsilon, Mapping) else epsilon
-    lparams = _get(out, "params", lp, "layer")
-    if "kernel" not in lparams:
-      raise KeyError(f"layer {layer!r} has no 'kernel' in variables['params'] (it has "
-                     f"{sorted(lparams)}); fold_batch_norms folds into Dense and Conv layers.")
-    stats = _get(out, "batch_stats", bp, "BatchNorm")
-    try:
-      bparams = _get(out, "params", bp, "BatchNorm")
-    except KeyError:  # use_scale=False and use_bias=False: no params
-      bparams = {}
-    for key in ("mean", "var"):
-      if key not in stats:
-        raise KeyError(f"BatchNorm {bn!r} has no {key!r} in variables['batch_stats'] (it has "
-                       f"{sorted(stats)}).")
-    kernel, bias = fold_batch_norm(lparams["kernel"], lparams.get("bias"), stats["mean"],
-                                   stats["var"], bparams.get("scale"), bparams.get("bias"),
-                                   epsilon=eps)
-    lparams["kernel"], lparams["bias"] = kernel, bias
-    _pop(out, "batch_stats", bp)
-    if bparams:
-      _pop(out, "params", bp)
-  return out

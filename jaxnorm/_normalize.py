@@ -1,10 +1,9 @@
-"""Normalization with given statistics, and the per-example normalizers built on `moments`.
+"""The per-example normalizers, and normalization with given statistics.
 
-The public normalizers validate their arguments here and call the fused normalizer of
-`_fused`: `normalize` its `apply` (the one place where `(x - mean) * rsqrt(var + epsilon) *
-scale + bias` is written), layer, RMS, group and instance normalization its
-`normalize_with_moments`, which computes the statistics with the single statistics path of
-`_stats`.
+`normalize` validates and calls `_apply.apply_given`; layer, RMS, group and instance
+normalization validate their arguments once and call the fused normalizer
+(`_fused.normalize_with_moments`), or for layer and RMS normalization with
+`implementation="pallas"` the kernels of `_pallas`.
 """
 
 from __future__ import annotations
@@ -17,55 +16,61 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from . import _checks
-from ._fused import apply_given, check_implementation, dispatch
-from ._stats import AxisName, _wide_dtype
+from . import _checks, _pallas
+from ._apply import apply_given
+from ._dtypes import wide_dtype
+from ._fused import normalize_with_moments
+from ._layout import split_axis
+from ._stats import AxisName
 
 Axes = int | Sequence[int]
 
 
-def _feature_shape(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tuple[int, ...]:
-  return tuple(shape[a] for a in feature_axes)
-
-
-def _prepare(x: ArrayLike, reduction_axes: Axes, feature_axes: Axes, scale: Any, bias: Any,
-             epsilon: Any, params: tuple[str, str] = ("scale", "bias"),
-             ) -> tuple[jax.Array, tuple[int, ...], tuple[int, ...]]:
-  """Validates the arguments shared by every normalizer."""
-  x = jnp.asarray(x)
-  _checks.check_floating(x, allow_complex=True)
-  red = _checks.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
-  feat = _checks.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
-  fshape = _feature_shape(x.shape, feat)
-  for name, p in zip(params, (scale, bias), strict=True):
-    _checks.check_param(p, fshape, name, f"input's feature axes {feat}", x.shape)
-  _checks.check_epsilon(epsilon)
-  return x, red, feat
-
-
 def _zero_centered(scale: Any, zero_centered_scale: bool) -> Any:
   """`1 + scale` in at least float32 when the scale is stored zero-centred."""
-  if not isinstance(zero_centered_scale, bool):
-    raise TypeError(f"zero_centered_scale must be a bool; got {zero_centered_scale!r}.")
+  _checks.check_bool(zero_centered_scale, "zero_centered_scale")
   if not zero_centered_scale or scale is None:
     return scale
   scale = jnp.asarray(scale)
-  dtype = _wide_dtype(scale.dtype)
+  dtype = wide_dtype(scale.dtype)
   return scale.astype(dtype) + jnp.ones((), dtype)
 
 
-def _normalize_by_moments(name: str, x: jax.Array, red: tuple[int, ...],
-                          feat: tuple[int, ...], scale: Any, bias: Any, epsilon: Any,
-                          mask: Any, axis_name: Any, axis_index_groups: Any,
-                          centered: bool = True, implementation: str | None = None,
-                          groups: int | None = None) -> jax.Array:
-  """Computes the statistics through the one statistics path and normalizes with them."""
-  mask = _checks.check_mask(mask, x.shape)
-  _checks.check_axis_index_groups(axis_name, axis_index_groups)
+def _by_moments(name: str, x: jax.Array, red: tuple[int, ...], feat: tuple[int, ...],
+                scale: Any, bias: Any, epsilon: Any, mask: Any, axis_name: Any,
+                axis_index_groups: Any, centered: bool = True,
+                implementation: str | None = None, groups: int | None = None) -> jax.Array:
+  """Normalizes validated arguments by their own statistics, on the path `implementation`
+  picks: the fused XLA normalizer, or (`"pallas"`, layer and RMS norm) the kernels.
+
+  `None` takes the XLA path (the kernels are not yet measured on a device, so nothing chooses
+  them by itself). `"pallas"` outside the kernels' plain case is a ValueError; inputs with
+  more than `_pallas.MAX_FEATURES` features, or no element, take the XLA path.
+  """
+
+  def xla(x, scale, bias, red=red, feat=feat, mask=mask):
+    return normalize_with_moments(x, scale, bias, epsilon, mask, reduction_axes=red,
+                                  feature_axes=feat, axis_name=axis_name,
+                                  axis_index_groups=axis_index_groups, centered=centered,
+                                  groups=groups)[0]
+
   with jax.named_scope(f"jaxnorm.{name}"):
-    return dispatch(x, scale, bias, epsilon, mask, reduction_axes=red, feature_axes=feat,
-                    axis_name=axis_name, axis_index_groups=axis_index_groups,
-                    centered=centered, implementation=implementation, groups=groups)
+    if implementation != "pallas":
+      return xla(x, scale, bias)
+    obstacle = _pallas.obstacle(x, scale, bias, epsilon, mask, red, feat, axis_name)
+    if obstacle is not None:
+      raise ValueError(
+          f"implementation='pallas' takes only the plain case (reduction and parameters over "
+          f"the last axis, no mask, no axis_name, float32/bfloat16/float16, a Python-float "
+          f"epsilon); got {obstacle}. Use implementation=None or 'xla' for this call."
+      )
+    if x.size == 0 or x.shape[-1] > _pallas.MAX_FEATURES:
+      return xla(x, scale, bias)
+    scale = None if scale is None else jnp.asarray(scale)
+    bias = None if bias is None else jnp.asarray(bias)
+    return _pallas.normalize_rows(
+        x, scale, bias, float(epsilon), centered=centered,
+        xla=lambda x2, s, b: xla(x2, s, b, red=(1,), feat=(1,), mask=None))
 
 
 def normalize(
@@ -77,7 +82,7 @@ def normalize(
     *,
     reduction_axes: Axes,
     feature_axes: Axes = -1,
-    epsilon: float,
+    epsilon: float = 1e-5,
 ) -> jax.Array:
   r"""Normalizes `x` with precomputed statistics.
 
@@ -95,7 +100,8 @@ def normalize(
     bias: optional β of the feature shape.
     reduction_axes: the axes the statistics were reduced over.
     feature_axes: the axes `scale` and `bias` run along.
-    epsilon: non-negative constant added to the variance.
+    epsilon: non-negative constant added to the variance (default 1e-5, batch norm's, as
+      `jax.nn.standardize`).
 
   Returns:
     The normalized array, of `x`'s shape and dtype.
@@ -112,7 +118,8 @@ def normalize(
     Array([[-1., -1.],
            [ 1.,  1.]], dtype=float32)
   """
-  x, red, feat = _prepare(x, reduction_axes, feature_axes, scale, bias, epsilon)
+  x, red, feat, _ = _checks.normalizer_args(x, reduction_axes, feature_axes, scale, bias,
+                                            epsilon)
   stat_shape = tuple(d for i, d in enumerate(x.shape) if i not in red)
   mean, var = jnp.asarray(mean), jnp.asarray(var)
   for name, s in (("mean", mean), ("var", var)):
@@ -188,16 +195,18 @@ def layer_norm(
     Array([[-1.2247,  0.    ,  1.2247],
            [-1.2247,  0.    ,  1.2247]], dtype=float32)
   """
-  x, red, feat = _prepare(x, reduction_axes, feature_axes, scale, bias, epsilon)
-  check_implementation(implementation)
+  x, red, feat, mask = _checks.normalizer_args(x, reduction_axes, feature_axes, scale, bias,
+                                               epsilon, mask, axis_name, axis_index_groups)
+  _checks.check_implementation(implementation)
   scale = _zero_centered(scale, zero_centered_scale)
-  return _normalize_by_moments("layer_norm", x, red, feat, scale, bias, epsilon, mask,
-                               axis_name, axis_index_groups, implementation=implementation)
+  return _by_moments("layer_norm", x, red, feat, scale, bias, epsilon, mask, axis_name,
+                     axis_index_groups, implementation=implementation)
 
 
 def rms_norm(
     x: ArrayLike,
     scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
     *,
     reduction_axes: Axes = -1,
     feature_axes: Axes = -1,
@@ -208,12 +217,14 @@ def rms_norm(
     zero_centered_scale: bool = False,
     implementation: str | None = None,
 ) -> jax.Array:
-  r"""Root-mean-square normalization (Zhang & Sennrich, 2019): no centring, no bias.
+  r"""Root-mean-square normalization (Zhang & Sennrich, 2019): no centring.
 
   .. math::
-    y = \frac{x}{\sqrt{\frac{1}{n}\sum_i m_i x_i^2 + \epsilon}}\,\gamma
+    y = \frac{x}{\sqrt{\frac{1}{n}\sum_i m_i x_i^2 + \epsilon}}\,\gamma + \beta
 
-  (:math:`\gamma` replaced by :math:`1 + \gamma` with `zero_centered_scale=True`).
+  (:math:`\gamma` replaced by :math:`1 + \gamma` with `zero_centered_scale=True`). The bias
+  :math:`\beta` is optional (RMSNorm has none in the paper; equinox's and several language
+  models' have one); it is added in the arithmetic dtype, before the one rounding to `x.dtype`.
 
   The mean square is accumulated in at least float32 over the valid elements (`mask`) and,
   with `axis_name`, over the named devices.
@@ -222,8 +233,9 @@ def rms_norm(
     x: floating or complex input (complex mean, real variance; see `moments`).
     scale: optional γ of the feature shape, or of any shape that broadcasts to `x`
       (per-example conditioning; its gradient comes back in that shape).
+    bias: optional β, of the feature shape or a shape that broadcasts to `x`.
     reduction_axes: axes to compute the mean square over (default: the last).
-    feature_axes: axes `scale` runs along (default: the last).
+    feature_axes: axes `scale` and `bias` run along (default: the last).
     epsilon: non-negative constant added to the mean square.
     mask: optional boolean array broadcastable to `x`.
     axis_name: mapped axis (or axes) to reduce over as well.
@@ -241,43 +253,23 @@ def rms_norm(
 
   Raises:
     TypeError: `x` is not floating or `mask` is not boolean.
-    ValueError: bad axes, `scale` of the wrong shape, a mask that does not broadcast, a
-      negative epsilon, an unknown `implementation`, or `"pallas"` outside the plain case.
+    ValueError: bad axes, `scale` or `bias` of the wrong shape, a mask that does not
+      broadcast, a negative epsilon, an unknown `implementation`, or `"pallas"` outside the
+      plain case.
 
   Example:
     >>> import jax.numpy as jnp, jaxnorm as jn
     >>> jn.rms_norm(jnp.array([1.0, 7.0]), epsilon=0.0)
     Array([0.2, 1.4], dtype=float32)
+    >>> jn.rms_norm(jnp.array([1.0, 7.0]), bias=jnp.array([1.0, 0.0]), epsilon=0.0)
+    Array([1.2, 1.4], dtype=float32)
   """
-  x, red, feat = _prepare(x, reduction_axes, feature_axes, scale, None, epsilon)
-  check_implementation(implementation)
+  x, red, feat, mask = _checks.normalizer_args(x, reduction_axes, feature_axes, scale, bias,
+                                               epsilon, mask, axis_name, axis_index_groups)
+  _checks.check_implementation(implementation)
   scale = _zero_centered(scale, zero_centered_scale)
-  return _normalize_by_moments("rms_norm", x, red, feat, scale, None, epsilon, mask,
-                               axis_name, axis_index_groups, centered=False,
-                               implementation=implementation)
-
-
-def _resolve_groups(channels: int, num_groups: int | None, group_size: int | None) -> int:
-  if (num_groups is None) == (group_size is None):
-    raise ValueError(
-        f"Give exactly one of num_groups and group_size; got num_groups={num_groups!r}, "
-        f"group_size={group_size!r} (num_groups defaults to 32: pass num_groups=None to use "
-        f"group_size)."
-    )
-  if group_size is not None:
-    if group_size <= 0 or channels % group_size:
-      raise ValueError(
-          f"group_size={group_size!r} must be a positive divisor of the number of channels, "
-          f"{channels}."
-      )
-    return channels // group_size
-  assert num_groups is not None  # exactly one of the two is given (checked above)
-  if num_groups <= 0 or channels % num_groups:
-    raise ValueError(
-        f"num_groups={num_groups!r} must be a positive divisor of the number of channels, "
-        f"{channels} (the input's last axis)."
-    )
-  return num_groups
+  return _by_moments("rms_norm", x, red, feat, scale, bias, epsilon, mask, axis_name,
+                     axis_index_groups, centered=False, implementation=implementation)
 
 
 def group_norm(
@@ -289,28 +281,32 @@ def group_norm(
     group_size: int | None = None,
     epsilon: float = 1e-6,
     reduction_axes: Axes | None = None,
+    channel_axis: int = -1,
     mask: ArrayLike | None = None,
     axis_name: AxisName | None = None,
     axis_index_groups: Any = None,
 ) -> jax.Array:
-  r"""Group normalization (Wu & He, 2018) of channels-last input.
+  r"""Group normalization (Wu & He, 2018), channels last or first.
 
-  The C channels (last axis) are split into G groups of C/G consecutive channels; each
-  example's statistics are computed over its spatial axes and the channels of a group:
+  The C channels (`channel_axis`, the last by default) are split into G groups of C/G
+  consecutive channels; each example's statistics are computed over its spatial axes and the
+  channels of a group:
 
   .. math::
     y_{b,\dots,c} = \frac{x_{b,\dots,c} - \mu_{b,g(c)}}{\sqrt{\sigma^2_{b,g(c)} + \epsilon}}
       \gamma_c + \beta_c
 
   Args:
-    x: floating or complex input of rank >= 2, batch axis first, channels last.
-    scale: optional γ of shape (C,).
-    bias: optional β of shape (C,).
+    x: floating or complex input of rank >= 2, batch axis first.
+    scale: optional γ of shape (C,), or of a shape that broadcasts to `x` (per example).
+    bias: optional β of shape (C,), or of a shape that broadcasts to `x`.
     num_groups: number of groups G (flax's default, 32); pass None to use `group_size`.
     group_size: number of channels per group, instead of `num_groups`.
     epsilon: non-negative constant added to the variance.
-    reduction_axes: axes to reduce over; they must include the last (channel) axis. Default:
-      every axis but the first.
+    reduction_axes: axes to reduce over; they must include the channel axis. Default: every
+      axis but the first.
+    channel_axis: the channel axis: -1 for channels-last input (flax, NHWC), 1 for
+      channels-first input (PyTorch, equinox, NCHW). It cannot be the batch axis 0.
     mask: optional boolean array broadcastable to `x`.
     axis_name: mapped axis (or axes) to reduce over as well.
     axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
@@ -328,54 +324,42 @@ def group_norm(
     >>> x = jnp.array([[1.0, 3.0, 10.0, 30.0]])
     >>> jn.group_norm(x, num_groups=2, epsilon=0.0)
     Array([[-1.,  1., -1.,  1.]], dtype=float32)
+    >>> jn.group_norm(x[:, :, None], num_groups=2, epsilon=0.0, channel_axis=1)[..., 0]
+    Array([[-1.,  1., -1.,  1.]], dtype=float32)
   """
   x = jnp.asarray(x)
   if x.ndim < 2:
     raise ValueError(
-        f"group_norm expects input of rank >= 2 (batch first, channels last); got shape "
-        f"{x.shape}."
+        f"group_norm expects input of rank >= 2 (batch first); got shape {x.shape}."
     )
+  if isinstance(channel_axis, bool) or not isinstance(channel_axis, int):
+    raise TypeError(f"channel_axis must be an int; got {channel_axis!r}.")
+  (ch,) = _checks.canonicalize_axes(channel_axis, x.ndim, "channel_axis")
+  if ch == 0:
+    raise ValueError(f"channel_axis={channel_axis!r} is the batch axis 0; group "
+                     f"normalization normalizes each example on its own.")
   if reduction_axes is None:
     reduction_axes = tuple(range(1, x.ndim))
-  x, red, _ = _prepare(x, reduction_axes, -1, scale, bias, epsilon)
-  if x.ndim - 1 not in red:
-    raise ValueError(
-        f"reduction_axes={reduction_axes!r} must include the last (channel) axis, "
-        f"{x.ndim - 1}."
-    )
-  channels = x.shape[-1]
-  groups = _resolve_groups(channels, num_groups, group_size)
-  if math.prod(x.shape[a] for a in red if a != x.ndim - 1) > 1:
-    # Spatial axes (images): the statistics are reduced per channel over them, then per group
-    # of channels (`groups=`), on x as it is. One reduction over a (..., groups,
-    # channels // groups) view took XLA:CPU 1.5-3x as long at 64x32x32x128.
-    return _normalize_by_moments("group_norm", x, red, (x.ndim - 1,), scale, bias, epsilon,
-                                 mask, axis_name, axis_index_groups, groups=groups)
-  # No spatial extent (features of an MLP): each group is a row of the (..., groups,
-  # channels // groups) view, normalized as layer norm normalizes its rows. Reducing x per
-  # channel first would reduce nothing, and broadcasting each group's statistics back over its
-  # channels made XLA:CPU 4x slower here (8192x1024 float32: 29 ms instead of 7).
-  mask = _checks.check_mask(mask, x.shape)
-  grouped = x.shape[:-1] + (groups, channels // groups)
-  red_g = tuple(a for a in red if a != x.ndim - 1) + (x.ndim,)
-  mask_g = None if mask is None else mask.reshape(grouped)
-  scale_g, bias_g = (_grouped_param(p, x.shape, groups) for p in (scale, bias))
-  y = _normalize_by_moments("group_norm", x.reshape(grouped), red_g, (x.ndim - 1, x.ndim),
-                            scale_g, bias_g, epsilon, mask_g, axis_name, axis_index_groups)
+  x, red, feat, mask = _checks.normalizer_args(x, reduction_axes, ch, scale, bias, epsilon,
+                                               mask, axis_name, axis_index_groups)
+  if ch not in red:
+    what = "the last (channel) axis" if ch == x.ndim - 1 else "the channel axis"
+    raise ValueError(f"reduction_axes={reduction_axes!r} must include {what}, {ch}.")
+  groups = _checks.resolve_groups(x.shape[ch], num_groups, group_size,
+                                  where=f" (axis {ch} of the input)")
+  last = x.ndim - 1
+  if ch == last and math.prod(x.shape[a] for a in red if a != last) > 1:
+    # Channels last with spatial axes (images): statistics per channel over them, then per
+    # group of channels, on x as it is (docs/guides/internals.md, "Group normalization").
+    return _by_moments("group_norm", x, red, feat, scale, bias, epsilon, mask, axis_name,
+                       axis_index_groups, groups=groups)
+  # Otherwise each group is normalized over a (..., groups, channels // groups, ...) view,
+  # as layer norm normalizes its rows.
+  split = lambda a: split_axis(a, x.shape, ch, groups, feat)
+  red_g = tuple(sorted(a if a < ch else a + 1 for a in red))
+  y = _by_moments("group_norm", split(x), red_g, (ch, ch + 1), split(scale), split(bias),
+                  epsilon, split(mask), axis_name, axis_index_groups)
   return y.reshape(x.shape)
-
-
-def _grouped_param(p: Any, shape: tuple[int, ...], groups: int) -> jax.Array | None:
-  """A (validated) group-norm parameter with its channel axis split into (groups, size)."""
-  if p is None:
-    return None
-  p = jnp.asarray(p)
-  channels = shape[-1]
-  if p.shape == (channels,):
-    return jnp.reshape(p, (groups, channels // groups))
-  full = (1,) * (len(shape) - p.ndim) + p.shape  # per-example: broadcasts to the input
-  last = (groups, channels // groups) if full[-1] == channels else (1, 1)
-  return jnp.reshape(p, full[:-1] + last)
 
 
 def instance_norm(
@@ -428,13 +412,13 @@ def instance_norm(
     raise ValueError(
         f"instance_norm expects input of rank >= 2 (batch first); got shape {x.shape}."
     )
-  feat = _checks.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
+  x, _, feat, mask = _checks.normalizer_args(x, None, feature_axes, scale, bias, epsilon, mask,
+                                             axis_name, axis_index_groups)
   if 0 in feat:
     raise ValueError(
         f"feature_axes={feature_axes!r} includes the batch axis 0; instance normalization "
         f"keeps the batch axis and the feature axes."
     )
   red = tuple(a for a in range(1, x.ndim) if a not in feat)
-  x, red, feat = _prepare(x, red, feat, scale, bias, epsilon)
-  return _normalize_by_moments("instance_norm", x, red, feat, scale, bias, epsilon, mask,
-                               axis_name, axis_index_groups)
+  return _by_moments("instance_norm", x, red, feat, scale, bias, epsilon, mask, axis_name,
+                     axis_index_groups)

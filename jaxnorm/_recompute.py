@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks
-from ._stats import Moments, merge_moments, moments
+from ._stats import Moments, bessel, merge_moments, moments
 
 
 def input_moments(x: Any, axis: Any, mask: Any) -> Moments:
@@ -120,22 +120,7 @@ def recompute(
     cache_key: a hashable description of the computation `capture` performs (the model and
       its call's arguments); calls with equal keys reuse the jitted steps (None: no reuse).
   """
-  if isinstance(batches, Iterator):
-    try:
-      first = next(batches)
-    except StopIteration:
-      raise ValueError(
-          "batches is empty: population statistics need at least one batch.") from None
-    sink = discover(first)
-    source: Iterable[Any] = itertools.chain([first], batches)
-  else:
-    try:
-      first = next(iter(batches))
-    except StopIteration:
-      raise ValueError(
-          "batches is empty: population statistics need at least one batch.") from None
-    sink = discover(first)
-    source = batches
+  sink, source = _discover(batches, discover)
   if not sink.order:
     raise ValueError(
         f"{model_name} calls no jaxnorm BatchNorm in this forward pass, so there are no "
@@ -175,6 +160,21 @@ def recompute(
       bar.close()
 
 
+def _discover(batches: Iterable[Any], discover: Callable[[Any], Sink],
+              ) -> tuple[Sink, Iterable[Any]]:
+  """The `Sink` of the first batch, and the batches to iterate (the first one included)."""
+  iterator = batches if isinstance(batches, Iterator) else iter(batches)
+  try:
+    first = next(iterator)
+  except StopIteration:
+    raise ValueError(
+        "batches is empty: population statistics need at least one batch.") from None
+  sink = discover(first)
+  if isinstance(batches, Iterator):
+    return sink, itertools.chain([first], batches)
+  return sink, batches
+
+
 _STEPS: collections.OrderedDict[Hashable, Callable[..., Any]] = collections.OrderedDict()
 _MAX_STEPS = 32
 
@@ -209,9 +209,6 @@ def population_stats(m: Moments, unbiased: bool, like_mean: Any, like_var: Any
                      ) -> tuple[jax.Array, jax.Array]:
   """The `(mean, var)` to store: the layer's shapes and dtypes, Bessel-corrected if it stores
   the unbiased variance (`unbiased_running_var=True`)."""
-  var = m.var
-  if unbiased:
-    n = m.count.astype(var.dtype)
-    var = var * n / jnp.maximum(n - 1, jnp.ones((), var.dtype))
+  var = bessel(m.var, m.count) if unbiased else m.var
   mean = jnp.reshape(m.mean, jnp.shape(like_mean)).astype(like_mean.dtype)
   return mean, jnp.reshape(var, jnp.shape(like_var)).astype(like_var.dtype)

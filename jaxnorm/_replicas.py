@@ -17,7 +17,7 @@ from jax.typing import ArrayLike
 
 from . import _checks
 from ._batch_norm import BatchNormState
-from ._stats import AxisName, _psum, _wide_dtype
+from ._stats import AxisName, merge, merge_dtypes, psum
 
 
 def _is_state(node: Any) -> bool:
@@ -57,8 +57,8 @@ def _check_weights(weights: Any) -> jax.Array | None:
 
 def sync_running_stats(
     state: Any,
-    axis_name: AxisName,
     *,
+    axis_name: AxisName,
     weights: ArrayLike | None = None,
     axis_index_groups: Any = None,
 ) -> Any:
@@ -112,7 +112,7 @@ def sync_running_stats(
     >>> states = jn.BatchNormState(mean=jnp.array([[1.0], [4.0]]),
     ...                            var=jnp.array([[1.0], [2.0]]),
     ...                            count=jnp.array([1, 3], jnp.int32))
-    >>> sync = lambda s: jn.sync_running_stats(s, "replica")
+    >>> sync = lambda s: jn.sync_running_stats(s, axis_name="replica")
     >>> jax.vmap(sync, axis_name="replica")(states)
     BatchNormState(mean=Array([[3.25], [3.25]], dtype=float32),
                    var=Array([[3.4375], [3.4375]], dtype=float32),
@@ -130,37 +130,32 @@ def sync_running_stats(
   w_given = _check_weights(weights)
   if not states:
     return state
-  dtype = _wide_dtype(*(s.mean.dtype for s in states), *(s.var.dtype for s in states))
-
-  def weight(s: BatchNormState) -> jax.Array:
-    return (s.count if w_given is None else w_given).astype(dtype)
-
   with jax.named_scope("jaxnorm.sync_running_stats"):
-    # First psum: replicas, then per state its weight, count, weighted and plain means.
-    first = [jnp.ones((), dtype)]
-    for s in states:
-      w, mean = weight(s), s.mean.astype(dtype)
-      first += [w, s.count.astype(dtype), w * mean, mean]
-    first = _psum(first, axis_name, axis_index_groups)
-    replicas, first = first[0], first[1:]
-    merged_mean, use_w, second = [], [], []
-    for i, s in enumerate(states):
-      w_sum, _, wm_sum, m_sum = first[4 * i:4 * i + 4]
-      weighted = w_sum > 0
-      mean = jnp.where(weighted, wm_sum / jnp.where(weighted, w_sum, 1), m_sum / replicas)
-      w_eff = jnp.where(weighted, weight(s), jnp.ones((), dtype))
-      delta = s.mean.astype(dtype) - mean
-      second.append(w_eff * (s.var.astype(dtype) + delta * delta))
-      merged_mean.append(mean)
-      use_w.append(weighted)
-    # Second psum: the centred variances, about the merged means.
-    second = _psum(second, axis_name, axis_index_groups)
-    out = []
-    for i, s in enumerate(states):
-      w_sum, c_sum = first[4 * i], first[4 * i + 1]
-      denom = jnp.where(use_w[i], w_sum, replicas)
-      var = jnp.maximum(second[i] / denom, jnp.zeros((), dtype))
-      count = jnp.round(c_sum / replicas).astype(s.count.dtype)
-      out.append(BatchNormState(merged_mean[i].astype(s.mean.dtype), var.astype(s.var.dtype),
-                                count))
+    out = _merge_states(states, w_given, axis_name, axis_index_groups)
   return jax.tree.unflatten(treedef, out)
+
+
+def _merge_states(states: list[BatchNormState], w_given: jax.Array | None, axis_name: Any,
+                  axis_index_groups: Any) -> list[BatchNormState]:
+  """`_stats.merge` of every state at once (two collectives): the states' means and variances
+  laid end to end, each element weighted by its state's weight."""
+  dtypes = merge_dtypes(*(d for s in states for d in (s.mean.dtype, s.var.dtype)),
+                        complex_mean=False)
+  dtype = dtypes[0]
+  weights = [(s.count if w_given is None else w_given).astype(dtype) for s in states]
+  flat = lambda parts: jnp.concatenate([jnp.ravel(p).astype(dtype) for p in parts])
+  weight = flat([jnp.broadcast_to(w, s.mean.shape) for w, s in zip(weights, states,
+                                                                     strict=True)])
+  counts = jnp.stack([s.count.astype(dtype) for s in states])
+  total = lambda leaves: psum(leaves, axis_name, axis_index_groups)
+  _, mean, var, (replicas, c_sum) = merge(
+      weight, flat([s.mean for s in states]), flat([s.var for s in states]), total,
+      lambda v: v, dtypes=dtypes, extra=(counts,), equal_if_empty=True)
+  out, start = [], 0
+  for i, s in enumerate(states):
+    stop = start + s.mean.size
+    count = jnp.round(c_sum[i] / replicas).astype(s.count.dtype)
+    out.append(BatchNormState(mean[start:stop].reshape(s.mean.shape).astype(s.mean.dtype),
+                              var[start:stop].reshape(s.var.shape).astype(s.var.dtype), count))
+    start = stop
+  return out

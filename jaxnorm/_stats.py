@@ -1,21 +1,24 @@
-"""Moments: the one place where jaxnorm computes statistics.
+"""Statistics: moments of a reduction, their merge, and the collectives across devices.
 
 Every normalizer (layer, RMS, group, instance and batch normalization) and every Flax wrapper
-reduces its input through `_reduce` below, so the numerical choices are made once:
+reduces its input through `reduce` below, so the numerical choices are made once:
 
-* accumulation in at least float32, whatever the input dtype;
+* accumulation in at least float32, whatever the input dtype (`_dtypes`);
 * a two-pass variance (mean first, then centred squares), which has no `E[x²] - E[x]²`
   cancellation and is never negative;
 * masked elements are replaced by zero *before* any arithmetic, so NaN or Inf there cannot leak;
 * across devices, the statistics of the whole batch, weighted by each device's count of valid
   elements, with two small `psum`s (counts and sums, then centred squares). `psum` results are
   known to `shard_map` to be replicated, so `out_specs=P()` works with its checks on.
+
+Moments of disjoint sets combine by `merge` (many sets: ghost batches, replicas) or
+`merge_moments` (two sets, Chan's update).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -23,6 +26,9 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks
+from ._dtypes import complex_of, compute_dtype, real_of, wide_dtype
+from ._layout import group_expand, group_sum
+from ._platform import cpu_barrier
 
 AxisName = Hashable | Sequence[Hashable]
 
@@ -31,7 +37,9 @@ class Moments(NamedTuple):
   """Statistics of a reduction: a pytree of three arrays of the same shape.
 
   Attributes:
-    count: number of valid elements reduced, float32 (an integer value).
+    count: number of valid *elements* reduced, per statistic, float32 (an integer value, so
+      that it is summed across devices in the same collective as the sums). Not
+      `BatchNormState.count`, which counts *updates*.
     mean: the mean, in at least float32.
     var: the population (biased) variance `sum((x - mean)²) / count`, never negative.
   """
@@ -42,35 +50,11 @@ class Moments(NamedTuple):
   var: jax.Array
 
 
-def _wide_dtype(*dtypes: Any) -> Any:
-  """The widest of `dtypes` and float32 (explicit, so it holds under strict dtype promotion)."""
-  best = jnp.dtype(jnp.float32)
-  for d in dtypes:
-    d = jnp.dtype(d)
-    if jnp.issubdtype(d, jnp.floating) and d.itemsize > best.itemsize:
-      best = d
-  return jax.dtypes.canonicalize_dtype(best)
+# Functions that take or return moments can be serialized with `jax.export`.
+jax.export.register_namedtuple_serialization(Moments, serialized_name="jaxnorm.Moments")
 
 
-def _complex_of(dtype: Any) -> Any:
-  """The complex dtype whose parts are `dtype` (float32 -> complex64, float64 -> complex128)."""
-  return jnp.complex128 if jnp.dtype(dtype).itemsize >= 8 else jnp.complex64
-
-
-def _real_of(dtype: Any) -> Any:
-  """The real dtype of `dtype`'s parts (complex64 -> float32); real dtypes unchanged."""
-  return jnp.finfo(dtype).dtype
-
-
-def _compute_dtype(x_dtype: Any, dtype: DTypeLike | None) -> Any:
-  """Accumulation dtype: at least float32, or at least complex64 for complex input."""
-  if jnp.issubdtype(x_dtype, jnp.complexfloating):
-    parts = _wide_dtype(_real_of(x_dtype), *(() if dtype is None else (_real_of(dtype),)))
-    return jax.dtypes.canonicalize_dtype(_complex_of(parts))
-  return _wide_dtype(x_dtype if dtype is None else dtype)
-
-
-def _abs2(z: jax.Array) -> jax.Array:
+def abs2(z: jax.Array) -> jax.Array:
   """`|z|²`, real: `z * z` for real `z`, `re² + im²` for complex."""
   if jnp.iscomplexobj(z):
     re, im = jnp.real(z), jnp.imag(z)
@@ -78,20 +62,7 @@ def _abs2(z: jax.Array) -> jax.Array:
   return z * z
 
 
-def _cpu_barrier(x: Any) -> Any:
-  """`lax.optimization_barrier(x)` in programs compiled for CPU, `x` itself elsewhere.
-
-  The barrier keeps XLA:CPU from sharing one full-size expression between fusions (a broadcast
-  of a statistic, the float32 conversion of bfloat16 input), which it would write out at x's
-  size (see its uses here and in `_fused`). On GPU the same sharing happens inside one
-  fused kernel, and a barrier splits that kernel in two: on an H100 (jax 0.11.2), LayerNorm
-  forward at 32768x4096 float32 took 719 µs with the barrier and 382 µs without it (flax's
-  LayerNorm: 545 µs; a copy of the array at the card's measured bandwidth: 363 µs).
-  """
-  return jax.lax.platform_dependent(x, cpu=jax.lax.optimization_barrier, default=lambda x: x)
-
-
-def _psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
+def psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
   """One all-reduce of every leaf of `tree` over `axis_name` (a no-op without a name).
 
   `lax.psum` of a tuple lowers to one all-reduce per leaf, so the leaves are packed into one
@@ -105,10 +76,10 @@ def _psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
   leaves, treedef = jax.tree.flatten(tree)
   if any(jnp.iscomplexobj(leaf) for leaf in leaves):  # summed as their real and imaginary parts
     parts = [(jnp.real(a), jnp.imag(a)) if jnp.iscomplexobj(a) else a for a in leaves]
-    summed = _psum(parts, axis_name, axis_index_groups)
+    summed = psum(parts, axis_name, axis_index_groups)
     leaves = [jax.lax.complex(*p) if isinstance(p, tuple) else p for p in summed]
     return jax.tree.unflatten(treedef, leaves)
-  dtype = _wide_dtype(*(leaf.dtype for leaf in leaves))
+  dtype = wide_dtype(*(leaf.dtype for leaf in leaves))
   if len({leaf.shape for leaf in leaves}) == 1:
     flat = jnp.stack([leaf.astype(dtype) for leaf in leaves]).ravel()
   else:
@@ -132,42 +103,7 @@ def _psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
   return jax.tree.unflatten(treedef, out)
 
 
-def _group_sum(a: jax.Array, reduction_axes: tuple[int, ...], groups: int | None,
-               **kwargs: Any) -> jax.Array:
-  """`jnp.sum(a, reduction_axes)`, or with `groups` a sum per group of last-axis channels.
-
-  With `groups`, the last axis (which `reduction_axes` includes) holds C channels in `groups`
-  runs of C/groups consecutive channels, and the result has `groups` entries on its last axis.
-  It sums over the other reduction axes first, keeping the channels contiguous (a column
-  reduction, which XLA:CPU vectorizes), then over the channels of each group (a small array).
-  Reducing a `(..., groups, C/groups)` view over its spatial and last axes in one reduction
-  instead took 1.5-3x as long on XLA:CPU (group norm statistics at 64x32x32x128 float32;
-  measured, jax 0.10.2).
-  """
-  if groups is None:
-    return jnp.sum(a, reduction_axes, **kwargs)
-  last = a.ndim - 1
-  per_channel = jnp.sum(a, tuple(i for i in reduction_axes if i != last), **kwargs)
-  return jnp.sum(per_channel.reshape(per_channel.shape[:-1] + (groups, -1)), -1)
-
-
-def _group_expand(s: jax.Array, reduction_axes: tuple[int, ...], groups: int | None,
-                  channels: int) -> jax.Array:
-  """Broadcasts a statistic of `_group_sum`'s shape back against the input.
-
-  Without `groups` this is `jnp.expand_dims(s, reduction_axes)`; with it, each group's value is
-  repeated over the group's `channels // groups` channels of the last axis (a broadcast, not a
-  gather).
-  """
-  if groups is None:
-    return jnp.expand_dims(s, reduction_axes)
-  last = s.ndim + len(reduction_axes) - 2  # the input's channel axis
-  s = jnp.broadcast_to(s[..., None], (*s.shape, channels // groups))
-  s = s.reshape((*s.shape[:-2], channels))
-  return jnp.expand_dims(s, tuple(i for i in reduction_axes if i != last))
-
-
-def _reduce(
+def reduce(
     x: jax.Array,
     reduction_axes: tuple[int, ...],
     mask: jax.Array | None,
@@ -177,7 +113,7 @@ def _reduce(
     centered: bool,
     groups: int | None = None,
 ) -> Moments:
-  """Masked, count-weighted, cross-device moments of `x` (already validated).
+  """Masked, count-weighted, cross-device moments of `x` (arguments validated).
 
   With `centered=False` the returned `mean` is zero and `var` is the mean square `E[x²]`,
   the statistic of RMS normalization. With `groups` (group normalization of channels-last
@@ -192,35 +128,33 @@ def _reduce(
   n = math.prod(x.shape[a] for a in reduction_axes) // (groups or 1)
 
   def total(a: jax.Array, **kwargs: Any) -> jax.Array:
-    return _group_sum(a, reduction_axes, groups, **kwargs)
+    return group_sum(a, reduction_axes, groups, **kwargs)
 
   if mask is None:
     count = jnp.full(out_shape, n, jnp.float32)
     xz = xf
   else:
     # Summed in float32 when that is exact (every partial sum is an integer below 2**24), so
-    # that under sharded jit XLA can merge the count's all-reduce with the sum's (an int32
-    # count needs its own all-reduce: three collectives instead of two).
+    # that under sharded jit XLA can merge the count's all-reduce with the sum's.
     count = total(mask, dtype=jnp.float32 if n < 2**24 else jnp.int32)
     count = count.astype(jnp.float32)
     xz = jnp.where(mask, xf, jnp.zeros((), dtype))
   if not centered:
-    sq = total(_abs2(xz))
-    count, sq = _psum((count, sq), axis_name, axis_index_groups)
+    sq = total(abs2(xz))
+    count, sq = psum((count, sq), axis_name, axis_index_groups)
     denom = jnp.maximum(count, 1).astype(sq.dtype)
     return Moments(count, jnp.zeros(out_shape, dtype), sq / denom)
   s1 = total(xz)
-  count, s1 = _psum((count, s1), axis_name, axis_index_groups)
+  count, s1 = psum((count, s1), axis_name, axis_index_groups)
   denom = jnp.maximum(count, 1).astype(dtype)  # count 0: the sums are 0, so mean = var = 0.
   mean = s1 / denom
-  # The second pass converts x on its own: with one conversion shared by both passes,
-  # XLA:CPU writes a float32 copy of bfloat16 input out and reads it twice (32 MiB more
-  # temporary memory at 8192x1024), where each reduction can convert as it reads.
-  x2 = xf if x.dtype == dtype else _cpu_barrier(x).astype(dtype)
-  centred = x2 - _group_expand(mean, reduction_axes, groups, x.shape[-1])
+  # The second pass converts x on its own: one conversion shared by both passes would be
+  # written out as a float32 copy of narrow input on XLA:CPU (docs/guides/internals.md).
+  x2 = xf if x.dtype == dtype else cpu_barrier(x).astype(dtype)
+  centred = x2 - group_expand(mean, reduction_axes, groups, x.shape[-1])
   if mask is not None:
     centred = jnp.where(mask, centred, jnp.zeros((), dtype))
-  m2 = _psum(total(_abs2(centred)), axis_name, axis_index_groups)
+  m2 = psum(total(abs2(centred)), axis_name, axis_index_groups)
   if m2.dtype != denom.dtype:  # complex input: the variance E[|x - μ|²] is real
     denom = jnp.maximum(count, 1).astype(m2.dtype)
   return Moments(count, mean, m2 / denom)
@@ -290,8 +224,8 @@ def moments(
   mask = _checks.check_mask(mask, x.shape)
   _checks.check_axis_index_groups(axis_name, axis_index_groups)
   with jax.named_scope("jaxnorm.moments"):
-    return _reduce(x, axes, mask, axis_name, axis_index_groups,
-                   _compute_dtype(x.dtype, dtype), centered=True)
+    return reduce(x, axes, mask, axis_name, axis_index_groups,
+                   compute_dtype(x.dtype, dtype), centered=True)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
@@ -328,39 +262,88 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
   wb = nb / safe_n
   delta = b.mean.astype(mdtype) - a.mean.astype(mdtype)
   mean = a.mean.astype(mdtype) + delta * wb.astype(mdtype)
-  m2 = na * a.var.astype(dtype) + nb * b.var.astype(dtype) + _abs2(delta) * na * wb
+  m2 = na * a.var.astype(dtype) + nb * b.var.astype(dtype) + abs2(delta) * na * wb
   zero = jnp.zeros((), dtype)
   mean = jnp.where(n > 0, mean, jnp.zeros((), mdtype))
   var = jnp.where(n > 0, m2 / safe_n, zero)
   return Moments((a.count + b.count).astype(jnp.float32), mean, var)
 
 
-def _merge_dtypes(*ms: Moments) -> tuple[Any, Any]:
-  """The real dtype of merged counts and variances (at least float32) and that of the merged
-  mean: the same, or its complex counterpart when a mean is complex."""
-  parts = [_real_of(d) for m in ms for d in (m.mean.dtype, m.var.dtype)]
-  dtype = _wide_dtype(*parts)
-  if any(jnp.iscomplexobj(m.mean) for m in ms):
-    return dtype, jax.dtypes.canonicalize_dtype(_complex_of(dtype))
+def merge_dtypes(*dtypes: Any, complex_mean: bool) -> tuple[Any, Any]:
+  """The real dtype of merged counts and variances (at least float32, from the dtypes of the
+  means and variances merged) and that of the merged mean: complex for a complex mean."""
+  dtype = wide_dtype(*(real_of(d) for d in dtypes))
+  if complex_mean:
+    return dtype, jax.dtypes.canonicalize_dtype(complex_of(dtype))
   return dtype, dtype
 
 
-def _merge_axis(m: Moments, axis: int) -> Moments:
-  r"""Exact moments of the union of the disjoint sets laid out along `axis` of `m`.
+def _merge_dtypes(*ms: Moments) -> tuple[Any, Any]:
+  return merge_dtypes(*(d for m in ms for d in (m.mean.dtype, m.var.dtype)),
+                      complex_mean=any(jnp.iscomplexobj(m.mean) for m in ms))
 
-  `merge_moments` of many sets at once (ghost batches merged into their whole batch):
+
+def merge(weight: jax.Array, mean: jax.Array, var: jax.Array,
+          total: Callable[[tuple[jax.Array, ...]], tuple[jax.Array, ...]],
+          expand: Callable[[jax.Array], jax.Array], *, dtypes: tuple[Any, Any],
+          extra: tuple[jax.Array, ...] = (), equal_if_empty: bool = False,
+          ) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, ...]]:
+  r"""Exact moments of the union of many disjoint sets (the law of total variance).
 
   .. math::
-    n = \sum_g n_g, \quad \mu = \frac{1}{n}\sum_g n_g\mu_g, \quad
-    \sigma^2 = \frac{1}{n}\sum_g n_g\big(\sigma_g^2 + (\mu_g - \mu)^2\big)
+    W = \sum_g w_g, \quad \mu = \frac{1}{W}\sum_g w_g\mu_g, \quad
+    \sigma^2 = \frac{1}{W}\sum_g w_g\big(\sigma_g^2 + |\mu_g - \mu|^2\big)
 
-  Only non-negative terms are added, and a set of count 0 is neutral.
+  `total(leaves)` sums each leaf over the sets (ghost batches laid out along an axis, or
+  replicas across devices, where it is one collective per call), and `expand` broadcasts a
+  merged value back against the sets' values. Only non-negative terms are added, and a set of
+  weight 0 is neutral. With `equal_if_empty`, sets are weighted equally where no set has a
+  positive weight (otherwise such a merge gives mean 0 and variance 0).
+
+  Args:
+    weight, mean, var: each set's weight (its count), mean and population variance.
+    total: sums a tuple of arrays over the sets, in one reduction or collective.
+    expand: broadcasts a merged statistic against the sets'.
+    dtypes: `(real dtype, mean dtype)` of the arithmetic (`merge_dtypes`).
+    extra: more arrays for the first `total` (summed in the same collective).
+    equal_if_empty: weight the sets equally where every weight is 0.
+
+  Returns:
+    `(W, μ, σ², sums of extra)`; with `equal_if_empty`, `W` is the number of sets where every
+    weight was 0.
   """
-  dtype, mdtype = _merge_dtypes(m)
-  n_g = m.count.astype(dtype)
-  n = jnp.sum(n_g, axis)
-  safe_n = jnp.maximum(n, jnp.ones((), dtype))
-  mean = jnp.sum(n_g.astype(mdtype) * m.mean.astype(mdtype), axis) / safe_n.astype(mdtype)
-  dev = m.mean.astype(mdtype) - jnp.expand_dims(mean, axis)
-  var = jnp.sum(n_g * (m.var.astype(dtype) + _abs2(dev)), axis) / safe_n
+  dtype, mdtype = dtypes
+  w = weight.astype(dtype)
+  m = mean.astype(mdtype)
+  if not equal_if_empty:
+    w_sum, wm_sum, *sums = total((w, w.astype(mdtype) * m, *extra))
+    safe = jnp.maximum(w_sum, jnp.ones((), dtype))
+    merged = wm_sum / safe.astype(mdtype)
+    dev = m - expand(merged)
+    m2, = total((w * (var.astype(dtype) + abs2(dev)),))
+    return w_sum, merged, m2 / safe, tuple(sums)
+  one = jnp.ones((), dtype)
+  sets, w_sum, wm_sum, m_sum, *sums = total((one, w, w.astype(mdtype) * m, m, *extra))
+  weighted = w_sum > 0
+  merged = jnp.where(weighted, wm_sum / jnp.where(weighted, w_sum, one).astype(mdtype),
+                     m_sum / sets.astype(mdtype))
+  w_eff = jnp.where(expand(weighted), w, one)
+  dev = m - expand(merged)
+  m2, = total((w_eff * (var.astype(dtype) + abs2(dev)),))
+  denom = jnp.where(weighted, w_sum, sets)
+  return denom, merged, m2 / denom, (sets, *sums)
+
+
+def merge_axis(m: Moments, axis: int) -> Moments:
+  """The moments of the union of the disjoint sets laid out along `axis` of `m` (`merge`)."""
+  total = lambda leaves: tuple(jnp.sum(a, axis) for a in leaves)
+  n, mean, var, _ = merge(m.count, m.mean, m.var, total, lambda s: jnp.expand_dims(s, axis),
+                          dtypes=_merge_dtypes(m))
   return Moments(n.astype(jnp.float32), mean, var)
+
+
+def bessel(var: jax.Array, count: jax.Array) -> jax.Array:
+  """The unbiased variance `var * n / (n - 1)` from the population variance of `count`
+  elements (Bessel's correction; n <= 1 gives `var * n`, i.e. 0 for a single element)."""
+  n = count.astype(var.dtype)
+  return var * n / jnp.maximum(n - 1, jnp.ones((), var.dtype))

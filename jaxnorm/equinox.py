@@ -35,22 +35,20 @@ from jax.typing import ArrayLike
 try:
   import equinox as eqx
 except ImportError as e:
-  raise ImportError("jaxnorm.equinox needs equinox, which is not installed. Install it with: "
-                    "pip install jaxnorm[equinox]") from e
+  raise ImportError('jaxnorm.equinox needs equinox, which is not installed. Install it with: '
+                    'pip install -e ".[equinox]" (from a clone of the repository), or '
+                    'pip install "jaxnorm[equinox]" (from a package index)') from e
 from equinox import field
 from equinox.nn import State, StateIndex
 
 import jaxnorm as jn
 
+from . import _checks
+from ._dtypes import default_float
+
 __all__ = ("BatchNorm", "GroupNorm", "LayerNorm", "RMSNorm")
 
 _NO_STATE: Any = object()
-
-
-def _default_dtype(dtype: Any) -> Any:
-  if dtype is not None:
-    return dtype
-  return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
 
 
 def _check_shape(name: str, shape: tuple[int, ...], x: jax.Array) -> None:
@@ -63,6 +61,18 @@ def _check_shape(name: str, shape: tuple[int, ...], x: jax.Array) -> None:
 
 def _maybe_state(out: jax.Array, state: Any) -> Any:
   return out if state is _NO_STATE else (out, state)
+
+
+def _whole_shape(fn: Any, name: str, layer: Any, x: ArrayLike, state: Any,
+                 mask: ArrayLike | None) -> Any:
+  """`fn` (layer or RMS norm) of one example over its whole shape, with the layer's `weight`,
+  `bias` and `eps`."""
+  x = jnp.asarray(x)
+  _check_shape(name, layer.shape, x)
+  axes = tuple(range(x.ndim))
+  y = fn(x, layer.weight, layer.bias, reduction_axes=axes, feature_axes=axes,
+         epsilon=layer.eps, mask=mask)
+  return _maybe_state(y, state)
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
@@ -121,7 +131,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
   ema_state_index: StateIndex | None
   batch_counter: StateIndex | None
   batch_state_index: StateIndex | None
-  axis_name: Hashable | Sequence[Hashable]
+  axis_name: Hashable | Sequence[Hashable] = field(static=True)
   inference: bool
   input_size: int = field(static=True)
   eps: float = field(static=True)
@@ -151,7 +161,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
       raise ValueError(f"mode must be 'batch', 'ema' or 'legacy'; got {mode!r}.")
     if not 0.0 <= momentum < 1.0:
       raise ValueError(f"momentum must lie in [0, 1); got {momentum!r}.")
-    dtype = _default_dtype(dtype)
+    dtype = default_float() if dtype is None else dtype
     self.mode = mode
     if channelwise_affine:
       self.weight = jnp.ones((input_size,), dtype)
@@ -159,7 +169,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     else:
       self.weight = None
       self.bias = None
-    init = jn.batch_norm_init(input_size, dtype)
+    init = jn.batch_norm_init(input_size, dtype=dtype)
     if mode == "ema":
       self.ema_first_time_index = StateIndex(jnp.array(True))
       self.ema_state_index = StateIndex((init.mean, init.var))
@@ -298,20 +308,15 @@ class LayerNorm(eqx.Module):
                mask: ArrayLike | None = None) -> Any:
     """Normalizes `x` (of shape `self.shape`); returns `y`, or `(y, state)` given a state."""
     del key
-    x = jnp.asarray(x)
-    _check_shape("LayerNorm", self.shape, x)
-    axes = tuple(range(x.ndim))
-    y = jn.layer_norm(x, self.weight, self.bias, reduction_axes=axes, feature_axes=axes,
-                      epsilon=self.eps, mask=mask)
-    return _maybe_state(y, state)
+    return _whole_shape(jn.layer_norm, "LayerNorm", self, x, state, mask)
 
 
 class GroupNorm(eqx.Module):
   r"""Group normalization of one example of shape `(channels, *spatial)`.
 
   The channels are split into `groups` groups of consecutive channels, each normalized over
-  its channels and the spatial axes (`jaxnorm.layer_norm` on the grouped view), then scaled
-  and shifted per channel as `equinox.nn.GroupNorm`.
+  its channels and the spatial axes, then scaled and shifted per channel as
+  `equinox.nn.GroupNorm` (`jaxnorm.group_norm` with `channel_axis=1` on a batch of one).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxnorm.equinox as jne
@@ -328,8 +333,8 @@ class GroupNorm(eqx.Module):
 
   def __init__(self, groups: int, channels: int | None = None, eps: float = 1e-5,
                channelwise_affine: bool = True, dtype: Any = None):
-    if channels is not None and channels % groups != 0:
-      raise ValueError(f"groups={groups!r} must divide channels={channels!r}.")
+    if channels is not None:
+      _checks.resolve_groups(channels, groups, None, "channels")
     if channels is None and channelwise_affine:
       raise ValueError("Give channels when channelwise_affine=True (weight and bias have "
                        "shape (channels,)).")
@@ -352,17 +357,10 @@ class GroupNorm(eqx.Module):
           f"shape (channels, ...) with channels divisible by groups; got x.shape={x.shape}. "
           f"Call it under jax.vmap."
       )
-    grouped = (self.groups, channels // self.groups) + x.shape[1:]
-
-    def group(p: Any) -> Any:
-      return None if p is None else jnp.reshape(p, grouped[:2])
-
-    if mask is not None:
-      mask = jnp.broadcast_to(jnp.asarray(mask), x.shape).reshape(grouped)
-    y = jn.layer_norm(x.reshape(grouped), group(self.weight), group(self.bias),
-                      reduction_axes=tuple(range(1, len(grouped))), feature_axes=(0, 1),
-                      epsilon=self.eps, mask=mask)
-    return _maybe_state(y.reshape(x.shape), state)
+    y = jn.group_norm(x[None], self.weight, self.bias, num_groups=self.groups,
+                      epsilon=self.eps, channel_axis=1,
+                      mask=None if mask is None else jnp.asarray(mask)[None])
+    return _maybe_state(y[0], state)
 
 
 class RMSNorm(eqx.Module):
@@ -389,7 +387,7 @@ class RMSNorm(eqx.Module):
 
   def __init__(self, shape: int | Sequence[int], eps: float = 1e-5, use_weight: bool = True,
                use_bias: bool = True, dtype: Any = None):
-    dtype = _default_dtype(dtype)
+    dtype = default_float() if dtype is None else dtype
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     self.shape = shape
     self.eps = eps
@@ -402,15 +400,4 @@ class RMSNorm(eqx.Module):
                mask: ArrayLike | None = None) -> Any:
     """Normalizes `x` (of shape `self.shape`); returns `y`, or `(y, state)` given a state."""
     del key
-    x = jnp.asarray(x)
-    _check_shape("RMSNorm", self.shape, x)
-    axes = tuple(range(x.ndim))
-    if self.bias is None:
-      y = jn.rms_norm(x, self.weight, reduction_axes=axes, feature_axes=axes,
-                      epsilon=self.eps, mask=mask)
-    else:  # the bias is added in float32 or wider before the one rounding to x.dtype
-      wide = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
-      y = jn.rms_norm(x.astype(wide), self.weight, reduction_axes=axes, feature_axes=axes,
-                      epsilon=self.eps, mask=mask)
-      y = (y + self.bias.astype(wide)).astype(x.dtype)
-    return _maybe_state(y, state)
+    return _whole_shape(jn.rms_norm, "RMSNorm", self, x, state, mask)

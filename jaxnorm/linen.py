@@ -25,11 +25,14 @@ Beyond flax, `BatchNorm` has `momentum=None` (exact cumulative average; adds
 mutable), `renorm` (batch renormalization, with `r_max`/`d_max` given at call time) and
 `virtual_batch_size` (ghost batches); `LayerNorm` and `RMSNorm` have `zero_centered_scale` and
 `implementation`. `fold_batch_norms` folds BatchNorms into the layers before them and
-`recompute_batch_stats` re-estimates population statistics. Importing this module needs flax
-(`pip install jaxnorm[flax]`); `import jaxnorm` never imports it.
+`recompute_batch_stats` re-estimates population statistics (both in `_flax_tools`).
+
+Integer input is accepted and normalized in float32, as flax does (the functional core refuses
+it). Importing this module needs flax (`pip install -e ".[flax]"` from a clone); `import
+jaxnorm` never imports it.
 """
 
-from jaxnorm._flax_common import require_flax
+from jaxnorm._flax import require_flax
 
 require_flax("jaxnorm.linen")
 
@@ -43,13 +46,8 @@ from flax.typing import Axes, Dtype, Initializer  # noqa: E402
 from jax.nn import initializers  # noqa: E402
 
 import jaxnorm as jn  # noqa: E402
-from jaxnorm import _checks  # noqa: E402
-from jaxnorm._flax_common import batch_norm_or_renorm as _batch_norm_or_renorm  # noqa: E402
-from jaxnorm._flax_common import complex_batch, flax_dtypes, running_mean_dtype  # noqa: E402
-from jaxnorm._flax_common import zero_centered_init as _zero_centered_init  # noqa: E402
-from jaxnorm._fold import _as_dict, fold_variables  # noqa: E402
-from jaxnorm._recompute import Sink, population_stats, recompute  # noqa: E402
-from jaxnorm._stats import _real_of  # noqa: E402
+from jaxnorm import _checks, _flax, _flax_tools  # noqa: E402
+from jaxnorm._dtypes import real_of  # noqa: E402
 
 __all__ = ("BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "fold_batch_norms",
            "recompute_batch_stats")
@@ -197,9 +195,9 @@ class BatchNorm(nn.Module):
     x = jnp.asarray(x)
     feat, shape = _feature_shape(x, self.axis, "axis")
     stat_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-    is_complex = complex_batch(x.dtype, self.dtype, self.param_dtype)
-    mean_dtype = running_mean_dtype(stat_dtype, is_complex)
-    var_dtype = _real_of(stat_dtype)  # real, also for a complex param_dtype
+    is_complex = _flax.complex_batch(x.dtype, self.dtype, self.param_dtype)
+    mean_dtype = _flax.running_mean_dtype(stat_dtype, is_complex)
+    var_dtype = real_of(stat_dtype)  # real, also for a complex param_dtype
     ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, mean_dtype), shape)
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, var_dtype), shape)
     ra_count = None
@@ -208,16 +206,17 @@ class BatchNorm(nn.Module):
     scale, bias = _params(self, shape, self.use_scale, self.use_bias, self.scale_init,
                           self.bias_init, self.param_dtype,
                           cast=not self.force_float32_reductions)
-    xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
     count = jnp.zeros((), jnp.int32) if ra_count is None else ra_count.value
     mean = ra_mean.value
     if is_complex and not jnp.iscomplexobj(mean):  # flax.linen's float32 mean at init: exact
-      mean = mean.astype(running_mean_dtype(mean.dtype, True))
+      mean = mean.astype(_flax.running_mean_dtype(mean.dtype, True))
     state = jn.BatchNormState(mean, ra_var.value, count)
     initializing = self.is_initializing()
     training = not use_running_average
-    y, new_state = _batch_norm_or_renorm(
-        xc, state, scale, bias, training=training, feature_axes=feat,
+    if training and update and not initializing:
+      self._check_mutable()
+    y, new_state = _flax.batch_norm(
+        x, state, scale, bias, dtype=self.dtype, training=training, feature_axes=feat,
         momentum=self.momentum, epsilon=self.epsilon, mask=mask,
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=None if initializing else self.axis_index_groups,
@@ -230,7 +229,17 @@ class BatchNorm(nn.Module):
       ra_var.value = new_state.var
       if ra_count is not None:
         ra_count.value = new_state.count
-    return y.astype(out_dtype)
+    return y
+
+  def _check_mutable(self) -> None:
+    if not self.is_mutable_collection("batch_stats"):
+      raise ValueError(
+          "BatchNorm in training (use_running_average=False) updates its running statistics, "
+          "but the 'batch_stats' collection is not mutable. Apply the model with "
+          "mutable=['batch_stats'] and keep the returned updates: `y, updates = "
+          "model.apply(variables, x, mutable=['batch_stats'])`; or evaluate with "
+          "use_running_average=True; or pass update_stats=False to normalize with the batch's "
+          "statistics without updating them.")
 
 
 class LayerNorm(nn.Module):
@@ -302,17 +311,15 @@ class LayerNorm(nn.Module):
     """
     x = jnp.asarray(x)
     feat, shape = _feature_shape(x, self.feature_axes, "feature_axes")
-    scale_init = _zero_centered_init(self.scale_init, self.zero_centered_scale)
-    scale, bias = _params(self, shape, self.use_scale, self.use_bias, scale_init,
-                          self.bias_init, self.param_dtype,
-                          cast=not self.force_float32_reductions)
-    xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
-    y = jn.layer_norm(xc, scale, bias, reduction_axes=self.reduction_axes, feature_axes=feat,
-                      epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-                      axis_index_groups=self.axis_index_groups,
-                      zero_centered_scale=self.zero_centered_scale,
-                      implementation=self.implementation)
-    return y.astype(out_dtype)
+    scale_init = _flax.zero_centered_init(self.scale_init, self.zero_centered_scale)
+    params = _params(self, shape, self.use_scale, self.use_bias, scale_init, self.bias_init,
+                     self.param_dtype, cast=not self.force_float32_reductions)
+    return _flax.normalize(jn.layer_norm, x, params, self.dtype,
+                           reduction_axes=self.reduction_axes, feature_axes=feat,
+                           epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+                           axis_index_groups=self.axis_index_groups,
+                           zero_centered_scale=self.zero_centered_scale,
+                           implementation=self.implementation)
 
 
 class RMSNorm(nn.Module):
@@ -379,16 +386,15 @@ class RMSNorm(nn.Module):
     """
     x = jnp.asarray(x)
     feat, shape = _feature_shape(x, self.feature_axes, "feature_axes")
-    scale_init = _zero_centered_init(self.scale_init, self.zero_centered_scale)
+    scale_init = _flax.zero_centered_init(self.scale_init, self.zero_centered_scale)
     scale, _ = _params(self, shape, self.use_scale, False, scale_init, None,
                        self.param_dtype, cast=not self.force_float32_reductions)
-    xc, out_dtype = flax_dtypes(x, (scale,), self.dtype)
-    y = jn.rms_norm(xc, scale, reduction_axes=self.reduction_axes, feature_axes=feat,
-                    epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-                    axis_index_groups=self.axis_index_groups,
-                    zero_centered_scale=self.zero_centered_scale,
-                    implementation=self.implementation)
-    return y.astype(out_dtype)
+    return _flax.normalize(jn.rms_norm, x, (scale,), self.dtype,
+                           reduction_axes=self.reduction_axes, feature_axes=feat,
+                           epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+                           axis_index_groups=self.axis_index_groups,
+                           zero_centered_scale=self.zero_centered_scale,
+                           implementation=self.implementation)
 
 
 class GroupNorm(nn.Module):
@@ -453,14 +459,12 @@ class GroupNorm(nn.Module):
     """
     x = jnp.asarray(x)
     _, shape = _feature_shape(x, -1, "feature axis")
-    scale, bias = _params(self, shape, self.use_scale, self.use_bias, self.scale_init,
-                          self.bias_init, self.param_dtype,
-                          cast=not self.force_float32_reductions)
-    xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
-    y = jn.group_norm(xc, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
-                      epsilon=self.epsilon, reduction_axes=self.reduction_axes, mask=mask,
-                      axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
-    return y.astype(out_dtype)
+    params = _params(self, shape, self.use_scale, self.use_bias, self.scale_init,
+                     self.bias_init, self.param_dtype, cast=not self.force_float32_reductions)
+    return _flax.normalize(jn.group_norm, x, params, self.dtype, num_groups=self.num_groups,
+                           group_size=self.group_size, epsilon=self.epsilon,
+                           reduction_axes=self.reduction_axes, mask=mask,
+                           axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
 
 
 class InstanceNorm(nn.Module):
@@ -521,13 +525,11 @@ class InstanceNorm(nn.Module):
     """
     x = jnp.asarray(x)
     feat, shape = _feature_shape(x, self.feature_axes, "feature_axes")
-    scale, bias = _params(self, shape, self.use_scale, self.use_bias, self.scale_init,
-                          self.bias_init, self.param_dtype,
-                          cast=not self.force_float32_reductions)
-    xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
-    y = jn.instance_norm(xc, scale, bias, feature_axes=feat, epsilon=self.epsilon, mask=mask,
-                         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
-    return y.astype(out_dtype)
+    params = _params(self, shape, self.use_scale, self.use_bias, self.scale_init,
+                     self.bias_init, self.param_dtype, cast=not self.force_float32_reductions)
+    return _flax.normalize(jn.instance_norm, x, params, self.dtype, feature_axes=feat,
+                           epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+                           axis_index_groups=self.axis_index_groups)
 
 
 def fold_batch_norms(
@@ -594,7 +596,7 @@ def fold_batch_norms(
     >>> bool(jnp.abs(d).max() < 1e-5)
     True
   """
-  return fold_variables(variables, pairs, epsilon=epsilon)
+  return _flax_tools.fold_variables(variables, pairs, epsilon=epsilon)
 
 
 def recompute_batch_stats(model: nn.Module, variables: Mapping[str, Any], batches: Any, *,
@@ -656,44 +658,5 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping[str, Any], batche
     >>> bool(jnp.allclose(new["batch_stats"]["BatchNorm_0"]["mean"], h.mean(0), atol=1e-4))
     True
   """
-  out = _as_dict(variables)
-
-  def forward(vars_: Any, batch: Any, sink: Sink) -> None:
-    def intercept(next_fun, args, kwargs, context):
-      mod = context.module
-      if not isinstance(mod, BatchNorm) or context.method_name != "__call__":
-        return next_fun(*args, **kwargs)
-      ura = args[1] if len(args) > 1 else kwargs.get("use_running_average")
-      ura = nn.merge_param("use_running_average", mod.use_running_average, ura)
-      sink.record("/".join(mod.path), not ura, args[0], mod.axis, kwargs.get("mask"),
-                  info=(mod.path, mod.unbiased_running_var))
-      return next_fun(*args, **{**kwargs, "update_stats": False})
-
-    with nn.intercept_methods(intercept):
-      model.apply(vars_, batch, **apply_kwargs)
-
-  sinks: list[Sink] = []
-
-  def discover(batch: Any) -> Sink:
-    sink = Sink()
-    jax.eval_shape(lambda v, b: forward(v, b, sink), out, batch)
-    sinks.append(sink)
-    return sink
-
-  def capture(keys: Any, vars_: Any, batch: Any) -> Any:
-    sink = Sink(keys)
-    forward(vars_, batch, sink)
-    return sink.moments
-
-  def write(key: Any, m: jn.Moments, n: jax.Array) -> None:
-    path, unbiased = sinks[0].info[key]
-    node = out["batch_stats"]
-    for name in path:
-      node = node[name]
-    node["mean"], node["var"] = population_stats(m, unbiased, node["mean"], node["var"])
-    if "count" in node:
-      node["count"] = n.astype(node["count"].dtype)
-
-  recompute(type(model).__name__, batches, discover, capture, lambda: out, write, progress,
-            cache_key=("linen", model, tuple(sorted(apply_kwargs.items()))))
-  return out
+  return _flax_tools.recompute_linen(model, variables, batches, BatchNorm, progress,
+                                     apply_kwargs)

@@ -34,11 +34,12 @@ batch with no valid element. Deliberate differences from flax.nnx:
 
 Beyond flax, `BatchNorm` has `momentum=None` (exact cumulative average; adds a `count`
 `BatchStat`), `unbiased_running_var` and `update_stats` (train with the batch's statistics
-without changing the `BatchStat`s). Importing this module needs flax
-(`pip install jaxnorm[flax]`); `import jaxnorm` never imports it.
+without changing the `BatchStat`s). Integer input is accepted and normalized in float32, as
+flax does (the functional core refuses it). Importing this module needs flax
+(`pip install -e ".[flax]"` from a clone); `import jaxnorm` never imports it.
 """
 
-from jaxnorm._flax_common import require_flax
+from jaxnorm._flax import require_flax
 
 require_flax("jaxnorm.nnx")
 
@@ -55,11 +56,7 @@ from flax.nnx.nn import initializers  # noqa: E402
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn  # noqa: E402
 
 import jaxnorm as jn  # noqa: E402
-from jaxnorm import _checks  # noqa: E402
-from jaxnorm._flax_common import batch_norm_or_renorm as _batch_norm_or_renorm  # noqa: E402
-from jaxnorm._flax_common import complex_batch, flax_dtypes, running_mean_dtype  # noqa: E402
-from jaxnorm._flax_common import zero_centered_init as _zero_centered_init  # noqa: E402
-from jaxnorm._recompute import Sink, population_stats, recompute  # noqa: E402
+from jaxnorm import _checks, _flax, _flax_tools  # noqa: E402
 
 __all__ = ("BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
            "recompute_batch_stats")
@@ -213,7 +210,8 @@ class BatchNorm(nnx.Module):
       virtual_batch_size: int | None = None,
   ):
     feature_shape = (num_features,)
-    mean_dtype = running_mean_dtype(jnp.float32, complex_batch(None, dtype, param_dtype))
+    mean_dtype = _flax.running_mean_dtype(jnp.float32,
+                                          _flax.complex_batch(None, dtype, param_dtype))
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, mean_dtype))
     self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
     self.count: nnx.BatchStat[jax.Array] | None
@@ -269,21 +267,22 @@ class BatchNorm(nnx.Module):
     x, _, _, scale, bias = _promote(self.promote_dtype, self.dtype, x, self.mean[...],
                                     self.var[...], _value(self.scale), _value(self.bias))
     feat = _checks.canonicalize_axes(self.axis, x.ndim, "axis")
-    fshape = tuple(x.shape[a] for a in feat)
-    xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
-    if jnp.iscomplexobj(xc) and not jnp.iscomplexobj(self.mean[...]):
+    fshape = _flax.check_features("BatchNorm", self.num_features, x, feat, self.axis)
+    if (_flax.complex_batch(x.dtype, self.dtype, self.param_dtype)
+        and not jnp.iscomplexobj(self.mean[...])):
       raise TypeError(
-          f"BatchNorm got complex input ({xc.dtype}) but its running mean is "
+          f"BatchNorm got complex input ({x.dtype}) but its running mean is "
           f"{self.mean[...].dtype}, which would lose the mean's imaginary part (flax.nnx drops "
           f"it). Construct it with dtype=jnp.complex64 to keep a complex running mean.")
     count = jnp.zeros((), jnp.int32) if self.count is None else self.count[...]
     state = jn.BatchNormState(jnp.reshape(self.mean[...], fshape),
                               jnp.reshape(self.var[...], fshape), count)
     training = not use_running_average
-    y, new_state = _batch_norm_or_renorm(
-        xc, state, _to_feature_shape(scale, x, feat), _to_feature_shape(bias, x, feat),
-        training=training, feature_axes=feat, momentum=self.momentum, epsilon=self.epsilon,
-        mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+    y, new_state = _flax.batch_norm(
+        x, state, _to_feature_shape(scale, x, feat), _to_feature_shape(bias, x, feat),
+        dtype=self.dtype, training=training, feature_axes=feat, momentum=self.momentum,
+        epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups,
         unbiased_running_var=self.unbiased_running_var,
         virtual_batch_size=self.virtual_batch_size, renorm=self.renorm, r_max=r_max,
         d_max=d_max)
@@ -295,7 +294,7 @@ class BatchNorm(nnx.Module):
       self.var[...] = stop(jnp.reshape(new_state.var, self.var[...].shape))
       if self.count is not None:
         self.count[...] = new_state.count
-    return y.astype(out_dtype)
+    return y
 
   def set_view(self, use_running_average: bool | None = None,
                update_stats: bool | None = None):
@@ -376,9 +375,10 @@ class LayerNorm(nnx.Module):
       zero_centered_scale: bool = False,
       implementation: str | None = None,
   ):
+    scale_init = _flax.zero_centered_init(scale_init, zero_centered_scale)
     self.scale, self.bias = _declare_params(
-        num_features, use_scale, use_bias, _zero_centered_init(scale_init, zero_centered_scale),
-        bias_init, param_dtype, rngs, scale_metadata, bias_metadata, nnx.data(None))
+        num_features, use_scale, use_bias, scale_init, bias_init, param_dtype, rngs,
+        scale_metadata, bias_metadata, nnx.data(None))
     self.zero_centered_scale = zero_centered_scale
     self.num_features = num_features
     self.epsilon = epsilon
@@ -408,14 +408,15 @@ class LayerNorm(nnx.Module):
     x, scale, bias = _promote(self.promote_dtype, self.dtype, x, _value(self.scale),
                               _value(self.bias))
     feat = _checks.canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
-    xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
-    y = jn.layer_norm(xc, _to_feature_shape(scale, x, feat), _to_feature_shape(bias, x, feat),
-                      reduction_axes=self.reduction_axes, feature_axes=feat,
-                      epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-                      axis_index_groups=self.axis_index_groups,
-                      zero_centered_scale=self.zero_centered_scale,
-                      implementation=self.implementation)
-    return y.astype(out_dtype)
+    _flax.check_features("LayerNorm", self.num_features, x, feat, self.feature_axes,
+                         "feature_axes")
+    params = (_to_feature_shape(scale, x, feat), _to_feature_shape(bias, x, feat))
+    return _flax.normalize(jn.layer_norm, x, params, self.dtype,
+                           reduction_axes=self.reduction_axes, feature_axes=feat,
+                           epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+                           axis_index_groups=self.axis_index_groups,
+                           zero_centered_scale=self.zero_centered_scale,
+                           implementation=self.implementation)
 
 
 class RMSNorm(nnx.Module):
@@ -476,7 +477,7 @@ class RMSNorm(nnx.Module):
       zero_centered_scale: bool = False,
       implementation: str | None = None,
   ):
-    scale_init = _zero_centered_init(scale_init, zero_centered_scale)
+    scale_init = _flax.zero_centered_init(scale_init, zero_centered_scale)
     self.zero_centered_scale = zero_centered_scale
     self.scale: nnx.Param[jax.Array] | None
     if use_scale:
@@ -510,13 +511,14 @@ class RMSNorm(nnx.Module):
     """
     x, scale = _promote(self.promote_dtype, self.dtype, x, _value(self.scale))
     feat = _checks.canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
-    xc, out_dtype = flax_dtypes(x, (scale,), self.dtype)
-    y = jn.rms_norm(xc, _to_feature_shape(scale, x, feat), reduction_axes=self.reduction_axes,
-                    feature_axes=feat, epsilon=self.epsilon, mask=mask,
-                    axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-                    zero_centered_scale=self.zero_centered_scale,
-                    implementation=self.implementation)
-    return y.astype(out_dtype)
+    _flax.check_features("RMSNorm", self.num_features, x, feat, self.feature_axes,
+                         "feature_axes")
+    return _flax.normalize(jn.rms_norm, x, (_to_feature_shape(scale, x, feat),), self.dtype,
+                           reduction_axes=self.reduction_axes, feature_axes=feat,
+                           epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+                           axis_index_groups=self.axis_index_groups,
+                           zero_centered_scale=self.zero_centered_scale,
+                           implementation=self.implementation)
 
 
 class GroupNorm(nnx.Module):
@@ -584,19 +586,8 @@ class GroupNorm(nnx.Module):
       scale_metadata: Mapping[str, Any] = _NO_METADATA,
   ):
     self.feature_axis = -1
-    if (num_groups is None) == (group_size is None):
-      raise ValueError(
-          f"Give exactly one of num_groups and group_size; got num_groups={num_groups!r}, "
-          f"group_size={group_size!r} (num_groups defaults to 32: pass num_groups=None to use "
-          f"group_size).")
-    if group_size is not None:
-      if group_size <= 0 or num_features % group_size:
-        raise ValueError(f"group_size={group_size!r} must be a positive divisor of "
-                         f"num_features={num_features}.")
-      num_groups = num_features // group_size
-    elif not isinstance(num_groups, int) or num_groups <= 0 or num_features % num_groups:
-      raise ValueError(f"num_groups={num_groups!r} must be a positive divisor of "
-                       f"num_features={num_features}.")
+    num_groups = _checks.resolve_groups(num_features, num_groups, group_size,
+                                        "num_features")
     self.num_groups = num_groups
     self.group_size = num_features // num_groups
     self.scale, self.bias = _declare_params(
@@ -626,11 +617,12 @@ class GroupNorm(nnx.Module):
     """
     x, scale, bias = _promote(self.promote_dtype, self.dtype, x, _value(self.scale),
                               _value(self.bias))
-    xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
-    y = jn.group_norm(xc, scale, bias, num_groups=self.num_groups, epsilon=self.epsilon,
-                      reduction_axes=self.reduction_axes, mask=mask,
-                      axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
-    return y.astype(out_dtype)
+    _flax.check_features("GroupNorm", self.num_groups * self.group_size, x, (x.ndim - 1,), -1,
+                         "channel axis")
+    return _flax.normalize(jn.group_norm, x, (scale, bias), self.dtype,
+                           num_groups=self.num_groups, epsilon=self.epsilon,
+                           reduction_axes=self.reduction_axes, mask=mask,
+                           axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
 
 
 class InstanceNorm(nnx.Module):
@@ -717,46 +709,12 @@ class InstanceNorm(nnx.Module):
     x, scale, bias = _promote(self.promote_dtype, self.dtype, x, _value(self.scale),
                               _value(self.bias))
     feat = _checks.canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
-    xc, out_dtype = flax_dtypes(x, (scale, bias), self.dtype)
-    y = jn.instance_norm(xc, _to_feature_shape(scale, x, feat),
-                         _to_feature_shape(bias, x, feat), feature_axes=feat,
-                         epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-                         axis_index_groups=self.axis_index_groups)
-    return y.astype(out_dtype)
-
-
-class _Recorder:
-  """Stands in for a BatchNorm in a throw-away copy of the model: records its input, then calls
-  it without updating its statistics."""
-
-  def __init__(self, bn: BatchNorm, key: str, sink: Sink):
-    self._bn, self._key, self._sink = bn, key, sink
-
-  def __getattr__(self, name: str) -> Any:
-    return getattr(self._bn, name)
-
-  def __call__(self, x, use_running_average: bool | None = None, **kwargs):
-    ura = first_from(use_running_average, self._bn.use_running_average,
-                     error_msg="No `use_running_average` argument was provided to BatchNorm.")
-    self._sink.record(self._key, not ura, x, self._bn.axis, kwargs.get("mask"))
-    return self._bn(x, use_running_average, **{**kwargs, "update_stats": False})
-
-
-def _set(root: Any, path: tuple[Any, ...], value: Any) -> None:
-  """Puts `value` at `path` in the (throw-away) model `root`: attributes of modules, items of
-  lists and dicts."""
-  parent = root
-  for name in path[:-1]:
-    parent = getattr(parent, name) if isinstance(parent, nnx.Module) else parent[name]
-  if isinstance(parent, nnx.Module) and isinstance(path[-1], str):
-    object.__setattr__(parent, path[-1], value)
-  else:
-    parent[path[-1]] = value
-
-
-def _batch_norms(model: nnx.Module) -> dict[str, tuple[tuple[Any, ...], BatchNorm]]:
-  return {"/".join(map(str, path)): (tuple(path), m) for path, m in nnx.iter_modules(model)
-          if isinstance(m, BatchNorm)}
+    _flax.check_features("InstanceNorm", self.num_features, x, feat, self.feature_axes,
+                         "feature_axes")
+    params = (_to_feature_shape(scale, x, feat), _to_feature_shape(bias, x, feat))
+    return _flax.normalize(jn.instance_norm, x, params, self.dtype, feature_axes=feat,
+                           epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+                           axis_index_groups=self.axis_index_groups)
 
 
 def recompute_batch_stats(model: nnx.Module, batches: Any, *, progress: bool = False,
@@ -804,31 +762,4 @@ def recompute_batch_stats(model: nnx.Module, batches: Any, *, progress: bool = F
     >>> bool(jnp.allclose(model.layers[1].mean[...], h.mean(0), atol=1e-4))
     True
   """
-  graphdef, _ = nnx.split(model)
-  bns = _batch_norms(model)
-
-  def forward(state: Any, batch: Any, sink: Sink) -> None:
-    copy = nnx.merge(graphdef, state)
-    for key, (path, bn) in _batch_norms(copy).items():
-      _set(copy, path, _Recorder(bn, key, sink))
-    copy(batch, **call_kwargs)
-
-  def discover(batch: Any) -> Sink:
-    sink = Sink()
-    jax.eval_shape(lambda s, b: forward(s, b, sink), nnx.state(model), batch)
-    return sink
-
-  def capture(keys: Any, state: Any, batch: Any) -> Any:
-    sink = Sink(keys)
-    forward(state, batch, sink)
-    return sink.moments
-
-  def write(key: Any, m: jn.Moments, n: jax.Array) -> None:
-    bn = bns[key][1]
-    bn.mean[...], bn.var[...] = population_stats(m, bn.unbiased_running_var, bn.mean[...],
-                                                 bn.var[...])
-    if bn.count is not None:
-      bn.count[...] = n.astype(bn.count[...].dtype)
-
-  recompute(type(model).__name__, batches, discover, capture, lambda: nnx.state(model), write,
-            progress, cache_key=("nnx", graphdef, tuple(sorted(call_kwargs.items()))))
+  _flax_tools.recompute_nnx(model, batches, BatchNorm, progress, call_kwargs)

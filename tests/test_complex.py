@@ -91,17 +91,17 @@ def _ref_ema(old, new, momentum):
 
 
 def test_batch_norm_init_complex_has_complex_mean_and_real_var():
-  state = jn.batch_norm_init(3, jnp.complex64)
+  state = jn.batch_norm_init(3, dtype=jnp.complex64)
   assert state.mean.dtype == jnp.complex64 and state.var.dtype == jnp.float32
   with pytest.raises(TypeError, match="floating or complex"):
-    jn.batch_norm_init(3, jnp.int32)
+    jn.batch_norm_init(3, dtype=jnp.int32)
 
 
 def test_batch_norm_on_complex_input_matches_complex128():
   x = _data((8, 3))
   rng = np.random.default_rng(4)
   s, b = (jnp.asarray(rng.normal(size=3), jnp.float32) for _ in range(2))
-  state = jn.batch_norm_init(3, jnp.complex64)
+  state = jn.batch_norm_init(3, dtype=jnp.complex64)
   y, new = jn.batch_norm(x, state, s, b, training=True, momentum=0.9, epsilon=1e-6)
   mean, var = _ref_moments(x, 0)
   assert y.dtype == jnp.complex64
@@ -126,7 +126,7 @@ def test_batch_norm_on_complex_input_matches_complex128():
 
 def test_batch_norm_complex_across_devices_and_in_ghost_batches():
   x = _data((4, 6, 3), seed=5)  # 4 devices of 6 examples
-  state = jn.batch_norm_init(3, jnp.complex64)
+  state = jn.batch_norm_init(3, dtype=jnp.complex64)
   step = jax.vmap(lambda xi: jn.batch_norm(xi, state, training=True, momentum=0.0,
                                            epsilon=1e-6, axis_name="d"),
                   axis_name="d")
@@ -158,15 +158,15 @@ def test_merge_moments_of_complex_sets_is_exact():
 
 def test_batch_norm_complex_errors_name_the_fix():
   x = _data((4, 3))
-  with pytest.raises(TypeError, match=r"batch_norm_init\(\(3,\), jnp.complex64\)"):
+  with pytest.raises(TypeError, match=r"batch_norm_init\(\(3,\), dtype=jnp.complex64\)"):
     jn.batch_norm(x, jn.batch_norm_init(3), training=True)
   with pytest.raises(TypeError, match="a real batch a real one"):
-    jn.batch_norm(np.real(x), jn.batch_norm_init(3, jnp.complex64), training=True)
+    jn.batch_norm(np.real(x), jn.batch_norm_init(3, dtype=jnp.complex64), training=True)
   with pytest.raises(TypeError, match="batch_renorm"):
-    jn.batch_renorm(x, jn.batch_norm_init(3, jnp.complex64), training=True, r_max=3.0,
+    jn.batch_renorm(x, jn.batch_norm_init(3, dtype=jnp.complex64), training=True, r_max=3.0,
                     d_max=5.0)
   with pytest.raises(TypeError, match="fold_batch_norm"):
-    jn.fold_batch_norm(jnp.ones((2, 3)), None, jnp.zeros(3, jnp.complex64), jnp.ones(3))
+    jn.fold_batch_norm(jnp.ones((2, 3)), None, mean=jnp.zeros(3, jnp.complex64), var=jnp.ones(3))
 
 
 def _ref_norm_jnp(axis):
@@ -211,7 +211,7 @@ def test_batch_norm_gradients_match_autodiff_of_complex128():
   s, b = (rng.normal(size=4).astype(np.float32) for _ in range(2))
 
   def ours_fn(x, s, b):
-    return jn.batch_norm(x, jn.batch_norm_init(4, x.dtype), s, b, training=True,
+    return jn.batch_norm(x, jn.batch_norm_init(4, dtype=x.dtype), s, b, training=True,
                          epsilon=1e-6)[0]
 
   _assert_gradients_match_complex128(ours_fn, _ref_norm_jnp(0), x, s, b)

@@ -231,7 +231,8 @@ for name in ('jaxnorm.linen', 'jaxnorm.nnx'):
   try:
     __import__(name)
   except ImportError as e:
-    assert 'pip install jaxnorm[flax]' in str(e), str(e)
+    assert 'pip install -e ".[flax]"' in str(e), str(e)  # from a clone
+    assert 'pip install "jaxnorm[flax]"' in str(e), str(e)  # from an index
     assert name in str(e), str(e)
   else:
     raise AssertionError(name + ' imported without flax')

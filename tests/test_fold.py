@@ -47,7 +47,9 @@ def test_fold_matches_float64_reference_under_jit(use_bias, use_scale, use_offse
   use = {"bias": use_bias, "scale": use_scale, "offset": use_offset}
   args = [d["kernel"], d["bias"] if use_bias else None, d["mean"], d["var"],
           d["scale"] if use_scale else None, d["offset"] if use_offset else None]
-  k, b = jax.jit(lambda *a: jn.fold_batch_norm(*a, epsilon=1e-3))(*args)
+  names = ("kernel", "bias", "mean", "var", "scale", "offset")
+  k, b = jax.jit(lambda *a: jn.fold_batch_norm(
+      a[0], a[1], **dict(zip(names[2:], a[2:], strict=True)), epsilon=1e-3))(*args)
   rk, rb = _ref_fold(d, use, 1e-3)
   assert k.dtype == jnp.float32 and b.dtype == jnp.float32
   assert k.shape == (3, 3, 4, 5) and b.shape == (5,)
@@ -83,8 +85,8 @@ def test_folded_layer_equals_layer_then_batch_norm(kernel_shape, spatial):
                          epsilon=1e-5)[0]
 
   def folded(x):
-    k, b = jn.fold_batch_norm(d["kernel"], d["bias"], d["mean"], d["var"], d["scale"],
-                              d["offset"], epsilon=1e-5)
+    k, b = jn.fold_batch_norm(d["kernel"], d["bias"], mean=d["mean"], var=d["var"],
+                              scale=d["scale"], offset=d["offset"], epsilon=1e-5)
     return layer(x, k, b)
 
   y0, y1 = jax.jit(original)(x), jax.jit(folded)(x)
@@ -105,31 +107,34 @@ def test_folded_layer_equals_layer_then_batch_norm(kernel_shape, spatial):
 
 def test_fold_keeps_the_kernel_dtype():
   d = _data((4, 3))
-  k, b = jn.fold_batch_norm(jnp.asarray(d["kernel"], jnp.bfloat16), None, d["mean"], d["var"],
-                            d["scale"], d["offset"], epsilon=1e-5)
+  k, b = jn.fold_batch_norm(jnp.asarray(d["kernel"], jnp.bfloat16), None, mean=d["mean"],
+                            var=d["var"], scale=d["scale"], offset=d["offset"], epsilon=1e-5)
   assert k.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16
   rk, _ = _ref_fold({**d, "kernel": f64(jnp.asarray(d["kernel"], jnp.bfloat16))},
                     {"bias": False, "scale": True, "offset": True}, 1e-5)
   np.testing.assert_allclose(f64(k), rk, rtol=2 ** -8, atol=0)  # one bfloat16 rounding
-  k, b = jn.fold_batch_norm(d["kernel"], jnp.asarray(d["bias"], jnp.bfloat16), d["mean"],
-                            d["var"], None, None, epsilon=1e-5)
+  k, b = jn.fold_batch_norm(d["kernel"], jnp.asarray(d["bias"], jnp.bfloat16), mean=d["mean"],
+                            var=d["var"], scale=None, offset=None, epsilon=1e-5)
   assert k.dtype == jnp.float32 and b.dtype == jnp.bfloat16
 
 
 def test_fold_errors_name_the_argument():
   d = _data((4, 3))
   with pytest.raises(ValueError, match=r"mean must have the shape .*\(3,\).*\(2,\)"):
-    jn.fold_batch_norm(d["kernel"], None, d["mean"][:2], d["var"], None, None, epsilon=1e-5)
+    jn.fold_batch_norm(d["kernel"], None, mean=d["mean"][:2], var=d["var"], scale=None,
+                       offset=None, epsilon=1e-5)
   with pytest.raises(ValueError, match="offset must have the shape"):
-    jn.fold_batch_norm(d["kernel"], None, d["mean"], d["var"], None, np.ones(4), epsilon=1e-5)
+    jn.fold_batch_norm(d["kernel"], None, mean=d["mean"], var=d["var"], scale=None,
+                       offset=np.ones(4), epsilon=1e-5)
   with pytest.raises(TypeError, match="kernel must have a floating dtype"):
-    jn.fold_batch_norm(np.ones((4, 3), np.int32), None, d["mean"], d["var"], None, None,
-                       epsilon=1e-5)
+    jn.fold_batch_norm(np.ones((4, 3), np.int32), None, mean=d["mean"], var=d["var"],
+                       scale=None, offset=None, epsilon=1e-5)
   with pytest.raises(ValueError, match="epsilon"):
-    jn.fold_batch_norm(d["kernel"], None, d["mean"], d["var"], None, None, epsilon=-1.0)
+    jn.fold_batch_norm(d["kernel"], None, mean=d["mean"], var=d["var"], scale=None,
+                       offset=None, epsilon=-1.0)
   with pytest.raises(ValueError, match="at least one axis"):
-    jn.fold_batch_norm(np.float32(1.0), None, d["mean"][:1], d["var"][:1], None, None,
-                       epsilon=1e-5)
+    jn.fold_batch_norm(np.float32(1.0), None, mean=d["mean"][:1], var=d["var"][:1], scale=None,
+                       offset=None, epsilon=1e-5)
 
 
 class _Block(nn.Module):

@@ -25,6 +25,7 @@ import pytest
 
 import jaxnorm as jn
 from jaxnorm import _pallas
+from jaxnorm._pallas import _triton
 
 F64 = jnp.float64
 EPS32 = float(np.finfo(np.float32).eps)
@@ -205,8 +206,8 @@ def test_bias_without_scale():
 
 def test_backward_walking_several_row_chunks_per_program(monkeypatch):
   """Few backward programs: each loops over chunks, the last ones wholly past the last row."""
-  monkeypatch.setattr(_pallas, "_BWD_PROGRAMS", 1)
-  blk = _pallas.blocking(37, 384)
+  monkeypatch.setattr(_triton, "_BWD_PROGRAMS", 1)
+  blk = _triton.blocking(37, 384)
   assert blk["steps"] > 1 and 37 % (blk["chunk"] * blk["steps"]) != 0, blk
   x, scale, bias, w = _inputs((37, 384), jnp.float32, seed=1)
   params = _params("layer_norm", scale, bias, True, jnp.float32)

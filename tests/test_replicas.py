@@ -39,7 +39,7 @@ def _ref_merge(states: jn.BatchNormState, weights) -> tuple[np.ndarray, np.ndarr
 
 def _sync_everywhere(states: jn.BatchNormState, kind: str, **kw) -> jn.BatchNormState:
   """sync_running_stats of stacked per-replica states; checks the replicas agree bitwise."""
-  sync = lambda s: jn.sync_running_stats(s, "r", **kw)
+  sync = lambda s: jn.sync_running_stats(s, axis_name="r", **kw)
   if kind == "shard_map":
     mesh = _mesh()
     placed = jax.device_put(states, NamedSharding(mesh, P("r")))
@@ -76,7 +76,7 @@ def test_sync_is_the_count_weighted_merge_and_ignores_replicas_that_never_update
 def test_weights_replace_the_counts_and_all_zero_weights_mean_equal_weights():
   states = _stacked_states([1] * R, offset=3.0)
   examples = np.array([5, 0, 7, 1, 2, 9, 3, 4], np.float32)
-  out = jax.vmap(lambda s, w: jn.sync_running_stats(s, "r", weights=w), axis_name="r")(
+  out = jax.vmap(lambda s, w: jn.sync_running_stats(s, axis_name="r", weights=w), axis_name="r")(
       states, examples)
   mean, var = _ref_merge(states, examples)
   mean_err, var_err = refs.sync_error(states.mean, states.var, examples)
@@ -84,7 +84,7 @@ def test_weights_replace_the_counts_and_all_zero_weights_mean_equal_weights():
   refs.assert_within(out.var[3], var, var_err, "var")
   # No replica has updated: equal weights, and initial states merge to themselves exactly.
   init = jax.tree.map(lambda a: np.stack([a] * R), jn.batch_norm_init(3))
-  out = jax.vmap(lambda s: jn.sync_running_stats(s, "r"), axis_name="r")(init)
+  out = jax.vmap(lambda s: jn.sync_running_stats(s, axis_name="r"), axis_name="r")(init)
   np.testing.assert_array_equal(out.mean, init.mean)
   np.testing.assert_array_equal(out.var, init.var)
   np.testing.assert_array_equal(out.count, 0)
@@ -93,7 +93,7 @@ def test_weights_replace_the_counts_and_all_zero_weights_mean_equal_weights():
 def test_identical_states_merge_to_themselves():
   one = _stacked_states([5] * R, seed=3)
   same = jax.tree.map(lambda a: np.broadcast_to(a[:1], a.shape), one)
-  out = jax.vmap(lambda s: jn.sync_running_stats(s, "r"), axis_name="r")(same)
+  out = jax.vmap(lambda s: jn.sync_running_stats(s, axis_name="r"), axis_name="r")(same)
   mean_err, var_err = refs.sync_error(same.mean, same.var, [5] * R)
   refs.assert_within(out.mean, same.mean, mean_err, "mean")
   refs.assert_within(out.var, same.var, var_err, "var")
@@ -108,7 +108,7 @@ def test_a_tree_of_states_keeps_structure_and_dtypes_and_costs_two_all_reduces()
                                  jnp.asarray(rng.uniform(1, 2, (R, 2, 3)), jnp.bfloat16),
                                  jnp.asarray(np.arange(R), jnp.int32))],
   }
-  sync = jax.pmap(lambda t: jn.sync_running_stats(t, "r"), axis_name="r")
+  sync = jax.pmap(lambda t: jn.sync_running_stats(t, axis_name="r"), axis_name="r")
   out = sync(tree)
   assert jax.tree.structure(out) == jax.tree.structure(tree)
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(tree), strict=True):
@@ -140,7 +140,7 @@ def test_momentum_none_stays_the_exact_cumulative_average_across_syncs():
       state = jn.update_running_stats(state, batch, momentum=None)
     return state
 
-  sync = jax.vmap(lambda s: jn.sync_running_stats(s, "r"), axis_name="r")
+  sync = jax.vmap(lambda s: jn.sync_running_stats(s, axis_name="r"), axis_name="r")
   stack = lambda states: jax.tree.map(lambda *a: jnp.stack(a), *states)
   states = stack([fold(jn.batch_norm_init(3), b[:c]) for b, c in zip(batches, counts, strict=True)])
   states = sync(states)
@@ -232,15 +232,15 @@ def test_unsynchronized_replicas_diverge_and_sync_running_stats_reunites_them():
 def test_bad_arguments_raise_clear_errors():
   state = jn.batch_norm_init(3)
   with pytest.raises(ValueError, match="axis_name must name"):
-    jn.sync_running_stats(state, None)
+    jn.sync_running_stats(state, axis_name=None)
   with pytest.raises(TypeError, match="found a leaf of type"):
-    jax.vmap(lambda s: jn.sync_running_stats({"bn": s, "w": s.mean}, "r"),
+    jax.vmap(lambda s: jn.sync_running_stats({"bn": s, "w": s.mean}, axis_name="r"),
              axis_name="r")(_stacked_states([1] * R))
   with pytest.raises(ValueError, match="weights must be a scalar"):
-    jn.sync_running_stats(state, "r", weights=np.ones(3))
+    jn.sync_running_stats(state, axis_name="r", weights=np.ones(3))
   with pytest.raises(ValueError, match="non-negative"):
-    jn.sync_running_stats(state, "r", weights=-1.0)
+    jn.sync_running_stats(state, axis_name="r", weights=-1.0)
   with pytest.raises(NotImplementedError, match="split the mesh axis"):
-    jax.vmap(lambda s: jn.sync_running_stats(s, "r", axis_index_groups=[[0, 1, 2, 3],
+    jax.vmap(lambda s: jn.sync_running_stats(s, axis_name="r", axis_index_groups=[[0, 1, 2, 3],
                                                                         [4, 5, 6, 7]]),
              axis_name="r")(_stacked_states([1] * R))

@@ -1,0 +1,206 @@
+"""Fused Pallas kernels for layer and RMS normalization over the last axis, and when they apply.
+
+The plain case only: `x` of shape `(..., F)` flattened to `(R, F)` rows, statistics and
+parameters over the last axis, no mask, no devices. `obstacle` says why a call is outside it;
+`normalize_rows` runs the kernels: Triton kernels (`_triton`) in programs compiled for GPUs,
+the same kernels in Pallas interpret mode on CPU. The arithmetic of every kernel is `_math`'s.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from .._platform import switch
+from . import _triton
+from ._math import backward_math, forward_math
+
+try:  # Private, used only to tell reverse-mode linearization from forward mode (see below).
+  from jax._src.interpreters.partial_eval import JaxprTracer as _LinearTracer
+except ImportError:  # pragma: no cover - a later JAX: every tangent then takes the XLA path
+  _LinearTracer = ()  # type: ignore[assignment,misc]
+
+MAX_FEATURES = 16384
+"""The largest feature size the kernels take (one row on chip); beyond it, the XLA path."""
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def obstacle(x: jax.Array, scale: Any, bias: Any, epsilon: Any, mask: Any,
+             reduction_axes: tuple[int, ...], feature_axes: tuple[int, ...],
+             axis_name: Any) -> str | None:
+  """Why the kernels do not apply to a call, or None in the plain case."""
+  last = (x.ndim - 1,)
+  if x.ndim == 0:
+    return "a scalar input"
+  if reduction_axes != last:
+    return f"reduction_axes={reduction_axes} (the kernels reduce over the last axis only)"
+  if feature_axes != last:
+    return f"feature_axes={feature_axes} (the kernels take parameters along the last axis)"
+  if mask is not None:
+    return "a mask"
+  if axis_name is not None:
+    return f"axis_name={axis_name!r} (a reduction across devices)"
+  for name, a in (("scale", scale), ("bias", bias)):
+    if a is not None and jnp.shape(a) != x.shape[-1:]:
+      return (f"{name} of shape {jnp.shape(a)} (the kernels take parameters of the feature "
+              f"shape {x.shape[-1:]}, not per-example ones)")
+  for name, a in (("x", x), ("scale", scale), ("bias", bias)):
+    if a is not None and jnp.dtype(jnp.result_type(a)).name not in DTYPES:
+      return (f"{name} of dtype {jnp.dtype(jnp.result_type(a)).name} (the kernels take "
+              f"{', '.join(DTYPES)})")
+  if isinstance(epsilon, jax.core.Tracer):
+    return "a traced epsilon (the kernels take a Python float)"
+  if jax.default_backend() not in ("cpu", "gpu"):
+    return f"the {jax.default_backend()} backend (the kernels are Triton kernels for GPUs)"
+  return None
+
+
+def _on_platform(call: Callable[..., Any], *args):
+  """`call(*args, interpret=True)` in programs compiled for CPU, the Triton kernel elsewhere."""
+  return switch(*args, cpu=functools.partial(call, interpret=True),
+                default=functools.partial(call, interpret=False))
+
+
+class _Rows(NamedTuple):
+  """A normalization of `(rows, features)` rows by the kernels (static)."""
+
+  features: int
+  eps: float
+  centered: bool
+  has_scale: bool
+  has_bias: bool
+  bias_dtype: Any
+
+  def split(self, params):
+    """`(scale, bias)` from the parameters given (None where absent)."""
+    it = iter(params)
+    return (next(it) if self.has_scale else None), (next(it) if self.has_bias else None)
+
+  def split_rest(self, rest):
+    """The backward kernel's inputs after x and dy, `(*stats, [scale])`, as (stats, scale)."""
+    return rest[:len(rest) - self.has_scale], (rest[-1] if self.has_scale else None)
+
+
+def _forward(k: _Rows):
+  """The forward kernel, with a forward-mode derivative from `forward_math` on whole arrays."""
+  f32 = jnp.float32
+
+  @jax.custom_jvp
+  def forward(x2, *params):
+    call = functools.partial(_triton.forward_call, eps=k.eps, centered=k.centered,
+                             has_scale=k.has_scale, has_bias=k.has_bias)
+    return tuple(_on_platform(lambda x2, *p, interpret: call(x2, p, interpret=interpret),
+                              x2, *params))
+
+  def forward_ref(x2, *params):
+    s, b = k.split(params)
+    y, mean, rstd = forward_math(x2.astype(f32), None if s is None else s.astype(f32),
+                                 None if b is None else b.astype(f32), None, k.features,
+                                 k.eps, k.centered)
+    return (y.astype(x2.dtype),) + ((mean,) if k.centered else ()) + (rstd,)
+
+  forward.defjvp(lambda p, t: jax.jvp(forward_ref, p, t))
+  return forward
+
+
+def _backward(k: _Rows):
+  """The backward kernel, with a forward-mode derivative from `backward_math`."""
+  f32 = jnp.float32
+
+  @jax.custom_jvp
+  def backward(x2, dy2, *rest):
+    def run(x2, dy2, *rest, interpret):
+      stats, s = k.split_rest(rest)
+      out = _triton.backward_call(x2, dy2, stats, s, has_bias=k.has_bias,
+                                  bias_dtype=k.bias_dtype, centered=k.centered,
+                                  interpret=interpret)
+      return tuple(o for o in out if o is not None)
+
+    return _on_platform(run, x2, dy2, *rest)
+
+  def backward_ref(x2, dy2, *rest):
+    stats, s = k.split_rest(rest)
+    mean, rstd = stats if k.centered else (None, stats[0])
+    dx, dg, db = backward_math(x2.astype(f32), dy2.astype(f32), mean, rstd,
+                               None if s is None else s.astype(f32), None, k.features,
+                               k.centered)
+    out = [dx.astype(x2.dtype)]
+    if s is not None:
+      out.append(dg.astype(s.dtype))
+    if k.has_bias:
+      out.append(db.astype(k.bias_dtype))
+    return tuple(out)
+
+  backward.defjvp(lambda p, t: jax.jvp(backward_ref, p, t))
+  return backward
+
+
+def _kernels(k: _Rows):
+  """The forward kernel whose reverse-mode derivative is the backward kernel."""
+  forward, backward = _forward(k), _backward(k)
+
+  @jax.custom_vjp
+  def kernels(x2, *params):
+    return forward(x2, *params)[0]
+
+  def kernels_fwd(x2, *params):
+    y, *stats = forward(x2, *params)
+    return y, (x2, tuple(stats), params)
+
+  def kernels_bwd(res, dy2):
+    x2, stats, params = res
+    s, _ = k.split(params)
+    return tuple(backward(x2, dy2, *stats, *(() if s is None else (s,))))
+
+  kernels.defvjp(kernels_fwd, kernels_bwd)
+  return kernels
+
+
+def normalize_rows(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
+                   eps: float, *, centered: bool,
+                   xla: Callable[..., jax.Array]) -> jax.Array:
+  """Layer (`centered`) or RMS normalization of `x` over its last axis with the kernels.
+
+  `x` is float32, bfloat16 or float16 with at most `MAX_FEATURES` features; `scale` and
+  `bias` have shape `(F,)`; `eps` is a Python float. `xla(x, scale, bias)` is the same
+  normalization on the XLA path (a function JAX can differentiate in forward mode).
+
+  Differentiation. Reverse mode runs the backward kernel through a `jax.custom_vjp`. JAX
+  cannot differentiate a `custom_vjp` in forward mode and cannot transpose a `pallas_call`,
+  so the whole is a `jax.custom_jvp` whose rule looks at the tangents it is given: during
+  reverse-mode linearization (`jax.grad`, `jax.vjp`; tangents that JAX's partial evaluator
+  stages out) it differentiates the `custom_vjp`, so that the transposed program calls the
+  backward kernel; otherwise (`jax.jvp`, `jax.jacfwd`) it keeps the kernel's `y` and takes the
+  tangent from `xla`, which is exact and linear. Either choice gives the same derivative; the
+  test only picks which kernels compute it. It cannot see through everything: the gradient of
+  a function JAX has already traced (`jax.jit`, `jax.checkpoint`) or batched (`jax.vmap`)
+  linearizes with tangents that look like forward mode, so its backward pass runs on the XLA
+  path; `jax.linearize` followed by a call of its linear function is JAX's forward-mode error.
+  The kernel calls themselves differentiate through `forward_math` and `backward_math` on
+  whole arrays, so that `jax.hessian` works too.
+  """
+  lead, features = x.shape[:-1], x.shape[-1]
+  x2 = x.reshape(math.prod(lead), features)
+  k = _Rows(features, eps, centered, scale is not None, bias is not None,
+            None if bias is None else bias.dtype)
+  params = tuple(p for p in (scale, bias) if p is not None)
+  kernels = _kernels(k)
+
+  @jax.custom_jvp
+  def fused(x2, *params):
+    return kernels(x2, *params)
+
+  @fused.defjvp
+  def fused_jvp(primals, tangents):
+    if any(isinstance(t, _LinearTracer) for t in tangents):  # reverse-mode linearization
+      return jax.jvp(kernels, primals, tangents)
+    _, dy = jax.jvp(lambda x2, *p: xla(x2, *k.split(p)), primals, tangents)
+    return kernels(*primals), dy
+
+  return fused(x2, *params).reshape(x.shape)

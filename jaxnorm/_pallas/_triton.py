@@ -1,0 +1,192 @@
+"""Fused Pallas Triton kernels for layer and RMS normalization of `(rows, features)` rows.
+
+* forward: a grid over blocks of `rows_f` rows, the whole feature axis in one block padded to a
+  power of two `f_pad` (masked); each program loads its block once, computes the exact two-pass
+  mean and variance in float32 on chip and writes `y`, the float32 mean (layer norm) and the
+  float32 reciprocal standard deviation `rstd`. The last row block may be ragged (masked).
+* backward: a grid over blocks of `chunk * steps` rows; each program walks its block `chunk`
+  rows at a time, reads `x` and `dy` once, writes `dx` and accumulates float32 partial sums of
+  `dγ = Σ dy x̂` and `dβ = Σ dy` over its rows in registers; the partials (one row per program,
+  at most `_BWD_PROGRAMS` rows) are summed afterwards by XLA.
+
+The arithmetic is `_math`'s. On CPU the same kernels run in Pallas interpret mode.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ._math import backward_math, forward_math
+
+# Blocking (not yet tuned on a GPU: tune with benchmarks/gpu.py).
+_MIN_BLOCK = 16  # smallest padded feature block
+_FWD_ELEMS = 8192  # elements of x per forward program (held on chip in float32)
+_BWD_ELEMS = 4096  # elements of x (and of dy) per backward step
+_BWD_PROGRAMS = 1024  # at most this many backward programs, i.e. rows of partial sums
+_BWD_MAX_STEPS = 64  # at most this many steps of `chunk` rows per backward program
+
+
+def _pow2_at_most(n: int) -> int:
+  return 1 << max(n, 1).bit_length() - 1
+
+
+def blocking(rows: int, features: int) -> dict[str, int]:
+  """The kernels' block sizes for `(rows, features)`: powers of two, see the module doc."""
+  f_pad = max(_MIN_BLOCK, pl.next_power_of_2(features))
+  rows_p2 = pl.next_power_of_2(max(rows, 1))
+  rows_f = max(1, min(_FWD_ELEMS // f_pad, rows_p2))
+  chunk = max(1, min(_BWD_ELEMS // f_pad, rows_p2))
+  steps = pl.next_power_of_2(max(1, pl.cdiv(rows, chunk * _BWD_PROGRAMS)))
+  steps = max(1, min(steps, _BWD_MAX_STEPS, _pow2_at_most(pl.cdiv(rows, chunk))))
+  return {"f_pad": f_pad, "rows_f": rows_f, "chunk": chunk, "steps": steps,
+          "warps_f": max(1, min(16, rows_f * f_pad // 256)),
+          "warps_b": max(1, min(16, chunk * f_pad // 256))}
+
+
+def _masks(row0, nrows: int, f_pad: int, rows: int, features: int, ragged: bool):
+  """Row and element masks of a block of `nrows` rows from row `row0`, None where not needed."""
+  row_ok = (row0 + jnp.arange(nrows)) < rows if ragged else None
+  col_ok = jnp.arange(f_pad) < features if f_pad != features else None
+  if row_ok is None:
+    if col_ok is None:
+      return None, None, None
+    valid = jnp.broadcast_to(col_ok[None, :], (nrows, f_pad))
+  elif col_ok is None:
+    valid = jnp.broadcast_to(row_ok[:, None], (nrows, f_pad))
+  else:
+    valid = row_ok[:, None] & col_ok[None, :]
+  return row_ok, col_ok, valid
+
+
+def _load(ref, mask):
+  f32 = jnp.float32
+  if mask is None:
+    return plgpu.load(ref).astype(f32)
+  return plgpu.load(ref, mask=mask, other=0).astype(f32)
+
+
+def _store(ref, value, mask):
+  plgpu.store(ref, value.astype(ref.dtype), mask=mask)
+
+
+def _forward_kernel(*all_refs, rows: int, features: int, eps: float, centered: bool,
+                    has_scale: bool, has_bias: bool):
+  refs = list(all_refs)
+  x_ref = refs.pop(0)
+  g_ref = refs.pop(0) if has_scale else None
+  b_ref = refs.pop(0) if has_bias else None
+  y_ref, *stat_refs = refs
+  nrows, f_pad = x_ref.shape
+  row0 = pl.program_id(0) * nrows
+  row_ok, col_ok, valid = _masks(row0, nrows, f_pad, rows, features, rows % nrows != 0)
+  x = _load(x_ref, valid)
+  g = None if g_ref is None else _load(g_ref, col_ok)
+  b = None if b_ref is None else _load(b_ref, col_ok)
+  y, mean, rstd = forward_math(x, g, b, valid, features, eps, centered)
+  _store(y_ref, y, valid)
+  for ref, s in zip(stat_refs, (mean, rstd) if centered else (rstd,), strict=True):
+    _store(ref, s, row_ok)
+
+
+def _backward_kernel(*all_refs, rows: int, features: int, chunk: int, steps: int,
+                     centered: bool, has_scale: bool, has_bias: bool):
+  refs = list(all_refs)
+  x_ref, dy_ref = refs.pop(0), refs.pop(0)
+  mean_ref = refs.pop(0) if centered else None
+  rstd_ref = refs.pop(0)
+  g_ref = refs.pop(0) if has_scale else None
+  dx_ref = refs.pop(0)
+  dg_ref = refs.pop(0) if has_scale else None
+  db_ref = refs.pop(0) if has_bias else None
+  f_pad = x_ref.shape[1]
+  block0 = pl.program_id(0) * (chunk * steps)
+  ragged = rows % (chunk * steps) != 0
+  col_ok = jnp.arange(f_pad) < features if f_pad != features else None
+  g = None if g_ref is None else _load(g_ref, col_ok)
+
+  def step(j, acc):
+    start = j * chunk if steps == 1 else pl.multiple_of(j * chunk, chunk)
+    rs = pl.ds(start, chunk)
+    row_ok, _, valid = _masks(block0 + start, chunk, f_pad, rows, features, ragged)
+    x = _load(x_ref.at[rs, :], valid)
+    dy = _load(dy_ref.at[rs, :], valid)
+    mean = None if mean_ref is None else _load(mean_ref.at[rs], row_ok)
+    rstd = _load(rstd_ref.at[rs], row_ok)
+    dx, dg, db = backward_math(x, dy, mean, rstd, g, valid, features, centered)
+    _store(dx_ref.at[rs, :], dx, valid)
+    return acc[0] + dg, acc[1] + db
+
+  zeros = jnp.zeros((f_pad,), jnp.float32)
+  if steps == 1:
+    dg, db = step(0, (zeros, zeros))
+  else:
+    dg, db = jax.lax.fori_loop(0, steps, step, (zeros, zeros))
+  out_mask = None if col_ok is None else col_ok[None, :]
+  if dg_ref is not None:
+    _store(dg_ref, dg[None, :], out_mask)
+  if db_ref is not None:
+    _store(db_ref, db[None, :], out_mask)
+
+
+def forward_call(x2: jax.Array, params: Sequence[jax.Array], *, eps: float, centered: bool,
+                  has_scale: bool, has_bias: bool, interpret: bool):
+  rows, features = x2.shape
+  blk = blocking(rows, features)
+  f_pad, nrows = blk["f_pad"], blk["rows_f"]
+  kernel = functools.partial(_forward_kernel, rows=rows, features=features, eps=eps,
+                             centered=centered, has_scale=has_scale, has_bias=has_bias)
+  row_spec = pl.BlockSpec((nrows, f_pad), lambda i: (i, 0))
+  vec_spec = pl.BlockSpec((f_pad,), lambda i: (0,))
+  stat_spec = pl.BlockSpec((nrows,), lambda i: (i,))
+  nstats = 2 if centered else 1
+  stat = jax.ShapeDtypeStruct((rows,), jnp.float32)
+  return pl.pallas_call(
+      kernel,
+      out_shape=[jax.ShapeDtypeStruct(x2.shape, x2.dtype)] + [stat] * nstats,
+      grid=(pl.cdiv(rows, nrows),),
+      in_specs=[row_spec] + [vec_spec] * len(params),
+      out_specs=[row_spec] + [stat_spec] * nstats,
+      compiler_params=plgpu.CompilerParams(num_warps=blk["warps_f"], num_stages=1),
+      interpret=interpret,
+      name=f"jaxnorm_{'layer' if centered else 'rms'}_norm_fwd",
+  )(x2, *params)
+
+
+def backward_call(x2, dy2, stats, scale, *, has_bias: bool, bias_dtype: Any,
+                   centered: bool, interpret: bool):
+  rows, features = x2.shape
+  blk = blocking(rows, features)
+  f_pad, chunk, steps = blk["f_pad"], blk["chunk"], blk["steps"]
+  block = chunk * steps
+  programs = pl.cdiv(rows, block)
+  kernel = functools.partial(_backward_kernel, rows=rows, features=features, chunk=chunk,
+                             steps=steps, centered=centered, has_scale=scale is not None,
+                             has_bias=has_bias)
+  row_spec = pl.BlockSpec((block, f_pad), lambda i: (i, 0))
+  stat_spec = pl.BlockSpec((block,), lambda i: (i,))
+  vec_spec = pl.BlockSpec((f_pad,), lambda i: (0,))
+  part_spec = pl.BlockSpec((1, f_pad), lambda i: (i, 0))
+  part = jax.ShapeDtypeStruct((programs, features), jnp.float32)
+  params = [] if scale is None else [scale]
+  nparts = (scale is not None) + has_bias
+  outs = pl.pallas_call(
+      kernel,
+      out_shape=[jax.ShapeDtypeStruct(x2.shape, x2.dtype)] + [part] * nparts,
+      grid=(programs,),
+      in_specs=[row_spec, row_spec] + [stat_spec] * len(stats) + [vec_spec] * len(params),
+      out_specs=[row_spec] + [part_spec] * nparts,
+      compiler_params=plgpu.CompilerParams(num_warps=blk["warps_b"], num_stages=1),
+      interpret=interpret,
+      name=f"jaxnorm_{'layer' if centered else 'rms'}_norm_bwd",
+  )(x2, dy2, *stats, *params)
+  dx, parts = outs[0], iter(outs[1:])
+  dscale = None if scale is None else jnp.sum(next(parts), axis=0).astype(scale.dtype)
+  dbias = jnp.sum(next(parts), axis=0).astype(bias_dtype) if has_bias else None
+  return dx, dscale, dbias
