@@ -121,7 +121,7 @@ def test_an_exported_training_step_with_the_state_serializes_and_runs():
 
 
 def test_an_equinox_model_with_batch_norm_has_array_leaves_only():
-  bn, state = eqx.nn.make_with_state(jne.BatchNorm)(3, "batch", mode="batch")
+  bn, _ = eqx.nn.make_with_state(jne.BatchNorm)(3, "batch", mode="batch")
   leaves = jax.tree.leaves(bn)
   assert all(isinstance(a, (jax.Array, bool)) for a in leaves), leaves
   stacked = jax.tree.map(lambda a: jnp.stack([a, a]), eqx.filter(bn, eqx.is_array))
