@@ -32,11 +32,11 @@ from typing import Any
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jaxnorm as jn  # noqa: E402
+import jaxnorm as jn
 
 _METADATA = re.compile(r",?\s*metadata=\{[^{}]*\}")
 _SOURCE = re.compile(r',?\s*(source_file|source_line|op_name|op_type|scheduling_name)="?[^,}"]*"?')
