@@ -24,6 +24,7 @@ import argparse
 import difflib
 import json
 import os
+import pathlib
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -103,7 +104,7 @@ def _cases_benchmark() -> Iterator[tuple[str, Callable[..., Any], tuple[Any, ...
       p = jax.tree.map(lambda a: _spec(a.shape, a.dtype), params)
       x = _spec(shape, dtype)
       label = f"{norm}/{'x'.join(map(str, shape))}/{dtype}"
-      yield f"{label}/fwd", (lambda fn=fn: lambda p, x: fn(p, x))(), (p, x)
+      yield f"{label}/fwd", fn, (p, x)
       yield f"{label}/fwd_bwd", _fwd_bwd(fn), (p, x, x)
 
 
@@ -253,8 +254,8 @@ def save(path: str, pallas_cuda: bool = False) -> None:
     from jax.experimental import topologies
     from jax.sharding import SingleDeviceSharding
 
-    config = open(os.path.join(os.path.dirname(__file__), "..", "benchmarks",
-                               "h100_sxm.txtpb")).read()
+    config = pathlib.Path(__file__).parent.parent.joinpath("benchmarks",
+                                                           "h100_sxm.txtpb").read_text()
     topo = topologies.get_topology_desc(platform="cuda", target_config=config,
                                         topology="1x1x1")
     device = topo.devices[0]
@@ -270,13 +271,12 @@ def save(path: str, pallas_cuda: bool = False) -> None:
       for name, fn, args in group:
         out[name] = strip(jax.jit(fn).lower(*args).compile().as_text())
         print(name, flush=True)
-  with open(path, "w") as f:
-    json.dump(out, f, indent=0, sort_keys=True)
+  pathlib.Path(path).write_text(json.dumps(out, indent=0, sort_keys=True))
   print(f"{len(out)} programs written to {path}")
 
 
 def compare(a_path: str, b_path: str, show: int = 3) -> int:
-  a, b = ({k: canonical(strip(v)) for k, v in json.load(open(p)).items()}
+  a, b = ({k: canonical(strip(v)) for k, v in json.loads(pathlib.Path(p).read_text()).items()}
           for p in (a_path, b_path))
   only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
   differ = sorted(k for k in set(a) & set(b) if a[k] != b[k])
