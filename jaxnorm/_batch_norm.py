@@ -339,7 +339,9 @@ def batch_norm(
     momentum: decay of the running statistics in [0, 1), or None for the cumulative average.
     epsilon: non-negative constant added to the variance.
     mask: optional boolean array broadcastable to `x`; True marks elements that enter the batch
-      statistics. A batch with no valid element leaves the running statistics unchanged.
+      statistics. A batch with no valid element leaves the running statistics unchanged. It
+      broadcasts against `x`'s last axes: for one flag per example of `(batch, features)`
+      input pass `valid[:, None]`, not `valid` (a mask per feature).
     axis_name: mapped axis (or axes) over which the batch is split across devices.
     axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
     unbiased_running_var: store the Bessel-corrected running variance, as PyTorch does.

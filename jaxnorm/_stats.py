@@ -195,7 +195,10 @@ def moments(
   Args:
     x: floating or complex input.
     reduction_axes: axis or axes to reduce over.
-    mask: optional boolean array broadcastable to `x`; True marks the elements to include.
+    mask: optional boolean array broadcastable to `x`; True marks the elements to include. It
+      broadcasts as NumPy does, aligned with `x`'s *last* axes: on `(batch, features)` input a
+      mask of shape `(batch,)` would be a mask per feature; one flag per example is
+      `mask[:, None]`.
     axis_name: name (or tuple of names) of mapped axes (`shard_map`, `pmap`, `vmap`) to reduce
       over as well.
     axis_index_groups: optional groups of device indices along `axis_name` that reduce
