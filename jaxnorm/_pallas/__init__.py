@@ -2,8 +2,9 @@
 
 The plain case only: `x` of shape `(..., F)` flattened to `(R, F)` rows, statistics and
 parameters over the last axis, no mask, no devices. `obstacle` says why a call is outside it;
-`normalize_rows` runs the kernels: Triton kernels (`_triton`) in programs compiled for GPUs,
-the same kernels in Pallas interpret mode on CPU. The arithmetic of every kernel is `_math`'s.
+`normalize_rows` runs the kernels: Mosaic kernels (`_mosaic`) in programs compiled for TPUs,
+Triton kernels (`_triton`) for GPUs, the Triton kernels in Pallas interpret mode on CPU. The
+arithmetic of every kernel is `_math`'s (`_mosaic` restates it for Mosaic's layouts).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from .._platform import switch
-from . import _triton
+from . import _mosaic, _triton
 from ._math import backward_math, forward_math
 
 try:  # Private, used only to tell reverse-mode linearization from forward mode (see below).
@@ -56,15 +57,21 @@ def obstacle(x: jax.Array, scale: Any, bias: Any, epsilon: Any, mask: Any,
               f"{', '.join(DTYPES)})")
   if isinstance(epsilon, jax.core.Tracer):
     return "a traced epsilon (the kernels take a Python float)"
-  if jax.default_backend() not in ("cpu", "gpu"):
-    return f"the {jax.default_backend()} backend (the kernels are Triton kernels for GPUs)"
+  if jax.default_backend() not in ("cpu", "gpu", "tpu"):
+    return (f"the {jax.default_backend()} backend (the kernels are Triton kernels for GPUs and "
+            f"Mosaic kernels for TPUs)")
   return None
 
 
-def _on_platform(call: Callable[..., Any], *args):
-  """`call(*args, interpret=True)` in programs compiled for CPU, the Triton kernel elsewhere."""
-  return switch(*args, cpu=functools.partial(call, interpret=True),
-                default=functools.partial(call, interpret=False))
+def _on_platform(triton: Callable[..., Any], mosaic: Callable[..., Any] | None,
+                 reference: Callable[..., Any], *args):
+  """The Triton kernel `triton(*args, interpret=...)` in Pallas interpret mode in programs
+  compiled for CPU and compiled elsewhere, but on TPU the Mosaic kernel `mosaic(*args,
+  interpret=False)`, or `reference(*args)` (XLA) where the Mosaic kernels do not apply (None).
+  Every branch is traced whatever the platform, so each must trace everywhere."""
+  tpu = reference if mosaic is None else functools.partial(mosaic, interpret=False)
+  return switch(*args, cpu=functools.partial(triton, interpret=True), tpu=tpu,
+                default=functools.partial(triton, interpret=False))
 
 
 class _Rows(NamedTuple):
@@ -76,6 +83,7 @@ class _Rows(NamedTuple):
   has_scale: bool
   has_bias: bool
   bias_dtype: Any
+  mosaic: bool  # the Mosaic kernels take these rows on TPU (else XLA there)
 
   def split(self, params):
     """`(scale, bias)` from the parameters given (None where absent)."""
@@ -91,12 +99,15 @@ def _forward(k: _Rows):
   """The forward kernel, with a forward-mode derivative from `forward_math` on whole arrays."""
   f32 = jnp.float32
 
+  def kernel(module):
+    call = functools.partial(module.forward_call, eps=k.eps, centered=k.centered,
+                             has_scale=k.has_scale, has_bias=k.has_bias)
+    return lambda x2, *p, interpret: tuple(call(x2, p, interpret=interpret))
+
   @jax.custom_jvp
   def forward(x2, *params):
-    call = functools.partial(_triton.forward_call, eps=k.eps, centered=k.centered,
-                             has_scale=k.has_scale, has_bias=k.has_bias)
-    return tuple(_on_platform(lambda x2, *p, interpret: call(x2, p, interpret=interpret),
-                              x2, *params))
+    return tuple(_on_platform(kernel(_triton), kernel(_mosaic) if k.mosaic else None,
+                              forward_ref, x2, *params))
 
   def forward_ref(x2, *params):
     s, b = k.split(params)
@@ -113,16 +124,19 @@ def _backward(k: _Rows):
   """The backward kernel, with a forward-mode derivative from `backward_math`."""
   f32 = jnp.float32
 
-  @jax.custom_jvp
-  def backward(x2, dy2, *rest):
+  def kernel(module):
     def run(x2, dy2, *rest, interpret):
       stats, s = k.split_rest(rest)
-      out = _triton.backward_call(x2, dy2, stats, s, has_bias=k.has_bias,
-                                  bias_dtype=k.bias_dtype, centered=k.centered,
-                                  interpret=interpret)
+      out = module.backward_call(x2, dy2, stats, s, has_bias=k.has_bias,
+                                 bias_dtype=k.bias_dtype, centered=k.centered,
+                                 interpret=interpret)
       return tuple(o for o in out if o is not None)
+    return run
 
-    return _on_platform(run, x2, dy2, *rest)
+  @jax.custom_jvp
+  def backward(x2, dy2, *rest):
+    return _on_platform(kernel(_triton), kernel(_mosaic) if k.mosaic else None, backward_ref,
+                        x2, dy2, *rest)
 
   def backward_ref(x2, dy2, *rest):
     stats, s = k.split_rest(rest)
@@ -187,8 +201,11 @@ def normalize_rows(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None
   """
   lead, features = x.shape[:-1], x.shape[-1]
   x2 = x.reshape(math.prod(lead), features)
+  mosaic = (_mosaic.supports(features, x.dtype)
+            and all(jnp.dtype(p.dtype).name in _mosaic.DTYPES for p in (scale, bias)
+                    if p is not None))
   k = _Rows(features, eps, centered, scale is not None, bias is not None,
-            None if bias is None else bias.dtype)
+            None if bias is None else bias.dtype, mosaic)
   params = tuple(p for p in (scale, bias) if p is not None)
   kernels = _kernels(k)
 

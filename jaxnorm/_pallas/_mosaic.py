@@ -1,0 +1,356 @@
+"""Fused Pallas Mosaic (TPU) kernels for layer and RMS normalization over the last axis.
+
+The TPU counterpart of the Triton kernels in `_triton`, with the same two entry points
+(`forward_call`, `backward_call`: same arguments, same outputs), between which
+`jaxnorm._pallas` chooses by platform. Like them it takes the plain case only: `x` flattened to
+`(R, F)` rows, statistics and parameters over the last axis.
+
+The arithmetic is that of `_math.forward_math` and `_math.backward_math`, formula for formula,
+restated in `_forward_math` and `_backward_math` below for Mosaic's layouts (statistics as
+`(rows, 1)` columns, parameters as `(1, F)` rows, whole rows masked in the backward sums):
+float32 on chip whatever the input dtype, the exact two-pass statistics `mean = Σx / n`,
+`var = Σ(x - mean)² / n` (`Σx² / n` without centring), `rstd = rsqrt(var + eps)`, and
+`dx = r (g - x̂·mean(g x̂) - mean(g))` with `g = dy γ` (the `mean(g)` term only with centring).
+
+Kernels (Mosaic, the Pallas TPU lowering; in Pallas interpret mode on the CPU):
+
+* forward: a grid over blocks of `block_rows` rows with the whole feature axis in each block
+  (the block's last dimension is the full `F`, so any `F` lowers; Mosaic pads the lanes to a
+  multiple of 128 in VMEM only). Each step reads its rows of `x` once and writes `y` and the
+  float32 statistics of its rows. The last block may be ragged: its rows past `R` are read as
+  garbage and their outputs dropped.
+* backward: a grid over blocks of rows that reads `x`, `dy` and the statistics once, writes `dx`
+  and adds the block's float32 partial sums `Σ dy x̂` (dγ) and `Σ dy` (dβ) to a float32 row
+  that stays in VMEM for the whole grid (one write at the end, no partials in HBM); rows past
+  `R` in the last block are masked out of those sums by their row index.
+
+With the forward that is five passes over arrays of `x`'s size, by construction: read `x`,
+write `y`; read `x` and `dy`, write `dx`. The statistics travel through HBM as float32 vectors
+(one per row, laid out `(blocks, 1, block_rows)` so that the kernel stores them lane-dense);
+`forward_call` and `backward_call` convert them from and to shape `(R,)` around the kernels.
+
+Block rows come from each TPU generation's default scoped VMEM limit (`blocking`).
+
+Choosing between these kernels and the Triton ones by platform works with
+`jax.lax.platform_dependent(..., cpu=<either, interpret=True>, cuda=<Triton>, tpu=<Mosaic>)`
+(checked: each program lowers only its platform's branch; the CPU runs interpret mode), with
+three caveats. Every branch is traced whatever the platform, so the `tpu` branch must be one
+that traces: where `supports` is False (float16, a row too long for VMEM, TPU v4), give it the
+XLA path instead of these kernels, which raise a `ValueError` at trace time. The `cpu`
+branch must use `interpret=True`, not `pltpu.InterpretParams()`, whose ordered callbacks fail
+the lowering of `platform_dependent`'s `cond`. And lowering for several platforms at once
+(`lowering_platforms=("cuda", "tpu")`, as `jax.export` may) fails in the Triton `pallas_call`:
+"Compiler params for platform gpu cannot be used for tpu lowering".
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+# The generations the kernels compile for (benchmarks/mosaic_compile.py, libtpu of jax 0.10.2)
+# and the Mosaic compiler's default scoped VMEM limit on each (what a kernel may use without
+# raising `vmem_limit_bytes`). Not v4: its Mosaic lacks the sublane gather with which the
+# forward stores the statistics lane-dense. Not yet v7x: this libtpu has no deviceless v7x.
+SCOPED_VMEM = {"v5e": 16 << 20, "v5p": 16 << 20, "v6e": 32 << 20}
+_DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p",
+                 "TPU v5p": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e", "TPU7x": "v7x"}
+_DEFAULT_GENERATION = "v5e"
+DTYPES = ("float32", "bfloat16")
+"""The dtypes of `x` and the parameters that the kernels take (Mosaic cannot load float16 on
+v5e and v6e: "Invalid vector type for load")."""
+_VMEM_FRACTION = 0.75  # of the scoped limit; the rest for Mosaic's own scratch and spills
+# Blocking caps (unmeasured on a TPU this round: tune with a TPU benchmark). A block of a few MiB
+# should reach the HBM bandwidth; a larger one only lengthens the first read and the last
+# write, which the pipeline cannot overlap with another step.
+_MAX_BLOCK_BYTES = 2 << 20  # of x per block, in its dtype
+_MAX_BLOCK_ROWS = 2048
+# Float32 temporaries of a row block that the compiled kernels hold in VMEM besides the blocks
+# of their operands: the scoped VMEM of the compiled kernels (benchmarks/mosaic_compile.py, v5e
+# and v6e) less their operands' double buffers came to at most 1.9 float32 blocks in the forward
+# and 4.1 in the backward (with scale and bias; parameter rows and broadcasts included).
+_FWD_TEMPS = 2.0
+_BWD_TEMPS = 4.5
+# And per row a few float32 columns (the row's mean, rstd, sums), each a lane-padded 128 wide:
+# they matter for short rows (at F = 128 the forward's temporaries came to 2.6 blocks).
+_FWD_COLUMNS = 2
+_BWD_COLUMNS = 4
+
+
+def default_generation() -> str:
+  """The TPU generation of JAX's default device (`"v5e"`, `"v6e"`, ...), `"v5e"` if not a TPU
+  (interpret mode on the CPU, or a program traced but not lowered for a TPU)."""
+  try:
+    device = jax.devices()[0]
+  except RuntimeError:  # pragma: no cover - no backend at all
+    return _DEFAULT_GENERATION
+  return _DEVICE_KINDS.get(device.device_kind, _DEFAULT_GENERATION)
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _sublanes(dtype: Any) -> int:
+  """Rows per VMEM tile of `dtype`: 8 for 32-bit types, 16 for 16-bit ones (packed)."""
+  return 8 * (4 // jnp.dtype(dtype).itemsize)
+
+
+def _vmem_bytes(block_rows: int, features: int, dtype: Any, backward: bool) -> int:
+  """VMEM a step needs: double-buffered blocks of the row arrays in `dtype` (x, y; or x, dy,
+  dx), the float32 temporaries and columns, double-buffered parameter and float32 sum rows (a
+  row of a tile is padded to a whole tile) and the statistics blocks."""
+  f = _round_up(features, 128)
+  rows = _round_up(block_rows, _sublanes(dtype))
+  size = jnp.dtype(dtype).itemsize
+  arrays, temps, columns, vectors = ((3, _BWD_TEMPS, _BWD_COLUMNS, 4) if backward
+                                     else (2, _FWD_TEMPS, _FWD_COLUMNS, 2))
+  per_row = 2 * arrays * f * size + temps * f * 4 + columns * 128 * 4
+  fixed = 2 * vectors * 8 * f * 4 + 2 * 2 * 8 * _round_up(block_rows, 128) * 4
+  return int(rows * per_row) + fixed
+
+
+def _row_cap(features: int, dtype: Any) -> int:
+  """At most `_MAX_BLOCK_ROWS` rows and `_MAX_BLOCK_BYTES` of `x` per block, at least a tile."""
+  sub = _sublanes(dtype)
+  row_bytes = _round_up(features, 128) * jnp.dtype(dtype).itemsize
+  return max(sub, min(_MAX_BLOCK_ROWS, _MAX_BLOCK_BYTES // row_bytes) // sub * sub)
+
+
+def blocking(rows: int, features: int, dtype: Any, generation: str | None = None
+             ) -> dict[str, int]:
+  """Block rows of the forward (`"fwd"`) and backward (`"bwd"`) kernels for `(rows, features)`.
+
+  The most rows whose blocks fit `_VMEM_FRACTION` of the generation's default scoped VMEM
+  (`SCOPED_VMEM`, `_vmem_bytes`), at most `_MAX_BLOCK_ROWS` and `_MAX_BLOCK_BYTES` of `x` (but
+  at least one tile): a multiple of the dtype's tile rows (8 for float32, 16 for bfloat16), or
+  all `rows` when they fit in one block.
+
+  Raises:
+    ValueError: `rows` or `features` below 1, a generation not in `SCOPED_VMEM`, or a row too
+      long for one block in VMEM.
+  """
+  if rows < 1 or features < 1:
+    raise ValueError(f"the Mosaic kernels take rows >= 1 and features >= 1; got rows={rows}, "
+                     f"features={features}. Use the XLA path for empty input.")
+  gen = _DEFAULT_GENERATION if generation is None else generation
+  if gen not in SCOPED_VMEM:
+    raise ValueError(f"generation={gen!r} is not one of {sorted(SCOPED_VMEM)}, the TPU "
+                     f"generations the kernels compile for. Use the XLA path on it.")
+  budget = int(_VMEM_FRACTION * SCOPED_VMEM[gen])
+  sub = _sublanes(dtype)
+  out = {}
+  for name, backward in (("fwd", False), ("bwd", True)):
+    lo, hi = 0, _row_cap(features, dtype) // sub  # the most tiles that fit, by bisection
+    while lo < hi:
+      mid = (lo + hi + 1) // 2
+      if _vmem_bytes(mid * sub, features, dtype, backward) <= budget:
+        lo = mid
+      else:
+        hi = mid - 1
+    if lo == 0:
+      raise ValueError(
+          f"features={features} in {jnp.dtype(dtype).name}: one block of {sub} rows needs "
+          f"{_vmem_bytes(sub, features, dtype, backward) >> 20} MiB of VMEM, more than the "
+          f"{budget >> 20} MiB budget on {gen}. Use the XLA path for rows this long.")
+    out[name] = rows if rows <= lo * sub else lo * sub
+  return out
+
+
+def _forward_math(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, n: int,
+                  eps: float, centered: bool):
+  """`(y, mean, rstd)` of float32 rows `x` `(B, F)`; `mean`, `rstd` `(B, 1)`, mean None if RMS.
+
+  Two passes: `mean = Σx / n`, `var = Σ(x - mean)² / n` (`Σx² / n` without centring),
+  `rstd = rsqrt(var + eps)`, `y = (x - mean) rstd γ + β` (`_math.forward_math`).
+  """
+  mean = None
+  xc = x
+  if centered:
+    mean = jnp.sum(x, axis=1, keepdims=True) / n
+    xc = x - mean
+  rstd = jax.lax.rsqrt(jnp.sum(xc * xc, axis=1, keepdims=True) / n + eps)
+  y = xc * rstd
+  if scale is not None:
+    y = y * scale
+  if bias is not None:
+    y = y + bias
+  return y, mean, rstd
+
+
+def _backward_math(x: jax.Array, dy: jax.Array, mean: jax.Array | None, rstd: jax.Array,
+                   scale: jax.Array | None, valid: jax.Array | None, n: int, centered: bool):
+  r"""`(dx, Σ_rows dy x̂, Σ_rows dy)` in float32 from float32 rows; sums of shape `(1, F)`.
+
+  `mean`, `rstd` are `(B, 1)`; rows where `valid` `(B, 1)` is False add nothing to the sums.
+
+  .. math::
+    \hat x = (x - \mu) r, \quad g = dy\,\gamma, \quad
+    dx = r\,\big(g - \hat x\,\overline{g\hat x} - \bar g\big)
+
+  (the :math:`\bar g` term only with centring; bars are means over the row;
+  `_math.backward_math`).
+  """
+  xc = x if mean is None else x - mean
+  xhat = xc * rstd
+  if valid is not None:
+    xhat = jnp.where(valid, xhat, 0.0)
+    dy = jnp.where(valid, dy, 0.0)
+  g = dy if scale is None else dy * scale
+  t = g - xhat * (jnp.sum(xhat * g, axis=1, keepdims=True) / n)
+  if centered:
+    t = t - jnp.sum(g, axis=1, keepdims=True) / n
+  return (t * rstd, jnp.sum(dy * xhat, axis=0, keepdims=True),
+          jnp.sum(dy, axis=0, keepdims=True))
+
+
+def _forward_kernel(*refs, features: int, eps: float, centered: bool, has_scale: bool,
+                    has_bias: bool):
+  refs_ = list(refs)
+  x_ref = refs_.pop(0)
+  g_ref = refs_.pop(0) if has_scale else None
+  b_ref = refs_.pop(0) if has_bias else None
+  y_ref, *stat_refs = refs_
+  f32 = jnp.float32
+  y, mean, rstd = _forward_math(
+      x_ref[...].astype(f32), None if g_ref is None else g_ref[...].astype(f32),
+      None if b_ref is None else b_ref[...].astype(f32), features, eps, centered)
+  y_ref[...] = y.astype(y_ref.dtype)
+  for ref, s in zip(stat_refs, (mean, rstd) if centered else (rstd,), strict=True):
+    ref[...] = s.reshape(ref.shape)  # (B, 1) -> (1, 1, B): the rows' statistics lane-dense
+
+
+def _backward_kernel(*refs, rows: int, features: int, centered: bool, has_scale: bool,
+                     has_bias: bool):
+  refs_ = list(refs)
+  x_ref, dy_ref = refs_.pop(0), refs_.pop(0)
+  mean_ref = refs_.pop(0) if centered else None
+  rstd_ref = refs_.pop(0)
+  g_ref = refs_.pop(0) if has_scale else None
+  dx_ref = refs_.pop(0)
+  sum_refs = refs_  # [dγ] [dβ], each (1, F) float32, resident across the grid
+  block = x_ref.shape[0]
+  f32 = jnp.float32
+  i = pl.program_id(0)
+  valid = None
+  if rows % block:  # a ragged last block: mask its rows past `rows` out of the sums
+    valid = i * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0) < rows
+  mean = None if mean_ref is None else mean_ref[...].reshape(block, 1)
+  rstd = rstd_ref[...].reshape(block, 1)
+  dx, dg, db = _backward_math(x_ref[...].astype(f32), dy_ref[...].astype(f32), mean, rstd,
+                              None if g_ref is None else g_ref[...].astype(f32), valid,
+                              features, centered)
+  dx_ref[...] = dx.astype(dx_ref.dtype)
+  sums = [s for s, on in ((dg, has_scale), (db, len(sum_refs) > has_scale)) if on]
+
+  @pl.when(i == 0)
+  def _():
+    for ref in sum_refs:
+      ref[...] = jnp.zeros_like(ref)
+
+  for ref, s in zip(sum_refs, sums, strict=True):
+    ref[...] += s
+
+
+def supports(features: int, dtype: Any, generation: str | None = None) -> bool:
+  """Whether the kernels take rows of `features` in `dtype` on `generation` (by default that of
+  JAX's default device): a dtype in `DTYPES`, a generation in `SCOPED_VMEM`, and a row that
+  `blocking` fits in VMEM. A dispatch should give the XLA path wherever this is False."""
+  if jnp.dtype(dtype).name not in DTYPES or features < 1:
+    return False
+  try:
+    blocking(1, features, dtype, generation or default_generation())
+  except ValueError:
+    return False
+  return True
+
+
+def _check_dtypes(*arrays: jax.Array) -> None:
+  for a in arrays:
+    if jnp.dtype(a.dtype).name not in DTYPES:
+      raise ValueError(f"the Mosaic kernels take {' and '.join(DTYPES)} arrays; got one of dtype "
+                       f"{jnp.dtype(a.dtype).name}. Use the XLA path for it.")
+
+
+def forward_call(x2: jax.Array, params: Sequence[jax.Array], *, eps: float, centered: bool,
+                 has_scale: bool, has_bias: bool, interpret: Any,
+                 generation: str | None = None):
+  """`(y, [mean,] rstd)` of rows `x2` `(R, F)` with `params` = `([scale,] [bias])`, `(F,)` each.
+
+  `y` has `x2`'s dtype; the statistics are float32 of shape `(R,)` (mean only if `centered`).
+  `interpret` is `pallas_call`'s: `True` runs the kernel in Pallas interpret mode on the CPU
+  (`pltpu.InterpretParams()` in the TPU interpreter, which cannot sit inside a
+  `jax.lax.platform_dependent`); `generation` (`"v5e"`, `"v6e"`, ...) sizes the blocks, by
+  default that of JAX's default device.
+
+  Raises:
+    ValueError: a dtype not in `DTYPES`, or what `blocking` rejects.
+  """
+  _check_dtypes(x2, *params)
+  rows, features = x2.shape
+  block = blocking(rows, features, x2.dtype, generation or default_generation())["fwd"]
+  nblocks = pl.cdiv(rows, block)
+  kernel = functools.partial(_forward_kernel, features=features, eps=eps, centered=centered,
+                             has_scale=has_scale, has_bias=has_bias)
+  row_spec = pl.BlockSpec((block, features), lambda i: (i, 0))
+  vec_spec = pl.BlockSpec((1, features), lambda i: (0, 0))
+  stat_spec = pl.BlockSpec((1, 1, block), lambda i: (i, 0, 0))
+  nstats = 2 if centered else 1
+  stat = jax.ShapeDtypeStruct((nblocks, 1, block), jnp.float32)
+  y, *stats = pl.pallas_call(
+      kernel,
+      out_shape=[jax.ShapeDtypeStruct(x2.shape, x2.dtype)] + [stat] * nstats,
+      grid=(nblocks,),
+      in_specs=[row_spec] + [vec_spec] * len(params),
+      out_specs=[row_spec] + [stat_spec] * nstats,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+      interpret=interpret,
+      name=f"jaxnorm_{'layer' if centered else 'rms'}_norm_fwd",
+  )(x2, *(p.reshape(1, features) for p in params))
+  return (y, *(s.reshape(nblocks * block)[:rows] for s in stats))
+
+
+def backward_call(x2: jax.Array, dy2: jax.Array, stats: Sequence[jax.Array],
+                  scale: jax.Array | None, *, has_bias: bool, bias_dtype: Any, centered: bool,
+                  interpret: Any, generation: str | None = None):
+  """`(dx, dscale, dbias)` of the normalization of rows `x2` for the cotangent `dy2`.
+
+  `stats` are `forward_call`'s (`([mean,] rstd)`, float32 `(R,)`); `dscale` (if `scale` is
+  given) and `dbias` (if `has_bias`, in `bias_dtype`) are the float32 sums over all rows cast to
+  the parameter's dtype, None otherwise. `interpret` and `generation` as in `forward_call`.
+  """
+  _check_dtypes(x2, dy2, *(() if scale is None else (scale,)))
+  rows, features = x2.shape
+  block = blocking(rows, features, x2.dtype, generation or default_generation())["bwd"]
+  nblocks = pl.cdiv(rows, block)
+  has_scale = scale is not None
+  kernel = functools.partial(_backward_kernel, rows=rows, features=features, centered=centered,
+                             has_scale=has_scale, has_bias=has_bias)
+  row_spec = pl.BlockSpec((block, features), lambda i: (i, 0))
+  stat_spec = pl.BlockSpec((1, 1, block), lambda i: (i, 0, 0))
+  vec_spec = pl.BlockSpec((1, features), lambda i: (0, 0))  # also the resident sums
+  stats3 = [jnp.pad(s, (0, nblocks * block - rows)).reshape(nblocks, 1, block) for s in stats]
+  params = [] if scale is None else [scale.reshape(1, features)]
+  nsums = has_scale + has_bias
+  dx, *sums = pl.pallas_call(
+      kernel,
+      out_shape=([jax.ShapeDtypeStruct(x2.shape, x2.dtype)]
+                 + [jax.ShapeDtypeStruct((1, features), jnp.float32)] * nsums),
+      grid=(nblocks,),
+      in_specs=[row_spec, row_spec] + [stat_spec] * len(stats3) + [vec_spec] * len(params),
+      out_specs=[row_spec] + [vec_spec] * nsums,
+      # The sums accumulate across the grid: its steps run in order on one core.
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
+      interpret=interpret,
+      name=f"jaxnorm_{'layer' if centered else 'rms'}_norm_bwd",
+  )(x2, dy2, *stats3, *params)
+  it = iter(sums)
+  dscale = next(it).reshape(features).astype(scale.dtype) if scale is not None else None
+  dbias = next(it).reshape(features).astype(bias_dtype) if has_bias else None
+  return dx, dscale, dbias
