@@ -90,7 +90,8 @@ def bfloat16_mean_20() -> dict[str, float]:
     for fast in (True, False):
       tag = "default" if fast else "use_fast_variance=False"
       bn = nn.BatchNorm(use_running_average=False, use_fast_variance=fast)
-      y, _ = bn.apply(bn.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+      with jax.numpy_dtype_promotion("standard"):  # flax's code needs it for bfloat16 input
+        y, _ = bn.apply(bn.init(jax.random.key(0), x), x, mutable=["batch_stats"])
       out[f"flax BatchNorm ({tag})"] = _err(y, ref)
   if _have("haiku"):
     import haiku as hk
@@ -113,7 +114,8 @@ def bfloat16_running_average() -> dict[str, float]:
     for fast in (True, False):
       tag = "default" if fast else "use_fast_variance=False"
       bn = nn.BatchNorm(use_running_average=False, momentum=0.999, use_fast_variance=fast)
-      _, upd = bn.apply(bn.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+      with jax.numpy_dtype_promotion("standard"):
+        _, upd = bn.apply(bn.init(jax.random.key(0), x), x, mutable=["batch_stats"])
       mean = upd["batch_stats"]["mean"]
       out[f"flax linen BatchNorm ({tag})"] = float(np.asarray(mean.astype(jnp.float32))[0])
   if _have("haiku"):
