@@ -3,6 +3,7 @@ module (each module's page then lists its `__all__`, so every public name gets a
 
 import contextlib
 import doctest
+import fnmatch
 import pathlib
 import pkgutil
 import re
@@ -55,3 +56,40 @@ def test_the_guides_index_picks_up_every_guide():
   index = (DOCS / "guides" / "index.md").read_text()
   toctree = re.search(r"```\{toctree\}\n(.*?)```", index, re.DOTALL).group(1)
   assert ":glob:" in toctree and "\n*\n" in toctree, "a new guide needs no edit of the index"
+
+
+# The guides in reading order (the site's sidebar, docs/guides/index.md, and the README's list);
+# a guide listed here that does not exist yet is skipped, a new one not listed comes last.
+READING_ORDER = ["bn_vs_ln", "flax", "training_loop", "running_stats", "small_batch",
+                 "running_stats_tools", "multi_device", "multi_host", "equinox", "complex",
+                 "gpu_kernels", "performance"]
+
+
+def _toctree_order() -> list[str]:
+  """The guides in the order Sphinx lists them: each entry or glob pattern in turn (a glob
+  adds its matches, sorted, that no earlier entry took)."""
+  index = (DOCS / "guides" / "index.md").read_text()
+  toctree = re.search(r"```\{toctree\}\n(.*?)```", index, re.DOTALL).group(1)
+  remaining = sorted(p.stem for p in (DOCS / "guides").glob("*.md") if p.stem != "index")
+  order = []
+  for entry in toctree.splitlines():
+    if not entry.strip() or entry.startswith(":"):
+      continue
+    matches = [d for d in remaining if fnmatch.fnmatchcase(d, entry.strip())]
+    order += matches
+    remaining = [d for d in remaining if d not in matches]
+  return order
+
+
+def test_the_guides_are_in_reading_order():
+  order = _toctree_order()
+  existing = [g for g in READING_ORDER if (DOCS / "guides" / f"{g}.md").is_file()]
+  assert order[:len(existing)] == existing, order
+
+
+def test_the_readme_lists_the_guides_in_reading_order():
+  readme = (ROOT / "README.md").read_text().split("\n## Documentation", 1)[1]
+  linked = re.findall(r"\]\(docs/guides/(\w+)\.md\)", readme)
+  listed = [g for g in dict.fromkeys(linked) if g != "index"]
+  assert listed == [g for g in _toctree_order() if g in listed], listed
+  assert set(_toctree_order()) - {"multi_host"} <= set(listed), "a guide missing in the README"
