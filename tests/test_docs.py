@@ -107,3 +107,15 @@ def test_api_reference_parameter_types_read_as_written(tmp_path):
   text = (tmp_path / "out" / "index.txt").read_text()
   assert "TypeAliasForwardRef" not in text
   assert "**scale** (*jax.typing.ArrayLike** | **None*)" in text, text[:2000]
+
+
+def test_the_performance_guide_holds_its_own_figures():
+  text = (DOCS / "guides" / "performance.md").read_text()
+  assert "issue" not in text.lower(), "the figures belong in the page"
+  gpu = text.split("## GPU", 1)[1].split("\n## ", 1)[0]
+  for must in ("2026-11-27", "jax 0.11.2", "flax 0.12.10", "benchmarks/gpu.py",
+               "benchmarks/gpu_check.sh"):
+    assert must in gpu, must
+  for table in re.findall(r"((?:^\|.*\|\n)+)", text, re.MULTILINE):  # no ragged rows
+    widths = {row.count("|") for row in table.splitlines()}
+    assert len(widths) == 1, table.splitlines()[0]
