@@ -169,8 +169,8 @@ def from_torch_model(state_dict: Mapping[str, Any],
     skip: module prefixes with running statistics that are deliberately not converted.
 
   Returns:
-    `{"params": ..., "batch_stats": ...}` (plus the other collections of `variables`), nested
-    dicts of `jax.Array` leaves.
+    Nested dicts of `jax.Array` leaves: the collections `params` and `batch_stats` (and the
+    other collections of `variables`, as they were).
 
   Raises:
     KeyError: a `name_map` key that is no module of `state_dict`, or modules with running
@@ -183,21 +183,16 @@ def from_torch_model(state_dict: Mapping[str, Any],
   Example:
     >>> import numpy as np
     >>> from jaxnorm import interop
-    >>> c = 2
-    >>> sd = {"conv1.weight": np.ones((c, 3, 3, 3), np.float32),
-    ...       "bn1.weight": np.ones(c, np.float32), "bn1.bias": np.zeros(c, np.float32),
-    ...       "bn1.running_mean": np.zeros(c, np.float32),
-    ...       "bn1.running_var": np.ones(c, np.float32), "bn1.num_batches_tracked": np.array(3),
-    ...       "layer1.0.bn1.weight": np.ones(c, np.float32),
-    ...       "layer1.0.bn1.bias": np.zeros(c, np.float32),
-    ...       "layer1.0.bn1.running_mean": np.zeros(c, np.float32),
-    ...       "layer1.0.bn1.running_var": np.ones(c, np.float32),
-    ...       "layer1.0.bn1.num_batches_tracked": np.array(3)}
+    >>> def bn(prefix):  # the entries of a PyTorch BatchNorm2d(2)
+    ...   return {f"{prefix}.{k}": np.full(2, v, np.float32) for k, v in
+    ...           (("weight", 1), ("bias", 0), ("running_mean", 0), ("running_var", 1))}
+    >>> sd = {"conv1.weight": np.ones((2, 3, 3, 3), np.float32), **bn("bn1"),
+    ...       **bn("layer1.0.bn1")}
     >>> v = interop.from_torch_model(sd, {"bn1": "BatchNorm_0",
     ...                                   "layer1.0.bn1": "layer1_0/BatchNorm_0"})
     >>> jax.tree.map(jnp.shape, v["batch_stats"])
-    {'BatchNorm_0': {'mean': (2,), 'var': (2,)}, 'layer1_0': {'BatchNorm_0': {'mean': (2,),
-     'var': (2,)}}}
+    {'BatchNorm_0': {'mean': (2,), 'var': (2,)},
+     'layer1_0': {'BatchNorm_0': {'mean': (2,), 'var': (2,)}}}
   """
   modules: dict[str, set[str]] = {}
   for key in state_dict:
