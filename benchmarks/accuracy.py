@@ -5,6 +5,7 @@ Every number is measured here, against a float64 NumPy reference of the same inp
 * LayerNorm and BatchNorm on float32 input with mean 1e3 / 1e4 and std 1 (cancellation);
 * bfloat16 input with mean 20 (haiku's BatchNorm computes E[x²]-E[x]² in bfloat16);
 * running averages with decay 0.999 on bfloat16 input (haiku casts the decay to bfloat16);
+* flax both ways: its default `use_fast_variance=True` (E[x²]-E[x]²) and `False` (two passes);
 * batch statistics across 4 devices holding 2, 4, 6 and 8 valid rows, and with one device empty
   (flax averages the per-device means).
 
@@ -83,6 +84,15 @@ def bfloat16_mean_20() -> dict[str, float]:
   ref = _ref_norm(np.asarray(x.astype(jnp.float32)), 0, 1e-5)
   out = {"jaxnorm BatchNorm": _err(jn.batch_norm(x, jn.batch_norm_init(64), training=True)[0],
                                    ref)}
+  if _have("flax"):
+    import flax.linen as nn
+
+    for fast in (True, False):
+      tag = "default" if fast else "use_fast_variance=False"
+      bn = nn.BatchNorm(use_running_average=False, use_fast_variance=fast)
+      with jax.numpy_dtype_promotion("standard"):  # flax's code needs it for bfloat16 input
+        y, _ = bn.apply(bn.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+      out[f"flax BatchNorm ({tag})"] = _err(y, ref)
   if _have("haiku"):
     import haiku as hk
 
@@ -98,6 +108,16 @@ def bfloat16_running_average() -> dict[str, float]:
   x = jnp.asarray(np.random.RandomState(2).randn(256, 4) + 20.0, jnp.bfloat16)
   _, state = jn.batch_norm(x, jn.batch_norm_init(4), training=True, momentum=0.999)
   out = {"jaxnorm": float(np.asarray(state.mean)[0])}
+  if _have("flax"):
+    import flax.linen as nn
+
+    for fast in (True, False):
+      tag = "default" if fast else "use_fast_variance=False"
+      bn = nn.BatchNorm(use_running_average=False, momentum=0.999, use_fast_variance=fast)
+      with jax.numpy_dtype_promotion("standard"):
+        _, upd = bn.apply(bn.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+      mean = upd["batch_stats"]["mean"]
+      out[f"flax linen BatchNorm ({tag})"] = float(np.asarray(mean.astype(jnp.float32))[0])
   if _have("haiku"):
     import haiku as hk
 
@@ -126,16 +146,18 @@ def uneven_devices(counts: tuple[int, ...]) -> dict[str, tuple[float, float]]:
   if _have("flax"):
     import flax.linen as nn
 
-    bn = nn.BatchNorm(use_running_average=False, axis_name="d", momentum=0.0,
-                      use_fast_variance=False)
-    variables = bn.init(jax.random.key(0), x[0])
+    for fast in (True, False):
+      tag = "default" if fast else "use_fast_variance=False"
+      bn = nn.BatchNorm(use_running_average=False, axis_name="d", momentum=0.0,
+                        use_fast_variance=fast)
+      variables = bn.init(jax.random.key(0), x[0])
 
-    def step(v, k):
-      _, upd = bn.apply(variables, v, mask=k, mutable=["batch_stats"])
-      return upd["batch_stats"]["mean"], upd["batch_stats"]["var"]
+      def step(v, k, bn=bn, variables=variables):
+        _, upd = bn.apply(variables, v, mask=k, mutable=["batch_stats"])
+        return upd["batch_stats"]["mean"], upd["batch_stats"]["var"]
 
-    mean, var = jax.vmap(step, axis_name="d")(x, mask)
-    out["flax linen BatchNorm"] = (float(mean[0, 0]), float(var[0, 0]))
+      mean, var = jax.vmap(step, axis_name="d")(x, mask)
+      out[f"flax linen BatchNorm ({tag})"] = (float(mean[0, 0]), float(var[0, 0]))
   return out
 
 

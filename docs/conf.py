@@ -7,7 +7,8 @@ Build it from a clone (what `.ci/run` does, with warnings as errors)::
 
 The API reference is generated (by autosummary, into `docs/api/generated/`) from the `__all__`
 of each public module listed in `docs/api/index.md`; the guides are the pages of
-`docs/guides/`, picked up by a glob in `docs/guides/index.md`. Nothing is fetched at build or
+`docs/guides/`, listed in reading order in `docs/guides/index.md` (a new guide must be added
+there: Sphinx warns about a page in no toctree, an error under -W). Nothing is fetched at build or
 read time: no intersphinx, and MathJax is served from the site itself.
 """
 
@@ -168,13 +169,23 @@ _SIGNATURE_CLEANUPS = (
 
 
 def _clean_signature(app, what, name, obj, options, signature, return_annotation):
-  """Signatures as a reader writes the call."""
+  """Signatures as a reader writes the call, and the parameter types of the description.
+
+  With `autodoc_type_aliases`, Sphinx stringifies an alias inside a union (`x: ArrayLike |
+  None`) as the repr of its placeholder object, `TypeAliasForwardRef('jax.typing.ArrayLike') |
+  None`, in the types it records for `autodoc_typehints = "description"` (it runs before this
+  handler, at the same event): those recorded types are cleaned here too.
+  """
   def clean(s):
     if s is None:
       return None
     for pattern, repl in _SIGNATURE_CLEANUPS:
       s = pattern.sub(repl, s)
     return s
+
+  recorded = app.env.current_document.autodoc_annotations.get(name, {})
+  for param, annotation in recorded.items():
+    recorded[param] = clean(annotation)
 
   if what == "class" and signature == "(*args, **kwargs)":  # flax.nnx's metaclass hides __init__
     init = inspect.signature(obj.__init__)

@@ -28,24 +28,28 @@ This covers `BatchNorm1d/2d/3d`, `LayerNorm`, `GroupNorm`, `RMSNorm` (weight onl
   `w.transpose(2, 3, 1, 0)`), and a flatten before a Linear layer must flatten in the same
   order.
 
+`from_torch_model` converts every normalization layer of a whole model's `state_dict` in one
+call and places each into a flax variables tree, at the module path a `name_map` gives it.
+
 Values may be torch tensors (converted with `.detach().cpu().numpy()`) or anything NumPy
 accepts; this module never imports torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ("from_torch", "to_torch")
+__all__ = ("from_torch", "from_torch_model", "to_torch")
 
 _PARAMS = (("weight", "scale"), ("bias", "bias"))
 _STATS = (("running_mean", "mean"), ("running_var", "var"))
 _KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_RUNNING = ("running_mean", "running_var")
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -132,6 +136,135 @@ def from_torch(state_dict: Mapping[str, Any], prefix: str = "", *,
       stats["count"] = jnp.asarray(int(n), jnp.int32)
     out["batch_stats"] = stats
   return out
+
+
+def from_torch_model(state_dict: Mapping[str, Any],
+                     name_map: Mapping[str, str] | Callable[[str], str | None], *,
+                     with_count: bool = False, variables: Mapping[str, Any] | None = None,
+                     skip: Iterable[str] = ()) -> dict[str, Any]:
+  """Flax variables of every normalization layer of a PyTorch model, from its `state_dict`.
+
+  Each PyTorch module named by `name_map` (its prefix without the trailing dot, as in
+  `model.named_modules()`: `"layer1.0.bn1"`) is converted by `from_torch` and placed at the
+  flax module path that `name_map` gives it (`"layer1_0/BatchNorm_1"`, `/`-separated, or a
+  tuple of names): its `params` under `params/<path>`, its running statistics under
+  `batch_stats/<path>`. Every module of the `state_dict` with `running_mean` and `running_var`
+  (BatchNorm*, InstanceNorm* with tracked statistics) must be mapped or listed in `skip`; a
+  LayerNorm, GroupNorm or RMSNorm holds only `weight` (and `bias`), as a Linear or Conv does,
+  so it is converted where `name_map` names it. Entries of other modules (convolutions,
+  linear layers) are left alone: convert them yourself, or pass the tree they are in as
+  `variables`.
+
+  Args:
+    state_dict: a whole PyTorch model's `state_dict`, values torch tensors or arrays.
+    name_map: a dict from PyTorch module prefix to flax module path, or a callable that takes
+      each module prefix of the `state_dict` and returns its flax path, or None for a module
+      that is not a normalization layer to convert.
+    with_count: also carry `num_batches_tracked` over as `batch_stats/<path>/count` for the
+      layers with running statistics (needed by `BatchNorm(momentum=None)`).
+    variables: an existing flax variables tree (for example `model.init(...)`'s, or one that
+      holds the converted convolutions) to merge into: the result is a copy of it with the
+      converted entries replaced, each of which must keep the shape it has there. The default
+      builds a tree of the normalization layers alone.
+    skip: module prefixes with running statistics that are deliberately not converted.
+
+  Returns:
+    Nested dicts of `jax.Array` leaves: the collections `params` and `batch_stats` (and the
+    other collections of `variables`, as they were).
+
+  Raises:
+    KeyError: a `name_map` key that is no module of `state_dict`, or modules with running
+      statistics that are neither mapped nor in `skip` (all of them are named), or an error of
+      `from_torch` on one layer (its prefix is in the message).
+    ValueError: two modules mapped to the same flax path, an empty path, or, with `variables`,
+      a converted entry whose shape differs from the one there, or whose layer there holds
+      other entries (a convolution's `kernel`) or is not a dict.
+
+  Example:
+    >>> import numpy as np
+    >>> from jaxnorm import interop
+    >>> def bn(prefix):  # the entries of a PyTorch BatchNorm2d(2)
+    ...   return {f"{prefix}.{k}": np.full(2, v, np.float32) for k, v in
+    ...           (("weight", 1), ("bias", 0), ("running_mean", 0), ("running_var", 1))}
+    >>> sd = {"conv1.weight": np.ones((2, 3, 3, 3), np.float32), **bn("bn1"),
+    ...       **bn("layer1.0.bn1")}
+    >>> v = interop.from_torch_model(sd, {"bn1": "BatchNorm_0",
+    ...                                   "layer1.0.bn1": "layer1_0/BatchNorm_0"})
+    >>> jax.tree.map(jnp.shape, v["batch_stats"])
+    {'BatchNorm_0': {'mean': (2,), 'var': (2,)},
+     'layer1_0': {'BatchNorm_0': {'mean': (2,), 'var': (2,)}}}
+  """
+  modules: dict[str, set[str]] = {}
+  for key in state_dict:
+    prefix, _, entry = key.rpartition(".")
+    modules.setdefault(prefix, set()).add(entry)
+  running = {m for m, entries in modules.items() if set(_RUNNING) & entries}
+  skip = set(skip)
+  if callable(name_map):
+    mapping = {m: path for m in modules if (path := name_map(m)) is not None}
+  else:
+    mapping = dict(name_map)
+    unknown = sorted(m for m in mapping if m not in modules)
+    if unknown:
+      raise KeyError(f"name_map names modules that state_dict does not have: {unknown}. Give "
+                     f"PyTorch module prefixes without the trailing dot, as in "
+                     f"model.named_modules(); modules with entries: {sorted(modules)[:12]}.")
+  unknown_skips = sorted(skip - set(modules))
+  if unknown_skips:
+    raise KeyError(f"skip names modules that state_dict does not have: {unknown_skips}.")
+  unmapped = sorted(running - set(mapping) - skip)
+  if unmapped:
+    raise KeyError(f"state_dict has normalization layers with running statistics that name_map "
+                   f"does not map: {unmapped}. Map each to its flax module path (e.g. "
+                   f"{{{unmapped[0]!r}: 'BatchNorm_0'}}) or list it in skip=.")
+  paths: dict[tuple[str, ...], str] = {}
+  for module, path in mapping.items():
+    parts = tuple(path.split("/")) if isinstance(path, str) else tuple(path)
+    if not parts or not all(isinstance(p, str) and p for p in parts):
+      raise ValueError(f"name_map maps {module!r} to {path!r}: a flax module path must be a "
+                       f"non-empty '/'-separated string (e.g. 'layer1_0/BatchNorm_1') or a "
+                       f"tuple of names.")
+    if parts in paths:
+      raise ValueError(f"name_map maps both {paths[parts]!r} and {module!r} to the flax path "
+                       f"{'/'.join(parts)!r}; each layer needs its own path.")
+    paths[parts] = module
+  out = _copy_tree(variables) if variables is not None else {}
+  for parts, module in paths.items():
+    try:
+      layer = from_torch(state_dict, module + "." if module else "",
+                         with_count=with_count and module in running)
+    except KeyError as e:
+      raise KeyError(f"module {module!r} (mapped to {'/'.join(parts)!r}): {e.args[0]}") from e
+    for collection, leaves in layer.items():
+      _place(out, (collection, *parts), leaves)
+  return out
+
+
+def _copy_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: _copy_tree(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
+def _place(tree: dict[str, Any], path: tuple[str, ...], leaves: Mapping[str, Any]) -> None:
+  """Puts `leaves` at `path` in `tree` (nested dicts), checking the shapes of leaves already
+  there."""
+  node, existed = tree, True
+  for i, name in enumerate(path):
+    existed = existed and name in node
+    child = node.setdefault(name, {})
+    if not isinstance(child, dict):
+      raise ValueError(f"variables hold a {type(child).__name__} at {'/'.join(path[:i + 1])!r}, "
+                       f"where the converted layer's entries go; expected a dict of them.")
+    node = child
+  for name, value in leaves.items():
+    if existed and node and name not in node:
+      raise ValueError(f"variables have no {'/'.join((*path, name))!r} (that layer holds "
+                       f"{sorted(node)}): name_map maps a module to a layer of another kind.")
+    if name in node and np.shape(node[name]) != value.shape:
+      raise ValueError(f"the converted {'/'.join((*path, name))!r} has shape {value.shape}, but "
+                       f"variables hold shape {np.shape(node[name])} there: name_map maps a "
+                       f"module to the wrong flax layer, or the model was built with other "
+                       f"sizes.")
+    node[name] = value
 
 
 def _leaf(tree: Mapping[str, Any], key: str) -> np.ndarray:

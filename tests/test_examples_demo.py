@@ -90,6 +90,19 @@ def test_every_claim_has_a_verdict_with_evidence(quick_run):
     assert c["claim"] in stdout  # the verdicts are printed
 
 
+def test_output_reads_top_to_bottom(quick_run):
+  """Progress, each experiment's table, then the six verdicts once each, in order."""
+  _, stdout = quick_run
+  marks = ["1. CNN on digits", "CNN test accuracy (%)", "2. GRU on digits",
+           "RNN test accuracy (%)", "The six claims"]
+  marks += [f"] {n}. " for n in range(1, 7)]
+  at = [stdout.find(m) for m in marks]
+  assert -1 not in at, [m for m, i in zip(marks, at, strict=True) if i < 0]
+  assert at == sorted(at), f"out of order: {sorted(zip(at, marks, strict=True))}"
+  for n in range(1, 7):
+    assert stdout.count(f"] {n}. ") == 1, f"claim {n} printed {stdout.count(f'] {n}. ')} times"
+
+
 def test_plots_are_valid_pngs(quick_run):
   out, _ = quick_run
   for name in ("accuracy_vs_batch_size.png", "loss_curves.png", "inference.png",

@@ -8,6 +8,7 @@ by the `torch` fixture compare with real `torch` (CPU build) and skip cleanly wi
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -262,3 +263,193 @@ def test_to_torch_loads_strictly(torch, make):
   fresh.load_state_dict({k: torch.from_numpy(a) for k, a in back.items()}, strict=True)
   for k, t in fresh.state_dict().items():
     np.testing.assert_array_equal(t.numpy(), layer.state_dict()[k].numpy())
+
+
+# ------------------------------------------------------------------------- a whole state_dict
+
+
+def _torch_resnet(torch):
+  """A small ResNet-like PyTorch model: stem, two basic blocks (one with a downsampling
+  shortcut), GroupNorm, global pooling, LayerNorm, Linear."""
+  tnn = torch.nn
+
+  class Block(tnn.Module):
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.bn1 = tnn.BatchNorm2d(cout)
+      self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.bn2 = tnn.BatchNorm2d(cout)
+      self.downsample = (tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False),
+                                        tnn.BatchNorm2d(cout)) if stride != 1 else None)
+
+    def forward(self, x):
+      y = torch.relu(self.bn1(self.conv1(x)))
+      y = self.bn2(self.conv2(y))
+      return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+  class Net(tnn.Module):
+    def __init__(self):
+      super().__init__()
+      self.conv1 = tnn.Conv2d(3, 8, 3, 1, 1, bias=False)
+      self.bn1 = tnn.BatchNorm2d(8)
+      self.layer1 = tnn.Sequential(Block(8, 8, 1))
+      self.layer2 = tnn.Sequential(Block(8, 16, 2))
+      self.gn = tnn.GroupNorm(4, 16)
+      self.head_ln = tnn.LayerNorm(16)
+      self.fc = tnn.Linear(16, 5)
+
+    def forward(self, x):
+      x = torch.relu(self.bn1(self.conv1(x)))
+      x = self.gn(self.layer2(self.layer1(x)))
+      return self.fc(self.head_ln(x.mean((2, 3))))
+
+  return Net()
+
+
+class _FlaxBlock(nn.Module):
+  features: int
+  stride: int
+
+  @nn.compact
+  def __call__(self, x):
+    bn = lambda name: jnn.BatchNorm(use_running_average=True, epsilon=1e-5, name=name)
+    y = nn.Conv(self.features, (3, 3), self.stride, padding=1, use_bias=False, name="conv1")(x)
+    y = nn.relu(bn("bn1")(y))
+    y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, name="conv2")(y)
+    y = bn("bn2")(y)
+    if self.stride != 1:
+      x = nn.Conv(self.features, (1, 1), self.stride, padding=0, use_bias=False,
+                  name="down_conv")(x)
+      x = bn("down_bn")(x)
+    return nn.relu(y + x)
+
+
+class _FlaxNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (3, 3), padding=1, use_bias=False, name="conv1")(x)
+    x = nn.relu(jnn.BatchNorm(use_running_average=True, epsilon=1e-5, name="bn1")(x))
+    x = _FlaxBlock(8, 1, name="layer1_0")(x)
+    x = _FlaxBlock(16, 2, name="layer2_0")(x)
+    x = jnn.GroupNorm(num_groups=4, epsilon=1e-5, name="gn")(x)
+    x = jnn.LayerNorm(epsilon=1e-5, name="head_ln")(x.mean((1, 2)))
+    return nn.Dense(5, name="fc")(x)
+
+
+NAME_MAP = {"bn1": "bn1", "layer1.0.bn1": "layer1_0/bn1", "layer1.0.bn2": "layer1_0/bn2",
+            "layer2.0.bn1": "layer2_0/bn1", "layer2.0.bn2": "layer2_0/bn2",
+            "layer2.0.downsample.1": "layer2_0/down_bn", "gn": "gn", "head_ln": "head_ln"}
+CONV_MAP = {"conv1": "conv1", "layer1.0.conv1": "layer1_0/conv1",
+            "layer1.0.conv2": "layer1_0/conv2", "layer2.0.conv1": "layer2_0/conv1",
+            "layer2.0.conv2": "layer2_0/conv2", "layer2.0.downsample.0": "layer2_0/down_conv"}
+
+
+def _trained_torch_resnet(torch):
+  torch.manual_seed(0)
+  model = _torch_resnet(torch)
+  with torch.no_grad():  # non-trivial affine parameters and running statistics
+    for name, p in model.named_parameters():
+      if "bn" in name or "downsample.1" in name or "gn" in name or "ln" in name:
+        p.add_(torch.randn(p.shape) * 0.3)
+  model.train()
+  for x in _batches(3, shape=(6, 3, 8, 8), seed=5):
+    model(torch.from_numpy(x))
+  return model.eval()
+
+
+def _flax_convs(sd):
+  """The convolutions and the Linear layer by hand (OIHW to HWIO, weight transposed)."""
+  params: dict = {}
+  for torch_name, path in CONV_MAP.items():
+    node = params
+    for part in path.split("/"):
+      node = node.setdefault(part, {})
+    node["kernel"] = jnp.asarray(sd[torch_name + ".weight"].numpy().transpose(2, 3, 1, 0))
+  params["fc"] = {"kernel": jnp.asarray(sd["fc.weight"].numpy().T),
+                  "bias": jnp.asarray(sd["fc.bias"].numpy())}
+  return {"params": params}
+
+
+def test_from_torch_of_a_model_is_a_key_error_naming_the_prefix(torch):
+  with pytest.raises(KeyError, match="under prefix ''"):  # one layer at a time
+    interop.from_torch(_torch_resnet(torch).state_dict())
+
+
+def test_from_torch_model_converts_a_whole_resnet(torch):
+  model = _trained_torch_resnet(torch)
+  sd = model.state_dict()
+  x = _batches(1, shape=(4, 3, 8, 8), seed=6)[0]
+  xj = jnp.asarray(x.transpose(0, 2, 3, 1))
+  # Into the model's own initial variables: every entry replaced, the tree unchanged.
+  init = _FlaxNet().init(jax.random.key(0), xj)
+  merged = interop.from_torch_model(sd, NAME_MAP, variables=init)
+  assert jax.tree.structure(merged) == jax.tree.structure(init)
+  # Every normalization entry is a copy of PyTorch's: exact.
+  for module, path in NAME_MAP.items():
+    node_p, node_s = merged["params"], merged.get("batch_stats", {})
+    for part in path.split("/"):
+      node_p, node_s = node_p[part], node_s.get(part, {})
+    np.testing.assert_array_equal(node_p["scale"], sd[module + ".weight"].numpy())
+    np.testing.assert_array_equal(node_p["bias"], sd[module + ".bias"].numpy())
+    if module + ".running_mean" in sd:
+      np.testing.assert_array_equal(node_s["mean"], sd[module + ".running_mean"].numpy())
+      np.testing.assert_array_equal(node_s["var"], sd[module + ".running_var"].numpy())
+  # Alone, then merged with the hand-converted convolutions: the whole model, logits as
+  # PyTorch's in evaluation mode.
+  alone = interop.from_torch_model(sd, NAME_MAP)
+  assert set(alone) == {"params", "batch_stats"}
+  assert set(alone["batch_stats"]) == {"bn1", "layer1_0", "layer2_0"}
+  variables = interop.from_torch_model(sd, NAME_MAP, variables=_flax_convs(sd))
+  assert jax.tree.structure(variables) == jax.tree.structure(init)
+  y_j = np.asarray(jax.jit(_FlaxNet().apply)(variables, xj))
+  with torch.no_grad():
+    y_t = model(torch.from_numpy(x)).numpy()
+  # Both compute in float32 through 7 convolutions and 8 normalizations; each layer's relative
+  # rounding is at most its reduction length (<= 144 terms) times eps, and LayerNorm and
+  # GroupNorm rescale what reaches the head to O(1): a sum of 15 such layers' errors.
+  scale = 1 + float(np.abs(y_t).max())
+  np.testing.assert_allclose(y_j, y_t, rtol=0, atol=15 * 144 * EPS32 * scale)
+
+
+def test_from_torch_model_with_a_callable_and_count(torch):
+  model = _trained_torch_resnet(torch)
+  sd = model.state_dict()
+
+  def flax_path(module):  # "layer2.0.downsample.1" -> "layer2_0/down_bn"
+    if module in NAME_MAP:
+      return NAME_MAP[module]
+    return None  # convolutions, the Linear layer
+
+  v = interop.from_torch_model(sd, flax_path, with_count=True)
+  assert v["batch_stats"]["layer2_0"]["down_bn"]["count"] == 3
+  assert "count" not in v["params"]["head_ln"]  # a LayerNorm has no count
+  assert jax.tree.structure(v) == jax.tree.structure(interop.from_torch_model(
+      sd, {**NAME_MAP}, with_count=True))
+
+
+def test_from_torch_model_errors(torch):
+  sd = _torch_resnet(torch).state_dict()
+  partial = {k: v for k, v in NAME_MAP.items() if k != "layer2.0.downsample.1"}
+  with pytest.raises(KeyError, match=r"does not map: \['layer2\.0\.downsample\.1'\].*skip="):
+    interop.from_torch_model(sd, partial)
+  v = interop.from_torch_model(sd, partial, skip=["layer2.0.downsample.1"])
+  assert "down_bn" not in v["batch_stats"]["layer2_0"]
+  with pytest.raises(KeyError, match=r"does not have: \['layer1\.1\.bn1'\]"):
+    interop.from_torch_model(sd, {**NAME_MAP, "layer1.1.bn1": "x"})
+  with pytest.raises(KeyError, match=r"skip names modules.*\['nope'\]"):
+    interop.from_torch_model(sd, NAME_MAP, skip=["nope"])
+  with pytest.raises(ValueError, match="both 'bn1' and 'gn'"):
+    interop.from_torch_model(sd, {**NAME_MAP, "gn": "bn1"})
+  with pytest.raises(ValueError, match="non-empty"):
+    interop.from_torch_model(sd, {**NAME_MAP, "gn": ""})
+  with pytest.raises(ValueError, match=r"'params/layer1_0/bn1/scale' has shape \(8,\).*\(16,\)"):
+    interop.from_torch_model(sd, NAME_MAP, variables={
+        "params": {"layer1_0": {"bn1": {"scale": jnp.ones(16)}}}})
+  with pytest.raises(ValueError, match="variables hold a"):
+    interop.from_torch_model(sd, NAME_MAP, variables={"params": {"layer1_0": jnp.ones(3)}})
+  x = jnp.zeros((1, 8, 8, 3))
+  init = _FlaxNet().init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"no 'params/layer1_0/conv1/scale'.*\['kernel'\]"):
+    interop.from_torch_model(sd, {**NAME_MAP, "layer1.0.conv1": "layer1_0/conv1"},
+                             variables=init)  # a convolution mapped by mistake

@@ -1,9 +1,12 @@
 """Packaging contract: exact public surface, one version, py.typed, and no flax import."""
 
 import pathlib
+import re
 import subprocess
 import sys
 import tomllib
+
+import pytest
 
 import jaxnorm
 
@@ -37,3 +40,29 @@ def test_version_lives_in_one_place_and_py_typed_ships():
   assert (ROOT / "jaxnorm" / "py.typed").is_file()
   assert "py.typed" in meta["tool"]["setuptools"]["package-data"]["jaxnorm"]
   assert jaxnorm.__version__.count(".") == 2
+
+
+# The install hint of each optional dependency: the form that works from a clone and the form
+# that works from a package index once jaxnorm is released there (`jaxnorm[flax]` alone is on
+# no index today, and unquoted it is a glob in zsh).
+_HINT_CASES = [("flax", "jaxnorm.linen"), ("flax", "jaxnorm.nnx"), ("equinox", "jaxnorm.equinox")]
+
+
+@pytest.mark.parametrize(("extra", "module"), _HINT_CASES)
+def test_missing_optional_dependency_gives_both_install_commands(extra, module):
+  code = (f"import sys; sys.modules[{extra!r}] = None\n"
+          f"try:\n  __import__({module!r})\nexcept ImportError as e:\n  print(e)\n"
+          f"else:\n  sys.exit(2)")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  message = result.stdout
+  assert module in message and f"needs {extra}" in message, message
+  assert f'pip install -e ".[{extra}]"' in message, message   # from a clone
+  assert f'pip install "jaxnorm[{extra}]"' in message, message  # from an index, once released
+
+
+def test_the_docs_give_both_install_commands():
+  for page in ("docs/guides/flax.md", "docs/guides/equinox.md", "docs/api/index.md", "README.md"):
+    text = (ROOT / page).read_text()
+    assert not re.search(r"pip install jaxnorm\[", text), f"{page}: unquoted, on no index"
