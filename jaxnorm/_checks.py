@@ -145,7 +145,7 @@ def check_axis_index_groups(axis_name: Any, axis_index_groups: Any) -> None:
 def check_bool(value: Any, name: str, why: str = "") -> None:
   """Raises a TypeError unless `value` is a Python bool."""
   if not isinstance(value, bool):
-    raise TypeError(f"{name} must be a Python bool{why}; got {value!r}.")
+    raise TypeError(f"{name} must be a bool (a Python True or False){why}; got {value!r}.")
 
 
 def feature_shape(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tuple[int, ...]:
