@@ -171,8 +171,10 @@ def update_running_stats(
   A batch whose moments are not all finite (a NaN or Inf at a valid position, or squares that
   overflow) leaves the whole state unchanged: mean, variance and count. One bad batch then
   cannot poison the running statistics; the normalized output still shows the NaN, so the loss
-  does too, and `optax.apply_if_finite` can skip that step's parameter update. Across devices
-  the moments are global, so every device makes the same decision.
+  usually does too, and `optax.apply_if_finite` can skip that step's parameter update (on
+  XLA:CPU a `maximum` fused into a reduction may drop a NaN, openxla/xla#21461: a ReLU followed
+  by mean or max pooling can hide it from the loss, so check the batch itself where that
+  matters). Across devices the moments are global, so every device makes the same decision.
 
   Args:
     state: the running statistics.
