@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxnorm.equinox as jne
@@ -34,6 +34,8 @@ from jaxnorm import nnx as jnnx
 from tests import flax_cases as fc
 
 KEY = jax.random.key(0)
+# Each example builds and compiles two modules: half the profile's examples per test.
+FEWER = settings(max_examples=max(1, settings().max_examples // 2))
 SHAPES = [(4, 6), (3, 2, 6), (2, 3, 1, 4)]  # channels last, batch first
 DTYPES = (jnp.float32, jnp.bfloat16)
 _INITS = fc.KWARGS["LayerNorm"]  # random scale and bias initializers
@@ -121,6 +123,7 @@ def _jit_apply(module, train):
   return jax.jit(apply)
 
 
+@FEWER
 @given(settings_("linen"), st.integers(0, 100))
 def test_linen_matches_flax_linen(setting, seed):
   name, shape, kw, red, x_dtype, masked = setting
@@ -156,6 +159,7 @@ def _nnx_kwargs(name, shape, kw):
   return n, kw
 
 
+@FEWER
 @given(settings_("nnx"), st.integers(0, 100))
 def test_nnx_matches_flax_nnx(setting, seed):
   name, shape, kw, red, x_dtype, masked = setting
@@ -224,6 +228,7 @@ def _perturb(layer, seed):
   return jax.tree.unflatten(treedef, [leaf(a, i) for i, a in enumerate(leaves)])
 
 
+@FEWER
 @given(eqx_settings(), st.integers(0, 100))
 def test_equinox_matches_equinox(setting, seed):
   name, shape, kw, x_dtype = setting
