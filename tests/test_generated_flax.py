@@ -12,7 +12,9 @@ The documented deliberate differences are left out of the draws: flax.nnx rounds
 the parameters to a narrower `dtype` first and evaluates `BatchNorm` with running statistics
 rounded to `dtype` (jaxnorm/nnx.py), flax.nnx spreads custom `GroupNorm.reduction_axes` wrongly,
 equinox's `BatchNorm(mode="batch")` starts its variance average at 1 (only the training output
-is compared there) and raises on bfloat16 input (jaxnorm/equinox.py).
+is compared there) and raises on bfloat16 input (jaxnorm/equinox.py). flax.nnx's parameters have
+the shape (num_features,), so its BatchNorm, LayerNorm and RMSNorm get one feature axis (the
+last for the latter two).
 """
 
 import contextlib
