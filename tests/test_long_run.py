@@ -78,7 +78,7 @@ def _run_bfloat16(x, momentum):
 
 def _ema_f64(batch, momentum, start):
   """s_k = m s_{k-1} + (1 - m) b_k in float64 (a first-order linear filter, exact recurrence)."""
-  from scipy.signal import lfilter
+  from scipy.signal import lfilter  # scipy: a dependency of jax itself
   b = refs.f64(batch)
   zi = momentum * np.full((1, F), start)  # the state before the first step
   return lfilter([1 - momentum], [1, -momentum], b, axis=0, zi=zi)[0]
