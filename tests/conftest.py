@@ -24,7 +24,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # run tests the same inputs and a failure reproduces; "long" (HYPOTHESIS_PROFILE=long) draws
 # many more (HYPOTHESIS_MAX_EXAMPLES, default 1000 per test), at random, for a search before a
 # release. No deadline: the first example of each shape compiles.
-settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True,
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
                           print_blob=True, phases=(Phase.explicit, Phase.generate, Phase.shrink),
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("long", deadline=None, print_blob=True,
