@@ -9,13 +9,28 @@ with `-m "not slow"`, so that no tolerance that holds for only one XLA:CPU reduc
 land. A new example or benchmark test is slow by its name.
 """
 
+import os
 import pathlib
 
 import jax
 import pytest
+from hypothesis import HealthCheck, Phase, settings
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# Hypothesis profiles of the generated tests (test_generated*.py, test_bad_inputs.py and the
+# property tests): "ci", the default, draws a fixed (derandomized) set of examples, so every CI
+# run tests the same inputs and a failure reproduces; "long" (HYPOTHESIS_PROFILE=long) draws
+# many more (HYPOTHESIS_MAX_EXAMPLES, default 1000 per test), at random, for a search before a
+# release. No deadline: the first example of each shape compiles.
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          print_blob=True, phases=(Phase.explicit, Phase.generate, Phase.shrink),
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("long", deadline=None, print_blob=True,
+                          max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", 1000)),
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 SLOW_PREFIXES = ("test_example", "test_benchmark")
 SLOW_MODULES = frozenset({"test_distributed.py", "test_multihost.py"})

@@ -155,20 +155,26 @@ def output_error(x, mean, var, mean_err, var_err, scale, y, reduction_axes, feat
 
   .. math::
     |\hat y - y| \le |\gamma|\,r\,\big(|\hat\mu - \mu| + |x - \mu|\,(\rho + 3u)\big)
-    + 2u|y| + u_{\text{out}}|y|
+    + 2u|y| + u_{\text{out}}|y| + \eta_{\text{out}}
 
   where ρ is the bracket above, 3u covers the difference x - μ̂ and the two products, 2u the
   bias addition, and :math:`u_{\text{out}}` the final rounding to the output dtype (0 for
-  float32 and wider). `mean` may be None (RMS normalization: no centring, no mean error).
+  float32 and wider). Below the output dtype's smallest normal number that rounding is
+  absolute, not relative: at most :math:`\eta_{\text{out}}`, half the smallest subnormal
+  (3e-8 for float16, whose subnormals reach 6e-5: an output of 4e-5 is off by up to 3e-8,
+  0.07% of itself). `mean` may be None (RMS normalization: no centring, no mean error).
   """
   x = f64(x)
   red = _axes(reduction_axes, x.ndim)
   feat = _axes(feature_axes, x.ndim)
   fshape = tuple(x.shape[i] if i in feat else 1 for i in range(x.ndim))
-  out_u = unit_roundoff(out_dtype) if jnp.finfo(out_dtype).bits < 32 else 0.0
+  narrow = jnp.finfo(out_dtype).bits < 32
+  out_u = unit_roundoff(out_dtype) if narrow else 0.0
+  out_eta = float(jnp.finfo(out_dtype if narrow else np.float32).smallest_subnormal) / 2
   e = lambda a: f64(a) if np.ndim(a) == 0 else np.expand_dims(f64(a), red)
   with np.errstate(divide="ignore", invalid="ignore"):  # inf/NaN only where var + ε = 0
-    return _output_error(x, e, var, mean, mean_err, var_err, scale, y, fshape, epsilon, out_u)
+    return out_eta + _output_error(x, e, var, mean, mean_err, var_err, scale, y, fshape,
+                                   epsilon, out_u)
 
 
 def _output_error(x, e, var, mean, mean_err, var_err, scale, y, fshape, epsilon, out_u):
@@ -473,3 +479,66 @@ def derivative_bounds(x, reduction_axes, feature_axes, scale, cot, cot_err, epsi
   bscale = (cm * gv * np.abs(xhat) + dg * np.abs(xhat) + gv * d).sum(other)
   bbias = (cm * gv + dg).sum(other)
   return float(np.where(m, bx, 0.0).max()), float(bscale.max()), float(bbias.max())
+
+
+def ref_batch_renorm_train(x, state_mean, state_var, r_max, d_max, scale=None, bias=None,
+                           feature_axes=-1, epsilon=1e-5, mask=None):
+  """(y, count, mean, var) of a training step of batch renormalization in float64."""
+  x = f64(x)
+  feat = _axes(feature_axes, x.ndim)
+  red = tuple(a for a in range(x.ndim) if a not in feat)
+  n, mean, var = ref_moments(x, red, mask)
+  sigma_b, sigma = np.sqrt(var + epsilon), np.sqrt(f64(state_var) + epsilon)
+  r = np.clip(sigma_b / sigma, 1 / r_max, r_max)
+  d = np.clip((mean - f64(state_mean)) / sigma, -d_max, d_max)
+  fshape = tuple(x.shape[i] if i in feat else 1 for i in range(x.ndim))
+  g = np.ones(fshape) if scale is None else f64(scale).reshape(fshape)
+  b = np.zeros(fshape) if bias is None else f64(bias).reshape(fshape)
+  xhat = ref_normalize(x, mean, var, None, None, red, feat, epsilon)
+  y = xhat * r.reshape(fshape) * g + d.reshape(fshape) * g + b
+  return y, n, mean, var
+
+
+def renorm_bound(x, y, state_mean, state_var, r_max, d_max, scale=None, bias=None,
+                 feature_axes=-1, epsilon=1e-5, mask=None, out_dtype=np.float32) -> np.ndarray:
+  r"""Elementwise bound on batch renormalization's output, from the batch statistics' bounds.
+
+  jaxnorm normalizes with the batch's moments and the effective parameters
+  :math:`\gamma' = r\gamma`, :math:`\beta' = d\gamma + \beta`, where
+  :math:`r = \mathrm{clip}(\mathrm{fl}(\sqrt{\hat\sigma_B^2 + \epsilon}) \cdot
+  \mathrm{rsqrt}(\sigma^2 + \epsilon))` and :math:`d = \mathrm{clip}((\hat\mu_B - \mu) \cdot
+  \mathrm{rsqrt}(\sigma^2 + \epsilon))` with the running (exact float32) μ, σ². Clipping is
+  1-Lipschitz, so the clipped values are off by no more than the unclipped ones
+  (:math:`r_0, d_0`):
+
+  .. math::
+    |\hat r - r| \le r_0\Big(\frac{|\hat\sigma_B^2 - \sigma_B^2|}{2(\sigma_B^2+\epsilon)}
+    + 8u\Big), \qquad
+    |\hat d - d| \le \frac{|\hat\mu_B - \mu_B|}{\sqrt{\sigma^2+\epsilon}} + 6u|d_0|
+
+  (the sum and square root of σ_B, the sum, rsqrt's two roundings and ε's rounding of the
+  running σ, the product; for d the difference, the product and the same four). Then
+  :math:`\hat y = \hat x\,\mathrm{fl}(\hat r\gamma) + \mathrm{fl}(\hat d\gamma + \beta)`: the
+  error of x̂ and of the output's own roundings is `output_error` with γ' as the scale; the
+  errors of r and d add :math:`|\gamma|(|\hat x|(|\hat r - r| + u r) + |\hat d - d|)` and the
+  roundings of β': :math:`2u(|d\gamma| + |\beta|)`.
+  """
+  x = f64(x)
+  feat = _axes(feature_axes, x.ndim)
+  red = tuple(a for a in range(x.ndim) if a not in feat)
+  fshape = tuple(x.shape[i] if i in feat else 1 for i in range(x.ndim))
+  u = U32
+  _, mean, var = ref_moments(x, red, mask)
+  merr, verr = mean_error(x, red, mask), var_error(x, red, mask)
+  sigma = np.sqrt(f64(state_var) + epsilon)  # the running σ
+  r0, d0 = np.sqrt(var + epsilon) / sigma, (mean - f64(state_mean)) / sigma
+  r, d = np.clip(r0, 1 / r_max, r_max), np.clip(d0, -d_max, d_max)
+  g = np.ones(fshape) if scale is None else f64(scale).reshape(fshape)
+  b = np.zeros(fshape) if bias is None else f64(bias).reshape(fshape)
+  dr = r0 * (verr / (2 * (var + epsilon)) + 8 * u)
+  dd = merr / sigma + 6 * u * np.abs(d0)
+  xhat = ref_normalize(x, mean, var, None, None, red, feat, epsilon)
+  base = output_error(x, mean, var, merr, verr, r.reshape(fshape) * g, y, red, feat, epsilon,
+                      out_dtype)
+  return (base + np.abs(g) * (np.abs(xhat) * (dr + u * r).reshape(fshape) + dd.reshape(fshape))
+          + 2 * u * (np.abs(d.reshape(fshape) * g) + np.abs(b)))
