@@ -117,6 +117,14 @@ def _check_state(state: BatchNormState, feature_shape: tuple[int, ...],
   if not isinstance(state, BatchNormState):
     raise TypeError(f"state must be a jaxnorm.BatchNormState (see batch_norm_init); got "
                     f"{type(state).__name__}.")
+  for name in ("mean", "var"):
+    dtype = jnp.result_type(getattr(state, name))
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(f"state.{name} has dtype {dtype}; the running statistics are floating "
+                      f"(batch_norm_init({tuple(feature_shape)}) makes float32 ones).")
+  if not jnp.issubdtype(jnp.result_type(state.count), jnp.integer):
+    raise TypeError(f"state.count has dtype {jnp.result_type(state.count)}; it counts updates, "
+                    f"an integer (int32 from batch_norm_init).")
   if jnp.iscomplexobj(state.var):
     raise TypeError(f"state.var is complex ({state.var.dtype}); the running variance "
                     f"E[|x - mean|^2] is real (batch_norm_init(shape, dtype=jnp.complex64) "
@@ -245,8 +253,11 @@ def _validate(x: ArrayLike, state: BatchNormState, scale: Any, bias: Any, traini
               allow_complex: bool = True,
               ) -> tuple[jax.Array, tuple[int, ...], tuple[int, ...], jax.Array | None]:
   """The checks of `batch_norm` and `batch_renorm`; returns the canonical arguments."""
-  _checks.check_bool(training, "training", " (it selects the code path at trace time; make "
-                     "it a static argument of your jitted function)")
+  if not isinstance(training, bool):
+    raise TypeError(
+        f"training must be a Python bool (it selects the code path at trace time); got "
+        f"{training!r}. Make it a static argument of your jitted function."
+    )
   xa, red, feat, valid = _checks.normalizer_args(
       x, None, feature_axes, scale, bias, epsilon, mask, axis_name, axis_index_groups,
       allow_complex=allow_complex,

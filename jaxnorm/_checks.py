@@ -97,6 +97,10 @@ def check_param(param: jax.Array | None, expected: tuple[int, ...], name: str,
   """
   if param is None:
     return
+  dtype = jnp.result_type(param)
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(f"{name} must have a floating (or complex) dtype; got {dtype}. Cast it "
+                    f"first, e.g. {name}.astype(jnp.float32).")
   shape = tuple(jnp.shape(param))
   if shape == tuple(expected):
     return
@@ -143,9 +147,9 @@ def check_axis_index_groups(axis_name: Any, axis_index_groups: Any) -> None:
 
 
 def check_bool(value: Any, name: str, why: str = "") -> None:
-  """Raises a TypeError unless `value` is a Python bool."""
+  """Raises a TypeError unless `value` is a Python bool (`why`: what it decides)."""
   if not isinstance(value, bool):
-    raise TypeError(f"{name} must be a bool (a Python True or False){why}; got {value!r}.")
+    raise TypeError(f"{name} must be a bool, Python's True or False{why}; got {value!r}.")
 
 
 def feature_shape(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tuple[int, ...]:

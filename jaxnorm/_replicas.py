@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from . import _checks
@@ -49,7 +50,7 @@ def _check_weights(weights: Any) -> jax.Array | None:
         f"normalized); got shape {w.shape}."
     )
   if _checks.is_concrete(weights):
-    value = float(w)
+    value = float(np.asarray(weights))
     if not (value >= 0.0 and value < float("inf")):
       raise ValueError(f"weights must be finite and non-negative; got {weights!r}.")
   return w
