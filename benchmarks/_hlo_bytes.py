@@ -1,0 +1,163 @@
+"""HBM bytes, kernels and collectives of a compiled XLA program, read from its optimized HLO.
+
+XLA's own cost analysis (`compiled.cost_analysis()`) counts every operand and result of every
+instruction, wherever it lives: on a TPU, where XLA keeps arrays in on-chip VMEM when they fit
+(layouts marked `S(1)`), it counts reads of VMEM as if they were HBM traffic, and on a GPU it
+counts nothing for a custom call (a Pallas/Triton kernel). This module walks the entry
+computation of the optimized program instead: every instruction that runs on the device (a
+fusion, a custom call, a copy, a collective, an unfused op) reads its operands and writes its
+results, and only arrays in memory space 0 (device memory, HBM) count. Async copies between
+memory spaces count their HBM side only. It reads each operand of a kernel once, as XLA's cost
+model does; a kernel that reads only a slice of an operand is over-counted (none of the
+normalization programs has one).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+          "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8,
+          "s64": 8, "u64": 8, "c64": 8, "c128": 16, "token": 0}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
+# Instructions that move no data of their own.
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "copy-done",
+         "all-reduce-done", "all-gather-done", "collective-permute-done", "async-done",
+         "send-done", "recv-done", "after-all", "partition-id", "replica-id", "opt-barrier",
+         "add-dependency", "iota"}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all",
+               "ragged-all-to-all")
+
+
+def _arrays(type_text: str) -> list[tuple[str, tuple[int, ...], int]]:
+  """`(dtype, dims, memory space)` of every array in an HLO type (a tuple has several)."""
+  out = []
+  for dt, dims, layout in _ARRAY.findall(type_text):
+    if dt not in _BYTES:
+      continue
+    space = re.search(r"S\((\d+)\)", layout or "")
+    shape = tuple(int(d) for d in dims.split(",") if d)
+    out.append((dt, shape, int(space.group(1)) if space else 0))
+  return out
+
+
+def _size(arrays, hbm_only: bool = True) -> float:
+  total = 0.0
+  for dt, shape, space in arrays:
+    if hbm_only and space != 0:
+      continue
+    n = 1
+    for d in shape:
+      n *= d
+    total += n * _BYTES[dt]
+  return total
+
+
+def _matching(text: str, start: int) -> int:
+  """Index just past the bracket that closes the one at `start`."""
+  depth = 0
+  for i in range(start, len(text)):
+    if text[i] in "([{":
+      depth += 1
+    elif text[i] in ")]}":
+      depth -= 1
+      if depth == 0:
+        return i + 1
+  raise ValueError(f"unbalanced HLO text near {text[start:start + 80]!r}")
+
+
+def parse_entry(hlo_text: str) -> list[dict[str, Any]]:
+  """The instructions of the ENTRY computation: name, opcode, result type text, operand names."""
+  entry = hlo_text[hlo_text.index("\nENTRY"):]
+  body = entry[entry.index("{", entry.index(")")) + 1:]
+  instrs = []
+  for line in body.splitlines():
+    m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*", line)
+    if not m:
+      if line.strip() == "}":
+        break
+      continue
+    rest = line[m.end():]
+    end = _matching(rest, 0) if rest.startswith("(") else rest.index(" ")
+    type_text, rest = rest[:end], rest[end:].lstrip()
+    op = re.match(r"([a-z][\w\-]*)\(", rest)
+    if not op:
+      continue
+    close = _matching(rest, op.end() - 1)
+    operands = re.findall(r"%([\w.\-]+)", rest[op.end():close - 1])
+    instrs.append({"name": m.group(1), "opcode": op.group(1), "type": type_text,
+                   "operands": operands, "attrs": rest[close:]})
+  return instrs
+
+
+def _elements(type_text: str) -> list[str]:
+  """The top-level elements of a tuple type (the type itself if it is not a tuple)."""
+  if not type_text.startswith("("):
+    return [type_text]
+  out, depth, start = [], 0, 1
+  for i, ch in enumerate(type_text):
+    if ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    if (ch == "," and depth == 1) or (depth == 0 and ch == ")"):
+      out.append(type_text[start:i].strip())
+      start = i + 1
+  return out
+
+
+def _moved(ins: dict[str, Any], types: dict[str, list], hbm_only: bool) -> float:
+  """Bytes one instruction reads and writes (only those in HBM with `hbm_only`)."""
+  opc = ins["opcode"]
+  if opc in ("copy-start", "slice-start"):
+    # copy-start: (destination, source, context); slice-start: ((source), destination, context).
+    # The source's memory space decides where the read comes from, the destination's where the
+    # write goes; a slice reads only the destination's size.
+    parts = _elements(ins["type"])
+    dest = _arrays(parts[0] if opc == "copy-start" else parts[1])
+    src = [a for name in ins["operands"] for a in types.get(name, [])]
+    read = [(dt, shape, s[2]) for (dt, shape, _), s in zip(dest, src, strict=False)]
+    return _size(read, hbm_only) + _size(dest, hbm_only)
+  ops = [a for name in ins["operands"] for a in types.get(name, [])]
+  return _size(ops, hbm_only) + _size(_arrays(ins["type"]), hbm_only)
+
+
+# Custom calls that only reinterpret on-chip buffers (no kernel of their own).
+_VIEWS = ("ConcatBitcast",)
+
+
+def analyze(hlo_text: str) -> dict[str, Any]:
+  """HBM bytes, kernels and collectives of an optimized program.
+
+  Returns a dict with `bytes` (HBM, memory space 0), `bytes_any_space` (every memory space, for
+  comparison with XLA's cost analysis), `kernels` (fusions, custom calls and unfused compute
+  ops), `fusions`, `custom_calls`, `collectives` (a list of `(opcode, result type)`) and
+  `other_ops` (the opcodes of the unfused instructions: copies, slices, unfused ops).
+  """
+  instrs = parse_entry(hlo_text)
+  types = {i["name"]: _arrays(i["type"]) for i in instrs}
+  hbm = anyspace = 0.0
+  fusions = custom = unfused = 0
+  collectives, other = [], []
+  for ins in instrs:
+    opc = ins["opcode"]
+    if opc in _FREE or opc.endswith("-done"):
+      continue
+    if opc == "custom-call" and any(f'"{v}"' in ins["attrs"] for v in _VIEWS):
+      continue
+    hbm += _moved(ins, types, True)
+    anyspace += _moved(ins, types, False)
+    base = opc.removesuffix("-start")
+    if opc == "fusion":
+      fusions += 1
+    elif opc == "custom-call":
+      custom += 1
+    elif base in COLLECTIVES:
+      collectives.append((opc, ins["type"]))
+    else:
+      other.append(opc)
+      if base not in ("copy", "slice", "dynamic-slice", "dynamic-update-slice", "send", "recv"):
+        unfused += 1
+  return {"bytes": hbm, "bytes_any_space": anyspace, "fusions": fusions, "custom_calls": custom,
+          "kernels": fusions + custom + unfused, "collectives": collectives, "other_ops": other}
