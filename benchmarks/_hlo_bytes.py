@@ -67,16 +67,21 @@ def _matching(text: str, start: int) -> int:
   raise ValueError(f"unbalanced HLO text near {text[start:start + 80]!r}")
 
 
-def parse_entry(hlo_text: str) -> list[dict[str, Any]]:
-  """The instructions of the ENTRY computation: name, opcode, result type text, operand names."""
-  entry = hlo_text[hlo_text.index("\nENTRY"):]
-  body = entry[entry.index("{", entry.index(")")) + 1:]
+def parse_computation(hlo_text: str, name: str | None = None) -> list[dict[str, Any]]:
+  """The instructions of one computation (the ENTRY one by default): name, opcode, result type
+  text, operand names and the text after the operands (attributes)."""
+  lines = hlo_text.splitlines()
+  if name is None:
+    start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
+  else:
+    start = next(i for i, line in enumerate(lines)
+                 if re.match(rf"%?{re.escape(name)} ", line) and line.rstrip().endswith("{"))
   instrs = []
-  for line in body.splitlines():
+  for line in lines[start + 1:]:
+    if line.strip() == "}":
+      break
     m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*", line)
     if not m:
-      if line.strip() == "}":
-        break
       continue
     rest = line[m.end():]
     end = _matching(rest, 0) if rest.startswith("(") else rest.index(" ")
@@ -89,6 +94,11 @@ def parse_entry(hlo_text: str) -> list[dict[str, Any]]:
     instrs.append({"name": m.group(1), "opcode": op.group(1), "type": type_text,
                    "operands": operands, "attrs": rest[close:]})
   return instrs
+
+
+def parse_entry(hlo_text: str) -> list[dict[str, Any]]:
+  """The instructions of the ENTRY computation (see `parse_computation`)."""
+  return parse_computation(hlo_text)
 
 
 def _elements(type_text: str) -> list[str]:
@@ -127,37 +137,56 @@ def _moved(ins: dict[str, Any], types: dict[str, list], hbm_only: bool) -> float
 _VIEWS = ("ConcatBitcast",)
 
 
-def analyze(hlo_text: str) -> dict[str, Any]:
+def _called(ins: dict[str, Any]) -> list[str]:
+  """The computations a conditional or call runs (a conditional's first branch only)."""
+  m = re.search(r"branch_computations=\{%?([\w.\-]+)", ins["attrs"])
+  m = m or re.search(r"true_computation=%?([\w.\-]+)", ins["attrs"])
+  m = m or re.search(r"to_apply=%?([\w.\-]+)", ins["attrs"])
+  return [m.group(1)] if m else []
+
+
+def analyze(hlo_text: str, computation: str | None = None) -> dict[str, Any]:
   """HBM bytes, kernels and collectives of an optimized program.
 
   Returns a dict with `bytes` (HBM, memory space 0), `bytes_any_space` (every memory space, for
   comparison with XLA's cost analysis), `kernels` (fusions, custom calls and unfused compute
   ops), `fusions`, `custom_calls`, `collectives` (a list of `(opcode, result type)`) and
-  `other_ops` (the opcodes of the unfused instructions: copies, slices, unfused ops).
+  `other_ops` (the opcodes of the unfused instructions: copies, slices, unfused ops). A
+  `conditional` or `call` left in the program (XLA keeps a conditional whose branch holds a
+  collective, even with a constant branch index) counts as what its (first) branch runs, and
+  is listed in `other_ops`.
   """
-  instrs = parse_entry(hlo_text)
+  instrs = parse_computation(hlo_text, computation)
   types = {i["name"]: _arrays(i["type"]) for i in instrs}
-  hbm = anyspace = 0.0
-  fusions = custom = unfused = 0
-  collectives, other = [], []
+  out: dict[str, Any] = {"bytes": 0.0, "bytes_any_space": 0.0, "fusions": 0, "custom_calls": 0,
+                         "kernels": 0, "collectives": [], "other_ops": []}
   for ins in instrs:
     opc = ins["opcode"]
     if opc in _FREE or opc.endswith("-done"):
       continue
     if opc == "custom-call" and any(f'"{v}"' in ins["attrs"] for v in _VIEWS):
       continue
-    hbm += _moved(ins, types, True)
-    anyspace += _moved(ins, types, False)
+    if opc in ("conditional", "call"):
+      out["other_ops"].append(opc)
+      for name in _called(ins):
+        inner = analyze(hlo_text, name)
+        for key in ("bytes", "bytes_any_space", "fusions", "custom_calls", "kernels",
+                    "collectives", "other_ops"):
+          out[key] += inner[key]
+      continue
+    out["bytes"] += _moved(ins, types, True)
+    out["bytes_any_space"] += _moved(ins, types, False)
     base = opc.removesuffix("-start")
     if opc == "fusion":
-      fusions += 1
+      out["fusions"] += 1
+      out["kernels"] += 1
     elif opc == "custom-call":
-      custom += 1
+      out["custom_calls"] += 1
+      out["kernels"] += 1
     elif base in COLLECTIVES:
-      collectives.append((opc, ins["type"]))
+      out["collectives"].append((opc, ins["type"]))
     else:
-      other.append(opc)
+      out["other_ops"].append(opc)
       if base not in ("copy", "slice", "dynamic-slice", "dynamic-update-slice", "send", "recv"):
-        unfused += 1
-  return {"bytes": hbm, "bytes_any_space": anyspace, "fusions": fusions, "custom_calls": custom,
-          "kernels": fusions + custom + unfused, "collectives": collectives, "other_ops": other}
+        out["kernels"] += 1
+  return out

@@ -51,6 +51,7 @@ import datetime
 import importlib.util
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -457,10 +458,13 @@ def collectives(platforms, log=print) -> list[dict]:
           a = _hlo_bytes.analyze(compiled.as_text())
           rec = {"platform": plat, "how": how, "dtype": dtype_name, "pass": kind,
                  "collectives": [f"{op} {t}" for op, t in a["collectives"]],
-                 "kernels": a["kernels"]}
+                 "kernels": a["kernels"], "conditionals": a["other_ops"].count("conditional"),
+                 "passes_per_device": a["bytes"] / (xs.size // 4 * dtype.itemsize)}
           out.append(rec)
-          log(f"{plat:5s} {how:9s} {dtype_name:8s} {kind:7s} {len(a['collectives'])} "
-              f"collectives: " + "; ".join(rec["collectives"]))
+          log(f"{plat:5s} {how:9s} {dtype_name:8s} {kind:7s} {a['kernels']:2d} kernels, "
+              f"{rec['passes_per_device']:.2f} passes of the local x, {rec['conditionals']} "
+              f"conditionals, {len(a['collectives'])} collectives: "
+              + "; ".join(re.sub(r"\{[^}]*\}", "", c) for c in rec["collectives"]))
   return out
 
 

@@ -105,3 +105,28 @@ def test_budget_records_known_excesses_of_the_checked_subset():
     assert norm in ("layer_norm", "rms_norm", "batch_norm") and shape == "8192x1024", entry
     assert dtype in ("float32", "bfloat16") and kind in ("fwd", "fwd+bwd"), entry
     assert entry["ceiling_passes"] > 0 and len(entry["reason"]) > 40, entry
+
+
+def test_a_conditional_counts_as_its_branch():
+  # XLA keeps a conditional whose branch holds a collective, even with a constant index.
+  text = """HloModule m
+
+%branch (p: (f32[256])) -> (f32[256]) {
+  %p = (f32[256]{0}) parameter(0)
+  %gte = f32[256]{0} get-tuple-element(%p), index=0
+  %fusion = f32[256]{0} fusion(%gte), kind=kLoop, calls=%fused
+  %all-reduce = f32[256]{0} all-reduce(%fusion), channel_id=1, replica_groups={{0,1}}, to_apply=%add
+  ROOT %tuple = (f32[256]{0}) tuple(%all-reduce)
+}
+
+ENTRY %main (x: f32[256]) -> (f32[256]) {
+  %x = f32[256]{0} parameter(0)
+  %constant = s32[] constant(0)
+  %tuple = (f32[256]{0}) tuple(%x)
+  ROOT %conditional = (f32[256]{0}) conditional(%constant, %tuple), branch_computations={%branch}
+}
+"""
+  a = hlo_bytes.analyze(text)
+  assert a["bytes"] == 4 * 256 * 4  # the fusion and the all-reduce each read and write
+  assert (a["kernels"], [op for op, _ in a["collectives"]]) == (1, ["all-reduce"])
+  assert a["other_ops"] == ["conditional"]
