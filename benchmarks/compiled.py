@@ -41,7 +41,9 @@ Cases: LayerNorm, RMSNorm, BatchNorm (training) and GroupNorm(32); forward, and 
 (returning y and the gradients of x, scale and bias; BatchNorm also its new running
 statistics); float32, and bfloat16 x with float32 parameters (as flax models hold them);
 shapes 8192x4096, 8192x1024 and 64x32x32x128. Libraries: jaxnorm (`implementation=None`, and
-`"pallas"` for layer and RMS norm), flax.linen, haiku and equinox where installed.
+`"pallas"` for layer and RMS norm), flax.linen (its default `dtype=None`, which returns float32
+for bfloat16 x and float32 parameters: the reference of the allowance; and `dtype=x.dtype`, as
+flax models that train in bfloat16 set it), haiku and equinox where installed.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ NORMS = ("layer_norm", "rms_norm", "batch_norm", "group_norm")
 PASSES = ("fwd", "fwd+bwd")
 DTYPES = ("float32", "bfloat16")
 SHAPES = ((8192, 4096), (8192, 1024), (64, 32, 32, 128))
-LIBS = ("jaxnorm", "jaxnorm pallas", "flax.linen", "haiku", "equinox")
+LIBS = ("jaxnorm", "jaxnorm pallas", "flax.linen", "flax.linen dtype=x", "haiku", "equinox")
 REF = "flax.linen"
 FLOOR = {"fwd": 2, "fwd+bwd": 5}
 GROUPS = 32
@@ -144,17 +146,20 @@ def build(lib: str, norm: str, shape: tuple[int, ...], dtype: Any):
     state = jn.batch_norm_init(c)
     return (lambda p, x: jn.batch_norm(x, state, p["scale"], p["bias"], training=True,
                                        momentum=0.99, epsilon=1e-5), p)
-  if lib == "flax.linen":
+  if lib in ("flax.linen", "flax.linen dtype=x"):
     import flax.linen as nn
 
+    # flax's default dtype=None computes in and returns the parameters' float32 for bfloat16
+    # x; flax models that train in bfloat16 pass dtype=bfloat16 (the second variant).
+    kw = {"dtype": dtype} if lib == "flax.linen dtype=x" else {}
     if norm == "layer_norm":
-      m = nn.LayerNorm(epsilon=1e-6)
+      m = nn.LayerNorm(epsilon=1e-6, **kw)
     elif norm == "rms_norm":
-      m = nn.RMSNorm(epsilon=1e-6)
+      m = nn.RMSNorm(epsilon=1e-6, **kw)
     elif norm == "group_norm":
-      m = nn.GroupNorm(num_groups=GROUPS, epsilon=1e-6)
+      m = nn.GroupNorm(num_groups=GROUPS, epsilon=1e-6, **kw)
     else:
-      m = nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-5)
+      m = nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-5, **kw)
       stats = {"mean": jnp.zeros((c,)), "var": jnp.ones((c,))}
       return (lambda p, x: m.apply({"params": p, "batch_stats": stats}, x,
                                    mutable=["batch_stats"]), p)
@@ -237,7 +242,7 @@ def compile_case(fn: Callable, params: Any, shape, dtype, kind: str, device) -> 
 
 def _have(lib: str) -> bool:
   module = {"jaxnorm": "jaxnorm", "jaxnorm pallas": "jaxnorm", "flax.linen": "flax",
-            "haiku": "haiku", "equinox": "equinox"}[lib]
+            "flax.linen dtype=x": "flax", "haiku": "haiku", "equinox": "equinox"}[lib]
   return importlib.util.find_spec(module) is not None
 
 
@@ -264,6 +269,8 @@ def measure(platforms, norms, shapes, dtypes, passes, libs, log=print) -> list[d
                      "pass": kind, "lib": lib}
               if lib == "jaxnorm pallas" and norm not in PALLAS_NORMS:
                 continue
+              if lib == "flax.linen dtype=x" and dtype_name == "float32":
+                continue  # flax.linen itself
               if lib == "jaxnorm pallas" and PLATFORMS[plat][0] == "tpu":
                 rec["status"] = "n/a (no TPU kernels yet)"
                 group.append(rec)
@@ -286,6 +293,8 @@ def measure(platforms, norms, shapes, dtypes, passes, libs, log=print) -> list[d
                          collectives=len(a["collectives"]))
               group.append(rec)
             ref = next((r for r in group if r["lib"] == REF and r["status"] == "ok"), None)
+            same = next((r for r in group if r["lib"] == "flax.linen dtype=x"
+                         and r["status"] == "ok"), None)
             for r in group:
               if r["status"] != "ok":
                 continue
@@ -295,6 +304,8 @@ def measure(platforms, norms, shapes, dtypes, passes, libs, log=print) -> list[d
                 r["ratio_to_flax"] = r["bytes"] / ref["bytes"]
                 r["allowed_bytes"] = ref["bytes"] + extra * xbytes
                 r["within_allowance"] = r["bytes"] <= r["allowed_bytes"] + TOLERANCE * xbytes
+              if same is not None:
+                r["ratio_to_flax_dtype_x"] = r["bytes"] / same["bytes"]
             records += group
             log(line(group))
   return records

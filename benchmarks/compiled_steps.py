@@ -1,0 +1,163 @@
+"""Whole training steps of two small flax models with flax's or jaxnorm's norms, as compiled.
+
+    python benchmarks/compiled_steps.py [--platforms h100,v5e] [--json OUT]
+
+A TransformerLM-like model (pre-LayerNorm blocks, 2 layers, width 1024, 16 heads, MLP 4096,
+vocabulary 8192, 16 sequences of 512 tokens) and a ResNet-like one (BatchNorm after every
+convolution, 4 residual blocks of 128 channels on 64 images of 32x32), each in float32 and with
+bfloat16 computation (`dtype=jnp.bfloat16` on every module, float32 parameters, as flax's
+examples do). One step: the loss, its gradients and an `optax.adam` update, under `jax.jit`,
+compiled deviceless as in `benchmarks/compiled.py`, whose device-memory byte count and kernel
+count it reports: flax.linen's norm layers against `jaxnorm.linen`'s, which take the same
+arguments. The compilers' structure and byte counts, not timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import _hlo_bytes  # noqa: E402
+import compiled  # noqa: E402
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import SingleDeviceSharding  # noqa: E402
+
+import jaxnorm.linen as jnn  # noqa: E402
+
+LIBRARIES = {"flax.linen": nn, "jaxnorm": jnn}
+
+
+class Block(nn.Module):
+  norms: object
+  dtype: object
+  heads: int = 16
+
+  @nn.compact
+  def __call__(self, h):
+    d = h.shape[-1]
+    a = self.norms.LayerNorm(dtype=self.dtype)(h)
+    a = nn.MultiHeadDotProductAttention(self.heads, dtype=self.dtype)(a, a)
+    h = h + a
+    m = self.norms.LayerNorm(dtype=self.dtype)(h)
+    m = nn.Dense(4 * d, dtype=self.dtype)(m)
+    m = nn.Dense(d, dtype=self.dtype)(nn.gelu(m))
+    return h + m
+
+
+class TransformerLM(nn.Module):
+  norms: object
+  dtype: object
+  vocab: int = 8192
+  width: int = 1024
+  layers: int = 2
+
+  @nn.compact
+  def __call__(self, tokens):
+    h = nn.Embed(self.vocab, self.width, dtype=self.dtype)(tokens)
+    for _ in range(self.layers):
+      h = Block(self.norms, self.dtype)(h)
+    h = self.norms.LayerNorm(dtype=self.dtype)(h)
+    return nn.Dense(self.vocab, dtype=self.dtype)(h)
+
+
+class ResNet(nn.Module):
+  norms: object
+  dtype: object
+  width: int = 128
+  blocks: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    def bn():
+      return self.norms.BatchNorm(use_running_average=False, momentum=0.9, dtype=self.dtype)
+
+    h = nn.relu(bn()(nn.Conv(self.width, (3, 3), dtype=self.dtype)(x)))
+    for _ in range(self.blocks):
+      r = nn.relu(bn()(nn.Conv(self.width, (3, 3), dtype=self.dtype)(h)))
+      r = bn()(nn.Conv(self.width, (3, 3), dtype=self.dtype)(r))
+      h = nn.relu(h + r)
+    return nn.Dense(10, dtype=self.dtype)(h.mean((1, 2)))
+
+
+def step_fn(model, has_stats: bool):
+  opt = optax.adam(1e-3)
+
+  def loss_fn(params, stats, inputs, labels):
+    variables = {"params": params, **({"batch_stats": stats} if has_stats else {})}
+    if has_stats:
+      logits, new = model.apply(variables, inputs, mutable=["batch_stats"])
+      new = new["batch_stats"]
+    else:
+      logits, new = model.apply(variables, inputs), stats
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), labels).mean()
+    return loss, new
+
+  def step(params, stats, opt_state, inputs, labels):
+    (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, inputs,
+                                                                   labels)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new, opt_state, loss
+
+  return step, opt
+
+
+def measure(platforms, log=print) -> list[dict]:
+  records = []
+  for plat in platforms:
+    missing = compiled.available(plat)
+    if missing:
+      log(f"{plat}: skipped, this Python lacks {missing}")
+      continue
+    sh = SingleDeviceSharding(compiled.topology(plat).devices[0])
+    for name, make, inputs, labels in (
+        ("TransformerLM", TransformerLM, jax.ShapeDtypeStruct((16, 512), jnp.int32),
+         jax.ShapeDtypeStruct((16, 512), jnp.int32)),
+        ("ResNet", ResNet, jax.ShapeDtypeStruct((64, 32, 32, 128), jnp.float32),
+         jax.ShapeDtypeStruct((64,), jnp.int32))):
+      for dtype in (jnp.float32, jnp.bfloat16):
+        row = {}
+        for lib, norms in LIBRARIES.items():
+          model = make(norms, dtype)
+          variables = jax.eval_shape(model.init, jax.random.key(0),
+                                     jnp.zeros(inputs.shape, inputs.dtype))
+          params = variables["params"]
+          stats = variables.get("batch_stats", {})
+          step, opt = step_fn(model, "batch_stats" in variables)
+          opt_state = jax.eval_shape(opt.init, params)
+          args = jax.tree.map(
+              lambda a, sh=sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+              (params, stats, opt_state, inputs, labels))
+          a = _hlo_bytes.analyze(jax.jit(step).lower(*args).compile().as_text())
+          row[lib] = a
+          records.append({"platform": plat, "model": name, "dtype": jnp.dtype(dtype).name,
+                          "lib": lib, "kernels": a["kernels"], "bytes": a["bytes"]})
+        j, f = row["jaxnorm"], row["flax.linen"]
+        log(f"{plat:5s} {name:13s} {jnp.dtype(dtype).name:8s} flax.linen {f['kernels']:4d} "
+            f"kernels {f['bytes'] / 2**20:8.1f} MiB | jaxnorm {j['kernels']:4d} kernels "
+            f"{j['bytes'] / 2**20:8.1f} MiB ({j['bytes'] / f['bytes']:.3f}x)")
+  return records
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--platforms", default="h100,v5e")
+  ap.add_argument("--json")
+  args = ap.parse_args(argv)
+  records = measure([p for p in args.platforms.split(",") if p])
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"jax": jax.__version__, "records": records}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
