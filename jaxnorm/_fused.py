@@ -131,29 +131,49 @@ def _centre(r: Reduction, xv: jax.Array, mean: jax.Array, mask: Any) -> jax.Arra
   return xv
 
 
-def _tangent_sums(r: Reduction, u: jax.Array, dx: jax.Array, mask: Any):
+def _tangent_sums(r: Reduction, xc: jax.Array, u: jax.Array, rstd_: jax.Array, dx: jax.Array,
+                  mask: Any):
   """`(Σ m dx, Σ m u dx)` over the reduction and across devices (one `psum`); the first is
-  None without centring."""
+  None without centring.
+
+  For layer and RMS norm, where u = (x - μ) r, programs compiled for other platforms than CPU
+  sum against x - μ and multiply the sums by r: reverse mode's sum of the cotangent then does not
+  wait for the statistics, and XLA:GPU computes it in the statistics' own kernel (RMS norm
+  forward+backward on an H100, 7.03 -> 6.02 passes over x, as flax's; docs/guides/internals.md).
+  XLA:CPU keeps the sum against u, which it fuses better.
+  """
   zero = jnp.zeros((), r.dtype)
-  u_dx = u * dx
-  if mask is not None:
-    u_dx = jnp.where(mask, u_dx, zero)
+
+  def total_dx(v, dx):
+    v_dx = v * dx
+    if mask is not None:
+      v_dx = jnp.where(mask, v_dx, zero)
+    return r.total(v_dx)
+
+  if r.per_example:
+    s_u = switch(xc, u, rstd_, dx, cpu=lambda xc, u, rstd_, dx: total_dx(u, dx),
+                 default=lambda xc, u, rstd_, dx: rstd_ * total_dx(xc, dx))
+  else:
+    s_u = total_dx(u, dx)
   if not r.centered:
-    return None, r.psum(r.total(u_dx))
+    return None, r.psum(s_u)
   dx_valid = dx if mask is None else jnp.where(mask, dx, zero)
-  return r.psum((r.total(dx_valid), r.total(u_dx)))
+  return r.psum((r.total(dx_valid), s_u))
 
 
-def _tangent_per_example(r, u, dxc, rstd_, var, eps, deps, s_u, inv_n, s, ds):
+def _tangent_per_example(r, u, xc, dxc, rstd_, var, eps, deps, s_u, inv_n, s, ds):
   """dy for layer and RMS normalization, against x̂ = u: ((dx - dμ) r + x̂ dr/r) γ + x̂ dγ,
   and dσ²."""
   zero = jnp.zeros((), r.dtype)
   dvar = 2 * s_u * inv_n * jnp.sqrt(jnp.maximum(var, zero) + eps)
-  k = r.expand(-(rstd_ * s_u) * inv_n - 0.5 * (rstd_ * rstd_) * deps)  # dr / r
+  k = -(rstd_ * s_u) * inv_n - 0.5 * (rstd_ * rstd_) * deps  # dr / r, per row
   # Its own broadcast of r (a barrier on XLA:CPU): one shared with the forward pass's fusions
   # would be written out at x's size.
   r_own = r.expand(cpu_barrier(rstd_))
-  dy = dxc * r_own + u * k
+  # x̂ dr/r, off CPU as (x - μ)(r dr/r), a per-row factor (see `_tangent_sums`).
+  u_k = switch(u, xc, rstd_, k, cpu=lambda u, xc, rstd_, k: u * r.expand(k),
+               default=lambda u, xc, rstd_, k: xc * r.expand(rstd_ * k))
+  dy = dxc * r_own + u_k
   if s is not None:
     dy = dy * s
     if ds is not None:
@@ -205,14 +225,14 @@ def _jvp(r: Reduction, primals, tangents):
   # dr γ + r dγ stay small arrays: the reverse pass then reads one full-size primal array
   # besides x and dy either way.
   u = xc * r.expand(rstd_) if r.per_example else xc
-  s_dx, s_u = _tangent_sums(r, u, dxf, mask)
+  s_dx, s_u = _tangent_sums(r, xc, u, rstd_, dxf, mask)
   if r.centered:
     dmean = s_dx * inv_n
     dxc = dxf - r.expand(dmean)
   else:
     dmean, dxc = jnp.zeros_like(mean), dxf
   if r.per_example:
-    dy, dvar = _tangent_per_example(r, u, dxc, rstd_, var, eps, deps, s_u, inv_n, s, ds)
+    dy, dvar = _tangent_per_example(r, u, xc, dxc, rstd_, var, eps, deps, s_u, inv_n, s, ds)
   else:
     dy, dvar = _tangent_per_feature(r, x, dxf, mean, xc, rstd_, eps, deps, s_u, inv_n, dmean,
                                     s, ds, mask)

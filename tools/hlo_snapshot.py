@@ -77,6 +77,9 @@ def canonical(text: str) -> str:
       seen[name] = f"{m.group(1)}.#{len(seen)}"
     return seen[name]
 
+  # Names taken from the jitted function's name (the module, some constants' broadcasts).
+  text = re.sub(r"^HloModule [^,\s]+", "HloModule m", text)
+  text = re.sub(r"\bjit_\w*?(?=[.\s,)])", "jit_", text)
   return _NAME.sub(rename, text)
 
 
