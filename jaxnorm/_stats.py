@@ -331,23 +331,21 @@ def merge(weight: jax.Array, mean: jax.Array, var: jax.Array,
   dtype, mdtype = dtypes
   w = weight.astype(dtype)
   m = mean.astype(mdtype)
-  if not equal_if_empty:
-    w_sum, wm_sum, *sums = total((w, w.astype(mdtype) * m, *extra))
-    safe = jnp.maximum(w_sum, jnp.ones((), dtype))
-    merged = wm_sum / safe.astype(mdtype)
-    dev = m - expand(merged)
-    m2, = total((w * (var.astype(dtype) + abs2(dev)),))
-    return w_sum, merged, m2 / safe, tuple(sums)
   one = jnp.ones((), dtype)
-  sets, w_sum, wm_sum, m_sum, *sums = total((one, w, w.astype(mdtype) * m, m, *extra))
-  weighted = w_sum > 0
-  merged = jnp.where(weighted, wm_sum / jnp.where(weighted, w_sum, one).astype(mdtype),
-                     m_sum / sets.astype(mdtype))
-  w_eff = jnp.where(expand(weighted), w, one)
+  if equal_if_empty:
+    sets, m_sum, w_sum, wm_sum, *sums = total((one, m, w, w.astype(mdtype) * m, *extra))
+    weighted = w_sum > 0
+    w = jnp.where(expand(weighted), w, one)
+    denom = jnp.where(weighted, w_sum, sets)
+    merged = jnp.where(weighted, wm_sum, m_sum) / denom.astype(mdtype)
+    sums = [sets, *sums]
+  else:
+    w_sum, wm_sum, *sums = total((w, w.astype(mdtype) * m, *extra))
+    denom = jnp.maximum(w_sum, one)
+    merged = wm_sum / denom.astype(mdtype)
   dev = m - expand(merged)
-  m2, = total((w_eff * (var.astype(dtype) + abs2(dev)),))
-  denom = jnp.where(weighted, w_sum, sets)
-  return denom, merged, m2 / denom, (sets, *sums)
+  m2, = total((w * (var.astype(dtype) + abs2(dev)),))
+  return denom, merged, m2 / denom, tuple(sums)
 
 
 def merge_axis(m: Moments, axis: int) -> Moments:
