@@ -88,6 +88,14 @@ def check_momentum(momentum: Any) -> None:
     )
 
 
+def check_inexact(value: ArrayLike, name: str) -> None:
+  """Raises a TypeError unless `value` (a parameter or a statistic) is floating or complex."""
+  dtype = jnp.result_type(value)
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(f"{name} must have a floating (or complex) dtype; got {dtype}. Cast it "
+                    f"first, e.g. {name}.astype(jnp.float32).")
+
+
 def check_param(param: jax.Array | None, expected: tuple[int, ...], name: str,
                 what: str, input_shape: tuple[int, ...] | None = None) -> None:
   """`param` must have the shape `expected` or, with `input_shape`, one that broadcasts to it.
@@ -97,10 +105,7 @@ def check_param(param: jax.Array | None, expected: tuple[int, ...], name: str,
   """
   if param is None:
     return
-  dtype = jnp.result_type(param)
-  if not jnp.issubdtype(dtype, jnp.inexact):
-    raise TypeError(f"{name} must have a floating (or complex) dtype; got {dtype}. Cast it "
-                    f"first, e.g. {name}.astype(jnp.float32).")
+  check_inexact(param, name)
   shape = tuple(jnp.shape(param))
   if shape == tuple(expected):
     return

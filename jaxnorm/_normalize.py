@@ -123,8 +123,7 @@ def normalize(
   stat_shape = tuple(d for i, d in enumerate(x.shape) if i not in red)
   mean, var = jnp.asarray(mean), jnp.asarray(var)
   for name, s in (("mean", mean), ("var", var)):
-    if not jnp.issubdtype(s.dtype, jnp.inexact):
-      raise TypeError(f"{name} must have a floating (or complex) dtype; got {s.dtype}.")
+    _checks.check_inexact(s, name)
     if s.shape != stat_shape:
       raise ValueError(
           f"{name} must have the input's shape {x.shape} without reduction_axes {red}, i.e. "
