@@ -9,6 +9,7 @@ float32, which the core refuses), and which core function a `BatchNorm` calls.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +62,17 @@ def normalize(fn: Callable[..., jax.Array], x: jax.Array, params: tuple[Any, ...
   return fn(xc, *params, **kwargs).astype(out_dtype)
 
 
+def per_example(fn: Callable[..., jax.Array], layer: Any, x: jax.Array,
+                params: tuple[Any, ...], feat: tuple[int, ...], mask: Any) -> jax.Array:
+  """`fn` (`jaxnorm.layer_norm` or `rms_norm`) configured by a linen or nnx `LayerNorm` or
+  `RMSNorm` `layer` (both families name their attributes alike), under flax's dtype rule."""
+  return normalize(fn, x, params, layer.dtype, reduction_axes=layer.reduction_axes,
+                   feature_axes=feat, epsilon=layer.epsilon, mask=mask,
+                   axis_name=layer.axis_name, axis_index_groups=layer.axis_index_groups,
+                   zero_centered_scale=layer.zero_centered_scale,
+                   implementation=layer.implementation)
+
+
 def complex_batch(x_dtype: Any, dtype: Any, param_dtype: Any) -> bool:
   """Whether a `BatchNorm`'s batch reaches the core complex under flax's dtype rule: complex
   input, a complex `dtype` or a complex `param_dtype`."""
@@ -88,9 +100,7 @@ def check_features(layer: str, num_features: int, x: jax.Array, feat: tuple[int,
                    axis: Any, axis_name: str = "axis") -> tuple[int, ...]:
   """The feature shape of `x` along `feat`, which must hold `num_features` elements."""
   shape = tuple(x.shape[a] for a in feat)
-  size = 1
-  for d in shape:
-    size *= d
+  size = math.prod(shape)
   if size != num_features:
     raise ValueError(
         f"{layer}(num_features={num_features}) got input of shape {x.shape}, whose feature "

@@ -314,12 +314,7 @@ class LayerNorm(nn.Module):
     scale_init = _flax.zero_centered_init(self.scale_init, self.zero_centered_scale)
     params = _params(self, shape, self.use_scale, self.use_bias, scale_init, self.bias_init,
                      self.param_dtype, cast=not self.force_float32_reductions)
-    return _flax.normalize(jn.layer_norm, x, params, self.dtype,
-                           reduction_axes=self.reduction_axes, feature_axes=feat,
-                           epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-                           axis_index_groups=self.axis_index_groups,
-                           zero_centered_scale=self.zero_centered_scale,
-                           implementation=self.implementation)
+    return _flax.per_example(jn.layer_norm, self, x, params, feat, mask)
 
 
 class RMSNorm(nn.Module):
@@ -389,12 +384,7 @@ class RMSNorm(nn.Module):
     scale_init = _flax.zero_centered_init(self.scale_init, self.zero_centered_scale)
     scale, _ = _params(self, shape, self.use_scale, False, scale_init, None,
                        self.param_dtype, cast=not self.force_float32_reductions)
-    return _flax.normalize(jn.rms_norm, x, (scale,), self.dtype,
-                           reduction_axes=self.reduction_axes, feature_axes=feat,
-                           epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-                           axis_index_groups=self.axis_index_groups,
-                           zero_centered_scale=self.zero_centered_scale,
-                           implementation=self.implementation)
+    return _flax.per_example(jn.rms_norm, self, x, (scale,), feat, mask)
 
 
 class GroupNorm(nn.Module):

@@ -411,12 +411,7 @@ class LayerNorm(nnx.Module):
     _flax.check_features("LayerNorm", self.num_features, x, feat, self.feature_axes,
                          "feature_axes")
     params = (_to_feature_shape(scale, x, feat), _to_feature_shape(bias, x, feat))
-    return _flax.normalize(jn.layer_norm, x, params, self.dtype,
-                           reduction_axes=self.reduction_axes, feature_axes=feat,
-                           epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-                           axis_index_groups=self.axis_index_groups,
-                           zero_centered_scale=self.zero_centered_scale,
-                           implementation=self.implementation)
+    return _flax.per_example(jn.layer_norm, self, x, params, feat, mask)
 
 
 class RMSNorm(nnx.Module):
@@ -513,12 +508,8 @@ class RMSNorm(nnx.Module):
     feat = _checks.canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
     _flax.check_features("RMSNorm", self.num_features, x, feat, self.feature_axes,
                          "feature_axes")
-    return _flax.normalize(jn.rms_norm, x, (_to_feature_shape(scale, x, feat),), self.dtype,
-                           reduction_axes=self.reduction_axes, feature_axes=feat,
-                           epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-                           axis_index_groups=self.axis_index_groups,
-                           zero_centered_scale=self.zero_centered_scale,
-                           implementation=self.implementation)
+    return _flax.per_example(jn.rms_norm, self, x, (_to_feature_shape(scale, x, feat),), feat,
+                             mask)
 
 
 class GroupNorm(nnx.Module):
