@@ -1,4 +1,4 @@
-"""The arithmetic of the row kernels, written once for every kernel and its reference.
+"""The arithmetic of the row kernels, and their operands' layout, written once for every kernel.
 
 The kernels (`_triton`) apply these functions to the blocks they load; on whole arrays they are
 the kernels' reference and their forward-mode derivative (see `normalize_rows` in
@@ -53,3 +53,29 @@ def backward_math(x: jax.Array, dy: jax.Array, mean: jax.Array | None, rstd: jax
   if centered:
     t = t - (jnp.sum(g, axis=1) / n)[:, None]
   return t * rstd[:, None], jnp.sum(dy * xhat, axis=0), jnp.sum(dy, axis=0)
+
+
+def forward_refs(refs, has_scale: bool, has_bias: bool):
+  """`(x, scale, bias, y, stats)` of a forward kernel's refs, laid out `x, [scale], [bias],
+  y, [mean], rstd` by every kernel's `forward_call` (absent ones None; `stats` a list)."""
+  refs = list(refs)
+  x = refs.pop(0)
+  scale = refs.pop(0) if has_scale else None
+  bias = refs.pop(0) if has_bias else None
+  y, *stats = refs
+  return x, scale, bias, y, stats
+
+
+def backward_refs(refs, centered: bool, has_scale: bool, has_bias: bool):
+  """`(x, dy, mean, rstd, scale, dx, dscale, dbias)` of a backward kernel's refs, laid out
+  `x, dy, [mean], rstd, [scale], dx, [dscale], [dbias]` by every kernel's `backward_call`
+  (absent ones None)."""
+  refs = list(refs)
+  x, dy = refs.pop(0), refs.pop(0)
+  mean = refs.pop(0) if centered else None
+  rstd = refs.pop(0)
+  scale = refs.pop(0) if has_scale else None
+  dx = refs.pop(0)
+  dscale = refs.pop(0) if has_scale else None
+  dbias = refs.pop(0) if has_bias else None
+  return x, dy, mean, rstd, scale, dx, dscale, dbias

@@ -54,6 +54,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from ._math import backward_refs, forward_refs
+
 # The generations the kernels compile for (benchmarks/mosaic_compile.py, libtpu of jax 0.10.2)
 # and the Mosaic compiler's default scoped VMEM limit on each (what a kernel may use without
 # raising `vmem_limit_bytes`). Not v4: its Mosaic lacks the sublane gather with which the
@@ -212,11 +214,7 @@ def _backward_math(x: jax.Array, dy: jax.Array, mean: jax.Array | None, rstd: ja
 
 def _forward_kernel(*refs, features: int, eps: float, centered: bool, has_scale: bool,
                     has_bias: bool):
-  refs_ = list(refs)
-  x_ref = refs_.pop(0)
-  g_ref = refs_.pop(0) if has_scale else None
-  b_ref = refs_.pop(0) if has_bias else None
-  y_ref, *stat_refs = refs_
+  x_ref, g_ref, b_ref, y_ref, stat_refs = forward_refs(refs, has_scale, has_bias)
   f32 = jnp.float32
   y, mean, rstd = _forward_math(
       x_ref[...].astype(f32), None if g_ref is None else g_ref[...].astype(f32),
@@ -228,13 +226,10 @@ def _forward_kernel(*refs, features: int, eps: float, centered: bool, has_scale:
 
 def _backward_kernel(*refs, rows: int, features: int, centered: bool, has_scale: bool,
                      has_bias: bool):
-  refs_ = list(refs)
-  x_ref, dy_ref = refs_.pop(0), refs_.pop(0)
-  mean_ref = refs_.pop(0) if centered else None
-  rstd_ref = refs_.pop(0)
-  g_ref = refs_.pop(0) if has_scale else None
-  dx_ref = refs_.pop(0)
-  sum_refs = refs_  # [dγ] [dβ], each (1, F) float32, resident across the grid
+  x_ref, dy_ref, mean_ref, rstd_ref, g_ref, dx_ref, dg_ref, db_ref = backward_refs(
+      refs, centered, has_scale, has_bias)
+  # dγ and dβ, each (1, F) float32, resident across the grid
+  sum_refs = [r for r in (dg_ref, db_ref) if r is not None]
   block = x_ref.shape[0]
   f32 = jnp.float32
   i = pl.program_id(0)
@@ -247,7 +242,7 @@ def _backward_kernel(*refs, rows: int, features: int, centered: bool, has_scale:
                               None if g_ref is None else g_ref[...].astype(f32), valid,
                               features, centered)
   dx_ref[...] = dx.astype(dx_ref.dtype)
-  sums = [s for s, on in ((dg, has_scale), (db, len(sum_refs) > has_scale)) if on]
+  sums = [s for s, on in ((dg, has_scale), (db, has_bias)) if on]
 
   @pl.when(i == 0)
   def _():

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ._math import backward_math, forward_math
+from ._math import backward_math, backward_refs, forward_math, forward_refs
 
 # Blocking (not yet tuned on a GPU: tune with benchmarks/gpu.py).
 _MIN_BLOCK = 16  # smallest padded feature block
@@ -78,11 +78,7 @@ def _store(ref, value, mask):
 
 def _forward_kernel(*all_refs, rows: int, features: int, eps: float, centered: bool,
                     has_scale: bool, has_bias: bool):
-  refs = list(all_refs)
-  x_ref = refs.pop(0)
-  g_ref = refs.pop(0) if has_scale else None
-  b_ref = refs.pop(0) if has_bias else None
-  y_ref, *stat_refs = refs
+  x_ref, g_ref, b_ref, y_ref, stat_refs = forward_refs(all_refs, has_scale, has_bias)
   nrows, f_pad = x_ref.shape
   row0 = pl.program_id(0) * nrows
   row_ok, col_ok, valid = _masks(row0, nrows, f_pad, rows, features, rows % nrows != 0)
@@ -97,14 +93,8 @@ def _forward_kernel(*all_refs, rows: int, features: int, eps: float, centered: b
 
 def _backward_kernel(*all_refs, rows: int, features: int, chunk: int, steps: int,
                      centered: bool, has_scale: bool, has_bias: bool):
-  refs = list(all_refs)
-  x_ref, dy_ref = refs.pop(0), refs.pop(0)
-  mean_ref = refs.pop(0) if centered else None
-  rstd_ref = refs.pop(0)
-  g_ref = refs.pop(0) if has_scale else None
-  dx_ref = refs.pop(0)
-  dg_ref = refs.pop(0) if has_scale else None
-  db_ref = refs.pop(0) if has_bias else None
+  x_ref, dy_ref, mean_ref, rstd_ref, g_ref, dx_ref, dg_ref, db_ref = backward_refs(
+      all_refs, centered, has_scale, has_bias)
   f_pad = x_ref.shape[1]
   block0 = pl.program_id(0) * (chunk * steps)
   ragged = rows % (chunk * steps) != 0
