@@ -65,6 +65,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import _hlo_bytes  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import run  # noqa: E402  (benchmarks/run.py: its peers' builders)
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
 import jaxnorm as jn  # noqa: E402
@@ -94,8 +95,9 @@ CHECK = {"norms": ("layer_norm", "rms_norm", "batch_norm"), "shapes": ((8192, 10
 TOLERANCE = 0.05
 
 
-def topology(name: str):
-  """The deviceless topology of a platform name in `PLATFORMS`."""
+def topology(name: str, gpus: str | None = None):
+  """The deviceless topology of a platform name in `PLATFORMS` (a GPU one with `gpus` GPUs,
+  e.g. "1x1x4", instead of the one listed there)."""
   from jax.experimental import topologies
 
   platform, topo = PLATFORMS[name]
@@ -103,7 +105,7 @@ def topology(name: str):
     return topologies.get_topology_desc(topology_name=topo, platform="tpu")
   with open(H100_CONFIG) as f:
     config = f.read()
-  return topologies.get_topology_desc(platform="cuda", target_config=config, topology=topo)
+  return topologies.get_topology_desc(platform="cuda", target_config=config, topology=gpus or topo)
 
 
 def available(name: str) -> str | None:
@@ -186,30 +188,8 @@ def build(lib: str, norm: str, shape: tuple[int, ...], dtype: Any):
       y, new = t.apply(p, state, None, x)
       return y, (new if norm == "batch_norm" else None)
     return fn, params
-  if lib == "equinox":
-    import equinox as eqx
-
-    state = None
-    if norm == "layer_norm":
-      m = eqx.nn.LayerNorm(c, eps=1e-6)
-    elif norm == "rms_norm":
-      m = eqx.nn.RMSNorm(c, eps=1e-6, use_bias=False)
-    elif norm == "group_norm":
-      m = eqx.nn.GroupNorm(GROUPS, c, eps=1e-6)
-    else:
-      m, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(c, "batch", eps=1e-5, mode="ema")
-    params, static = eqx.partition(m, eqx.is_inexact_array)
-
-    def fn(p, x):
-      mod = eqx.combine(p, static)
-      if norm in ("layer_norm", "rms_norm"):
-        return jax.vmap(mod)(x.reshape(-1, c)).reshape(x.shape), None
-      if norm == "group_norm":  # channels-first: the layout moves are part of its cost
-        return jnp.moveaxis(jax.vmap(mod)(jnp.moveaxis(x, -1, 1)), 1, -1), None
-      y, new = jax.vmap(lambda xi, st: mod(xi, st), axis_name="batch", in_axes=(0, None),
-                        out_axes=(0, None))(x.reshape(-1, c), state)
-      return y.reshape(x.shape), new
-    return fn, params
+  if lib == "equinox":  # benchmarks/run.py's case, batch norm in training
+    return run.build_equinox("batch_norm_train" if norm == "batch_norm" else norm, shape, dtype)
   raise ValueError(f"unknown library {lib!r}")
 
 
@@ -435,13 +415,7 @@ def collectives(platforms, log=print) -> list[dict]:
     if missing:
       log(f"{plat}: skipped, this Python lacks {missing}")
       continue
-    platform, _ = PLATFORMS[plat]
-    if platform == "tpu":
-      topo = topologies.get_topology_desc(topology_name=PLATFORMS[plat][1], platform="tpu")
-    else:
-      with open(H100_CONFIG) as f:
-        topo = topologies.get_topology_desc(platform="cuda", target_config=f.read(),
-                                            topology="1x1x4")
+    topo = topology(plat, gpus="1x1x4")
     mesh = topologies.make_mesh(topo, (4,), ("batch",))
     c = 1024
     state = jn.batch_norm_init(c)
