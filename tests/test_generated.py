@@ -296,6 +296,21 @@ def _state(fshape, seed, offset, spread):
       jnp.asarray(rng.randint(0, 5), jnp.int32))
 
 
+def _batch_axes(p, data):
+  """Drawn feature axes of batch (re)normalization, its reduction axes and feature shape."""
+  feat = _pick(data, _axes(p.x.ndim, min_size=0), ())
+  red = tuple(a for a in range(p.x.ndim) if a not in feat)
+  return feat, red, _fshape(p.x.shape, feat)
+
+
+def _state_like(p, fshape, seed):
+  """Running statistics near the data's own: the finite values' mean and spread."""
+  finite = p.x64[np.isfinite(p.x64)]
+  center = float(finite.mean()) if finite.size else 0.0
+  spread = max(float(finite.std()) if finite.size else 1.0, 1e-3)
+  return _state(fshape, seed, center, spread)
+
+
 def _check_state(new, old, n, mean, var, mean_err, var_err, momentum):
   """The running statistics after one update (`refs.ema_error`), unchanged where the batch had
   no valid element; the count advances iff some feature had one."""
@@ -321,9 +336,7 @@ _SCALAR_STATE = make_problem((2, 3), mask_shape=(3,), p_valid=0.5, poison=True, 
 @example(_SCALAR_STATE, None, None)
 def test_batch_norm_training(p, data, momentum):
   ndim = p.x.ndim
-  feat = _pick(data, _axes(ndim, min_size=0), ())
-  red = tuple(a for a in range(ndim) if a not in feat)
-  fshape = _fshape(p.x.shape, feat)
+  feat, red, fshape = _batch_axes(p, data)
   state = _state(fshape, ndim, 0.0, 1.0)
   scale, bias = _params(fshape, ndim)
   y, new = _batch_norm(p.x, state, scale, bias, training=True, feature_axes=feat,
@@ -340,13 +353,8 @@ def test_batch_norm_training(p, data, momentum):
 @example(_SCALAR_STATE, None)
 def test_batch_norm_evaluation(p, data):
   ndim = p.x.ndim
-  feat = _pick(data, _axes(ndim, min_size=0), ())
-  red = tuple(a for a in range(ndim) if a not in feat)
-  fshape = _fshape(p.x.shape, feat)
-  finite = p.x64[np.isfinite(p.x64)]
-  center = float(finite.mean()) if finite.size else 0.0
-  spread = max(float(finite.std()) if finite.size else 1.0, 1e-3)
-  state = _state(fshape, ndim + 1, center, spread)
+  feat, red, fshape = _batch_axes(p, data)
+  state = _state_like(p, fshape, ndim + 1)
   scale, bias = _params(fshape, ndim)
   y, new = _batch_norm(p.x, state, scale, bias, training=False, feature_axes=feat,
                        epsilon=p.epsilon, mask=p.mask)
@@ -364,13 +372,8 @@ def test_batch_norm_evaluation(p, data):
 @example(_SCALAR_STATE, None, 3.0, 0.5)
 def test_batch_renorm_training(p, data, r_max, d_max):
   ndim = p.x.ndim
-  feat = _pick(data, _axes(ndim, min_size=0), ())
-  red = tuple(a for a in range(ndim) if a not in feat)
-  fshape = _fshape(p.x.shape, feat)
-  finite = p.x64[np.isfinite(p.x64)]
-  center = float(finite.mean()) if finite.size else 0.0
-  spread = max(float(finite.std()) if finite.size else 1.0, 1e-3)
-  state = _state(fshape, ndim + 2, center, spread)
+  feat, red, fshape = _batch_axes(p, data)
+  state = _state_like(p, fshape, ndim + 2)
   scale, bias = _params(fshape, ndim)
   y, new = _batch_renorm(p.x, state, scale, bias, training=True, r_max=r_max, d_max=d_max,
                          feature_axes=feat, momentum=0.9, epsilon=p.epsilon, mask=p.mask)
