@@ -167,29 +167,9 @@ def build(lib: str, norm: str, shape: tuple[int, ...], dtype: Any):
                                    mutable=["batch_stats"]), p)
     params = p if norm != "rms_norm" else {"scale": p["scale"]}
     return lambda p, x: (m.apply({"params": p}, x), None), params
-  if lib == "haiku":
-    import haiku as hk
-
-    def forward(x):
-      if norm == "layer_norm":
-        return hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, eps=1e-6)(x)
-      if norm == "rms_norm":
-        return hk.RMSNorm(axis=-1, eps=1e-6)(x)
-      if norm == "group_norm":
-        return hk.GroupNorm(groups=GROUPS, eps=1e-6)(x)
-      return hk.BatchNorm(True, True, 0.99, eps=1e-5)(x, is_training=True)
-
-    t = hk.transform_with_state(forward)
-    params, state = jax.eval_shape(t.init, jax.random.key(0), jnp.zeros((2,) + shape[1:], dtype))
-    params = jax.tree.map(lambda a: jnp.ones(a.shape, jnp.float32), params)
-    state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state)
-
-    def fn(p, x):
-      y, new = t.apply(p, state, None, x)
-      return y, (new if norm == "batch_norm" else None)
-    return fn, params
-  if lib == "equinox":  # benchmarks/run.py's case, batch norm in training
-    return run.build_equinox("batch_norm_train" if norm == "batch_norm" else norm, shape, dtype)
+  if lib in ("haiku", "equinox"):  # benchmarks/run.py's cases, batch norm in training
+    builder = run.build_haiku if lib == "haiku" else run.build_equinox
+    return builder("batch_norm_train" if norm == "batch_norm" else norm, shape, dtype)
   raise ValueError(f"unknown library {lib!r}")
 
 
@@ -226,14 +206,20 @@ def _have(lib: str) -> bool:
   return importlib.util.find_spec(module) is not None
 
 
-def measure(platforms, norms, shapes, dtypes, passes, libs, log=print) -> list[dict]:
-  """One record per (platform, norm, shape, dtype, pass, library)."""
-  records = []
+def _compilable(platforms, log):
+  """The platforms this Python can compile for; each other one is logged as skipped."""
   for plat in platforms:
     missing = available(plat)
     if missing:
       log(f"{plat}: skipped, this Python lacks {missing}")
-      continue
+    else:
+      yield plat
+
+
+def measure(platforms, norms, shapes, dtypes, passes, libs, log=print) -> list[dict]:
+  """One record per (platform, norm, shape, dtype, pass, library)."""
+  records = []
+  for plat in _compilable(platforms, log):
     device = topology(plat).devices[0]
     for shape in shapes:
       for dtype_name in dtypes:
@@ -410,11 +396,7 @@ def collectives(platforms, log=print) -> list[dict]:
   from jax.sharding import PartitionSpec as P
 
   out = []
-  for plat in platforms:
-    missing = available(plat)
-    if missing:
-      log(f"{plat}: skipped, this Python lacks {missing}")
-      continue
+  for plat in _compilable(platforms, log):
     topo = topology(plat, gpus="1x1x4")
     mesh = topologies.make_mesh(topo, (4,), ("batch",))
     c = 1024
