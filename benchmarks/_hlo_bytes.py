@@ -8,8 +8,7 @@ computation of the optimized program instead: every instruction that runs on the
 fusion, a custom call, a copy, a collective, an unfused op) reads its operands and writes its
 results, and only arrays in memory space 0 (device memory, HBM) count. Async copies between
 memory spaces count their HBM side only. It reads each operand of a kernel once, as XLA's cost
-model does; a kernel that reads only a slice of an operand is over-counted (none of the
-normalization programs has one).
+model does, except an operand that a fusion only slices, which counts as the slices it reads.
 """
 
 from __future__ import annotations
@@ -69,7 +68,7 @@ def _matching(text: str, start: int) -> int:
 
 def parse_computation(hlo_text: str, name: str | None = None) -> list[dict[str, Any]]:
   """The instructions of one computation (the ENTRY one by default): name, opcode, result type
-  text, operand names and the text after the operands (attributes)."""
+  text, operand names, the text between the parentheses (args) and after them (attributes)."""
   lines = hlo_text.splitlines()
   if name is None:
     start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
@@ -92,7 +91,8 @@ def parse_computation(hlo_text: str, name: str | None = None) -> list[dict[str, 
     close = _matching(rest, op.end() - 1)
     operands = re.findall(r"%([\w.\-]+)", rest[op.end():close - 1])
     instrs.append({"name": m.group(1), "opcode": op.group(1), "type": type_text,
-                   "operands": operands, "attrs": rest[close:]})
+                   "operands": operands, "args": rest[op.end():close - 1],
+                   "attrs": rest[close:]})
   return instrs
 
 
@@ -117,8 +117,46 @@ def _elements(type_text: str) -> list[str]:
   return out
 
 
-def _moved(ins: dict[str, Any], types: dict[str, list], hbm_only: bool) -> float:
-  """Bytes one instruction reads and writes (only those in HBM with `hbm_only`)."""
+def _sliced_operands(hlo_text: str, ins: dict[str, Any]) -> dict[int, list]:
+  """For a fusion, the operands (by position) that its computation only slices, each with the
+  arrays of the slices it takes: the bytes read of that operand."""
+  m = re.search(r"calls=%?([\w.\-]+)", ins["attrs"])
+  if ins["opcode"] != "fusion" or not m or not re.search(
+      rf"^%?{re.escape(m.group(1))} .*\{{$", hlo_text, re.MULTILINE):
+    return {}
+  body = parse_computation(hlo_text, m.group(1))
+  params = {i["name"]: int(i["args"]) for i in body if i["opcode"] == "parameter"}
+  users = {i["name"]: [u for u in body if i["name"] in u["operands"]] for i in body}
+
+  def slices(name: str) -> list | None:
+    """The arrays sliced from `name`, through bitcasts and conversions; None if any use of it
+    reads it whole."""
+    found = []
+    for u in users[name]:
+      if u["opcode"] == "slice":
+        found += [(dt, shape, 0) for dt, shape, _ in _arrays(u["type"])]
+      elif u["opcode"] in ("bitcast", "convert", "reshape") and users[u["name"]]:
+        inner = slices(u["name"])
+        if inner is None:
+          return None
+        found += inner
+      else:
+        return None
+    return found or None
+
+  out: dict[int, list] = {}
+  for name, index in params.items():
+    found = slices(name)
+    if found is not None:  # bytes of the slices, at the operand's element width
+      width = _BYTES[_arrays(next(i["type"] for i in body if i["name"] == name))[0][0]]
+      out[index] = [("u8", (int(_size([a]) * width / _BYTES[a[0]]),), 0) for a in found]
+  return out
+
+
+def _moved(ins: dict[str, Any], types: dict[str, list], hbm_only: bool,
+           sliced: dict[int, list] | None = None) -> float:
+  """Bytes one instruction reads and writes (only those in HBM with `hbm_only`); `sliced`:
+  the operands read only in part (`_sliced_operands`)."""
   opc = ins["opcode"]
   if opc in ("copy-start", "slice-start"):
     # copy-start: (destination, source, context); slice-start: ((source), destination, context).
@@ -129,7 +167,13 @@ def _moved(ins: dict[str, Any], types: dict[str, list], hbm_only: bool) -> float
     src = [a for name in ins["operands"] for a in types.get(name, [])]
     read = [(dt, shape, s[2]) for (dt, shape, _), s in zip(dest, src, strict=False)]
     return _size(read, hbm_only) + _size(dest, hbm_only)
-  ops = [a for name in ins["operands"] for a in types.get(name, [])]
+  ops = []
+  for k, name in enumerate(ins["operands"]):
+    whole = types.get(name, [])
+    if sliced and k in sliced and len(whole) == 1:  # the slices, in the operand's memory space
+      ops += [(dt, shape, whole[0][2]) for dt, shape, _ in sliced[k]]
+    else:
+      ops += whole
   return _size(ops, hbm_only) + _size(_arrays(ins["type"]), hbm_only)
 
 
@@ -174,8 +218,9 @@ def analyze(hlo_text: str, computation: str | None = None) -> dict[str, Any]:
                     "collectives", "other_ops"):
           out[key] += inner[key]
       continue
-    out["bytes"] += _moved(ins, types, True)
-    out["bytes_any_space"] += _moved(ins, types, False)
+    sliced = _sliced_operands(hlo_text, ins)
+    out["bytes"] += _moved(ins, types, True, sliced)
+    out["bytes_any_space"] += _moved(ins, types, False, sliced)
     base = opc.removesuffix("-start")
     if opc == "fusion":
       out["fusions"] += 1
