@@ -80,10 +80,10 @@ class ResNet(nn.Module):
     def bn():
       return self.norms.BatchNorm(use_running_average=False, momentum=0.9, dtype=self.dtype)
 
-    h = nn.relu(bn()(nn.Conv(self.width, (3, 3), dtype=self.dtype)(x)))
+    h = nn.relu(bn()(nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)))
     for _ in range(self.blocks):
-      r = nn.relu(bn()(nn.Conv(self.width, (3, 3), dtype=self.dtype)(h)))
-      r = bn()(nn.Conv(self.width, (3, 3), dtype=self.dtype)(r))
+      r = nn.relu(bn()(nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(h)))
+      r = bn()(nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(r))
       h = nn.relu(h + r)
     return nn.Dense(10, dtype=self.dtype)(h.mean((1, 2)))
 
