@@ -319,7 +319,9 @@ def batch_norm(
     y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta
 
   In training, `μ, σ²` are the moments of the batch over every axis except `feature_axes`
-  (population variance, two passes, at least float32; only elements where `mask` is True; with
+  (population variance, two passes, at least float32 — on a GPU without mask or `axis_name`,
+  one read about a shift, as precise: docs/guides/internals.md; only elements where `mask` is
+  True; with
   `axis_name`, over all named devices weighted by their valid counts), and the running
   statistics are updated with `update_running_stats`. In evaluation, the running statistics are
   used and the state is returned unchanged.

@@ -23,11 +23,19 @@ from ._apply import apply, rstd
 from ._dtypes import compute_dtype
 from ._layout import broadcast_param, group_expand, group_sum
 from ._platform import cpu_barrier, switch
-from ._stats import AxisName, Moments, psum, reduce
+from ._stats import AxisName, Moments, psum, reduce, shifted_moments
 
 # The residuals that the backward pass keeps from the forward pass: the statistics only.
 _COUNT, _MEAN, _VAR = "jaxnorm_count", "jaxnorm_mean", "jaxnorm_var"
 _CHECKPOINT_POLICY = jax.checkpoint_policies.save_only_these_names(_COUNT, _MEAN, _VAR)
+
+
+def _sharded(x: jax.Array, axes: tuple[int, ...]) -> bool:
+  """Whether `x` is known at trace time to be split across devices along one of `axes` (a mesh
+  axis of type Explicit): the leading sample of `_stats.shifted_moments` would then have to be
+  sent from the device that holds it to the others."""
+  spec = getattr(jax.typeof(x).sharding, "spec", None)
+  return spec is not None and any(a < len(spec) and spec[a] is not None for a in axes)
 
 
 class Reduction(NamedTuple):
@@ -42,9 +50,23 @@ class Reduction(NamedTuple):
   groups: int | None  # group normalization of channels-last input (see _layout.group_sum)
   dtype: Any  # the statistics' dtype, at least float32
 
-  def moments(self, x: jax.Array, mask: jax.Array | None) -> Moments:
-    return reduce(x, self.axes, mask, self.axis_name, self.axis_index_groups, self.dtype,
-                  self.centered, self.groups)
+  def moments(self, x: jax.Array, mask: jax.Array | None, *,
+              differentiated: bool = False) -> Moments:
+    """The moments of `_stats.reduce`; on a GPU those of `_stats.shifted_moments` where they
+    apply, which read x once where the two-pass variance reads it twice.
+
+    Layer normalization's forward pass alone keeps the two-pass variance on a GPU: XLA fuses
+    it with the output into one kernel that reads x once. Masks, `axis_name` and groups keep
+    it everywhere (docs/guides/internals.md, "One read on GPUs").
+    """
+    two_pass = lambda x: reduce(x, self.axes, mask, self.axis_name, self.axis_index_groups,
+                                self.dtype, self.centered, self.groups)
+    if (not self.centered or mask is not None or self.axis_name is not None
+        or self.groups is not None or x.size == 0 or jnp.iscomplexobj(x)
+        or (self.per_example and not differentiated) or _sharded(x, self.axes)):
+      return two_pass(x)
+    one_pass = lambda x: shifted_moments(x, self.axes, self.dtype)
+    return switch(x, cpu=two_pass, default=two_pass, cuda=one_pass, rocm=one_pass)
 
   def total(self, a: jax.Array) -> jax.Array:
     return group_sum(a, self.axes, self.groups)
@@ -211,7 +233,7 @@ def _jvp(r: Reduction, primals, tangents):
   """The tangent of `_forward` (docs/guides/internals.md, "The derivative")."""
   x, scale, bias, eps, mask, ref = primals
   dx, dscale, dbias, deps, _, _ = tangents
-  m = r.moments(x, mask)
+  m = r.moments(x, mask, differentiated=True)
   count = checkpoint_name(m.count, _COUNT)
   mean = checkpoint_name(m.mean, _MEAN)
   var = checkpoint_name(m.var, _VAR)

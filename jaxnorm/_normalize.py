@@ -153,8 +153,9 @@ def layer_norm(
     y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta, \qquad
     \mu, \sigma^2 = \text{moments}(x, \text{reduction\_axes})
 
-  with the population variance computed in two passes in at least float32 (see `moments`), and
-  :math:`\gamma` replaced by :math:`1 + \gamma` with `zero_centered_scale=True`.
+  with the population variance computed in two passes in at least float32 (see `moments`; on a
+  GPU, under differentiation, in one read about a shift, as precise: docs/guides/internals.md),
+  and :math:`\gamma` replaced by :math:`1 + \gamma` with `zero_centered_scale=True`.
   The result does not depend on the other examples of the batch. With `mask`, only the valid
   elements enter the statistics and every element is normalized with them (as in flax). With
   `axis_name`, the reduction also runs over the named devices, for a feature axis sharded across

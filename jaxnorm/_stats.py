@@ -11,6 +11,9 @@ reduces its input through `reduce` below, so the numerical choices are made once
   elements, with two small `psum`s (counts and sums, then centred squares). `psum` results are
   known to `shard_map` to be replicated, so `out_specs=P()` works with its checks on.
 
+On a GPU the fused normalizers use `shifted_moments` where it saves a read of x: one pass of
+sums about a shift close to the mean (docs/guides/internals.md, "One read on GPUs").
+
 Moments of disjoint sets combine by `merge` (many sets: ghost batches, replicas) or
 `merge_moments` (two sets, Chan's update).
 """
@@ -159,6 +162,47 @@ def reduce(
   if m2.dtype != denom.dtype:  # complex input: the variance E[|x - μ|²] is real
     denom = jnp.maximum(count, 1).astype(m2.dtype)
   return Moments(count, mean, m2 / denom)
+
+
+# The shift of `shifted_moments` is the mean of about this many leading elements of each set.
+SHIFT_SAMPLE = 8
+
+
+def _leading_sample(a: jax.Array, reduction_axes: tuple[int, ...]) -> jax.Array:
+  """The first elements of `a` along its reduction axes, at least `SHIFT_SAMPLE` of them where
+  there are that many: whole runs of the last reduction axis first (contiguous in memory)."""
+  need = SHIFT_SAMPLE
+  for axis in sorted(reduction_axes, reverse=True):
+    take = min(need, a.shape[axis])
+    a = jax.lax.slice_in_dim(a, 0, take, axis=axis)
+    need = -(-need // take)
+  return a
+
+
+def shifted_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any) -> Moments:
+  r"""Moments of real `x` in one read: sums of `d = x - K` about a shift `K` (local: no mask,
+  no `axis_name`, no groups; arguments validated).
+
+  `K`, held constant, is the mean of a few leading elements of each set (`SHIFT_SAMPLE`).
+  Then :math:`\mu = K + \bar d` and :math:`\sigma^2 = (\sum d^2 - \bar d \sum d) / n`,
+  clamped at 0. Both sums read x in one kernel, where `reduce`'s two-pass variance reads it
+  twice when a set does not stay on chip. The variance's rounding error is the two-pass one's
+  with :math:`\sigma^2 + (\mu - K)^2` in place of :math:`\sigma^2` (tests/refs.py,
+  `shifted_var_error`): it does not grow with the data's offset, because K lies among the
+  data, and it is a few units in the last place unless the leading elements sit many σ from
+  the mean.
+  """
+  with jax.named_scope("jaxnorm.shifted_moments"):
+    xf = x.astype(dtype)
+    n = math.prod(x.shape[a] for a in reduction_axes)
+    sample = _leading_sample(xf, reduction_axes)
+    shift = jax.lax.stop_gradient(jnp.mean(sample, reduction_axes))
+    d = xf - jnp.expand_dims(shift, reduction_axes)
+    s1 = jnp.sum(d, reduction_axes)
+    s2 = jnp.sum(d * d, reduction_axes)
+    mean_d = s1 / n
+    var = jnp.maximum(s2 - s1 * mean_d, jnp.zeros((), dtype)) / n
+    return Moments(jnp.full(shift.shape, n, jnp.float32), shift + mean_d, var)
 
 
 def moments(

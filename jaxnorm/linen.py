@@ -13,7 +13,8 @@ initializers draw the same numbers) and return flax's output dtype. The modules 
 variables and call the functional core (`jaxnorm.batch_norm`, `jaxnorm.layer_norm`, ...), so
 the statistics are always jaxnorm's:
 
-* two-pass variance in at least float32: no `E[x²] - E[x]²` cancellation, whatever
+* exact variance in at least float32 (two passes; on a GPU one read about a shift, see
+  docs/guides/internals.md): no `E[x²] - E[x]²` cancellation, whatever
   `use_fast_variance` says (the flag is accepted for compatibility and has no effect);
 * with `mask`, only valid elements count; with `axis_name`, devices are weighted by their
   number of valid elements (flax averages the per-device means), and a device or a whole batch

@@ -15,9 +15,10 @@ numbers from `rngs`, and return flax's output dtype. `BatchNorm` follows `model.
 construction or call; its statistics updates work inside `nnx.jit`.
 
 The modules only declare variables and call the functional core, so the statistics are
-jaxnorm's: two-pass variance in at least float32 whatever `use_fast_variance` says (accepted,
-no effect), count-weighted across `axis_name`, finite output and unchanged `BatchStat`s for a
-batch with no valid element. Deliberate differences from flax.nnx:
+jaxnorm's: exact variance in at least float32 (two passes; on a GPU one read about a shift,
+see docs/guides/internals.md) whatever `use_fast_variance` says (accepted, no effect),
+count-weighted across `axis_name`, finite output and unchanged `BatchStat`s for a batch with
+no valid element. Deliberate differences from flax.nnx:
 
 * a `dtype` narrower than the input (`dtype=jnp.float16` or `jnp.bfloat16` on float32 input)
   is the output's dtype only: the input and the parameters are normalized at their own

@@ -255,6 +255,55 @@ def sync_error(means, variances, weights, state_dtype=np.float32) -> tuple[np.nd
           d * d + (sum_factor(r) + 6 * u) * (var + d * d) + out_u * var)
 
 
+def leading_shift(x, axes, sample=8) -> np.ndarray:
+  """The shift of `jaxnorm._stats.shifted_moments` in float64: the mean of the first elements
+  along `axes`, at least `sample` of them, taken from the last axis first."""
+  x = f64(x)
+  need = sample
+  for a in sorted(_axes(axes, x.ndim), reverse=True):
+    take = min(need, x.shape[a])
+    x = np.take(x, np.arange(take), axis=a)
+    need = -(-need // take)
+  return x.mean(_axes(axes, x.ndim))
+
+
+def shifted_errors(x, axes, dtype=np.float32, sample=8) -> tuple[np.ndarray, np.ndarray]:
+  r"""Bounds on |μ̂ - μ| and |σ̂² - σ²| of the one-read moments about a shift K
+  (`jaxnorm._stats.shifted_moments`).
+
+  With :math:`d_i = x_i - K`, :math:`D = \mu - K` and :math:`A = \sum|d_i|/N \le
+  \sqrt{\sigma^2 + D^2}`: each :math:`d_i` rounds once, the sums of d and d² are off by
+  c(N) relative to :math:`\sum|d_i|` and :math:`\sum d_i^2 = N(\sigma^2 + D^2)`, the
+  squares by 2u, and :math:`\bar d` by one more rounding, so to first order
+
+  .. math::
+    |\hat{\bar d} - D| \le e_d = (c(N) + u)A + u|D|, \qquad
+    |\hat\mu - \mu| \le e_d + u(|\mu| + e_d) + u|K|
+
+  .. math::
+    |\hat\sigma^2 - \sigma^2| \le (c(N) + 6u)(\sigma^2 + D^2) + 2|D|\,e_d
+
+  (the product :math:`\bar d\sum d`, the subtraction and the division round once each, on
+  terms no larger than :math:`\sigma^2 + D^2`), and a last :math:`u|K|` in the mean: XLA may
+  evaluate K (a small mean) once for x - K and again, unrounded inside a fused multiply-add,
+  for K + d̄. No other term grows with the offset μ: the shift removes it before anything is
+  summed. K enters the variance's bound through D only; it is the float64 `leading_shift`
+  here, and the float32 K differs by :math:`u|K|`, which `D` absorbs.
+  """
+  _, mean, var = ref_moments(x, axes)
+  x = f64(x)
+  n = int(np.prod([x.shape[a] for a in _axes(axes, x.ndim)]))
+  shift = leading_shift(x, axes, sample)
+  u = unit_roundoff(dtype)
+  big_d = np.abs(mean - shift) + u * np.abs(shift)
+  a = np.abs(x - np.expand_dims(shift, _axes(axes, x.ndim))).mean(_axes(axes, x.ndim))
+  c = sum_factor(n, dtype)
+  e_d = (c + u) * a + u * big_d
+  mean_err = e_d + u * (np.abs(mean) + e_d) + u * np.abs(shift)
+  var_err = (c + 6 * u) * (var + big_d ** 2) + 2 * big_d * e_d
+  return mean_err, var_err
+
+
 def merge_error(a, a_err, b, b_err) -> tuple[np.ndarray, np.ndarray]:
   r"""Bounds on `merge_moments` (Chan et al.) of float64 moments `a`, `b` = (n, μ, σ²), whose
   float32 values are off by `a_err`, `b_err` = (mean bound, variance bound).

@@ -1,0 +1,158 @@
+"""The statistics that programs compiled for a GPU compute in one read of x, run here on the CPU.
+
+On a GPU, batch normalization (and layer normalization under differentiation) computes its
+moments by `_stats.shifted_moments`: sums about a shift close to the mean, in one read of x,
+where the two-pass variance reads it twice. These tests take the GPU's branch of every
+per-platform choice on the CPU and hold its results to float64 references within the bound of
+`refs.shifted_errors`, at offsets where `E[x²] - E[x]²` fails, with a shift far from the mean,
+and through the layers and their derivatives.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jaxnorm as jn
+from jaxnorm import _apply, _fused, _platform, _stats
+from tests import refs
+
+
+def _gpu_switch(*args, cpu, default, **platforms):
+  del cpu
+  return platforms.get("cuda", default)(*args)
+
+
+@pytest.fixture
+def on_gpu(monkeypatch):
+  """Every per-platform choice takes the branch that programs compiled for a GPU take."""
+  for module in (_platform, _fused, _apply):
+    monkeypatch.setattr(module, "switch", _gpu_switch)
+
+
+def _data(shape, offset, seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=shape) * 2 + offset).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape,axes", [((16, 96), (1,)), ((96, 16), (0,)),
+                                        ((4, 5, 6, 16), (0, 1, 2))])
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_shifted_moments_within_their_bound(shape, axes, offset):
+  x = _data(shape, offset)
+  m = jax.jit(lambda x: _stats.shifted_moments(x, axes, jnp.float32))(x)
+  count, mean, var = refs.ref_moments(x, axes)
+  mean_err, var_err = refs.shifted_errors(x, axes)
+  np.testing.assert_array_equal(m.count, count)
+  refs.assert_within(m.mean, mean, mean_err, "mean")
+  refs.assert_within(m.var, var, var_err, "var")
+  # The bound does not grow with the offset: at 1e4 the variance keeps about the precision
+  # it has at 0 (E[x²] - E[x]² would be off by about 1e8 u = 6).
+  assert np.max(var_err / var) < 1e-4
+
+
+def test_a_shift_far_from_the_mean_stays_within_the_bound():
+  # The leading elements of each row are outliers: D = μ - K is 1e3 σ, and the bound, which
+  # grows with D², still holds (the one case where the two-pass variance is the better one).
+  x = _data((8, 512), 5.0)
+  x[:, :8] += 2e3
+  m = _stats.shifted_moments(jnp.asarray(x), (1,), jnp.float32)
+  _, mean, var = refs.ref_moments(x, (1,))
+  mean_err, var_err = refs.shifted_errors(x, (1,))
+  refs.assert_within(m.mean, mean, mean_err, "mean")
+  refs.assert_within(m.var, var, var_err, "var")
+  assert np.all(m.var >= 0)
+
+
+def test_shifted_moments_of_narrow_input_accumulate_in_float32():
+  x = _data((32, 64), 100.0).astype(jnp.bfloat16)
+  m = _stats.shifted_moments(jnp.asarray(x), (0,), jnp.float32)
+  assert m.mean.dtype == m.var.dtype == jnp.float32
+  xf = np.asarray(x, np.float32)
+  _, mean, var = refs.ref_moments(xf, (0,))
+  mean_err, var_err = refs.shifted_errors(xf, (0,))
+  refs.assert_within(m.mean, mean, mean_err, "mean")
+  refs.assert_within(m.var, var, var_err, "var")
+
+
+def test_a_constant_set_has_variance_zero():
+  x = jnp.full((4, 64), 1e4 + 0.5, jnp.float32)
+  m = _stats.shifted_moments(x, (1,), jnp.float32)
+  np.testing.assert_array_equal(m.var, 0.0)
+  np.testing.assert_array_equal(m.mean, 1e4 + 0.5)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_batch_norm_training_on_a_gpu_within_the_bound(on_gpu, offset):
+  x = _data((64, 3, 16), offset, seed=1)
+  g = (1 + 0.1 * np.random.default_rng(2).normal(size=16)).astype(np.float32)
+  b = np.full(16, 0.25, np.float32)
+  state = jn.batch_norm_init(16)
+  y, new = jax.jit(lambda x: jn.batch_norm(x, state, g, b, training=True, momentum=0.9))(x)
+  axes = (0, 1)
+  _, mean, var = refs.ref_moments(x, axes)
+  mean_err, var_err = refs.shifted_errors(x, axes)
+  ref_y = refs.ref_normalize(x, mean, var, g, b, axes, -1, 1e-5)
+  bound = refs.output_error(x, mean, var, mean_err, var_err, g, ref_y, axes, -1, 1e-5)
+  refs.assert_within(y, ref_y, bound, "y")
+  refs.assert_within(new.mean, 0.1 * mean, 0.1 * mean_err + refs.U32 * np.abs(mean), "mean")
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "batch_norm"])
+def test_gpu_derivatives_equal_the_cpus(on_gpu, name, monkeypatch):
+  """Gradients through the one-read statistics: the CPU's own within twice the bound."""
+  rng = np.random.default_rng(3)
+  x = (rng.normal(size=(12, 32)) * 2 + 3).astype(np.float32)
+  g = (1 + 0.1 * rng.normal(size=32)).astype(np.float32)
+  b = (0.1 * rng.normal(size=32)).astype(np.float32)
+  cot = rng.normal(size=(12, 32)).astype(np.float32)
+  state = jn.batch_norm_init(32)
+  if name == "layer_norm":
+    f, red, eps = (lambda x, g, b: jn.layer_norm(x, g, b)), -1, 1e-6
+  else:
+    f = lambda x, g, b: jn.batch_norm(x, state, g, b, training=True, epsilon=1e-5)[0]
+    red, eps = 0, 1e-5
+
+  def grads():
+    y, pullback = jax.vjp(jax.jit(f), x, g, b)
+    return [np.asarray(a) for a in (y, *pullback(jnp.asarray(cot)))]
+
+  on_gpu_ = grads()
+  monkeypatch.undo()
+  on_cpu = grads()
+  dx_b, dg_b, db_b = refs.derivative_bounds(x, red, -1, g, cot, np.zeros_like(cot), eps,
+                                            None, True)
+  y_b = refs.norm_bound(x, on_cpu[0], g, red, -1, eps)
+  refs.assert_within(on_gpu_[0], on_cpu[0], 2 * y_b, "y")
+  for what, a, c, bound in (("dx", on_gpu_[1], on_cpu[1], dx_b),
+                            ("dscale", on_gpu_[2], on_cpu[2], dg_b),
+                            ("dbias", on_gpu_[3], on_cpu[3], db_b)):
+    refs.assert_within(a, c, 2 * bound, what)
+
+
+def test_which_normalizations_read_once_on_a_gpu():
+  """The one-read statistics appear in programs for a GPU where they save a read, and not in
+  layer normalization's forward pass, masked statistics or statistics across devices."""
+  x = jax.ShapeDtypeStruct((8, 16), jnp.float32)
+  state = jn.batch_norm_init(16)
+
+  def has_shift(f, *args):
+    lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+    return "jaxnorm.shifted_moments" in lowered.as_text(debug_info=True)
+
+  bn = lambda x: jn.batch_norm(x, state, training=True)[0]
+  ln = lambda x: jn.layer_norm(x)
+  masked = lambda x: jn.batch_norm(x, state, training=True, mask=jnp.ones((8, 1), bool))[0]
+  assert has_shift(bn, x)
+  assert has_shift(lambda x: jax.grad(lambda x: ln(x).sum())(x), x)
+  assert not has_shift(ln, x)
+  assert not has_shift(masked, x)
+  # Input split along the batch by an Explicit mesh axis: the sample would have to travel.
+  mesh = jax.make_mesh((4,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
+  split = jax.ShapeDtypeStruct((8, 16), jnp.float32,
+                               sharding=jax.sharding.NamedSharding(mesh, P("batch")))
+  with jax.set_mesh(mesh):
+    assert not has_shift(bn, split)
