@@ -55,9 +55,11 @@ class Reduction(NamedTuple):
     """The moments of `_stats.reduce`; on a GPU those of `_stats.shifted_moments` where they
     apply, which read x once where the two-pass variance reads it twice.
 
-    Layer normalization's forward pass alone keeps the two-pass variance on a GPU: XLA fuses
-    it with the output into one kernel that reads x once. Masks, `axis_name` and groups keep
-    it everywhere (docs/guides/internals.md, "One read on GPUs").
+    Batch-like reductions shift each block of their first axis by its own first element, so
+    that a batch split across devices finds its shifts where its data is. Layer
+    normalization's forward pass alone keeps the two-pass variance on a GPU: XLA fuses it with
+    the output into one kernel that reads x once. Masks, `axis_name` and groups keep it
+    everywhere (docs/guides/internals.md, "One read on GPUs").
     """
     two_pass = lambda x: reduce(x, self.axes, mask, self.axis_name, self.axis_index_groups,
                                 self.dtype, self.centered, self.groups)
@@ -65,7 +67,8 @@ class Reduction(NamedTuple):
         or self.groups is not None or x.size == 0 or jnp.iscomplexobj(x)
         or (self.per_example and not differentiated) or _sharded(x, self.axes)):
       return two_pass(x)
-    one_pass = lambda x: shifted_moments(x, self.axes, self.dtype)
+    one_pass = lambda x: shifted_moments(x, self.axes, self.dtype,
+                                         blocked=not self.per_example)
     return switch(x, cpu=two_pass, default=two_pass, cuda=one_pass, rocm=one_pass)
 
   def total(self, a: jax.Array) -> jax.Array:

@@ -166,12 +166,14 @@ def reduce(
 
 # The shift of `shifted_moments` is the mean of about this many leading elements of each set.
 SHIFT_SAMPLE = 8
+# With `blocks`, at most this many blocks along the first reduction axis (see below).
+SHIFT_BLOCKS = 64
 
 
-def _leading_sample(a: jax.Array, reduction_axes: tuple[int, ...]) -> jax.Array:
-  """The first elements of `a` along its reduction axes, at least `SHIFT_SAMPLE` of them where
-  there are that many: whole runs of the last reduction axis first (contiguous in memory)."""
-  need = SHIFT_SAMPLE
+def _leading_sample(a: jax.Array, reduction_axes: tuple[int, ...], size: int) -> jax.Array:
+  """The first elements of `a` along its reduction axes, at least `size` of them where there
+  are that many: whole runs of the last reduction axis first (contiguous in memory)."""
+  need = size
   for axis in sorted(reduction_axes, reverse=True):
     take = min(need, a.shape[axis])
     a = jax.lax.slice_in_dim(a, 0, take, axis=axis)
@@ -179,7 +181,22 @@ def _leading_sample(a: jax.Array, reduction_axes: tuple[int, ...]) -> jax.Array:
   return a
 
 
-def shifted_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any) -> Moments:
+def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any,
+                  sample: int) -> Moments:
+  xf = x.astype(dtype)
+  n = math.prod(x.shape[a] for a in reduction_axes)
+  shift = jax.lax.stop_gradient(jnp.mean(_leading_sample(xf, reduction_axes, sample),
+                                         reduction_axes))
+  d = xf - jnp.expand_dims(shift, reduction_axes)
+  s1 = jnp.sum(d, reduction_axes)
+  s2 = jnp.sum(d * d, reduction_axes)
+  mean_d = s1 / n
+  var = jnp.maximum(s2 - s1 * mean_d, jnp.zeros((), dtype)) / n
+  return Moments(jnp.full(shift.shape, n, jnp.float32), shift + mean_d, var)
+
+
+def shifted_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, *,
+                    blocked: bool = False) -> Moments:
   r"""Moments of real `x` in one read: sums of `d = x - K` about a shift `K` (local: no mask,
   no `axis_name`, no groups; arguments validated).
 
@@ -188,21 +205,24 @@ def shifted_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any) -
   clamped at 0. Both sums read x in one kernel, where `reduce`'s two-pass variance reads it
   twice when a set does not stay on chip. The variance's rounding error is the two-pass one's
   with :math:`\sigma^2 + (\mu - K)^2` in place of :math:`\sigma^2` (tests/refs.py,
-  `shifted_var_error`): it does not grow with the data's offset, because K lies among the
-  data, and it is a few units in the last place unless the leading elements sit many σ from
-  the mean.
+  `shifted_errors`): it does not grow with the data's offset, because K lies among the data,
+  and it is a few units in the last place unless the leading elements sit many σ from the
+  mean.
+
+  With `blocked` (batch-like reductions), the first reduction axis is split into up to
+  `SHIFT_BLOCKS` blocks (as many as divide it), each shifted by its own first element, and the
+  blocks' moments are merged exactly (`merge_axis`). A batch split across devices along that
+  axis then finds each block's shift on the device that holds the block, where one shift for
+  the whole batch would have to be sent from the first device to the others.
   """
   with jax.named_scope("jaxnorm.shifted_moments"):
-    xf = x.astype(dtype)
-    n = math.prod(x.shape[a] for a in reduction_axes)
-    sample = _leading_sample(xf, reduction_axes)
-    shift = jax.lax.stop_gradient(jnp.mean(sample, reduction_axes))
-    d = xf - jnp.expand_dims(shift, reduction_axes)
-    s1 = jnp.sum(d, reduction_axes)
-    s2 = jnp.sum(d * d, reduction_axes)
-    mean_d = s1 / n
-    var = jnp.maximum(s2 - s1 * mean_d, jnp.zeros((), dtype)) / n
-    return Moments(jnp.full(shift.shape, n, jnp.float32), shift + mean_d, var)
+    a0 = min(reduction_axes)
+    blocks = math.gcd(x.shape[a0], SHIFT_BLOCKS) if blocked else 1
+    if blocks == 1:
+      return _shifted_sums(x, reduction_axes, dtype, SHIFT_SAMPLE)
+    xb = x.reshape(x.shape[:a0] + (blocks, x.shape[a0] // blocks) + x.shape[a0 + 1:])
+    per_block = _shifted_sums(xb, tuple(a + 1 for a in reduction_axes), dtype, 1)
+    return merge_axis(per_block, a0)
 
 
 def moments(

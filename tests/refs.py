@@ -267,7 +267,24 @@ def leading_shift(x, axes, sample=8) -> np.ndarray:
   return x.mean(_axes(axes, x.ndim))
 
 
-def shifted_errors(x, axes, dtype=np.float32, sample=8) -> tuple[np.ndarray, np.ndarray]:
+def _shifted_errors(x, axes, dtype, sample):
+  _, mean, var = ref_moments(x, axes)
+  x = f64(x)
+  axes = _axes(axes, x.ndim)
+  n = int(np.prod([x.shape[a] for a in axes]))
+  shift = leading_shift(x, axes, sample)
+  u = unit_roundoff(dtype)
+  big_d = np.abs(mean - shift) + u * np.abs(shift)
+  a = np.abs(x - np.expand_dims(shift, axes)).mean(axes)
+  c = sum_factor(n, dtype)
+  e_d = (c + u) * a + u * big_d
+  mean_err = e_d + u * (np.abs(mean) + e_d) + u * np.abs(shift)
+  var_err = (c + 6 * u) * (var + big_d ** 2) + 2 * big_d * e_d
+  return mean, var, mean_err, var_err
+
+
+def shifted_errors(x, axes, dtype=np.float32, blocks=1, sample=8
+                   ) -> tuple[np.ndarray, np.ndarray]:
   r"""Bounds on |μ̂ - μ| and |σ̂² - σ²| of the one-read moments about a shift K
   (`jaxnorm._stats.shifted_moments`).
 
@@ -289,19 +306,39 @@ def shifted_errors(x, axes, dtype=np.float32, sample=8) -> tuple[np.ndarray, np.
   for K + d̄. No other term grows with the offset μ: the shift removes it before anything is
   summed. K enters the variance's bound through D only; it is the float64 `leading_shift`
   here, and the float32 K differs by :math:`u|K|`, which `D` absorbs.
+
+  With `blocks` > 1 (`blocked=True` there), the first reduction axis is split into that many
+  blocks, each shifted by its first element (`sample=1`) and bounded as above, and the blocks'
+  moments :math:`(\mu_b, \sigma_b^2)` (errors :math:`e_b, v_b`) are merged by the law of total
+  variance, which adds its own sums over the B blocks:
+
+  .. math::
+    e_M = \overline{e_b} + c(B)\,\overline{|\mu_b|} + u|\mu|, \qquad
+    |\hat\sigma^2 - \sigma^2| \le \overline{v_b + 2|\mu_b - \mu|(e_b + e_M) + (e_b + e_M)^2}
+    + (c(B) + 3u)\,\overline{\sigma_b^2 + (\mu_b - \mu)^2} + u\sigma^2
+
+  (bars: means over the blocks, which hold equal counts). Here the block means, each off by
+  about :math:`u|\mu|`, enter the variance at first order, through
+  :math:`2|\mu_b - \mu|\,e_b`.
   """
-  _, mean, var = ref_moments(x, axes)
   x = f64(x)
-  n = int(np.prod([x.shape[a] for a in _axes(axes, x.ndim)]))
-  shift = leading_shift(x, axes, sample)
+  axes = _axes(axes, x.ndim)
+  if blocks == 1:
+    _, _, mean_err, var_err = _shifted_errors(x, axes, dtype, sample)
+    return mean_err, var_err
+  a0 = axes[0]
+  xb = x.reshape(x.shape[:a0] + (blocks, x.shape[a0] // blocks) + x.shape[a0 + 1:])
+  mb, vb, eb, evb = _shifted_errors(xb, tuple(a + 1 for a in axes), dtype, 1)
+  _, mean, var = ref_moments(x, axes)
   u = unit_roundoff(dtype)
-  big_d = np.abs(mean - shift) + u * np.abs(shift)
-  a = np.abs(x - np.expand_dims(shift, _axes(axes, x.ndim))).mean(_axes(axes, x.ndim))
-  c = sum_factor(n, dtype)
-  e_d = (c + u) * a + u * big_d
-  mean_err = e_d + u * (np.abs(mean) + e_d) + u * np.abs(shift)
-  var_err = (c + 6 * u) * (var + big_d ** 2) + 2 * big_d * e_d
-  return mean_err, var_err
+  c = sum_factor(blocks, dtype)
+  avg = lambda a: a.mean(a0)
+  e_m = avg(eb) + c * avg(np.abs(mb)) + u * np.abs(mean)
+  dev = np.abs(mb - np.expand_dims(mean, a0))
+  e_all = eb + np.expand_dims(e_m, a0)
+  var_err = (avg(evb + 2 * dev * e_all + e_all ** 2) + (c + 3 * u) * avg(vb + dev ** 2)
+             + u * var)
+  return e_m, var_err
 
 
 def merge_error(a, a_err, b, b_err) -> tuple[np.ndarray, np.ndarray]:

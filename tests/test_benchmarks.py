@@ -107,3 +107,15 @@ def test_gpu_script_runs_on_cpu_and_checks_exactness(tmp_path):
   table = (tmp_path / "gpu_results.md").read_text()
   assert "| layer_norm | 64x128 | float32 | fwd | jaxnorm |" in table
   assert "| rms_norm | 2x256 | bfloat16 | fwd+bwd | jaxnorm pallas |" in table
+
+
+def test_shift_precision_prints_every_formula_and_case(capsys):
+  spec = importlib.util.spec_from_file_location("jaxnorm_bench_shift_precision",
+                                                ROOT / "benchmarks" / "shift_precision.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  module.main()
+  lines = capsys.readouterr().out.strip().splitlines()[1:]
+  assert len(lines) == 4
+  for line in lines:
+    assert all(f"{name}: var " in line for name in module.FORMULAS), line
