@@ -237,10 +237,6 @@ def measure(platforms, norms, shapes, dtypes, passes, libs, log=print) -> list[d
                 continue
               if lib == "flax.linen dtype=x" and dtype_name == "float32":
                 continue  # flax.linen itself
-              if lib == "jaxnorm pallas" and PLATFORMS[plat][0] == "tpu":
-                rec["status"] = "n/a (no TPU kernels yet)"
-                group.append(rec)
-                continue
               if not _have(lib):
                 continue
               try:
@@ -316,7 +312,7 @@ def markdown(records: list[dict], libs=LIBS) -> str:
         if r is None:
           cells.append("–")
         elif r["status"] != "ok":
-          cells.append("n/a" if r["status"].startswith("n/a") else "failed")
+          cells.append("failed")
         else:
           cells.append(f"{r['kernels']} / {r['passes']:.2f}")
       j = by.get("jaxnorm", {})
