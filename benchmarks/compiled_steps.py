@@ -4,7 +4,8 @@
 
 A TransformerLM-like model (pre-LayerNorm blocks, 2 layers, width 1024, 16 heads, MLP 4096,
 vocabulary 8192, 16 sequences of 512 tokens) and a ResNet-like one (BatchNorm after every
-convolution, 4 residual blocks of 128 channels on 64 images of 32x32), each in float32 and with
+convolution, the convolutions without bias as in flax's examples/imagenet, 4 residual blocks of
+128 channels on 64 images of 32x32), each in float32 and with
 bfloat16 computation (`dtype=jnp.bfloat16` on every module, float32 parameters, as flax's
 examples do). One step: the loss, its gradients and an `optax.adam` update, under `jax.jit`,
 compiled deviceless as in `benchmarks/compiled.py`, whose device-memory byte count and kernel

@@ -55,20 +55,22 @@ class Reduction(NamedTuple):
     """The moments of `_stats.reduce`; on a GPU those of `_stats.shifted_moments` where they
     apply, which read x once where the two-pass variance reads it twice.
 
-    Batch-like reductions shift each block of their first axis by its own first element, so
-    that a batch split across devices finds its shifts where its data is. Layer
+    Reductions over the batch axis shift each block of it by its own first element, so that a
+    batch split across devices finds its shifts where its data is. Layer
     normalization's forward pass alone keeps the two-pass variance on a GPU: XLA fuses it with
-    the output into one kernel that reads x once. Masks, `axis_name` and groups keep it
-    everywhere (docs/guides/internals.md, "One read on GPUs").
+    the output into one kernel that reads x once. Masks and `axis_name` keep it everywhere
+    (docs/guides/internals.md, "One read on GPUs").
     """
     two_pass = lambda x: reduce(x, self.axes, mask, self.axis_name, self.axis_index_groups,
                                 self.dtype, self.centered, self.groups)
-    if (not self.centered or mask is not None or self.axis_name is not None
-        or self.groups is not None or x.size == 0 or jnp.iscomplexobj(x)
-        or (self.per_example and not differentiated) or _sharded(x, self.axes)):
+    if (not self.centered or mask is not None or self.axis_name is not None or x.size == 0
+        or jnp.iscomplexobj(x) or (self.per_example and not differentiated)
+        or _sharded(x, self.axes)):
       return two_pass(x)
-    one_pass = lambda x: shifted_moments(x, self.axes, self.dtype,
-                                         blocked=not self.per_example)
+    # The batch axis (0) is the one split across devices: blocks of it keep shifts local.
+    blocked = not self.per_example and 0 in self.axes and self.groups is None
+    one_pass = lambda x: shifted_moments(x, self.axes, self.dtype, blocked=blocked,
+                                         groups=self.groups)
     return switch(x, cpu=two_pass, default=two_pass, cuda=one_pass, rocm=one_pass)
 
   def total(self, a: jax.Array) -> jax.Array:

@@ -181,26 +181,33 @@ def _leading_sample(a: jax.Array, reduction_axes: tuple[int, ...], size: int) ->
   return a
 
 
-def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any,
-                  sample: int) -> Moments:
+def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, sample: int,
+                  groups: int | None = None) -> Moments:
   xf = x.astype(dtype)
-  n = math.prod(x.shape[a] for a in reduction_axes)
-  shift = jax.lax.stop_gradient(jnp.mean(_leading_sample(xf, reduction_axes, sample),
-                                         reduction_axes))
-  d = xf - jnp.expand_dims(shift, reduction_axes)
-  s1 = jnp.sum(d, reduction_axes)
-  s2 = jnp.sum(d * d, reduction_axes)
+  n = math.prod(x.shape[a] for a in reduction_axes) // (groups or 1)
+  sample = max(1, min(sample, n // 32))  # a small share of each set
+  # With groups, the sample is taken along the other reduction (spatial) axes, every channel.
+  last = x.ndim - 1
+  sample_axes = reduction_axes if groups is None else tuple(a for a in reduction_axes
+                                                            if a != last)
+  lead = _leading_sample(xf, sample_axes, sample)
+  per_set = math.prod(lead.shape[a] for a in reduction_axes) // (groups or 1)
+  shift = jax.lax.stop_gradient(group_sum(lead, reduction_axes, groups) / per_set)
+  d = xf - group_expand(shift, reduction_axes, groups, x.shape[-1])
+  s1 = group_sum(d, reduction_axes, groups)
+  s2 = group_sum(d * d, reduction_axes, groups)
   mean_d = s1 / n
   var = jnp.maximum(s2 - s1 * mean_d, jnp.zeros((), dtype)) / n
   return Moments(jnp.full(shift.shape, n, jnp.float32), shift + mean_d, var)
 
 
 def shifted_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, *,
-                    blocked: bool = False) -> Moments:
+                    blocked: bool = False, groups: int | None = None) -> Moments:
   r"""Moments of real `x` in one read: sums of `d = x - K` about a shift `K` (local: no mask,
-  no `axis_name`, no groups; arguments validated).
+  no `axis_name`; arguments validated). `groups`: as in `reduce`, with spatial axes.
 
-  `K`, held constant, is the mean of a few leading elements of each set (`SHIFT_SAMPLE`).
+  `K`, held constant, is the mean of a few leading elements of each set (`SHIFT_SAMPLE`, at
+  most a 32nd of the set; with groups, the leading positions of every channel of the group).
   Then :math:`\mu = K + \bar d` and :math:`\sigma^2 = (\sum d^2 - \bar d \sum d) / n`,
   clamped at 0. Both sums read x in one kernel, where `reduce`'s two-pass variance reads it
   twice when a set does not stay on chip. The variance's rounding error is the two-pass one's
@@ -219,7 +226,7 @@ def shifted_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, *
     a0 = min(reduction_axes)
     blocks = math.gcd(x.shape[a0], SHIFT_BLOCKS) if blocked else 1
     if blocks == 1:
-      return _shifted_sums(x, reduction_axes, dtype, SHIFT_SAMPLE)
+      return _shifted_sums(x, reduction_axes, dtype, SHIFT_SAMPLE, groups)
     xb = x.reshape(x.shape[:a0] + (blocks, x.shape[a0] // blocks) + x.shape[a0 + 1:])
     per_block = _shifted_sums(xb, tuple(a + 1 for a in reduction_axes), dtype, 1)
     return merge_axis(per_block, a0)

@@ -267,12 +267,22 @@ def leading_shift(x, axes, sample=8) -> np.ndarray:
   return x.mean(_axes(axes, x.ndim))
 
 
-def _shifted_errors(x, axes, dtype, sample):
+def _shifted_errors(x, axes, dtype, sample, sample_axes=None):
   _, mean, var = ref_moments(x, axes)
   x = f64(x)
   axes = _axes(axes, x.ndim)
   n = int(np.prod([x.shape[a] for a in axes]))
-  shift = leading_shift(x, axes, sample)
+  sample = max(1, min(sample, n // 32))
+  if sample_axes is None:
+    shift = leading_shift(x, axes, sample)
+  else:  # the leading positions along `sample_axes`, every element of the other reduced axes
+    lead = x
+    need = sample
+    for a in sorted(_axes(sample_axes, x.ndim), reverse=True):
+      take = min(need, x.shape[a])
+      lead = np.take(lead, np.arange(take), axis=a)
+      need = -(-need // take)
+    shift = lead.mean(axes)
   u = unit_roundoff(dtype)
   big_d = np.abs(mean - shift) + u * np.abs(shift)
   a = np.abs(x - np.expand_dims(shift, axes)).mean(axes)
@@ -283,7 +293,7 @@ def _shifted_errors(x, axes, dtype, sample):
   return mean, var, mean_err, var_err
 
 
-def shifted_errors(x, axes, dtype=np.float32, blocks=1, sample=8
+def shifted_errors(x, axes, dtype=np.float32, blocks=1, sample=8, sample_axes=None
                    ) -> tuple[np.ndarray, np.ndarray]:
   r"""Bounds on |μ̂ - μ| and |σ̂² - σ²| of the one-read moments about a shift K
   (`jaxnorm._stats.shifted_moments`).
@@ -305,7 +315,10 @@ def shifted_errors(x, axes, dtype=np.float32, blocks=1, sample=8
   evaluate K (a small mean) once for x - K and again, unrounded inside a fused multiply-add,
   for K + d̄. No other term grows with the offset μ: the shift removes it before anything is
   summed. K enters the variance's bound through D only; it is the float64 `leading_shift`
-  here, and the float32 K differs by :math:`u|K|`, which `D` absorbs.
+  here, and the float32 K differs by :math:`u|K|`, which `D` absorbs. The sample is
+  `sample` elements, at most a 32nd of the set; with `sample_axes` (group normalization: the
+  spatial axes), that many leading positions along them, with every element of the other
+  reduced axes.
 
   With `blocks` > 1 (`blocked=True` there), the first reduction axis is split into that many
   blocks, each shifted by its first element (`sample=1`) and bounded as above, and the blocks'
@@ -324,7 +337,7 @@ def shifted_errors(x, axes, dtype=np.float32, blocks=1, sample=8
   x = f64(x)
   axes = _axes(axes, x.ndim)
   if blocks == 1:
-    _, _, mean_err, var_err = _shifted_errors(x, axes, dtype, sample)
+    _, _, mean_err, var_err = _shifted_errors(x, axes, dtype, sample, sample_axes)
     return mean_err, var_err
   a0 = axes[0]
   xb = x.reshape(x.shape[:a0] + (blocks, x.shape[a0] // blocks) + x.shape[a0 + 1:])

@@ -83,6 +83,20 @@ def test_shifted_moments_of_narrow_input_accumulate_in_float32():
   refs.assert_within(m.var, var, var_err, "var")
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_group_moments_within_their_bound(offset):
+  # Group normalization of images, channels last: 4 groups of 4 channels, over 3x40 positions.
+  x = _data((2, 3, 40, 16), offset, seed=4)
+  m = _stats.shifted_moments(jnp.asarray(x), (1, 2, 3), jnp.float32, groups=4)
+  xg = x.reshape(2, 3, 40, 4, 4)
+  _, mean, var = refs.ref_moments(xg, (1, 2, 4))
+  mean_err, var_err = refs.shifted_errors(xg, (1, 2, 4), sample_axes=(1, 2))
+  assert m.mean.shape == (2, 4)
+  np.testing.assert_array_equal(m.count, 3 * 40 * 4)
+  refs.assert_within(m.mean, mean, mean_err, "mean")
+  refs.assert_within(m.var, var, var_err, "var")
+
+
 def test_a_constant_set_has_variance_zero():
   x = jnp.full((4, 64), 1e4 + 0.5, jnp.float32)
   m = _stats.shifted_moments(x, (1,), jnp.float32)
@@ -155,9 +169,26 @@ def test_which_normalizations_read_once_on_a_gpu():
   assert has_shift(lambda x: jax.grad(lambda x: ln(x).sum())(x), x)
   assert not has_shift(ln, x)
   assert not has_shift(masked, x)
+  images = jax.ShapeDtypeStruct((2, 4, 4, 16), jnp.float32)
+  assert has_shift(lambda x: jn.group_norm(x, num_groups=4), images)
   # Input split along the batch by an Explicit mesh axis: the sample would have to travel.
   mesh = jax.make_mesh((4,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
   split = jax.ShapeDtypeStruct((8, 16), jnp.float32,
                                sharding=jax.sharding.NamedSharding(mesh, P("batch")))
   with jax.set_mesh(mesh):
     assert not has_shift(bn, split)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_group_norm_on_a_gpu_within_the_bound(on_gpu, offset):
+  x = _data((2, 3, 40, 16), offset, seed=5)
+  g = np.linspace(0.5, 1.5, 16).astype(np.float32)
+  y = jax.jit(lambda x: jn.group_norm(x, g, num_groups=4))(x)
+  xg = x.reshape(2, 3, 40, 4, 4)
+  axes = (1, 2, 4)
+  _, mean, var = refs.ref_moments(xg, axes)
+  mean_err, var_err = refs.shifted_errors(xg, axes, sample_axes=(1, 2))
+  ref_y = refs.ref_group_norm(x, 4, g).reshape(xg.shape)
+  bound = refs.output_error(xg, mean, var, mean_err, var_err, g.reshape(4, 4), ref_y, axes,
+                            (3, 4), 1e-6)
+  refs.assert_within(np.asarray(y).reshape(xg.shape), ref_y, bound, "y")
