@@ -52,8 +52,9 @@ class Reduction(NamedTuple):
 
   def moments(self, x: jax.Array, mask: jax.Array | None, *,
               differentiated: bool = False) -> Moments:
-    """The moments of `_stats.reduce`; on a GPU those of `_stats.shifted_moments` where they
-    apply, which read x once where the two-pass variance reads it twice.
+    """The moments of `_stats.reduce`; on a GPU (and, for float32 layer normalization under
+    differentiation, on a TPU) those of `_stats.shifted_moments` where they apply, which read
+    x once where the two-pass variance reads it twice.
 
     Reductions over the batch axis shift each block of it by its own first element, so that a
     batch split across devices finds its shifts where its data is. Layer
@@ -71,7 +72,11 @@ class Reduction(NamedTuple):
     blocked = not self.per_example and 0 in self.axes and self.groups is None
     one_pass = lambda x: shifted_moments(x, self.axes, self.dtype, blocked=blocked,
                                          groups=self.groups)
-    return switch(x, cpu=two_pass, default=two_pass, cuda=one_pass, rocm=one_pass)
+    # On a TPU the one read pays for float32 rows (layer norm under differentiation) that do
+    # not stay on chip; narrow input and other reductions compile to fewer passes or as many
+    # with the two-pass variance there.
+    tpu = one_pass if jnp.dtype(x.dtype).itemsize >= 4 and self.per_example else two_pass
+    return switch(x, cpu=two_pass, default=two_pass, cuda=one_pass, rocm=one_pass, tpu=tpu)
 
   def total(self, a: jax.Array) -> jax.Array:
     return group_sum(a, self.axes, self.groups)

@@ -158,8 +158,8 @@ def test_which_normalizations_read_once_on_a_gpu():
   x = jax.ShapeDtypeStruct((8, 16), jnp.float32)
   state = jn.batch_norm_init(16)
 
-  def has_shift(f, *args):
-    lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+  def has_shift(f, *args, platform="cuda"):
+    lowered = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,))
     return "jaxnorm.shifted_moments" in lowered.as_text(debug_info=True)
 
   bn = lambda x: jn.batch_norm(x, state, training=True)[0]
@@ -171,6 +171,12 @@ def test_which_normalizations_read_once_on_a_gpu():
   assert not has_shift(masked, x)
   images = jax.ShapeDtypeStruct((2, 4, 4, 16), jnp.float32)
   assert has_shift(lambda x: jn.group_norm(x, num_groups=4), images)
+  # On a TPU: float32 layer norm under differentiation only.
+  ln_grad = lambda x: jax.grad(lambda x: ln(x).sum())(x)
+  assert has_shift(ln_grad, x, platform="tpu")
+  assert not has_shift(ln_grad, jax.ShapeDtypeStruct((8, 16), jnp.bfloat16), platform="tpu")
+  assert not has_shift(bn, x, platform="tpu")
+  assert not has_shift(ln_grad, x, platform="cpu")
   # Input split along the batch by an Explicit mesh axis: the sample would have to travel.
   mesh = jax.make_mesh((4,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
   split = jax.ShapeDtypeStruct((8, 16), jnp.float32,
