@@ -12,6 +12,7 @@ Arguments arrive validated.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -52,9 +53,10 @@ class Reduction(NamedTuple):
 
   def moments(self, x: jax.Array, mask: jax.Array | None, *,
               differentiated: bool = False) -> Moments:
-    """The moments of `_stats.reduce`; on a GPU (and, for float32 layer normalization under
-    differentiation, on a TPU) those of `_stats.shifted_moments` where they apply, which read
-    x once where the two-pass variance reads it twice.
+    """The moments of `_stats.reduce`; on a GPU (and, for float32 layer normalization of rows
+    of 4096 elements or more under differentiation, on a TPU) those of
+    `_stats.shifted_moments` where they apply, which read x once where the two-pass variance
+    reads it twice.
 
     Reductions over the batch axis shift each block of it by its own first element, so that a
     batch split across devices finds its shifts where its data is. Layer
@@ -72,10 +74,12 @@ class Reduction(NamedTuple):
     blocked = not self.per_example and 0 in self.axes and self.groups is None
     one_pass = lambda x: shifted_moments(x, self.axes, self.dtype, blocked=blocked,
                                          groups=self.groups)
-    # On a TPU the one read pays for float32 rows (layer norm under differentiation) that do
-    # not stay on chip; narrow input and other reductions compile to fewer passes or as many
-    # with the two-pass variance there.
-    tpu = one_pass if jnp.dtype(x.dtype).itemsize >= 4 and self.per_example else two_pass
+    # On a TPU the one read pays for float32 rows of 4096 elements or more (layer norm under
+    # differentiation: v5e, 8 -> 7 passes); shorter rows stay on chip, and narrow input and
+    # other reductions compile to as many passes or fewer with the two-pass variance there.
+    n = math.prod(x.shape[a] for a in self.axes)
+    wide_rows = self.per_example and jnp.dtype(x.dtype).itemsize >= 4 and n >= 4096
+    tpu = one_pass if wide_rows else two_pass
     return switch(x, cpu=two_pass, default=two_pass, cuda=one_pass, rocm=one_pass, tpu=tpu)
 
   def total(self, a: jax.Array) -> jax.Array:

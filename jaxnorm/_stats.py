@@ -11,9 +11,9 @@ reduces its input through `reduce` below, so the numerical choices are made once
   elements, with two small `psum`s (counts and sums, then centred squares). `psum` results are
   known to `shard_map` to be replicated, so `out_specs=P()` works with its checks on.
 
-On a GPU (and a TPU, for float32 layer normalization under differentiation) the fused
-normalizers use `shifted_moments` where it saves a read of x: one pass of sums about a shift
-close to the mean (docs/guides/internals.md, "One read on GPUs").
+On a GPU (and a TPU, for float32 layer normalization of wide rows under differentiation)
+the fused normalizers use `shifted_moments` where it saves a read of x: one pass of sums about
+a shift close to the mean (docs/guides/internals.md, "One read on GPUs").
 
 Moments of disjoint sets combine by `merge` (many sets: ghost batches, replicas) or
 `merge_moments` (two sets, Chan's update).

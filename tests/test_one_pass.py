@@ -171,12 +171,14 @@ def test_which_normalizations_read_once_on_a_gpu():
   assert not has_shift(masked, x)
   images = jax.ShapeDtypeStruct((2, 4, 4, 16), jnp.float32)
   assert has_shift(lambda x: jn.group_norm(x, num_groups=4), images)
-  # On a TPU: float32 layer norm under differentiation only.
+  # On a TPU: float32 layer norm of rows of 4096 elements or more under differentiation only.
   ln_grad = lambda x: jax.grad(lambda x: ln(x).sum())(x)
-  assert has_shift(ln_grad, x, platform="tpu")
-  assert not has_shift(ln_grad, jax.ShapeDtypeStruct((8, 16), jnp.bfloat16), platform="tpu")
+  wide = jax.ShapeDtypeStruct((2, 4096), jnp.float32)
+  assert has_shift(ln_grad, wide, platform="tpu")
+  assert not has_shift(ln_grad, x, platform="tpu")
+  assert not has_shift(ln_grad, jax.ShapeDtypeStruct((2, 4096), jnp.bfloat16), platform="tpu")
   assert not has_shift(bn, x, platform="tpu")
-  assert not has_shift(ln_grad, x, platform="cpu")
+  assert not has_shift(ln_grad, wide, platform="cpu")
   # Input split along the batch by an Explicit mesh axis: the sample would have to travel.
   mesh = jax.make_mesh((4,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
   split = jax.ShapeDtypeStruct((8, 16), jnp.float32,
