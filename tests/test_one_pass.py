@@ -171,6 +171,7 @@ def test_which_normalizations_read_once_on_a_gpu():
   assert not has_shift(masked, x)
   images = jax.ShapeDtypeStruct((2, 4, 4, 16), jnp.float32)
   assert has_shift(lambda x: jn.group_norm(x, num_groups=4), images)
+  assert has_shift(lambda x: jn.instance_norm(x), images)
   # On a TPU: float32 layer norm of rows of 4096 elements or more under differentiation only.
   ln_grad = lambda x: jax.grad(lambda x: ln(x).sum())(x)
   wide = jax.ShapeDtypeStruct((2, 4096), jnp.float32)
