@@ -13,6 +13,7 @@ model does, except an operand that a fusion only slices, which counts as the sli
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -66,15 +67,26 @@ def _matching(text: str, start: int) -> int:
   raise ValueError(f"unbalanced HLO text near {text[start:start + 80]!r}")
 
 
+@functools.lru_cache(maxsize=4)
+def _index(hlo_text: str) -> tuple[list[str], dict[str | None, int]]:
+  """The program's lines and the line where each computation starts (the ENTRY one under
+  None), found once per program: `analyze` looks up a computation for every fusion."""
+  lines = hlo_text.splitlines()
+  starts: dict[str | None, int] = {}
+  for i, line in enumerate(lines):
+    if line.startswith("ENTRY"):
+      starts.setdefault(None, i)
+    m = re.match(r"%?([\w.\-]+) ", line)
+    if m and line.rstrip().endswith("{"):
+      starts.setdefault(m.group(1), i)
+  return lines, starts
+
+
 def parse_computation(hlo_text: str, name: str | None = None) -> list[dict[str, Any]]:
   """The instructions of one computation (the ENTRY one by default): name, opcode, result type
   text, operand names, the text between the parentheses (args) and after them (attributes)."""
-  lines = hlo_text.splitlines()
-  if name is None:
-    start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
-  else:
-    start = next(i for i, line in enumerate(lines)
-                 if re.match(rf"%?{re.escape(name)} ", line) and line.rstrip().endswith("{"))
+  lines, starts = _index(hlo_text)
+  start = starts[name]
   instrs = []
   for line in lines[start + 1:]:
     if line.strip() == "}":
@@ -121,12 +133,14 @@ def _sliced_operands(hlo_text: str, ins: dict[str, Any]) -> dict[int, list]:
   """For a fusion, the operands (by position) that its computation only slices, each with the
   arrays of the slices it takes: the bytes read of that operand."""
   m = re.search(r"calls=%?([\w.\-]+)", ins["attrs"])
-  if ins["opcode"] != "fusion" or not m or not re.search(
-      rf"^%?{re.escape(m.group(1))} .*\{{$", hlo_text, re.MULTILINE):
+  if ins["opcode"] != "fusion" or not m or m.group(1) not in _index(hlo_text)[1]:
     return {}
   body = parse_computation(hlo_text, m.group(1))
   params = {i["name"]: int(i["args"]) for i in body if i["opcode"] == "parameter"}
-  users = {i["name"]: [u for u in body if i["name"] in u["operands"]] for i in body}
+  users: dict[str, list] = {i["name"]: [] for i in body}
+  for u in body:
+    for operand in dict.fromkeys(u["operands"]):
+      users.setdefault(operand, []).append(u)
 
   def slices(name: str) -> list | None:
     """The arrays sliced from `name`, through bitcasts and conversions; None if any use of it
