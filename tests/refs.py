@@ -255,16 +255,18 @@ def sync_error(means, variances, weights, state_dtype=np.float32) -> tuple[np.nd
           d * d + (sum_factor(r) + 6 * u) * (var + d * d) + out_u * var)
 
 
-def leading_shift(x, axes, sample=8) -> np.ndarray:
+def leading_shift(x, axes, sample=8, sample_axes=None) -> np.ndarray:
   """The shift of `jaxnorm._stats.shifted_moments` in float64: the mean of the first elements
-  along `axes`, at least `sample` of them, taken from the last axis first."""
+  along `axes`, at least `sample` of them, taken from the last axis first; with `sample_axes`,
+  the first positions along those axes only, every element of the other reduced axes."""
   x = f64(x)
+  lead = x
   need = sample
-  for a in sorted(_axes(axes, x.ndim), reverse=True):
+  for a in sorted(_axes(axes if sample_axes is None else sample_axes, x.ndim), reverse=True):
     take = min(need, x.shape[a])
-    x = np.take(x, np.arange(take), axis=a)
+    lead = np.take(lead, np.arange(take), axis=a)
     need = -(-need // take)
-  return x.mean(_axes(axes, x.ndim))
+  return lead.mean(_axes(axes, x.ndim))
 
 
 def _shifted_errors(x, axes, dtype, sample, sample_axes=None):
@@ -272,17 +274,7 @@ def _shifted_errors(x, axes, dtype, sample, sample_axes=None):
   x = f64(x)
   axes = _axes(axes, x.ndim)
   n = int(np.prod([x.shape[a] for a in axes]))
-  sample = max(1, min(sample, n // 32))
-  if sample_axes is None:
-    shift = leading_shift(x, axes, sample)
-  else:  # the leading positions along `sample_axes`, every element of the other reduced axes
-    lead = x
-    need = sample
-    for a in sorted(_axes(sample_axes, x.ndim), reverse=True):
-      take = min(need, x.shape[a])
-      lead = np.take(lead, np.arange(take), axis=a)
-      need = -(-need // take)
-    shift = lead.mean(axes)
+  shift = leading_shift(x, axes, max(1, min(sample, n // 32)), sample_axes)
   u = unit_roundoff(dtype)
   big_d = np.abs(mean - shift) + u * np.abs(shift)
   a = np.abs(x - np.expand_dims(shift, axes)).mean(axes)
