@@ -71,7 +71,7 @@ class Reduction(NamedTuple):
         or _sharded(x, self.axes)):
       return two_pass(x)
     # The batch axis (0) is the one split across devices: blocks of it keep shifts local.
-    blocked = not self.per_example and 0 in self.axes and self.groups is None
+    blocked = not self.per_example and 0 in self.axes
     one_pass = lambda x: shifted_moments(x, self.axes, self.dtype, blocked=blocked,
                                          groups=self.groups)
     # On a TPU the one read pays for float32 rows of 4096 elements or more (layer norm under

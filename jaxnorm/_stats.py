@@ -217,15 +217,15 @@ def shifted_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, *
   and it is a few units in the last place unless the leading elements sit many σ from the
   mean.
 
-  With `blocked` (batch-like reductions), the first reduction axis is split into up to
-  `SHIFT_BLOCKS` blocks (as many as divide it), each shifted by its own first element, and the
-  blocks' moments are merged exactly (`merge_axis`). A batch split across devices along that
-  axis then finds each block's shift on the device that holds the block, where one shift for
-  the whole batch would have to be sent from the first device to the others.
+  With `blocked` (batch-like reductions, without groups), the first reduction axis is split
+  into up to `SHIFT_BLOCKS` blocks (as many as divide it), each shifted by its own first
+  element, and the blocks' moments are merged exactly (`merge_axis`). A batch split across
+  devices along that axis then finds each block's shift on the device that holds the block,
+  where one shift for the whole batch would have to be sent from the first device to the others.
   """
   with jax.named_scope("jaxnorm.shifted_moments"):
     a0 = min(reduction_axes)
-    blocks = math.gcd(x.shape[a0], SHIFT_BLOCKS) if blocked else 1
+    blocks = math.gcd(x.shape[a0], SHIFT_BLOCKS) if blocked and groups is None else 1
     if blocks == 1:
       return _shifted_sums(x, reduction_axes, dtype, SHIFT_SAMPLE, groups)
     xb = x.reshape(x.shape[:a0] + (blocks, x.shape[a0] // blocks) + x.shape[a0 + 1:])
