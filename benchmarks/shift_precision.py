@@ -1,11 +1,15 @@
-"""Precision of jaxnorm's moments: the two-pass variance against the one-read shifted sums.
+"""Precision of jaxnorm's moments: the two-pass variance against the one-read formulas.
 
     python benchmarks/shift_precision.py
 
-On a GPU, batch normalization and layer normalization under differentiation compute their
-moments by `jaxnorm._stats.shifted_moments` (docs/guides/internals.md, "One read on GPUs"); this
-runs each formula on the CPU, in float32, on normal data at offset 0 and 1e4, and prints the
-largest relative error of the variance and absolute error of the mean against float64.
+On a GPU, batch normalization computes its moments by `jaxnorm._stats.shifted_moments` and
+layer normalization under differentiation by `jaxnorm._stats.streamed_moments`
+(docs/guides/internals.md, "One read on GPUs"); this runs each formula on the CPU, in float32, on
+normal data at offset 0 and 1e4, and prints the largest relative error of the variance and
+absolute error of the mean against float64. XLA:CPU runs the streamed reduction in order, one
+long sequential sum about each set's first element: its worst order. A GPU's reduction sums
+short runs in each thread and merges the threads' partial results in a tree; "streamed, runs"
+merges the same partial results in that order (runs of 32 elements), here on the CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +29,27 @@ FORMULAS = {
     "two-pass": lambda x, axes: _stats.reduce(x, axes, None, None, None, jnp.float32, True),
     "one shift": lambda x, axes: _stats.shifted_moments(x, axes, jnp.float32),
     "blocks": lambda x, axes: _stats.shifted_moments(x, axes, jnp.float32, blocked=True),
+    "streamed": lambda x, axes: _stats.streamed_moments(x, axes, jnp.float32),
+    "streamed, runs": lambda x, axes: _streamed_in_runs(x, axes[0]),
 }
+
+
+def _streamed_in_runs(x, axis, run=32):
+  """The moments of `streamed_moments` with its merges in a GPU's order: sequential runs of
+  `run` elements, then a tree of the runs' partial results."""
+  x = jnp.moveaxis(x, axis, -1)
+  n = x.shape[-1]
+  x = x.reshape(x.shape[:-1] + (n // run, run))
+  zeros = jnp.zeros_like(x)
+  parts = jax.lax.reduce((x, zeros, zeros, jnp.ones_like(x)), (jnp.float32(0),) * 4,
+                         _stats.merge_shifted, (x.ndim - 1,))
+  while parts[0].shape[-1] > 1:
+    parts = _stats.merge_shifted(tuple(p[..., 0::2] for p in parts),
+                                  tuple(p[..., 1::2] for p in parts))
+  k, s1, s2, _ = (p[..., 0] for p in parts)
+  mean_d = s1 / n
+  return _stats.Moments(jnp.full(k.shape, n, jnp.float32), k + mean_d,
+                        jnp.maximum(s2 - s1 * mean_d, 0) / n)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from ._apply import apply, rstd
 from ._dtypes import compute_dtype
 from ._layout import broadcast_param, group_expand, group_sum
 from ._platform import cpu_barrier, switch
-from ._stats import AxisName, Moments, psum, reduce, shifted_moments
+from ._stats import AxisName, Moments, psum, reduce, shifted_moments, streamed_moments
 
 # The residuals that the backward pass keeps from the forward pass: the statistics only.
 _COUNT, _MEAN, _VAR = "jaxnorm_count", "jaxnorm_mean", "jaxnorm_var"
@@ -54,15 +54,16 @@ class Reduction(NamedTuple):
   def moments(self, x: jax.Array, mask: jax.Array | None, *,
               differentiated: bool = False) -> Moments:
     """The moments of `_stats.reduce`; on a GPU (and, for float32 layer normalization of rows
-    of 4096 elements or more under differentiation, on a TPU) those of
-    `_stats.shifted_moments` where they apply, which read x once where the two-pass variance
-    reads it twice.
+    of 4096 elements or more under differentiation, on a TPU) moments that read x once where
+    the two-pass variance reads it twice (docs/guides/internals.md, "One read on GPUs").
 
-    Reductions over the batch axis shift each block of it by its own first element, so that a
-    batch split across devices finds its shifts where its data is. Layer
-    normalization's forward pass alone keeps the two-pass variance on a GPU: XLA fuses it with
-    the output into one kernel that reads x once. Masks and `axis_name` keep it everywhere
-    (docs/guides/internals.md, "One read on GPUs").
+    On a GPU, layer normalization under differentiation takes `_stats.streamed_moments`, one
+    reduction that XLA fuses with the producer of x (a residual sum); its forward pass alone
+    keeps the two-pass variance, which XLA fuses with the output into one kernel that reads x
+    once. Batch, instance and group normalization take `_stats.shifted_moments`; reductions over
+    the batch axis shift each block of it by its own first element, so that a batch split
+    across devices finds its shifts where its data is. Masks and `axis_name` keep the two-pass
+    variance everywhere.
     """
     two_pass = lambda x: reduce(x, self.axes, mask, self.axis_name, self.axis_index_groups,
                                 self.dtype, self.centered, self.groups)
@@ -74,13 +75,15 @@ class Reduction(NamedTuple):
     blocked = not self.per_example and 0 in self.axes
     one_pass = lambda x: shifted_moments(x, self.axes, self.dtype, blocked=blocked,
                                          groups=self.groups)
+    streamed = lambda x: streamed_moments(x, self.axes, self.dtype)
+    gpu = streamed if self.per_example else one_pass
     # On a TPU the one read pays for float32 rows of 4096 elements or more (layer norm under
     # differentiation: v5e, 8 -> 7 passes); shorter rows stay on chip, and narrow input and
     # other reductions compile to as many passes or fewer with the two-pass variance there.
     n = math.prod(x.shape[a] for a in self.axes)
     wide_rows = self.per_example and jnp.dtype(x.dtype).itemsize >= 4 and n >= 4096
     tpu = one_pass if wide_rows else two_pass
-    return switch(x, cpu=two_pass, default=two_pass, cuda=one_pass, rocm=one_pass, tpu=tpu)
+    return switch(x, cpu=two_pass, default=two_pass, cuda=gpu, rocm=gpu, tpu=tpu)
 
   def total(self, a: jax.Array) -> jax.Array:
     return group_sum(a, self.axes, self.groups)

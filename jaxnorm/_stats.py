@@ -21,6 +21,7 @@ Moments of disjoint sets combine by `merge` (many sets: ghost batches, replicas)
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
@@ -231,6 +232,64 @@ def shifted_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, *
     xb = x.reshape(x.shape[:a0] + (blocks, x.shape[a0] // blocks) + x.shape[a0 + 1:])
     per_block = _shifted_sums(xb, tuple(a + 1 for a in reduction_axes), dtype, 1)
     return merge_axis(per_block, a0)
+
+
+
+def merge_shifted(a, b):
+  """Combines two partial results `(K, Σd, Σd², count)` of `streamed_moments`, each summed
+  about its own shift K: b's sums move to a's shift (to b's own where a is still empty)."""
+  ka, s1a, s2a, ca = a
+  kb, s1b, s2b, cb = b
+  k = jnp.where(ca > 0, ka, kb)
+  delta = kb - k
+  return (k, s1a + (s1b + cb * delta), s2a + (s2b + delta * (2 * s1b + cb * delta)), ca + cb)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _streamed(x: jax.Array, reduction_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  n = math.prod(x.shape[a] for a in reduction_axes)
+  zero = jnp.zeros((), x.dtype)
+  zeros = jnp.zeros_like(x)
+  # Each element enters as a set of one about itself: (K = x, Σd = 0, Σd² = 0, count = 1).
+  k, s1, s2, _ = jax.lax.reduce((x, zeros, zeros, jnp.ones_like(x)), (zero,) * 4,
+                                merge_shifted, reduction_axes)
+  mean_d = s1 / n
+  return k + mean_d, jnp.maximum(s2 - s1 * mean_d, zero) / n
+
+
+@_streamed.defjvp
+def _streamed_jvp(reduction_axes, primals, tangents):
+  # JAX cannot differentiate a reduction with its own combiner: the moments' derivative,
+  # dμ = mean(dx) and dσ² = 2 mean((x - μ) dx), for higher derivatives of the normalizers.
+  (x,), (dx,) = primals, tangents
+  mean, var = _streamed(x, reduction_axes)
+  n = math.prod(x.shape[a] for a in reduction_axes)
+  centred = x - jnp.expand_dims(mean, reduction_axes)
+  return (mean, var), (jnp.sum(dx, reduction_axes) / n,
+                       2 * jnp.sum(centred * dx, reduction_axes) / n)
+
+
+def streamed_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any) -> Moments:
+  r"""Moments of real `x` in one read, by one reduction that carries its own shifts (local:
+  no mask, no `axis_name`; arguments validated).
+
+  Like `shifted_moments`, it sums :math:`d = x - K` and :math:`d^2` about a shift K among the
+  data, but nothing is computed from x before the reduction: every partial result holds its
+  own shift (the first element it met) with its sums and count, and two partial results
+  combine by moving the second's sums to the first's shift,
+  :math:`\sum_b (x - K_a) = \sum_b d + c_b\delta` and
+  :math:`\sum_b (x - K_a)^2 = \sum_b d^2 + \delta(2\sum_b d + c_b\delta)` with
+  :math:`\delta = K_b - K_a` (one variadic `lax.reduce`). XLA can therefore fuse the
+  producer of x into the reduction, as it fuses flax's `E[x²]`, where the leading sample of
+  `shifted_moments` makes the producer write x out first: a transformer's residual sum
+  `h = x + f(x)` is read once by its layer norm's statistics. Every shift is an element of the
+  set, so no term grows with the data's offset; `streamed_errors` in tests/refs.py bounds the
+  rounding error for any order of reduction XLA may choose.
+  """
+  with jax.named_scope("jaxnorm.streamed_moments"):
+    mean, var = _streamed(x.astype(dtype), reduction_axes)
+    n = math.prod(x.shape[a] for a in reduction_axes)
+    return Moments(jnp.full(mean.shape, n, jnp.float32), mean, var)
 
 
 def moments(

@@ -346,6 +346,57 @@ def shifted_errors(x, axes, dtype=np.float32, blocks=1, sample=8, sample_axes=No
   return e_m, var_err
 
 
+
+def streamed_errors(x, axes, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+  r"""Bounds on |μ̂ - μ| and |σ̂² - σ²| of the one-reduction moments whose partial results
+  carry their own shifts (`jaxnorm._stats.streamed_moments`).
+
+  Every partial result covers a subset P of the N elements, summed about one of its own
+  elements K, so with :math:`M = \max_i |x_i - \mu|` and :math:`A = \overline{|x - \mu|}`:
+  :math:`|x - K| \le |x - \mu| + M`, shift differences :math:`|\delta| = |K_b - K_a| \le 2M`,
+  every value that the first sum's arithmetic forms (partial sums of d, :math:`c_b\delta`,
+  :math:`\sum_b d + c_b\delta = \sum_b (x - K_a)`) is at most :math:`N(A + M)`, and every
+  value of the second's (partial sums of :math:`(x - K)^2 \le 2(x - \mu)^2 + 2M^2`, and
+  :math:`\delta(2\sum_b d + c_b\delta)`, the difference of two of them, whose factor
+  :math:`2\sum_b d + c_b\delta` rounds at :math:`u \cdot 2N(A + M)` times :math:`|\delta|`)
+  at most :math:`4N(\sigma^2 + M^2)`. A merge rounds at most 6 times and there are fewer than
+  2N merges (those with the reduction's empty initial value are exact), so as in `sum_factor`,
+  with c = c(16N): :math:`|\Delta\sum d| \le e_1 = cN(A + M)` (a partial over P:
+  :math:`c|P|(A + M)`). A merge also carries the error of its second operand's
+  :math:`\sum_b d` into the second sum, times :math:`2|\delta| \le 4M`. XLA reduces in
+  sequential runs that combine (partial, element), where that operand is one element with
+  :math:`\sum_b d = 0` exactly, and then in a tree, where an element lies in the second operand
+  of at most :math:`\log_2 2N` merges: :math:`\sum |P_b| \le N\log_2 2N`. Hence
+
+  .. math::
+    |\Delta\textstyle\sum d^2| \le e_2 = 4cN(\sigma^2 + M^2) + 4cM(A + M)N\log_2 2N
+
+  and, with :math:`D = \mu - K` for the final shift (:math:`|D| \le M`), :math:`\mu = K +
+  \sum d/N` and :math:`\sigma^2 = (\sum d^2 - \bar d\sum d)/N` rounding 3 times on terms
+  no larger than :math:`\sigma^2 + M^2`:
+
+  .. math::
+    |\hat\mu - \mu| \le e_1/N + 2u(M + |\mu|), \qquad
+    |\hat\sigma^2 - \sigma^2| \le e_2/N + 2Me_1/N + (e_1/N)^2 + 3u(\sigma^2 + M^2)
+
+  Nothing grows with the offset μ but the mean's last term. The bound is loose (M where the
+  shifts usually sit within a σ or two of the mean, worst-case counts of merges): it holds for
+  every order XLA may choose, and that order places the shifts.
+  """
+  _, mean, var = ref_moments(x, axes)
+  x = f64(x)
+  axes = _axes(axes, x.ndim)
+  n = int(np.prod([x.shape[a] for a in axes]))
+  dev = np.abs(x - np.expand_dims(mean, axes))
+  m, a = dev.max(axes), dev.mean(axes)
+  u = unit_roundoff(dtype)
+  c = sum_factor(16 * n, dtype)
+  e1 = c * n * (a + m)
+  e2 = 4 * c * n * (var + m * m) + 4 * c * m * (a + m) * n * np.log2(2 * n)
+  mean_err = e1 / n + 2 * u * (m + np.abs(mean))
+  var_err = e2 / n + 2 * m * e1 / n + (e1 / n) ** 2 + 3 * u * (var + m * m)
+  return mean_err, var_err
+
 def merge_error(a, a_err, b, b_err) -> tuple[np.ndarray, np.ndarray]:
   r"""Bounds on `merge_moments` (Chan et al.) of float64 moments `a`, `b` = (n, μ, σ²), whose
   float32 values are off by `a_err`, `b_err` = (mean bound, variance bound).

@@ -11,7 +11,10 @@ import pathlib
 import sys
 
 import jax
+import numpy as np
 import pytest
+
+from tests import refs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -119,3 +122,10 @@ def test_shift_precision_prints_every_formula_and_case(capsys):
   assert len(lines) == 4
   for line in lines:
     assert all(f"{name}: var " in line for name in module.FORMULAS), line
+  # The streamed moments merged in a GPU's order (runs, then a tree) stay within their bound.
+  x = (np.random.default_rng(1).normal(size=(4, 2048)) + 1e4).astype(np.float32)
+  m = module.FORMULAS["streamed, runs"](x, (1,))
+  _, mean, var = refs.ref_moments(x, (1,))
+  mean_err, var_err = refs.streamed_errors(x, (1,))
+  refs.assert_within(m.mean, mean, mean_err, "mean")
+  refs.assert_within(m.var, var, var_err, "var")

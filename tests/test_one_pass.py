@@ -1,11 +1,12 @@
 """The statistics that programs compiled for a GPU compute in one read of x, run here on the CPU.
 
-On a GPU, batch normalization (and layer normalization under differentiation) computes its
-moments by `_stats.shifted_moments`: sums about a shift close to the mean, in one read of x,
-where the two-pass variance reads it twice. These tests take the GPU's branch of every
-per-platform choice on the CPU and hold its results to float64 references within the bound of
-`refs.shifted_errors`, at offsets where `E[x²] - E[x]²` fails, with a shift far from the mean,
-and through the layers and their derivatives.
+On a GPU, batch normalization computes its moments by `_stats.shifted_moments` (sums about a
+shift close to the mean, in one read of x, where the two-pass variance reads it twice), and
+layer normalization under differentiation by `_stats.streamed_moments` (one reduction whose
+partial results carry their own shifts). These tests take the GPU's branch of every
+per-platform choice on the CPU and hold its results to float64 references within the bounds of
+`refs.shifted_errors` and `refs.streamed_errors`, at offsets where `E[x²] - E[x]²` fails, with
+a shift far from the mean, and through the layers and their derivatives.
 """
 
 from __future__ import annotations
@@ -97,11 +98,68 @@ def test_group_moments_within_their_bound(offset):
   refs.assert_within(m.var, var, var_err, "var")
 
 
-def test_a_constant_set_has_variance_zero():
+@pytest.mark.parametrize("moments", [_stats.shifted_moments, _stats.streamed_moments])
+def test_a_constant_set_has_variance_zero(moments):
   x = jnp.full((4, 64), 1e4 + 0.5, jnp.float32)
-  m = _stats.shifted_moments(x, (1,), jnp.float32)
+  m = moments(x, (1,), jnp.float32)
   np.testing.assert_array_equal(m.var, 0.0)
   np.testing.assert_array_equal(m.mean, 1e4 + 0.5)
+
+
+@pytest.mark.parametrize("shape,axes", [((16, 1024), (1,)), ((96, 16), (0,)),
+                                        ((4, 5, 6, 16), (1, 2, 3))])
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_streamed_moments_within_their_bound(shape, axes, offset):
+  x = _data(shape, offset, seed=6)
+  m = jax.jit(lambda x: _stats.streamed_moments(x, axes, jnp.float32))(x)
+  count, mean, var = refs.ref_moments(x, axes)
+  mean_err, var_err = refs.streamed_errors(x, axes)
+  np.testing.assert_array_equal(m.count, count)
+  refs.assert_within(m.mean, mean, mean_err, "mean")
+  refs.assert_within(m.var, var, var_err, "var")
+  # E[x²] - E[x]² is off by about c(N)·1e8 at offset 1e4, far beyond the variance itself; the
+  # streamed sums' bound, loose as it is (M for σ, worst-case merge counts), stays well below.
+  assert np.max(var_err / var) < 0.05
+
+
+def test_streamed_moments_far_from_the_mean_and_narrow_input():
+  # An outlier leads each row (the shift of an in-order reduction), bfloat16 input accumulates
+  # in float32, and the variance of each row stays non-negative.
+  x = _data((8, 512), 5.0, seed=7)
+  x[:, 0] += 2e3
+  xb = jnp.asarray(x).astype(jnp.bfloat16)
+  m = _stats.streamed_moments(xb, (1,), jnp.float32)
+  assert m.mean.dtype == m.var.dtype == jnp.float32
+  xf = np.asarray(xb, np.float32)
+  _, mean, var = refs.ref_moments(xf, (1,))
+  mean_err, var_err = refs.streamed_errors(xf, (1,))
+  refs.assert_within(m.mean, mean, mean_err, "mean")
+  refs.assert_within(m.var, var, var_err, "var")
+
+
+def test_streamed_moments_have_derivatives():
+  # A reduction with its own combiner has no derivative in JAX; its custom rule gives the
+  # moments' own: dμ/dx = 1/N, dσ²/dx = 2(x - μ)/N, and second derivatives through them.
+  x = _data((3, 64), 10.0, seed=8)
+  f = lambda x: _stats.streamed_moments(x, (1,), jnp.float32)
+  cot_mean = np.linspace(-1, 1, 3).astype(np.float32)
+  cot_var = np.array([0.5, 1.0, -2.0], np.float32)
+  _, pull = jax.vjp(lambda x: (f(x).mean, f(x).var), jnp.asarray(x))
+  (dx,) = pull((jnp.asarray(cot_mean), jnp.asarray(cot_var)))
+  _, mean, _ = refs.ref_moments(x, (1,))
+  xc = refs.f64(x) - mean[:, None]
+  want = cot_mean[:, None] / 64 + cot_var[:, None] * 2 * xc / 64
+  # dx rounds the float32 mean (off by mean_error) and a few products: 8 u relative on top.
+  mean_err, _ = refs.streamed_errors(x, (1,))
+  bound = 2 * np.abs(cot_var)[:, None] * mean_err[:, None] / 64 + 8 * refs.U32 * (
+      np.abs(want) + np.abs(cot_var)[:, None] * 2 * np.abs(xc) / 64)
+  refs.assert_within(dx, want, bound, "dx")
+  # Second derivatives: the Hessian of σ² is 2(I - 1/N)/N, trace 2(N - 1)/N², each entry a
+  # few roundings of exact powers of two and their differences (4u relative is generous).
+  var_of = lambda v: _stats.streamed_moments(v[None], (1,), jnp.float32).var[0]
+  h = np.asarray(jax.hessian(var_of)(jnp.asarray(x[0])), np.float64)
+  want_h = 2 * (np.eye(64) - 1 / 64) / 64
+  refs.assert_within(h, want_h, 4 * refs.U32 * np.abs(want_h), "hessian")
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e4])
@@ -158,16 +216,20 @@ def test_which_normalizations_read_once_on_a_gpu():
   x = jax.ShapeDtypeStruct((8, 16), jnp.float32)
   state = jn.batch_norm_init(16)
 
-  def has_shift(f, *args, platform="cuda"):
+  def has_shift(f, *args, platform="cuda", kind="shifted"):
     lowered = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,))
-    return "jaxnorm.shifted_moments" in lowered.as_text(debug_info=True)
+    return f"jaxnorm.{kind}_moments" in lowered.as_text(debug_info=True)
 
   bn = lambda x: jn.batch_norm(x, state, training=True)[0]
   ln = lambda x: jn.layer_norm(x)
   masked = lambda x: jn.batch_norm(x, state, training=True, mask=jnp.ones((8, 1), bool))[0]
   assert has_shift(bn, x)
-  assert has_shift(lambda x: jax.grad(lambda x: ln(x).sum())(x), x)
+  # Layer norm under differentiation: one reduction that carries its shifts (no leading sample).
+  assert has_shift(lambda x: jax.grad(lambda x: ln(x).sum())(x), x, kind="streamed")
+  assert not has_shift(lambda x: jax.grad(lambda x: ln(x).sum())(x), x)
   assert not has_shift(ln, x)
+  assert not has_shift(ln, x, kind="streamed")
+  assert not has_shift(bn, x, kind="streamed")
   assert not has_shift(masked, x)
   images = jax.ShapeDtypeStruct((2, 4, 4, 16), jnp.float32)
   assert has_shift(lambda x: jn.group_norm(x, num_groups=4), images)
