@@ -34,7 +34,9 @@ _CHECKPOINT_POLICY = jax.checkpoint_policies.save_only_these_names(_COUNT, _MEAN
 def _sharded(x: jax.Array, axes: tuple[int, ...]) -> bool:
   """Whether `x` is known at trace time to be split across devices along one of `axes` (a mesh
   axis of type Explicit): the leading sample of `_stats.shifted_moments` would then have to be
-  sent from the device that holds it to the others."""
+  sent from the device that holds it to the others, and the partial results of
+  `_stats.streamed_moments` merged across devices, where the two-pass variance's plain sums
+  become local sums and all-reduces."""
   spec = getattr(jax.typeof(x).sharding, "spec", None)
   return spec is not None and any(a < len(spec) and spec[a] is not None for a in axes)
 
@@ -57,8 +59,9 @@ class Reduction(NamedTuple):
     of 4096 elements or more under differentiation, on a TPU) moments that read x once where
     the two-pass variance reads it twice (docs/guides/internals.md, "One read on GPUs").
 
-    On a GPU, layer normalization under differentiation takes `_stats.streamed_moments`, one
-    reduction that XLA fuses with the producer of x (a residual sum); its forward pass alone
+    On a GPU, layer normalization under differentiation (and group normalization of rows, a
+    layer norm of each group's view) takes `_stats.streamed_moments`, one reduction that XLA
+    fuses with the producer of x (a residual sum); its forward pass alone
     keeps the two-pass variance, which XLA fuses with the output into one kernel that reads x
     once. Batch, instance and group normalization take `_stats.shifted_moments`; reductions over
     the batch axis shift each block of it by its own first element, so that a batch split

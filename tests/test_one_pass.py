@@ -31,9 +31,16 @@ def _gpu_switch(*args, cpu, default, **platforms):
 
 @pytest.fixture
 def on_gpu(monkeypatch):
-  """Every per-platform choice takes the branch that programs compiled for a GPU take."""
+  """Every per-platform choice takes the branch that programs compiled for a GPU take.
+
+  JAX caches traces by function, not by the globals they read: the caches are cleared on the
+  way in and out, so that no program traced for one branch serves the other."""
   for module in (_platform, _fused, _apply):
     monkeypatch.setattr(module, "switch", _gpu_switch)
+  jax.clear_caches()
+  yield
+  monkeypatch.undo()
+  jax.clear_caches()
 
 
 def _data(shape, offset, seed=0):
@@ -178,7 +185,7 @@ def test_batch_norm_training_on_a_gpu_within_the_bound(on_gpu, offset):
   refs.assert_within(new.mean, 0.1 * mean, 0.1 * mean_err + refs.U32 * np.abs(mean), "mean")
 
 
-@pytest.mark.parametrize("name", ["layer_norm", "batch_norm"])
+@pytest.mark.parametrize("name", ["layer_norm", "batch_norm", "group_norm"])
 def test_gpu_derivatives_equal_the_cpus(on_gpu, name, monkeypatch):
   """Gradients through the one-read statistics: the CPU's own within twice the bound."""
   rng = np.random.default_rng(3)
@@ -189,6 +196,9 @@ def test_gpu_derivatives_equal_the_cpus(on_gpu, name, monkeypatch):
   state = jn.batch_norm_init(32)
   if name == "layer_norm":
     f, red, eps = (lambda x, g, b: jn.layer_norm(x, g, b)), -1, 1e-6
+  elif name == "group_norm":
+    # Rows of 32 channels in 4 groups: per example, like layer norm, but with groups.
+    f, red, eps = (lambda x, g, b: jn.group_norm(x, g, b, num_groups=4)), -1, 1e-6
   else:
     f = lambda x, g, b: jn.batch_norm(x, state, g, b, training=True, epsilon=1e-5)[0]
     red, eps = 0, 1e-5
@@ -199,10 +209,17 @@ def test_gpu_derivatives_equal_the_cpus(on_gpu, name, monkeypatch):
 
   on_gpu_ = grads()
   monkeypatch.undo()
+  jax.clear_caches()  # or the CPU's call would reuse the program traced for the GPU
   on_cpu = grads()
-  dx_b, dg_b, db_b = refs.derivative_bounds(x, red, -1, g, cot, np.zeros_like(cot), eps,
-                                            None, True)
-  y_b = refs.norm_bound(x, on_cpu[0], g, red, -1, eps)
+  if name == "group_norm":  # statistics over each group's 8 channels, axes made explicit
+    xg, cg = x.reshape(12, 4, 8), cot.reshape(12, 4, 8)
+    dx_b, dg_b, db_b = refs.derivative_bounds(xg, -1, (1, 2), g.reshape(4, 8), cg,
+                                              np.zeros_like(cg), eps, None, True)
+    y_b = refs.group_norm_bound(x, on_cpu[0], 4, g, eps)
+  else:
+    dx_b, dg_b, db_b = refs.derivative_bounds(x, red, -1, g, cot, np.zeros_like(cot), eps,
+                                              None, True)
+    y_b = refs.norm_bound(x, on_cpu[0], g, red, -1, eps)
   refs.assert_within(on_gpu_[0], on_cpu[0], 2 * y_b, "y")
   for what, a, c, bound in (("dx", on_gpu_[1], on_cpu[1], dx_b),
                             ("dscale", on_gpu_[2], on_cpu[2], dg_b),
