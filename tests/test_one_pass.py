@@ -272,3 +272,24 @@ def test_group_norm_on_a_gpu_within_the_bound(on_gpu, offset):
   bound = refs.output_error(xg, mean, var, mean_err, var_err, g.reshape(4, 4), ref_y, axes,
                             (3, 4), 1e-6)
   refs.assert_within(np.asarray(y).reshape(xg.shape), ref_y, bound, "y")
+
+
+def test_layer_norm_of_rows_split_across_devices_on_a_gpu(on_gpu):
+  """Tensor parallelism: the features of each row split over 4 devices by an Auto mesh axis
+  under plain `jit`, which jaxnorm does not see at trace time (an Explicit one keeps the two-pass
+  variance). XLA partitions the streamed reduction: each device reduces its part of every row,
+  the four partial results of each row are gathered and merged; within the bound."""
+  mesh = jax.make_mesh((4,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+  x = _data((16, 256), 1e4, seed=9)
+  g = np.linspace(0.5, 1.5, 256).astype(np.float32)
+  split = jax.device_put(x, jax.sharding.NamedSharding(mesh, P(None, "model")))
+  f = jax.jit(lambda x: jax.vjp(lambda x: jn.layer_norm(x, g), x)[0])
+  lowered = f.lower(split)
+  assert "jaxnorm.streamed_moments" in lowered.as_text(debug_info=True)
+  assert "all-gather" in lowered.compile().as_text()  # the partial results of each row
+  y = f(split)
+  _, mean, var = refs.ref_moments(x, (1,))
+  mean_err, var_err = refs.streamed_errors(x, (1,))
+  ref_y = refs.ref_normalize(x, mean, var, g, None, (1,), -1, 1e-6)
+  bound = refs.output_error(x, mean, var, mean_err, var_err, g, ref_y, (1,), -1, 1e-6)
+  refs.assert_within(y, ref_y, bound, "y")
