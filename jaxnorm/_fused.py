@@ -61,9 +61,9 @@ class Reduction(NamedTuple):
 
     On a GPU, layer normalization under differentiation (and group normalization of rows, a
     layer norm of each group's view) takes `_stats.streamed_moments`, one reduction that XLA
-    fuses with the producer of x (a residual sum); its forward pass alone
-    keeps the two-pass variance, which XLA fuses with the output into one kernel that reads x
-    once. Batch, instance and group normalization take `_stats.shifted_moments`; reductions over
+    fuses with the producer of x (a residual sum); its forward pass alone keeps the two-pass
+    variance, which XLA fuses with the output into one kernel that reads x once. Batch,
+    instance and group normalization of images take `_stats.shifted_moments`; reductions over
     the batch axis shift each block of it by its own first element, so that a batch split
     across devices finds its shifts where its data is. Masks and `axis_name` keep the two-pass
     variance everywhere.

@@ -13,7 +13,9 @@ reduces its input through `reduce` below, so the numerical choices are made once
 
 On a GPU (and a TPU, for float32 layer normalization of wide rows under differentiation)
 the fused normalizers use `shifted_moments` where it saves a read of x: one pass of sums about
-a shift close to the mean (docs/guides/internals.md, "One read on GPUs").
+a shift close to the mean; on a GPU, layer normalization under differentiation uses
+`streamed_moments`, whose partial results carry their own shifts, so that XLA fuses the
+producer of x into it (docs/guides/internals.md, "One read on GPUs").
 
 Moments of disjoint sets combine by `merge` (many sets: ghost batches, replicas) or
 `merge_moments` (two sets, Chan's update).
@@ -234,8 +236,7 @@ def shifted_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, *
     return merge_axis(per_block, a0)
 
 
-
-def merge_shifted(a, b):
+def merge_shifted(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
   """Combines two partial results `(K, Σd, Σd², count)` of `streamed_moments`, each summed
   about its own shift K: b's sums move to a's shift (to b's own where a is still empty)."""
   ka, s1a, s2a, ca = a
