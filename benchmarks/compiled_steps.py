@@ -1,13 +1,14 @@
-"""Whole training steps of two small flax models with flax's or jaxnorm's norms, as compiled.
+"""Whole training steps of flax models with flax's or jaxnorm's norms, as compiled.
 
     python benchmarks/compiled_steps.py [--platforms h100,v5e] [--json OUT]
 
 A TransformerLM with the default configuration of flax's examples/lm1b (6 pre-LayerNorm
 blocks, width 512, 8 heads, MLP 2048, vocabulary 30000, a per-device batch of 32 sequences of
 128 tokens; relu MLPs, fixed sinusoidal position embeddings and a causal mask as there, without
-dropout) and a ResNet-like one (BatchNorm after every
+dropout), a ResNet-like one (BatchNorm after every
 convolution, the convolutions without bias as in flax's examples/imagenet, 4 residual blocks of
-128 channels on 64 images of 32x32), each in float32 and with
+128 channels on 64 images of 32x32) and the ResNet50 of examples/imagenet (its default model,
+32 images of 224x224 per device), each in float32 and with
 bfloat16 computation (`dtype=jnp.bfloat16` on every module, float32 parameters, as flax's
 examples do). One step: the loss, its gradients and an `optax.adam` update, under `jax.jit`,
 compiled deviceless as in `benchmarks/compiled.py`, whose device-memory byte count and kernel
@@ -102,6 +103,54 @@ class ResNet(nn.Module):
     return nn.Dense(10, dtype=self.dtype)(h.mean((1, 2)))
 
 
+class Bottleneck(nn.Module):
+  """examples/imagenet's BottleneckResNetBlock: 1x1, 3x3 (strided), 1x1 convolutions, each
+  followed by BatchNorm (the last one's scale initialized to zeros), and a projected shortcut
+  where the shape changes."""
+
+  norms: object
+  dtype: object
+  filters: int
+  strides: tuple[int, int] = (1, 1)
+
+  @nn.compact
+  def __call__(self, x):
+    def conv(features, kernel, strides=(1, 1)):
+      return nn.Conv(features, kernel, strides, use_bias=False, dtype=self.dtype)
+
+    def bn(**kwargs):
+      return self.norms.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5,
+                                  dtype=self.dtype, **kwargs)
+
+    y = nn.relu(bn()(conv(self.filters, (1, 1))(x)))
+    y = nn.relu(bn()(conv(self.filters, (3, 3), self.strides)(y)))
+    y = bn(scale_init=nn.initializers.zeros)(conv(self.filters * 4, (1, 1))(y))
+    if x.shape != y.shape:
+      x = bn()(conv(self.filters * 4, (1, 1), self.strides)(x))
+    return nn.relu(x + y)
+
+
+class ResNet50(nn.Module):
+  """examples/imagenet's default model: a strided 7x7 stem, max pooling, 3-4-6-3 bottleneck
+  blocks of 64 to 512 filters, 1000 classes."""
+
+  norms: object
+  dtype: object
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(64, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
+                dtype=self.dtype)(x)
+    x = nn.relu(self.norms.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5,
+                                     dtype=self.dtype)(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    for i, blocks in enumerate((3, 4, 6, 3)):
+      for j in range(blocks):
+        strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+        x = Bottleneck(self.norms, self.dtype, 64 * 2 ** i, strides)(x)
+    return nn.Dense(1000, dtype=self.dtype)(x.mean((1, 2)))
+
+
 def step_fn(model, has_stats: bool):
   opt = optax.adam(1e-3)
 
@@ -137,7 +186,9 @@ def measure(platforms, log=print) -> list[dict]:
         ("TransformerLM", TransformerLM, jax.ShapeDtypeStruct((32, 128), jnp.int32),
          jax.ShapeDtypeStruct((32, 128), jnp.int32)),
         ("ResNet", ResNet, jax.ShapeDtypeStruct((64, 32, 32, 128), jnp.float32),
-         jax.ShapeDtypeStruct((64,), jnp.int32))):
+         jax.ShapeDtypeStruct((64,), jnp.int32)),
+        ("ResNet50", ResNet50, jax.ShapeDtypeStruct((32, 224, 224, 3), jnp.float32),
+         jax.ShapeDtypeStruct((32,), jnp.int32))):
       for dtype in (jnp.float32, jnp.bfloat16):
         row = {}
         for lib, norms in LIBRARIES.items():
