@@ -40,16 +40,12 @@ def _streamed_in_runs(x, axis, run=32):
   x = jnp.moveaxis(x, axis, -1)
   n = x.shape[-1]
   x = x.reshape(x.shape[:-1] + (n // run, run))
-  zeros = jnp.zeros_like(x)
-  parts = jax.lax.reduce((x, zeros, zeros, jnp.ones_like(x)), (jnp.float32(0),) * 4,
-                         _stats.merge_shifted, (x.ndim - 1,))
+  parts = _stats.shifted_partials(x, (x.ndim - 1,))
   while parts[0].shape[-1] > 1:
     parts = _stats.merge_shifted(tuple(p[..., 0::2] for p in parts),
                                   tuple(p[..., 1::2] for p in parts))
   k, s1, s2, _ = (p[..., 0] for p in parts)
-  mean_d = s1 / n
-  return _stats.Moments(jnp.full(k.shape, n, jnp.float32), k + mean_d,
-                        jnp.maximum(s2 - s1 * mean_d, 0) / n)
+  return _stats.moments_about(k, s1, s2, n)
 
 
 def main() -> None:

@@ -185,6 +185,15 @@ def _leading_sample(a: jax.Array, reduction_axes: tuple[int, ...], size: int) ->
   return a
 
 
+def moments_about(shift: jax.Array, s1: jax.Array, s2: jax.Array, n: int) -> Moments:
+  r"""The moments of sets of `n` elements from their sums :math:`\sum d` and
+  :math:`\sum d^2` about `shift` K (:math:`d = x - K`): :math:`\mu = K + \bar d`,
+  :math:`\sigma^2 = (\sum d^2 - \bar d\sum d)/n`, clamped at 0."""
+  mean_d = s1 / n
+  var = jnp.maximum(s2 - s1 * mean_d, jnp.zeros((), s2.dtype)) / n
+  return Moments(jnp.full(shift.shape, n, jnp.float32), shift + mean_d, var)
+
+
 def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, sample: int,
                   groups: int | None = None) -> Moments:
   xf = x.astype(dtype)
@@ -200,9 +209,7 @@ def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, sam
   d = xf - group_expand(shift, reduction_axes, groups, x.shape[-1])
   s1 = group_sum(d, reduction_axes, groups)
   s2 = group_sum(d * d, reduction_axes, groups)
-  mean_d = s1 / n
-  var = jnp.maximum(s2 - s1 * mean_d, jnp.zeros((), dtype)) / n
-  return Moments(jnp.full(shift.shape, n, jnp.float32), shift + mean_d, var)
+  return moments_about(shift, s1, s2, n)
 
 
 def shifted_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, *,
@@ -246,16 +253,20 @@ def merge_shifted(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[j
   return (k, s1a + (s1b + cb * delta), s2a + (s2b + delta * (2 * s1b + cb * delta)), ca + cb)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _streamed(x: jax.Array, reduction_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  n = math.prod(x.shape[a] for a in reduction_axes)
-  zero = jnp.zeros((), x.dtype)
+def shifted_partials(x: jax.Array, reduction_axes: tuple[int, ...]) -> tuple[jax.Array, ...]:
+  """The partial results `(K, Σd, Σd², count)` of `x` over `reduction_axes`, in one variadic
+  reduction whose combiner is `merge_shifted`."""
   zeros = jnp.zeros_like(x)
   # Each element enters as a set of one about itself: (K = x, Σd = 0, Σd² = 0, count = 1).
-  k, s1, s2, _ = jax.lax.reduce((x, zeros, zeros, jnp.ones_like(x)), (zero,) * 4,
-                                merge_shifted, reduction_axes)
-  mean_d = s1 / n
-  return k + mean_d, jnp.maximum(s2 - s1 * mean_d, zero) / n
+  return tuple(jax.lax.reduce((x, zeros, zeros, jnp.ones_like(x)),
+                              (jnp.zeros((), x.dtype),) * 4, merge_shifted, reduction_axes))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _streamed(x: jax.Array, reduction_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  k, s1, s2, _ = shifted_partials(x, reduction_axes)
+  _, mean, var = moments_about(k, s1, s2, math.prod(x.shape[a] for a in reduction_axes))
+  return mean, var
 
 
 @_streamed.defjvp

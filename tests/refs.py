@@ -397,6 +397,7 @@ def streamed_errors(x, axes, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
   var_err = e2 / n + 2 * m * e1 / n + (e1 / n) ** 2 + 3 * u * (var + m * m)
   return mean_err, var_err
 
+
 def merge_error(a, a_err, b, b_err) -> tuple[np.ndarray, np.ndarray]:
   r"""Bounds on `merge_moments` (Chan et al.) of float64 moments `a`, `b` = (n, μ, σ²), whose
   float32 values are off by `a_err`, `b_err` = (mean bound, variance bound).
