@@ -207,8 +207,13 @@ def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, sam
   per_set = math.prod(lead.shape[a] for a in reduction_axes) // (groups or 1)
   shift = jax.lax.stop_gradient(group_sum(lead, reduction_axes, groups) / per_set)
   d = xf - group_expand(shift, reduction_axes, groups, x.shape[-1])
-  s1 = group_sum(d, reduction_axes, groups)
-  s2 = group_sum(d * d, reduction_axes, groups)
+  if groups is not None or last not in reduction_axes:
+    # Sums down columns (channels last) as one reduction of the pair: as two sibling
+    # reductions of d, XLA:GPU's cost model writes d out for some shapes (32x56x56x64: 3
+    # passes of x, where this reads x once). Along rows a TPU would write the pair out.
+    s1, s2 = group_sum(jnp.stack([d, d * d]), tuple(a + 1 for a in reduction_axes), groups)
+  else:
+    s1, s2 = jnp.sum(d, reduction_axes), jnp.sum(d * d, reduction_axes)
   return moments_about(shift, s1, s2, n)
 
 
