@@ -219,6 +219,72 @@ def test_gpu_derivatives_equal_the_cpus(on_gpu, name, monkeypatch):
     refs.assert_within(a, c, 2 * bound, what)
 
 
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_gpu_parameter_gradients_in_blocks_of_rows(on_gpu, name, monkeypatch):
+  """On a GPU, layer and RMS norm broadcast the parameters' tangents over blocks of rows
+  (reverse mode: per-block partial sums of dγ and dβ, then their sum): the CPU's gradients
+  within twice the bound, at a shape that splits (640 rows, 4 blocks of 160)."""
+  rng = np.random.default_rng(5)
+  x = (rng.normal(size=(5, 128, 32)) * 2 + 3).astype(np.float32)
+  g = (1 + 0.1 * rng.normal(size=32)).astype(np.float32)
+  b = (0.1 * rng.normal(size=32)).astype(np.float32)
+  cot = rng.normal(size=x.shape).astype(np.float32)
+  centered = name == "layer_norm"
+  r = _fused.Reduction((2,), (2,), x.shape, None, None, centered, None, jnp.float32)
+  assert _fused._row_blocks(r, jnp.zeros((1, 1, 32))) == (4, 160)
+  if centered:
+    f, params = (lambda x, g, b: jn.layer_norm(x, g, b)), (g, b)
+  else:
+    f, params = (lambda x, g: jn.rms_norm(x, g)), (g,)
+
+  def grads():
+    y, pullback = jax.vjp(jax.jit(f), x, *params)
+    return [np.asarray(a) for a in (y, *pullback(jnp.asarray(cot)))]
+
+  on_gpu_ = grads()
+  monkeypatch.undo()
+  jax.clear_caches()
+  on_cpu = grads()
+  dx_b, dg_b, db_b = refs.derivative_bounds(x, -1, -1, g, cot, np.zeros_like(cot), 1e-6, None,
+                                            centered)
+  refs.assert_within(on_gpu_[0], on_cpu[0],
+                     2 * refs.norm_bound(x, on_cpu[0], g, -1, -1, 1e-6, centered=centered), "y")
+  names, bounds = ("dx", "dscale", "dbias")[:len(on_cpu) - 1], (dx_b, dg_b, db_b)
+  assert len(names) == 1 + len(params)
+  for what, a, c, bound in zip(names, on_gpu_[1:], on_cpu[1:], bounds[:len(names)], strict=True):
+    refs.assert_within(a, c, 2 * bound, what)
+
+
+def test_parameter_gradients_in_blocks_only_on_a_gpu():
+  """The blocks of rows are in programs compiled for a GPU (a barrier between the two sums of
+  each parameter's gradient), not in those for the CPU or a TPU."""
+  x = jax.ShapeDtypeStruct((5, 128, 32), jnp.float32)
+  p = jax.ShapeDtypeStruct((32,), jnp.float32)
+  grad = jax.grad(lambda x, g, b: jn.layer_norm(x, g, b).sum(), argnums=(0, 1, 2))
+
+  def barriers(platform):
+    text = jax.jit(grad).trace(x, p, p).lower(lowering_platforms=(platform,)).as_text()
+    return [line for line in text.splitlines() if "optimization_barrier" in line]
+
+  assert [line for line in barriers("cuda") if "tensor<4x32xf32>" in line]
+  assert not [line for line in barriers("cpu") if "tensor<4x32xf32>" in line]
+  assert not barriers("tpu")
+
+
+@pytest.mark.parametrize("shape,param,expected", [
+    ((12, 32), (1, 32), None),  # one block: nothing to split
+    ((640, 32), (1, 32), (4, 160)),
+    ((4096, 512), (1, 512), (16, 256)),
+    ((8, 512, 1024), (1, 1, 1024), (16, 256)),
+    ((1031, 64), (1, 64), None),  # a prime number of rows
+    ((640, 32), (640, 32), None),  # a parameter per row
+])
+def test_row_blocks(shape, param, expected):
+  r = _fused.Reduction((len(shape) - 1,), (len(shape) - 1,), shape, None, None, True, None,
+                       jnp.float32)
+  assert _fused._row_blocks(r, jnp.zeros(param)) == expected
+
+
 def test_which_normalizations_read_once_on_a_gpu():
   """The one-read statistics appear in programs for a GPU where they save a read, and not in
   layer normalization's forward pass, masked statistics or statistics across devices."""
