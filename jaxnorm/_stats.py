@@ -209,7 +209,7 @@ def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, sam
   d = xf - group_expand(shift, reduction_axes, groups, x.shape[-1])
   if groups is not None or last not in reduction_axes:
     # Sums down columns (channels last) as one reduction of the pair: as two sibling
-    # reductions of d, XLA:GPU's cost model writes d out for some shapes (32x56x56x64: 3
+    # reductions of d, XLA:GPU writes d out at some shapes (32x56x56x64: its statistics 3
     # passes of x, where this reads x once). Along rows a TPU would write the pair out.
     s1, s2 = group_sum(jnp.stack([d, d * d]), tuple(a + 1 for a in reduction_axes), groups)
   else:
