@@ -177,6 +177,19 @@ def test_batch_norm_training_on_a_gpu_within_the_bound(on_gpu, offset):
   refs.assert_within(new.mean, 0.1 * mean, 0.1 * mean_err + refs.U32 * np.abs(mean), "mean")
 
 
+def _outputs_and_gradients_gpu_then_cpu(f, args, cot, monkeypatch):
+  """`[y, *gradients]` of `f(*args)` pulled back from `cot`, first with the `on_gpu` fixture's
+  GPU branch, then (the fixture undone) on the CPU."""
+  def run():
+    y, pullback = jax.vjp(jax.jit(f), *args)
+    return [np.asarray(a) for a in (y, *pullback(jnp.asarray(cot)))]
+
+  on_gpu_ = run()
+  monkeypatch.undo()
+  jax.clear_caches()  # or the CPU's call would reuse the program traced for the GPU
+  return on_gpu_, run()
+
+
 @pytest.mark.parametrize("name", ["layer_norm", "batch_norm", "group_norm"])
 def test_gpu_derivatives_equal_the_cpus(on_gpu, name, monkeypatch):
   """Gradients through the one-read statistics: the CPU's own within twice the bound."""
@@ -195,14 +208,7 @@ def test_gpu_derivatives_equal_the_cpus(on_gpu, name, monkeypatch):
     f = lambda x, g, b: jn.batch_norm(x, state, g, b, training=True, epsilon=1e-5)[0]
     red, eps = 0, 1e-5
 
-  def grads():
-    y, pullback = jax.vjp(jax.jit(f), x, g, b)
-    return [np.asarray(a) for a in (y, *pullback(jnp.asarray(cot)))]
-
-  on_gpu_ = grads()
-  monkeypatch.undo()
-  jax.clear_caches()  # or the CPU's call would reuse the program traced for the GPU
-  on_cpu = grads()
+  on_gpu_, on_cpu = _outputs_and_gradients_gpu_then_cpu(f, (x, g, b), cot, monkeypatch)
   if name == "group_norm":  # statistics over each group's 8 channels, axes made explicit
     xg, cg = x.reshape(12, 4, 8), cot.reshape(12, 4, 8)
     dx_b, dg_b, db_b = refs.derivative_bounds(xg, -1, (1, 2), g.reshape(4, 8), cg,
@@ -237,21 +243,15 @@ def test_gpu_parameter_gradients_in_blocks_of_rows(on_gpu, name, monkeypatch):
   else:
     f, params = (lambda x, g: jn.rms_norm(x, g)), (g,)
 
-  def grads():
-    y, pullback = jax.vjp(jax.jit(f), x, *params)
-    return [np.asarray(a) for a in (y, *pullback(jnp.asarray(cot)))]
-
-  on_gpu_ = grads()
-  monkeypatch.undo()
-  jax.clear_caches()
-  on_cpu = grads()
+  on_gpu_, on_cpu = _outputs_and_gradients_gpu_then_cpu(f, (x, *params), cot, monkeypatch)
   dx_b, dg_b, db_b = refs.derivative_bounds(x, -1, -1, g, cot, np.zeros_like(cot), 1e-6, None,
                                             centered)
   refs.assert_within(on_gpu_[0], on_cpu[0],
                      2 * refs.norm_bound(x, on_cpu[0], g, -1, -1, 1e-6, centered=centered), "y")
-  names, bounds = ("dx", "dscale", "dbias")[:len(on_cpu) - 1], (dx_b, dg_b, db_b)
-  assert len(names) == 1 + len(params)
-  for what, a, c, bound in zip(names, on_gpu_[1:], on_cpu[1:], bounds[:len(names)], strict=True):
+  names = ("dx", "dscale", "dbias")[:1 + len(params)]
+  assert len(on_cpu) == 1 + len(names)
+  bounds = (dx_b, dg_b, db_b)[:len(names)]
+  for what, a, c, bound in zip(names, on_gpu_[1:], on_cpu[1:], bounds, strict=True):
     refs.assert_within(a, c, 2 * bound, what)
 
 
