@@ -39,6 +39,11 @@ def on_gpu(monkeypatch):
     monkeypatch.setattr(module, "switch", _gpu_switch)
   jax.clear_caches()
   yield
+  _leave_gpu(monkeypatch)
+
+
+def _leave_gpu(monkeypatch):
+  """Undo `on_gpu` (the `monkeypatch` it was given), clearing the trace caches after it."""
   monkeypatch.undo()
   jax.clear_caches()
 
@@ -185,8 +190,7 @@ def _outputs_and_gradients_gpu_then_cpu(f, args, cot, monkeypatch):
     return [np.asarray(a) for a in (y, *pullback(jnp.asarray(cot)))]
 
   on_gpu_ = run()
-  monkeypatch.undo()
-  jax.clear_caches()  # or the CPU's call would reuse the program traced for the GPU
+  _leave_gpu(monkeypatch)
   return on_gpu_, run()
 
 
