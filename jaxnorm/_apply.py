@@ -16,7 +16,7 @@ from jax.typing import ArrayLike
 
 from ._dtypes import arithmetic_dtype, real_of
 from ._layout import broadcast_param, group_expand
-from ._platform import switch
+from ._platform import Policy, by_platform
 
 
 def rstd(var: jax.Array, epsilon: Any, dtype: Any) -> jax.Array:
@@ -69,17 +69,25 @@ def apply_given(x: jax.Array, mean: jax.Array | None, var: jax.Array, scale: Arr
                 feature_axes: tuple[int, ...], epsilon: Any) -> jax.Array:
   """`apply` with given statistics (batch norm in evaluation, `jaxnorm.normalize`).
 
-  JAX differentiates it. In programs compiled for CPU, input narrower than the arithmetic
+  JAX differentiates it. Where the policy says so (CPU), input narrower than the arithmetic
   (bfloat16 x, float32 statistics) runs under `jax.checkpoint` with nothing saved, so that
   reverse mode recomputes `x - mean` from `x` where it sums against the cotangent instead of
   keeping a float32 copy of `x` (docs/guides/internals.md, "Checkpoints"). Elsewhere XLA fuses
   the recomputation itself, and the program is plain `apply`.
   """
-  if jnp.iscomplexobj(x) or x.dtype == arithmetic_dtype(x.dtype, var.dtype):
-    return apply(x, mean, var, scale, bias, reduction_axes, feature_axes, epsilon)
+  return by_platform(_given, (reduction_axes, feature_axes), x, mean, var, scale, bias,
+                     epsilon)
 
+
+def _given(policy: Policy, axes: tuple[tuple[int, ...], tuple[int, ...]]) -> Any:
+  """`apply_given`'s branch of `by_platform`."""
   def run(x, mean, var, scale, bias, epsilon):
-    return apply(x, mean, var, scale, bias, reduction_axes, feature_axes, epsilon)
+    return apply(x, mean, var, scale, bias, *axes, epsilon)
+  recompute = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
 
-  on_cpu = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
-  return switch(x, mean, var, scale, bias, epsilon, cpu=on_cpu, default=run)
+  def given(x, mean, var, scale, bias, epsilon):
+    narrow = (not jnp.iscomplexobj(x)
+              and x.dtype != arithmetic_dtype(x.dtype, jnp.result_type(var)))
+    f = recompute if narrow and policy.recompute_given else run
+    return f(x, mean, var, scale, bias, epsilon)
+  return given

@@ -21,9 +21,9 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.typing import ArrayLike
 
 from ._apply import apply, rstd
-from ._dtypes import compute_dtype
+from ._dtypes import compute_dtype, real_of
 from ._layout import broadcast_param, group_expand, group_sum
-from ._platform import cpu_barrier, switch
+from ._platform import Policy, barrier, by_platform, hashable
 from ._stats import AxisName, Moments, psum, reduce, shifted_moments, streamed_moments
 
 # The residuals that the backward pass keeps from the forward pass: the statistics only.
@@ -52,41 +52,38 @@ class Reduction(NamedTuple):
   centered: bool  # False: RMS normalization (mean 0, variance E[x²])
   groups: int | None  # group normalization of channels-last input (see _layout.group_sum)
   dtype: Any  # the statistics' dtype, at least float32
+  policy: Policy  # the platform's choices (`_platform`): each branch has its own
 
   def moments(self, x: jax.Array, mask: jax.Array | None, *,
               differentiated: bool = False) -> Moments:
-    """The moments of `_stats.reduce`; on a GPU (and, for float32 layer normalization of rows
-    of 4096 elements or more under differentiation, on a TPU) moments that read x once where
-    the two-pass variance reads it twice (docs/guides/internals.md, "One read on GPUs").
+    """The moments of `_stats.reduce`, or, where the policy says so, moments that read x once
+    where the two-pass variance reads it twice (docs/guides/internals.md, "One read on GPUs").
 
-    On a GPU, layer normalization under differentiation (and group normalization of rows, a
-    layer norm of each group's view) takes `_stats.streamed_moments`, one reduction that XLA
-    fuses with the producer of x (a residual sum); its forward pass alone keeps the two-pass
-    variance, which XLA fuses with the output into one kernel that reads x once. Batch,
-    instance and group normalization of images take `_stats.shifted_moments`; reductions over
-    the batch axis shift each block of it by its own first element, so that a batch split
-    across devices finds its shifts where its data is. Masks and `axis_name` keep the two-pass
-    variance everywhere.
+    Layer normalization (and group normalization of rows, a layer norm of each group's view)
+    takes the policy's `row_moments` under differentiation only: its forward pass alone keeps
+    the two-pass variance, which XLA fuses with the output into one kernel. Batch, instance
+    and group normalization of images take its `column_moments`; reductions over the batch
+    axis shift each block of it by its own first element, so that a batch split across
+    devices finds its shifts where its data is. Masks, `axis_name`, complex input and input
+    split across devices along a reduced axis keep the two-pass variance everywhere.
     """
-    two_pass = lambda x: reduce(x, self.axes, mask, self.axis_name, self.axis_index_groups,
-                                self.dtype, self.centered, self.groups)
+    policy = self.policy
     if (not self.centered or mask is not None or self.axis_name is not None or x.size == 0
-        or jnp.iscomplexobj(x) or (self.per_example and not differentiated)
-        or _sharded(x, self.axes)):
-      return two_pass(x)
-    # The batch axis (0) is the one split across devices: blocks of it keep shifts local.
-    blocked = not self.per_example and 0 in self.axes
-    one_pass = lambda x: shifted_moments(x, self.axes, self.dtype, blocked=blocked,
-                                         groups=self.groups)
-    streamed = lambda x: streamed_moments(x, self.axes, self.dtype)
-    gpu = streamed if self.per_example else one_pass
-    # On a TPU the one read pays for float32 rows of 4096 elements or more (layer norm under
-    # differentiation: v5e, 8 -> 7 passes); shorter rows stay on chip, and narrow input and
-    # other reductions compile to as many passes or fewer with the two-pass variance there.
-    n = math.prod(x.shape[a] for a in self.axes)
-    wide_rows = self.per_example and jnp.dtype(x.dtype).itemsize >= 4 and n >= 4096
-    tpu = one_pass if wide_rows else two_pass
-    return switch(x, cpu=two_pass, default=two_pass, cuda=gpu, rocm=gpu, tpu=tpu)
+        or jnp.iscomplexobj(x) or _sharded(x, self.axes)):
+      algorithm = "two_pass"
+    elif self.per_example:
+      n = math.prod(x.shape[a] for a in self.axes)
+      algorithm = policy.rows_take(n, x.dtype) if differentiated else "two_pass"
+    else:
+      algorithm = policy.column_moments
+    if algorithm == "streamed":
+      return streamed_moments(x, self.axes, self.dtype)
+    if algorithm == "shifted":
+      # The batch axis (0) is the one split across devices: blocks of it keep shifts local.
+      blocked = not self.per_example and 0 in self.axes
+      return shifted_moments(x, self.axes, self.dtype, blocked=blocked, groups=self.groups)
+    return reduce(x, self.axes, mask, self.axis_name, self.axis_index_groups, self.dtype,
+                  self.centered, self.groups, policy=policy)
 
   def total(self, a: jax.Array) -> jax.Array:
     return group_sum(a, self.axes, self.groups)
@@ -148,11 +145,11 @@ def _output(r: Reduction, x: jax.Array, mean: jax.Array | None, var: jax.Array, 
   """
   if not r.centered:
     mean = None
-    x = x if x.dtype == r.dtype else cpu_barrier(x)
+    x = x if x.dtype == r.dtype else barrier(r.policy, x)
   elif x.dtype == r.dtype:
-    mean = cpu_barrier(mean)
+    mean = barrier(r.policy, mean)
   else:
-    x, mean = cpu_barrier((x, mean))
+    x, mean = barrier(r.policy, (x, mean))
   return apply(x, mean, var, scale, bias, r.axes, r.features, eps, r.groups)
 
 
@@ -193,8 +190,8 @@ def _tangent_sums(r: Reduction, xc: jax.Array, u: jax.Array, rstd_: jax.Array, d
     return r.total(v_dx)
 
   if r.per_example:
-    s_u = switch(xc, u, rstd_, dx, cpu=lambda xc, u, rstd_, dx: total_dx(u, dx),
-                 default=lambda xc, u, rstd_, dx: rstd_ * total_dx(xc, dx))
+    s_u = (total_dx(u, dx) if r.policy.tangent_sums == "normalized"
+           else rstd_ * total_dx(xc, dx))
   else:
     s_u = total_dx(u, dx)
   if not r.centered:
@@ -211,10 +208,10 @@ def _tangent_per_example(r, u, xc, dxc, rstd_, var, eps, deps, s_u, inv_n, s, ds
   k = -(rstd_ * s_u) * inv_n - 0.5 * (rstd_ * rstd_) * deps  # dr / r, per row
   # Its own broadcast of r (a barrier on XLA:CPU): one shared with the forward pass's fusions
   # would be written out at x's size.
-  r_own = r.expand(cpu_barrier(rstd_))
+  r_own = r.expand(barrier(r.policy, rstd_))
   # x̂ dr/r, off CPU as (x - μ)(r dr/r), a per-row factor (see `_tangent_sums`).
-  u_k = switch(u, xc, rstd_, k, cpu=lambda u, xc, rstd_, k: u * r.expand(k),
-               default=lambda u, xc, rstd_, k: xc * r.expand(rstd_ * k))
+  u_k = (u * r.expand(k) if r.policy.tangent_sums == "normalized"
+         else xc * r.expand(rstd_ * k))
   dy = dxc * r_own + u_k
   if s is not None:
     dy = dy * s
@@ -241,34 +238,30 @@ def _row_blocks(r: Reduction, p: jax.Array) -> tuple[int, int] | None:
 def _plus_param_tangents(r: Reduction, dy: jax.Array, u: jax.Array, ds: Any, db: Any):
   """`dy + x̂ dγ + dβ` for layer and RMS normalization (None: no such term).
 
-  On a GPU dγ and dβ are broadcast over the rows in two steps, over blocks of rows (then a
-  barrier) and over each block's rows, so that reverse mode sums their gradients per block,
-  then sums the blocks' partial sums. As one sum down all the rows, XLA:GPU writes the float32
-  product `dy x̂` out and reads it back for some shapes (4096x512, the lm1b model's layer
-  norm: forward+backward 9.03 passes over x, 7.04 in blocks); without the barrier it merges
-  the two sums back into one.
+  Where the policy says so (GPUs), dγ and dβ are broadcast over the rows in two steps, over
+  blocks of rows (then a barrier) and over each block's rows, so that reverse mode sums their
+  gradients per block, then sums the blocks' partial sums. As one sum down all the rows,
+  XLA:GPU writes the float32 product `dy x̂` out and reads it back for some shapes (4096x512,
+  the lm1b model's layer norm: forward+backward 9.03 passes over x, 7.04 in blocks); without
+  the barrier it merges the two sums back into one.
   """
-  def add(expand: Any) -> Any:
-    def f(dy, u, ds, db):
-      if ds is not None:
-        dy = dy + u * expand(ds)
-      return dy if db is None else dy + expand(db)
-    return f
+  def add(expand: Any) -> jax.Array:
+    out = dy
+    if ds is not None:
+      out = out + u * expand(ds)
+    return out if db is None else out + expand(db)
 
-  same = lambda p: p
   params = [p for p in (ds, db) if p is not None]
-  split = _row_blocks(r, params[0]) if params else None
+  split = (_row_blocks(r, params[0]) if params and r.policy.blocked_param_grads else None)
   if split is None or any(p.shape != params[0].shape for p in params):
-    return add(same)(dy, u, ds, db)
+    return add(lambda p: p)
   blocks, rows = split
 
   def blocked(p: jax.Array) -> jax.Array:
     fs = p.shape[min(r.features):]
     part = jax.lax.optimization_barrier(jnp.broadcast_to(p.reshape(fs), (blocks, *fs)))
     return jnp.broadcast_to(part[:, None], (blocks, rows, *fs)).reshape(r.shape)
-  # switch passes None (an absent term) through as an empty pytree.
-  return switch(dy, u, ds, db, cpu=add(same), default=add(same), cuda=add(blocked),
-                rocm=add(blocked))
+  return add(blocked)
 
 
 def _tangent_per_feature(r, x, dxf, mean, xc, rstd_, eps, deps, s_u, inv_n, dmean, s, ds,
@@ -289,7 +282,7 @@ def _tangent_per_feature(r, x, dxf, mean, xc, rstd_, eps, deps, s_u, inv_n, dmea
   if x.dtype == r.dtype:
     xc_c = xc
   else:
-    x_own, mean_own, _ = cpu_barrier((x, mean, rstd_))
+    x_own, mean_own, _ = barrier(r.policy, (x, mean, rstd_))
     xc_c = _centre(r, x_own, mean_own, mask)
   dy = dxf * a + xc_c * c
   if r.centered:
@@ -366,21 +359,40 @@ def normalize_with_moments(
     `y` (of `x`'s shape and dtype) and the batch's `Moments` (whose mean and variance are
     differentiable too, for callers that use them).
   """
-  r = Reduction(reduction_axes, feature_axes, x.shape, axis_name, axis_index_groups, centered,
-                groups, compute_dtype(x.dtype))
-  if jnp.iscomplexobj(x):
-    m = r.moments(x, mask)
-    return (apply(x, m.mean if centered else None, m.var, scale, bias, r.axes, r.features,
-                  epsilon, groups), m)
-  fused = jax.custom_jvp(functools.partial(_forward, r))
-  fused.defjvp(functools.partial(_jvp, r))
+  # The Reduction's fields but its policy, which each platform's branch adds.
+  static = (reduction_axes, feature_axes, x.shape, hashable(axis_name),
+            hashable(axis_index_groups), centered, groups, compute_dtype(x.dtype))
   scale = None if scale is None else jnp.asarray(scale)
   bias = None if bias is None else jnp.asarray(bias)
-  eps = jnp.asarray(epsilon, r.dtype)
-  # jax.checkpoint's CSE barrier (prevent_cse) keeps XLA:CPU from merging the backward pass's
-  # recomputation with the forward pass; elsewhere it would keep kernels apart that XLA fuses
-  # (docs/guides/internals.md, "Checkpoints").
-  on_cpu = jax.checkpoint(fused, policy=_CHECKPOINT_POLICY)
-  elsewhere = jax.checkpoint(fused, policy=_CHECKPOINT_POLICY, prevent_cse=False)
-  ref = None if renorm is None else tuple(jnp.asarray(a, r.dtype) for a in renorm)
-  return switch(x, scale, bias, eps, mask, ref, cpu=on_cpu, default=elsewhere)
+  dtype = static[-1]
+  if jnp.iscomplexobj(x):
+    eps = jnp.asarray(epsilon, real_of(dtype))
+    return by_platform(_complex_normalizer, static, x, scale, bias, eps, mask)
+  eps = jnp.asarray(epsilon, dtype)
+  ref = None if renorm is None else tuple(jnp.asarray(a, dtype) for a in renorm)
+  return by_platform(_normalizer, static, x, scale, bias, eps, mask, ref)
+
+
+def _normalizer(policy: Policy, static: tuple[Any, ...]) -> Any:
+  """The fused normalizer of `r` under `policy`: `_forward` with the derivative `_jvp`,
+  under `jax.checkpoint` saving only the statistics.
+
+  The checkpoint's CSE barrier (`prevent_cse`) keeps XLA:CPU from merging the backward pass's
+  recomputation with the forward pass; elsewhere it would keep kernels apart that XLA fuses
+  (docs/guides/internals.md, "Checkpoints").
+  """
+  r = Reduction._make((*static, policy))
+  fused = jax.custom_jvp(functools.partial(_forward, r))
+  fused.defjvp(functools.partial(_jvp, r))
+  return jax.checkpoint(fused, policy=_CHECKPOINT_POLICY, prevent_cse=policy.prevent_cse)
+
+
+def _complex_normalizer(policy: Policy, static: tuple[Any, ...]) -> Any:
+  """Complex input: the two-pass moments and `apply`, differentiated by JAX itself."""
+  r = Reduction._make((*static, policy))
+
+  def run(x, scale, bias, eps, mask):
+    m = r.moments(x, mask)
+    return (apply(x, m.mean if r.centered else None, m.var, scale, bias, r.axes, r.features,
+                  eps, r.groups), m)
+  return run

@@ -36,7 +36,7 @@ from jax.typing import ArrayLike, DTypeLike
 from . import _checks
 from ._dtypes import complex_of, compute_dtype, real_of, wide_dtype
 from ._layout import group_expand, group_sum
-from ._platform import cpu_barrier
+from ._platform import Policy, barrier, by_platform, hashable
 
 AxisName = Hashable | Sequence[Hashable]
 
@@ -120,8 +120,11 @@ def reduce(
     dtype: Any,
     centered: bool,
     groups: int | None = None,
+    *,
+    policy: Policy,
 ) -> Moments:
-  """Masked, count-weighted, cross-device moments of `x` (arguments validated).
+  """Masked, count-weighted, cross-device moments of `x` (arguments validated), in a
+  program compiled under `policy` (`_platform`).
 
   With `centered=False` the returned `mean` is zero and `var` is the mean square `E[x²]`,
   the statistic of RMS normalization. With `groups` (group normalization of channels-last
@@ -158,7 +161,7 @@ def reduce(
   mean = s1 / denom
   # The second pass converts x on its own: one conversion shared by both passes would be
   # written out as a float32 copy of narrow input on XLA:CPU (docs/guides/internals.md).
-  x2 = xf if x.dtype == dtype else cpu_barrier(x).astype(dtype)
+  x2 = xf if x.dtype == dtype else barrier(policy, x).astype(dtype)
   centred = x2 - group_expand(mean, reduction_axes, groups, x.shape[-1])
   if mask is not None:
     centred = jnp.where(mask, centred, jnp.zeros((), dtype))
@@ -379,8 +382,16 @@ def moments(
   mask = _checks.check_mask(mask, x.shape)
   _checks.check_axis_index_groups(axis_name, axis_index_groups)
   with jax.named_scope("jaxnorm.moments"):
-    return reduce(x, axes, mask, axis_name, axis_index_groups,
-                   compute_dtype(x.dtype, dtype), centered=True)
+    static = (axes, hashable(axis_name), hashable(axis_index_groups),
+              compute_dtype(x.dtype, dtype))
+    return by_platform(_moments, static, x, mask)
+
+
+def _moments(policy: Policy, static: tuple[Any, ...]) -> Callable[..., Moments]:
+  """`moments`'s branch of `by_platform`: `reduce` under `policy`."""
+  axes, axis_name, axis_index_groups, dtype = static
+  return lambda x, mask: reduce(x, axes, mask, axis_name, axis_index_groups, dtype,
+                                centered=True, policy=policy)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:

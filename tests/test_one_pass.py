@@ -20,32 +20,17 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jaxnorm as jn
-from jaxnorm import _apply, _fused, _platform, _stats
+from jaxnorm import _fused, _platform, _stats
 from tests import refs
 
 
-def _gpu_switch(*args, cpu, default, **platforms):
-  del cpu
-  return platforms.get("cuda", default)(*args)
-
-
 @pytest.fixture
-def on_gpu(monkeypatch):
-  """Every per-platform choice takes the branch that programs compiled for a GPU take.
-
-  JAX caches traces by function, not by the globals they read: the caches are cleared on the
-  way in and out, so that no program traced for one branch serves the other."""
-  for module in (_platform, _fused, _apply):
-    monkeypatch.setattr(module, "switch", _gpu_switch)
-  jax.clear_caches()
-  yield
-  _leave_gpu(monkeypatch)
-
-
-def _leave_gpu(monkeypatch):
-  """Undo `on_gpu` (the `monkeypatch` it was given), clearing the trace caches after it."""
-  monkeypatch.undo()
-  jax.clear_caches()
+def on_gpu():
+  """Every per-platform choice takes the branch that programs compiled for a GPU take
+  (`_platform.forced`: the policy is part of every cached trace's key, so no trace made under
+  one policy serves the other)."""
+  with _platform.forced(_platform.GPU):
+    yield
 
 
 def _data(shape, offset, seed=0):
@@ -182,20 +167,19 @@ def test_batch_norm_training_on_a_gpu_within_the_bound(on_gpu, offset):
   refs.assert_within(new.mean, 0.1 * mean, 0.1 * mean_err + refs.U32 * np.abs(mean), "mean")
 
 
-def _outputs_and_gradients_gpu_then_cpu(f, args, cot, monkeypatch):
-  """`[y, *gradients]` of `f(*args)` pulled back from `cot`, first with the `on_gpu` fixture's
-  GPU branch, then (the fixture undone) on the CPU."""
-  def run():
-    y, pullback = jax.vjp(jax.jit(f), *args)
-    return [np.asarray(a) for a in (y, *pullback(jnp.asarray(cot)))]
+def _outputs_and_gradients_gpu_then_cpu(f, args, cot):
+  """`[y, *gradients]` of `f(*args)` pulled back from `cot`, first with the GPU's policy, then
+  with the CPU's (each a function jitted afresh: a jitted function keeps its first trace)."""
+  def run(policy):
+    with _platform.forced(policy):
+      y, pullback = jax.vjp(jax.jit(lambda *a: f(*a)), *args)
+      return [np.asarray(a) for a in (y, *pullback(jnp.asarray(cot)))]
 
-  on_gpu_ = run()
-  _leave_gpu(monkeypatch)
-  return on_gpu_, run()
+  return run(_platform.GPU), run(_platform.CPU)
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "batch_norm", "group_norm"])
-def test_gpu_derivatives_equal_the_cpus(on_gpu, name, monkeypatch):
+def test_gpu_derivatives_equal_the_cpus(name):
   """Gradients through the one-read statistics: the CPU's own within twice the bound."""
   rng = np.random.default_rng(3)
   x = (rng.normal(size=(12, 32)) * 2 + 3).astype(np.float32)
@@ -212,7 +196,7 @@ def test_gpu_derivatives_equal_the_cpus(on_gpu, name, monkeypatch):
     f = lambda x, g, b: jn.batch_norm(x, state, g, b, training=True, epsilon=1e-5)[0]
     red, eps = 0, 1e-5
 
-  on_gpu_, on_cpu = _outputs_and_gradients_gpu_then_cpu(f, (x, g, b), cot, monkeypatch)
+  on_gpu_, on_cpu = _outputs_and_gradients_gpu_then_cpu(f, (x, g, b), cot)
   if name == "group_norm":  # statistics over each group's 8 channels, axes made explicit
     xg, cg = x.reshape(12, 4, 8), cot.reshape(12, 4, 8)
     dx_b, dg_b, db_b = refs.derivative_bounds(xg, -1, (1, 2), g.reshape(4, 8), cg,
@@ -230,7 +214,7 @@ def test_gpu_derivatives_equal_the_cpus(on_gpu, name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
-def test_gpu_parameter_gradients_in_blocks_of_rows(on_gpu, name, monkeypatch):
+def test_gpu_parameter_gradients_in_blocks_of_rows(name):
   """On a GPU, layer and RMS norm broadcast the parameters' tangents over blocks of rows
   (reverse mode: per-block partial sums of dγ and dβ, then their sum): the CPU's gradients
   within twice the bound, at a shape that splits (640 rows, 4 blocks of 160)."""
@@ -240,14 +224,15 @@ def test_gpu_parameter_gradients_in_blocks_of_rows(on_gpu, name, monkeypatch):
   b = (0.1 * rng.normal(size=32)).astype(np.float32)
   cot = rng.normal(size=x.shape).astype(np.float32)
   centered = name == "layer_norm"
-  r = _fused.Reduction((2,), (2,), x.shape, None, None, centered, None, jnp.float32)
+  r = _fused.Reduction((2,), (2,), x.shape, None, None, centered, None, jnp.float32,
+                       _platform.GPU)
   assert _fused._row_blocks(r, jnp.zeros((1, 1, 32))) == (4, 160)
   if centered:
     f, params = (lambda x, g, b: jn.layer_norm(x, g, b)), (g, b)
   else:
     f, params = (lambda x, g: jn.rms_norm(x, g)), (g,)
 
-  on_gpu_, on_cpu = _outputs_and_gradients_gpu_then_cpu(f, (x, *params), cot, monkeypatch)
+  on_gpu_, on_cpu = _outputs_and_gradients_gpu_then_cpu(f, (x, *params), cot)
   dx_b, dg_b, db_b = refs.derivative_bounds(x, -1, -1, g, cot, np.zeros_like(cot), 1e-6, None,
                                             centered)
   refs.assert_within(on_gpu_[0], on_cpu[0],
@@ -285,7 +270,7 @@ def test_parameter_gradients_in_blocks_only_on_a_gpu():
 ])
 def test_row_blocks(shape, param, expected):
   r = _fused.Reduction((len(shape) - 1,), (len(shape) - 1,), shape, None, None, True, None,
-                       jnp.float32)
+                       jnp.float32, _platform.GPU)
   assert _fused._row_blocks(r, jnp.zeros(param)) == expected
 
 

@@ -1,5 +1,6 @@
 """The per-platform choices compute the same thing: the derivative as programs compiled for GPU
-and TPU evaluate it (`_fused`'s `default` branches), run here on the CPU, against the CPU's.
+and TPU evaluate it (the tangent sums of `_platform.OTHER`, which GPUs and TPUs share), run
+here on the CPU under that policy, against the CPU's.
 
 Both are float32 evaluations of the same terms in another order, so each lies within
 `refs.derivative_bounds` of the exact derivative, and they differ by at most twice that bound.
@@ -13,14 +14,8 @@ import numpy as np
 import pytest
 
 import jaxnorm as jn
-from jaxnorm import _fused
+from jaxnorm import _platform
 from tests import refs
-
-
-def _elsewhere(*args, cpu, default, **platforms):
-  del cpu, platforms
-  return default(*args)
-
 
 CASES = {
     "layer_norm": (lambda x, g, b, m: jn.layer_norm(x, g, b, mask=m), True),
@@ -30,7 +25,7 @@ CASES = {
 
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("masked", [False, True])
-def test_the_other_platforms_derivative_equals_the_cpus(name, masked, monkeypatch):
+def test_the_other_platforms_derivative_equals_the_cpus(name, masked):
   f, centered = CASES[name]
   rng = np.random.default_rng(0)
   x = (rng.normal(size=(6, 32)) * 2 + 3).astype(np.float32)
@@ -41,15 +36,15 @@ def test_the_other_platforms_derivative_equals_the_cpus(name, masked, monkeypatc
   if masked:
     x = np.where(mask, x, np.nan).astype(np.float32)
 
-  def grads():
-    y, pullback = jax.vjp(lambda x, g, b: f(x, g, b, mask), x, g, b)
-    dx, dg, db = pullback(jnp.asarray(cot))
-    tangent = jax.jvp(lambda x: f(x, g, b, mask), (x,), (jnp.asarray(cot),))[1]
-    return [np.asarray(a) for a in (y, dx, dg, db, tangent)]
+  def grads(policy):
+    with _platform.forced(policy):
+      y, pullback = jax.vjp(lambda x, g, b: f(x, g, b, mask), x, g, b)
+      dx, dg, db = pullback(jnp.asarray(cot))
+      tangent = jax.jvp(lambda x: f(x, g, b, mask), (x,), (jnp.asarray(cot),))[1]
+      return [np.asarray(a) for a in (y, dx, dg, db, tangent)]
 
-  on_cpu = grads()
-  monkeypatch.setattr(_fused, "switch", _elsewhere)
-  elsewhere = grads()
+  on_cpu = grads(_platform.CPU)
+  elsewhere = grads(_platform.OTHER)
   np.testing.assert_array_equal(on_cpu[0], elsewhere[0])  # the forward pass is shared
   xr = np.where(mask, x, 0.0) if masked else x
   dx_b, dg_b, db_b = refs.derivative_bounds(xr, -1, -1, g, cot, np.zeros_like(cot), 1e-6,

@@ -83,6 +83,87 @@ def canonical(text: str) -> str:
   return _NAME.sub(rename, text)
 
 
+_COMMUTATIVE = frozenset({"add", "multiply", "maximum", "minimum", "and", "or", "xor"})
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?(%?[\w.\-#]+)\s.*\{$")
+_REF = re.compile(r"%[\w.\-#]+")
+
+
+def _split_instruction(line: str) -> tuple[str, str, str, str, str] | None:
+  """`(name, type, opcode, operands, attributes)` of one HLO instruction line."""
+  m = re.match(r"^\s*(?:ROOT\s+)?(%[\w.\-#]+)\s*=\s*", line)
+  if m is None:
+    return None
+  rest, depth = line[m.end():], 0
+  end = len(rest)
+  for i, ch in enumerate(rest):  # the type: a shape, or a parenthesized tuple of shapes
+    depth += ch == "("
+    depth -= ch == ")"
+    if ch == " " and depth == 0:
+      end = i
+      break
+  kind, rest = rest[:end], rest[end + 1:]
+  op = re.match(r"([\w\-]+)\(", rest)
+  if op is None:
+    return None
+  depth, start = 0, op.end() - 1
+  for i in range(start, len(rest)):
+    depth += rest[i] == "("
+    depth -= rest[i] == ")"
+    if depth == 0:
+      return m.group(1), kind, op.group(1), rest[start + 1:i], rest[i + 1:]
+  return None
+
+
+def graph(text: str) -> str:
+  """A digest of the program's dataflow graph that ignores every name and the operand order
+  of commutative operations, and sees through fusions' parameter numbering: two programs
+  that compute the same values by the same operations, kernels and attributes have equal
+  digests, whatever order their source was traced in."""
+  import hashlib
+
+  comps: dict[str, list[tuple[str, str, str, str, str, bool]]] = {}
+  entry, current = "", None
+  for line in text.splitlines():
+    head = _COMPUTATION.match(line.strip())
+    if head and "=" not in line.split("{")[0].split("->")[0].split("(")[0]:
+      current = head.group(2).lstrip("%")
+      comps[current] = []
+      entry = current if head.group(1) else entry
+      continue
+    parts = _split_instruction(line) if current is not None else None
+    if parts:
+      comps[current].append((*parts, line.lstrip().startswith("ROOT")))
+  memo: dict[tuple[str, tuple[str, ...]], str] = {}
+
+  def digest(name: str, params: tuple[str, ...]) -> str:
+    key = (name, params)
+    if key in memo:
+      return memo[key]
+    values: dict[str, str] = {}
+    root = ""
+    for iname, kind, opcode, operands, attrs, is_root in comps[name]:
+      refs = [r for r in _REF.findall(operands)]
+      if opcode == "parameter":
+        index = int(operands.strip())
+        h = params[index] if index < len(params) else f"param{index}:{kind}"
+      else:
+        args = [values.get(r, r) for r in refs] if refs else [operands]
+        if opcode in _COMMUTATIVE:
+          args = sorted(args)
+        called = [c.lstrip("%") for c in _REF.findall(attrs)]
+        inner = tuple(values.get(r, r) for r in refs)
+        subs = [digest(c, inner if opcode == "fusion" else ()) for c in called if c in comps]
+        attrs_plain = _REF.sub("%", attrs)
+        h = hashlib.sha1(repr((kind, opcode, args, subs, attrs_plain)).encode()).hexdigest()
+      values[iname] = h
+      if is_root:
+        root = h
+    memo[key] = root
+    return root
+
+  return digest(entry, ()) if entry else ""
+
+
 def _spec(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
 
@@ -283,8 +364,13 @@ def compare(a_path: str, b_path: str, show: int = 3) -> int:
           for p in (a_path, b_path))
   only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
   differ = sorted(k for k in set(a) & set(b) if a[k] != b[k])
-  same = len(set(a) & set(b)) - len(differ)
-  print(f"{same} programs identical, {len(differ)} differ, {len(only_a)} only in {a_path}, "
+  # Programs whose texts differ only in names and in the operand order of commutative
+  # operations: the same graph, traced in another order.
+  renamed = [k for k in differ if graph(a[k]) == graph(b[k])]
+  differ = [k for k in differ if k not in renamed]
+  same = len(set(a) & set(b)) - len(differ) - len(renamed)
+  print(f"{same} programs identical, {len(renamed)} the same graph with other names or "
+        f"commutative operands swapped, {len(differ)} differ, {len(only_a)} only in {a_path}, "
         f"{len(only_b)} only in {b_path}")
   for k in only_a + only_b:
     print("  missing on one side:", k)

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .._platform import switch
+from .._platform import Policy, by_platform
 from . import _mosaic, _triton
 from ._math import backward_math, forward_math
 
@@ -63,15 +63,16 @@ def obstacle(x: jax.Array, scale: Any, bias: Any, epsilon: Any, mask: Any,
   return None
 
 
-def _on_platform(triton: Callable[..., Any], mosaic: Callable[..., Any] | None,
-                 reference: Callable[..., Any], *args):
-  """The Triton kernel `triton(*args, interpret=...)` in Pallas interpret mode in programs
-  compiled for CPU and compiled elsewhere, but on TPU the Mosaic kernel `mosaic(*args,
-  interpret=False)`, or `reference(*args)` (XLA) where the Mosaic kernels do not apply (None).
-  Every branch is traced whatever the platform, so each must trace everywhere."""
-  tpu = reference if mosaic is None else functools.partial(mosaic, interpret=False)
-  return switch(*args, cpu=functools.partial(triton, interpret=True), tpu=tpu,
-                default=functools.partial(triton, interpret=False))
+def _kernel_for(policy: Policy, kernels: tuple[Any, Any, Any]) -> Callable[..., Any]:
+  """`by_platform`'s branch of a kernel call: of `kernels = (triton, mosaic, reference)`,
+  `mosaic(*args, interpret=False)` where the policy takes the Mosaic kernels (the XLA
+  `reference(*args)` where they do not apply: `mosaic` None), else `triton(*args,
+  interpret=...)`, in Pallas interpret mode where the policy says so (CPU). Every branch is
+  traced whatever the platform, so each must trace everywhere."""
+  triton, mosaic, reference = kernels
+  if policy.kernels == "mosaic":
+    return reference if mosaic is None else functools.partial(mosaic, interpret=False)
+  return functools.partial(triton, interpret=policy.interpret_kernels)
 
 
 class _Rows(NamedTuple):
@@ -95,66 +96,83 @@ class _Rows(NamedTuple):
     return rest[:len(rest) - self.has_scale], (rest[-1] if self.has_scale else None)
 
 
+def _forward_kernel(module: Any, k: _Rows, x2, *params, interpret: bool):
+  return tuple(module.forward_call(x2, params, eps=k.eps, centered=k.centered,
+                                   has_scale=k.has_scale, has_bias=k.has_bias,
+                                   interpret=interpret))
+
+
+def _forward_ref(k: _Rows, x2, *params):
+  f32 = jnp.float32
+  s, b = k.split(params)
+  y, mean, rstd = forward_math(x2.astype(f32), None if s is None else s.astype(f32),
+                               None if b is None else b.astype(f32), None, k.features,
+                               k.eps, k.centered)
+  return (y.astype(x2.dtype),) + ((mean,) if k.centered else ()) + (rstd,)
+
+
+def _backward_kernel(module: Any, k: _Rows, x2, dy2, *rest, interpret: bool):
+  stats, s = k.split_rest(rest)
+  out = module.backward_call(x2, dy2, stats, s, has_bias=k.has_bias, bias_dtype=k.bias_dtype,
+                             centered=k.centered, interpret=interpret)
+  return tuple(o for o in out if o is not None)
+
+
+def _backward_ref(k: _Rows, x2, dy2, *rest):
+  f32 = jnp.float32
+  stats, s = k.split_rest(rest)
+  mean, rstd = stats if k.centered else (None, stats[0])
+  dx, dg, db = backward_math(x2.astype(f32), dy2.astype(f32), mean, rstd,
+                             None if s is None else s.astype(f32), None, k.features,
+                             k.centered)
+  out = [dx.astype(x2.dtype)]
+  if s is not None:
+    out.append(dg.astype(s.dtype))
+  if k.has_bias:
+    out.append(db.astype(k.bias_dtype))
+  return tuple(out)
+
+
+def _kernel_calls(kernel: Callable[..., Any], ref: Callable[..., Any], k: _Rows):
+  """`(triton, mosaic, reference)` of `_kernel_for` for one kernel and its XLA reference."""
+  return (functools.partial(kernel, _triton, k),
+          functools.partial(kernel, _mosaic, k) if k.mosaic else None,
+          functools.partial(ref, k))
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_branch(policy: Policy, k: _Rows) -> Callable[..., Any]:
+  return _kernel_for(policy, _kernel_calls(_forward_kernel, _forward_ref, k))
+
+
+@functools.lru_cache(maxsize=1024)
+def _backward_branch(policy: Policy, k: _Rows) -> Callable[..., Any]:
+  return _kernel_for(policy, _kernel_calls(_backward_kernel, _backward_ref, k))
+
+
 def _forward(k: _Rows):
   """The forward kernel, with a forward-mode derivative from `forward_math` on whole arrays."""
-  f32 = jnp.float32
-
-  def kernel(module):
-    call = functools.partial(module.forward_call, eps=k.eps, centered=k.centered,
-                             has_scale=k.has_scale, has_bias=k.has_bias)
-    return lambda x2, *p, interpret: tuple(call(x2, p, interpret=interpret))
 
   @jax.custom_jvp
   def forward(x2, *params):
-    return tuple(_on_platform(kernel(_triton), kernel(_mosaic) if k.mosaic else None,
-                              forward_ref, x2, *params))
+    return tuple(by_platform(_forward_branch, k, x2, *params))
 
-  def forward_ref(x2, *params):
-    s, b = k.split(params)
-    y, mean, rstd = forward_math(x2.astype(f32), None if s is None else s.astype(f32),
-                                 None if b is None else b.astype(f32), None, k.features,
-                                 k.eps, k.centered)
-    return (y.astype(x2.dtype),) + ((mean,) if k.centered else ()) + (rstd,)
-
-  forward.defjvp(lambda p, t: jax.jvp(forward_ref, p, t))
+  forward.defjvp(lambda p, t: jax.jvp(functools.partial(_forward_ref, k), p, t))
   return forward
 
 
 def _backward(k: _Rows):
   """The backward kernel, with a forward-mode derivative from `backward_math`."""
-  f32 = jnp.float32
-
-  def kernel(module):
-    def run(x2, dy2, *rest, interpret):
-      stats, s = k.split_rest(rest)
-      out = module.backward_call(x2, dy2, stats, s, has_bias=k.has_bias,
-                                 bias_dtype=k.bias_dtype, centered=k.centered,
-                                 interpret=interpret)
-      return tuple(o for o in out if o is not None)
-    return run
 
   @jax.custom_jvp
   def backward(x2, dy2, *rest):
-    return _on_platform(kernel(_triton), kernel(_mosaic) if k.mosaic else None, backward_ref,
-                        x2, dy2, *rest)
+    return by_platform(_backward_branch, k, x2, dy2, *rest)
 
-  def backward_ref(x2, dy2, *rest):
-    stats, s = k.split_rest(rest)
-    mean, rstd = stats if k.centered else (None, stats[0])
-    dx, dg, db = backward_math(x2.astype(f32), dy2.astype(f32), mean, rstd,
-                               None if s is None else s.astype(f32), None, k.features,
-                               k.centered)
-    out = [dx.astype(x2.dtype)]
-    if s is not None:
-      out.append(dg.astype(s.dtype))
-    if k.has_bias:
-      out.append(db.astype(k.bias_dtype))
-    return tuple(out)
-
-  backward.defjvp(lambda p, t: jax.jvp(backward_ref, p, t))
+  backward.defjvp(lambda p, t: jax.jvp(functools.partial(_backward_ref, k), p, t))
   return backward
 
 
+@functools.lru_cache(maxsize=1024)
 def _kernels(k: _Rows):
   """The forward kernel whose reverse-mode derivative is the backward kernel."""
   forward, backward = _forward(k), _backward(k)
