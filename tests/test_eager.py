@@ -58,7 +58,8 @@ def _equinox_call():
 
 CASES = {
     "moments": lambda: lambda: jn.moments(_X, 0),
-    "normalize": lambda: lambda: jn.normalize(_X, jnp.ones(16), jnp.full(16, 2.0), reduction_axes=0),
+    "normalize": lambda: lambda: jn.normalize(_X, jnp.ones(16), jnp.full(16, 2.0),
+                                              reduction_axes=0),
     "layer_norm": lambda: lambda: jn.layer_norm(_X, _G, _B),
     "rms_norm": lambda: lambda: jn.rms_norm(_X, _G),
     "group_norm": lambda: lambda: jn.group_norm(_IMAGES, num_groups=2),
