@@ -60,22 +60,18 @@ class Policy(NamedTuple):
     return self.row_moments
 
 
-CPU = Policy("cpu", barriers=True, prevent_cse=True, recompute_given=True,
-             column_moments="two_pass", row_moments="two_pass", row_moments_from=0,
-             row_moments_narrow=True, tangent_sums="normalized", blocked_param_grads=False,
-             kernels="triton", interpret_kernels=True)
-GPU = Policy("gpu", barriers=False, prevent_cse=False, recompute_given=False,
-             column_moments="shifted", row_moments="streamed", row_moments_from=0,
-             row_moments_narrow=True, tangent_sums="centred", blocked_param_grads=True,
-             kernels="triton", interpret_kernels=False)
-TPU = Policy("tpu", barriers=False, prevent_cse=False, recompute_given=False,
-             column_moments="two_pass", row_moments="shifted", row_moments_from=4096,
-             row_moments_narrow=False, tangent_sums="centred", blocked_param_grads=False,
-             kernels="mosaic", interpret_kernels=False)
+# Any other backend: no barriers, two-pass moments, the Triton kernels compiled. The others
+# say where they differ from it.
 OTHER = Policy("other", barriers=False, prevent_cse=False, recompute_given=False,
                column_moments="two_pass", row_moments="two_pass", row_moments_from=0,
                row_moments_narrow=True, tangent_sums="centred", blocked_param_grads=False,
                kernels="triton", interpret_kernels=False)
+CPU = OTHER._replace(name="cpu", barriers=True, prevent_cse=True, recompute_given=True,
+                     tangent_sums="normalized", interpret_kernels=True)
+GPU = OTHER._replace(name="gpu", column_moments="shifted", row_moments="streamed",
+                     blocked_param_grads=True)
+TPU = OTHER._replace(name="tpu", row_moments="shifted", row_moments_from=4096,
+                     row_moments_narrow=False, kernels="mosaic")
 
 POLICIES = {"cpu": CPU, "gpu": GPU, "tpu": TPU, "other": OTHER}
 # `platform_dependent`'s platform names; branches of one policy are one branch.
