@@ -24,7 +24,15 @@ from ._apply import apply, rstd
 from ._dtypes import compute_dtype, real_of
 from ._layout import broadcast_param, group_expand, group_sum
 from ._platform import Policy, barrier, by_platform, hashable
-from ._stats import AxisName, Moments, psum, reduce, shifted_moments, streamed_moments
+from ._stats import (
+  AxisName,
+  Moments,
+  groups_unsupported,
+  psum,
+  reduce,
+  shifted_moments,
+  streamed_moments,
+)
 
 # The residuals that the backward pass keeps from the forward pass: the statistics only.
 _COUNT, _MEAN, _VAR = "jaxnorm_count", "jaxnorm_mean", "jaxnorm_var"
@@ -365,12 +373,14 @@ def normalize_with_moments(
   scale = None if scale is None else jnp.asarray(scale)
   bias = None if bias is None else jnp.asarray(bias)
   dtype = static[-1]
-  if jnp.iscomplexobj(x):
-    eps = jnp.asarray(epsilon, real_of(dtype))
-    return by_platform(_complex_normalizer, static, x, scale, bias, eps, mask)
-  eps = jnp.asarray(epsilon, dtype)
-  ref = None if renorm is None else tuple(jnp.asarray(a, dtype) for a in renorm)
-  return by_platform(_normalizer, static, x, scale, bias, eps, mask, ref)
+  jit = axis_index_groups is None
+  with groups_unsupported(axis_index_groups):
+    if jnp.iscomplexobj(x):
+      eps = jnp.asarray(epsilon, real_of(dtype))
+      return by_platform(_complex_normalizer, static, x, scale, bias, eps, mask, jit=jit)
+    eps = jnp.asarray(epsilon, dtype)
+    ref = None if renorm is None else tuple(jnp.asarray(a, dtype) for a in renorm)
+    return by_platform(_normalizer, static, x, scale, bias, eps, mask, ref, jit=jit)
 
 
 def _normalizer(policy: Policy, static: tuple[Any, ...]) -> Any:

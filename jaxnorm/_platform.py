@@ -105,15 +105,17 @@ def _branch(make: Callable[[Policy, Any], Callable[..., Any]], policy: Policy,
 
 @functools.lru_cache(maxsize=4096)
 def _entry(make: Callable[[Policy, Any], Callable[..., Any]], static: Hashable,
-           policy: Policy | None) -> Callable[..., Any]:
+           policy: Policy | None, jit: bool) -> Callable[..., Any]:
   if policy is not None:
-    return jax.jit(_branch(make, policy, static), inline=False)
-  branches = {name: _branch(make, p, static) for name, p in _BY_PLATFORM.items()}
-  return jax.jit(lambda *args: jax.lax.platform_dependent(*args, **branches), inline=False)
+    fn = _branch(make, policy, static)
+  else:
+    branches = {name: _branch(make, p, static) for name, p in _BY_PLATFORM.items()}
+    fn = lambda *args: jax.lax.platform_dependent(*args, **branches)
+  return jax.jit(fn, inline=False) if jit else fn
 
 
 def by_platform(make: Callable[[Policy, Any], Callable[..., Any]], static: Hashable,
-                *args: Any) -> Any:
+                *args: Any, jit: bool = True) -> Any:
   """`make(policy, static)(*args)` under the policy of the platform that the program is
   compiled for (or the one `forced` imposes): one `platform_dependent`.
 
@@ -122,8 +124,10 @@ def by_platform(make: Callable[[Policy, Any], Callable[..., Any]], static: Hasha
   calls, their `jax.grad` included, trace and compile once. Inside a traced function it stays
   a call, which XLA inlines. (Inlined into the caller's jaxpr, `inline=True`, an eager
   `jax.grad` would transpose the `platform_dependent` afresh on every call, and compile it.)
+  `jit=False` leaves the jit out: collectives with `axis_index_groups`, which JAX supports
+  under `jax.pmap` only, then fail where `_stats.psum` can name the alternative.
   """
-  return _entry(make, static, current())(*args)
+  return _entry(make, static, current(), jit)(*args)
 
 
 def hashable(value: Any) -> Any:

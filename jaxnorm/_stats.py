@@ -23,9 +23,10 @@ Moments of disjoint sets combine by `merge` (many sets: ghost batches, replicas)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -70,6 +71,24 @@ def abs2(z: jax.Array) -> jax.Array:
   return z * z
 
 
+@contextlib.contextmanager
+def groups_unsupported(axis_index_groups: Any) -> Iterator[None]:
+  """JAX's NotImplementedError for `axis_index_groups` outside `jax.pmap`, raised within the
+  block (by `lax.psum`, or by a transform of a program that holds one), naming the way."""
+  try:
+    yield
+  except NotImplementedError as e:
+    if axis_index_groups is None:
+      raise
+    raise NotImplementedError(
+        f"axis_index_groups={axis_index_groups!r} is not supported by this transform "
+        f"(JAX implements it only under jax.pmap). Under jax.shard_map, split the mesh axis "
+        f"in two instead, e.g. Mesh(devices.reshape(groups, per_group), ('group', 'replica')), "
+        f"and pass axis_name='replica'; under jax.vmap, reshape the mapped axis to "
+        f"(groups, per_group) and nest two vmaps, naming the inner one."
+    ) from e
+
+
 def psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
   """One all-reduce of every leaf of `tree` over `axis_name` (a no-op without a name).
 
@@ -92,18 +111,8 @@ def psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
     flat = jnp.stack([leaf.astype(dtype) for leaf in leaves]).ravel()
   else:
     flat = jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
-  try:
+  with groups_unsupported(axis_index_groups):
     flat = jax.lax.psum(flat, axis_name, axis_index_groups=axis_index_groups)
-  except NotImplementedError as e:
-    if axis_index_groups is None:
-      raise
-    raise NotImplementedError(
-        f"axis_index_groups={axis_index_groups!r} is not supported by this transform "
-        f"(JAX implements it only under jax.pmap). Under jax.shard_map, split the mesh axis "
-        f"in two instead, e.g. Mesh(devices.reshape(groups, per_group), ('group', 'replica')), "
-        f"and pass axis_name='replica'; under jax.vmap, reshape the mapped axis to "
-        f"(groups, per_group) and nest two vmaps, naming the inner one."
-    ) from e
   out, start = [], 0
   for leaf in leaves:
     out.append(flat[start:start + leaf.size].reshape(leaf.shape).astype(leaf.dtype))
@@ -384,7 +393,8 @@ def moments(
   with jax.named_scope("jaxnorm.moments"):
     static = (axes, hashable(axis_name), hashable(axis_index_groups),
               compute_dtype(x.dtype, dtype))
-    return by_platform(_moments, static, x, mask)
+    with groups_unsupported(axis_index_groups):
+      return by_platform(_moments, static, x, mask, jit=axis_index_groups is None)
 
 
 def _moments(policy: Policy, static: tuple[Any, ...]) -> Callable[..., Moments]:
@@ -419,7 +429,7 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     >>> x = jnp.arange(10.0)
     >>> m = jn.merge_moments(jn.moments(x[:3], 0), jn.moments(x[3:], 0))
     >>> m.count, m.mean, m.var
-    (Array(10., dtype=float32), Array(4.5, dtype=float32), Array(8.25, dtype=float32))
+    (Array(10., dtype=float32), Array(4.5, dtype=float32), Array(8.25..., dtype=float32))
   """
   for name, m in (("a", a), ("b", b)):
     if not isinstance(m, Moments):
