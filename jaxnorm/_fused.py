@@ -367,20 +367,19 @@ def normalize_with_moments(
     `y` (of `x`'s shape and dtype) and the batch's `Moments` (whose mean and variance are
     differentiable too, for callers that use them).
   """
+  dtype = compute_dtype(x.dtype)
   # The Reduction's fields but its policy, which each platform's branch adds.
   static = (reduction_axes, feature_axes, x.shape, hashable(axis_name),
-            hashable(axis_index_groups), centered, groups, compute_dtype(x.dtype))
+            hashable(axis_index_groups), centered, groups, dtype)
   scale = None if scale is None else jnp.asarray(scale)
   bias = None if bias is None else jnp.asarray(bias)
-  dtype = static[-1]
-  jit = axis_index_groups is None
   with groups_unsupported(axis_index_groups):
     if jnp.iscomplexobj(x):
       eps = jnp.asarray(epsilon, real_of(dtype))
-      return by_platform(_complex_normalizer, static, x, scale, bias, eps, mask, jit=jit)
+      return by_platform(_complex_normalizer, static, x, scale, bias, eps, mask)
     eps = jnp.asarray(epsilon, dtype)
     ref = None if renorm is None else tuple(jnp.asarray(a, dtype) for a in renorm)
-    return by_platform(_normalizer, static, x, scale, bias, eps, mask, ref, jit=jit)
+    return by_platform(_normalizer, static, x, scale, bias, eps, mask, ref)
 
 
 def _normalizer(policy: Policy, static: tuple[Any, ...]) -> Any:

@@ -73,7 +73,6 @@ GPU = OTHER._replace(name="gpu", column_moments="shifted", row_moments="streamed
 TPU = OTHER._replace(name="tpu", row_moments="shifted", row_moments_from=4096,
                      row_moments_narrow=False, kernels="mosaic")
 
-POLICIES = {"cpu": CPU, "gpu": GPU, "tpu": TPU, "other": OTHER}
 # `platform_dependent`'s platform names; branches of one policy are one branch.
 _BY_PLATFORM = {"cpu": CPU, "cuda": GPU, "rocm": GPU, "tpu": TPU, "default": OTHER}
 
@@ -98,24 +97,19 @@ def current() -> Policy | None:
 
 
 @functools.lru_cache(maxsize=4096)
-def _branch(make: Callable[[Policy, Any], Callable[..., Any]], policy: Policy,
-            static: Hashable) -> Callable[..., Any]:
-  return make(policy, static)
-
-
-@functools.lru_cache(maxsize=4096)
 def _entry(make: Callable[[Policy, Any], Callable[..., Any]], static: Hashable,
-           policy: Policy | None, jit: bool) -> Callable[..., Any]:
+           policy: Policy | None) -> Callable[..., Any]:
+  """The jitted call of `by_platform`: built once per key, so that its branch functions (one
+  per policy, shared by the platforms of one policy) are the same objects on every call."""
   if policy is not None:
-    fn = _branch(make, policy, static)
-  else:
-    branches = {name: _branch(make, p, static) for name, p in _BY_PLATFORM.items()}
-    fn = lambda *args: jax.lax.platform_dependent(*args, **branches)
-  return jax.jit(fn, inline=False) if jit else fn
+    return jax.jit(make(policy, static), inline=False)
+  made = {p: make(p, static) for p in set(_BY_PLATFORM.values())}
+  branches = {name: made[p] for name, p in _BY_PLATFORM.items()}
+  return jax.jit(lambda *args: jax.lax.platform_dependent(*args, **branches), inline=False)
 
 
 def by_platform(make: Callable[[Policy, Any], Callable[..., Any]], static: Hashable,
-                *args: Any, jit: bool = True) -> Any:
+                *args: Any) -> Any:
   """`make(policy, static)(*args)` under the policy of the platform that the program is
   compiled for (or the one `forced` imposes): one `platform_dependent`.
 
@@ -124,10 +118,8 @@ def by_platform(make: Callable[[Policy, Any], Callable[..., Any]], static: Hasha
   calls, their `jax.grad` included, trace and compile once. Inside a traced function it stays
   a call, which XLA inlines. (Inlined into the caller's jaxpr, `inline=True`, an eager
   `jax.grad` would transpose the `platform_dependent` afresh on every call, and compile it.)
-  `jit=False` leaves the jit out: collectives with `axis_index_groups`, which JAX supports
-  under `jax.pmap` only, then fail where `_stats.psum` can name the alternative.
   """
-  return _entry(make, static, current(), jit)(*args)
+  return _entry(make, static, current())(*args)
 
 
 def hashable(value: Any) -> Any:

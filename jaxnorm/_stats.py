@@ -394,7 +394,7 @@ def moments(
     static = (axes, hashable(axis_name), hashable(axis_index_groups),
               compute_dtype(x.dtype, dtype))
     with groups_unsupported(axis_index_groups):
-      return by_platform(_moments, static, x, mask, jit=axis_index_groups is None)
+      return by_platform(_moments, static, x, mask)
 
 
 def _moments(policy: Policy, static: tuple[Any, ...]) -> Callable[..., Moments]:

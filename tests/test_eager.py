@@ -1,5 +1,6 @@
 """Eager calls compile once: identical calls outside `jax.jit` of the public functions, of their
-`jax.grad`, and of the linen, nnx and equinox layers trace and compile the first time only.
+`jax.grad` (on the XLA path and through the Pallas kernels), and of the linen, nnx and equinox
+layers trace and compile the first time only.
 
 Compilations are counted from JAX's own `/jax/core/compile/backend_compile_duration` events;
 time per call and memory over many calls are benchmarks/eager.py's (timings do not belong in
@@ -70,6 +71,9 @@ CASES = {
         _X, jn.batch_norm_init(16), training=False),
     "batch_renorm": lambda: lambda: jn.batch_renorm(
         _X, jn.batch_norm_init(16), training=True, momentum=0.9, r_max=3.0, d_max=5.0),
+    "layer_norm (pallas)": lambda: lambda: jn.layer_norm(_X, _G, _B, implementation="pallas"),
+    "grad(layer_norm (pallas))": lambda: lambda: jax.grad(lambda x, g: jn.layer_norm(
+        x, g, implementation="pallas").sum(), (0, 1))(_X, _G),
     "grad(layer_norm)": lambda: lambda: jax.grad(
         lambda x, g, b: jn.layer_norm(x, g, b).sum(), (0, 1, 2))(_X, _G, _B),
     "grad(rms_norm)": lambda: lambda: jax.grad(lambda x: (jn.rms_norm(x) ** 2).sum())(_X),

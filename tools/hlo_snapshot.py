@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import hashlib
 import json
 import os
 import pathlib
@@ -84,8 +85,20 @@ def canonical(text: str) -> str:
 
 
 _COMMUTATIVE = frozenset({"add", "multiply", "maximum", "minimum", "and", "or", "xor"})
-_COMPUTATION = re.compile(r"^(ENTRY\s+)?(%?[\w.\-#]+)\s.*\{$")
+# A computation's first line (not indented, unlike its instructions): `[ENTRY] %name (...) {`.
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-#]+)\s.*\{$")
 _REF = re.compile(r"%[\w.\-#]+")
+
+
+def _closing(text: str, start: int) -> int:
+  """The index of the parenthesis that closes the one at `text[start]`."""
+  depth = 0
+  for i in range(start, len(text)):
+    depth += text[i] == "("
+    depth -= text[i] == ")"
+    if depth == 0:
+      return i
+  raise ValueError(f"unbalanced parentheses in {text!r}")
 
 
 def _split_instruction(line: str) -> tuple[str, str, str, str, str] | None:
@@ -93,25 +106,16 @@ def _split_instruction(line: str) -> tuple[str, str, str, str, str] | None:
   m = re.match(r"^\s*(?:ROOT\s+)?(%[\w.\-#]+)\s*=\s*", line)
   if m is None:
     return None
-  rest, depth = line[m.end():], 0
-  end = len(rest)
-  for i, ch in enumerate(rest):  # the type: a shape, or a parenthesized tuple of shapes
-    depth += ch == "("
-    depth -= ch == ")"
-    if ch == " " and depth == 0:
-      end = i
-      break
+  rest = line[m.end():]
+  # The type: a shape, or a parenthesized tuple of shapes.
+  end = _closing(rest, 0) + 1 if rest.startswith("(") else rest.find(" ")
   kind, rest = rest[:end], rest[end + 1:]
   op = re.match(r"([\w\-]+)\(", rest)
   if op is None:
     return None
-  depth, start = 0, op.end() - 1
-  for i in range(start, len(rest)):
-    depth += rest[i] == "("
-    depth -= rest[i] == ")"
-    if depth == 0:
-      return m.group(1), kind, op.group(1), rest[start + 1:i], rest[i + 1:]
-  return None
+  start = op.end() - 1
+  close = _closing(rest, start)
+  return m.group(1), kind, op.group(1), rest[start + 1:close], rest[close + 1:]
 
 
 def graph(text: str) -> str:
@@ -119,14 +123,12 @@ def graph(text: str) -> str:
   of commutative operations, and sees through fusions' parameter numbering: two programs
   that compute the same values by the same operations, kernels and attributes have equal
   digests, whatever order their source was traced in."""
-  import hashlib
-
   comps: dict[str, list[tuple[str, str, str, str, str, bool]]] = {}
   entry, current = "", None
   for line in text.splitlines():
-    head = _COMPUTATION.match(line.strip())
-    if head and "=" not in line.split("{")[0].split("->")[0].split("(")[0]:
-      current = head.group(2).lstrip("%")
+    head = _COMPUTATION.match(line)
+    if head:
+      current = head.group(2)
       comps[current] = []
       entry = current if head.group(1) else entry
       continue
@@ -142,7 +144,7 @@ def graph(text: str) -> str:
     values: dict[str, str] = {}
     root = ""
     for iname, kind, opcode, operands, attrs, is_root in comps[name]:
-      refs = [r for r in _REF.findall(operands)]
+      refs = _REF.findall(operands)
       if opcode == "parameter":
         index = int(operands.strip())
         h = params[index] if index < len(params) else f"param{index}:{kind}"

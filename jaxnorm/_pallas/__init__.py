@@ -63,16 +63,18 @@ def obstacle(x: jax.Array, scale: Any, bias: Any, epsilon: Any, mask: Any,
   return None
 
 
-def _kernel_for(policy: Policy, kernels: tuple[Any, Any, Any]) -> Callable[..., Any]:
-  """`by_platform`'s branch of a kernel call: of `kernels = (triton, mosaic, reference)`,
-  `mosaic(*args, interpret=False)` where the policy takes the Mosaic kernels (the XLA
-  `reference(*args)` where they do not apply: `mosaic` None), else `triton(*args,
-  interpret=...)`, in Pallas interpret mode where the policy says so (CPU). Every branch is
-  traced whatever the platform, so each must trace everywhere."""
-  triton, mosaic, reference = kernels
+def _kernel_for(policy: Policy, kernel: Callable[..., Any], reference: Callable[..., Any],
+                k: _Rows) -> Callable[..., Any]:
+  """`by_platform`'s branch of a kernel call: `kernel(_mosaic, k, *args, interpret=False)`
+  where the policy takes the Mosaic kernels (the XLA `reference(k, *args)` where they do not
+  apply to `k`), else `kernel(_triton, k, *args, interpret=...)`, in Pallas interpret mode
+  where the policy says so (CPU). Every branch is traced whatever the platform, so each must
+  trace everywhere."""
   if policy.kernels == "mosaic":
-    return reference if mosaic is None else functools.partial(mosaic, interpret=False)
-  return functools.partial(triton, interpret=policy.interpret_kernels)
+    if not k.mosaic:
+      return functools.partial(reference, k)
+    return functools.partial(kernel, _mosaic, k, interpret=False)
+  return functools.partial(kernel, _triton, k, interpret=policy.interpret_kernels)
 
 
 class _Rows(NamedTuple):
@@ -133,21 +135,12 @@ def _backward_ref(k: _Rows, x2, dy2, *rest):
   return tuple(out)
 
 
-def _kernel_calls(kernel: Callable[..., Any], ref: Callable[..., Any], k: _Rows):
-  """`(triton, mosaic, reference)` of `_kernel_for` for one kernel and its XLA reference."""
-  return (functools.partial(kernel, _triton, k),
-          functools.partial(kernel, _mosaic, k) if k.mosaic else None,
-          functools.partial(ref, k))
-
-
-@functools.lru_cache(maxsize=1024)
 def _forward_branch(policy: Policy, k: _Rows) -> Callable[..., Any]:
-  return _kernel_for(policy, _kernel_calls(_forward_kernel, _forward_ref, k))
+  return _kernel_for(policy, _forward_kernel, _forward_ref, k)
 
 
-@functools.lru_cache(maxsize=1024)
 def _backward_branch(policy: Policy, k: _Rows) -> Callable[..., Any]:
-  return _kernel_for(policy, _kernel_calls(_backward_kernel, _backward_ref, k))
+  return _kernel_for(policy, _backward_kernel, _backward_ref, k)
 
 
 def _forward(k: _Rows):
@@ -172,7 +165,6 @@ def _backward(k: _Rows):
   return backward
 
 
-@functools.lru_cache(maxsize=1024)
 def _kernels(k: _Rows):
   """The forward kernel whose reverse-mode derivative is the backward kernel."""
   forward, backward = _forward(k), _backward(k)
