@@ -19,6 +19,7 @@ arguments. The compilers' structure and byte counts, not timings.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -82,6 +83,21 @@ class TransformerLM(nn.Module):
       h = Block(self.norms, self.dtype)(h, mask)
     h = self.norms.LayerNorm(dtype=self.dtype)(h)
     return nn.Dense(self.vocab, dtype=self.dtype)(h)
+
+
+class MLP(nn.Module):
+  """A multilayer perceptron with LayerNorm after every hidden Dense layer."""
+
+  norms: object
+  dtype: object
+  width: int = 1024
+  layers: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(self.layers):
+      x = nn.relu(self.norms.LayerNorm(dtype=self.dtype)(nn.Dense(self.width, dtype=self.dtype)(x)))
+    return nn.Dense(10, dtype=self.dtype)(x)
 
 
 class ResNet(nn.Module):
@@ -174,7 +190,23 @@ def step_fn(model, has_stats: bool):
   return step, opt
 
 
-def measure(platforms, log=print) -> list[dict]:
+# name: (model, inputs, labels); `--models` picks among them.
+MODELS = {
+    "MLP": (MLP, jax.ShapeDtypeStruct((256, 784), jnp.float32),
+            jax.ShapeDtypeStruct((256,), jnp.int32)),
+    "TransformerLM-256": (functools.partial(TransformerLM, vocab=8192, width=256, layers=4),
+                          jax.ShapeDtypeStruct((32, 128), jnp.int32),
+                          jax.ShapeDtypeStruct((32, 128), jnp.int32)),
+    "TransformerLM": (TransformerLM, jax.ShapeDtypeStruct((32, 128), jnp.int32),
+                      jax.ShapeDtypeStruct((32, 128), jnp.int32)),
+    "ResNet": (ResNet, jax.ShapeDtypeStruct((64, 32, 32, 128), jnp.float32),
+               jax.ShapeDtypeStruct((64,), jnp.int32)),
+    "ResNet50": (ResNet50, jax.ShapeDtypeStruct((32, 224, 224, 3), jnp.float32),
+                 jax.ShapeDtypeStruct((32,), jnp.int32)),
+}
+
+
+def measure(platforms, models=tuple(MODELS), log=print) -> list[dict]:
   records = []
   for plat in platforms:
     missing = compiled.available(plat)
@@ -182,13 +214,8 @@ def measure(platforms, log=print) -> list[dict]:
       log(f"{plat}: skipped, this Python lacks {missing}")
       continue
     sh = SingleDeviceSharding(compiled.topology(plat).devices[0])
-    for name, make, inputs, labels in (
-        ("TransformerLM", TransformerLM, jax.ShapeDtypeStruct((32, 128), jnp.int32),
-         jax.ShapeDtypeStruct((32, 128), jnp.int32)),
-        ("ResNet", ResNet, jax.ShapeDtypeStruct((64, 32, 32, 128), jnp.float32),
-         jax.ShapeDtypeStruct((64,), jnp.int32)),
-        ("ResNet50", ResNet50, jax.ShapeDtypeStruct((32, 224, 224, 3), jnp.float32),
-         jax.ShapeDtypeStruct((32,), jnp.int32))):
+    for name in models:
+      make, inputs, labels = MODELS[name]
       for dtype in (jnp.float32, jnp.bfloat16):
         row = {}
         for lib, norms in LIBRARIES.items():
@@ -207,7 +234,7 @@ def measure(platforms, log=print) -> list[dict]:
           records.append({"platform": plat, "model": name, "dtype": jnp.dtype(dtype).name,
                           "lib": lib, "kernels": a["kernels"], "bytes": a["bytes"]})
         j, f = row["jaxnorm"], row["flax.linen"]
-        log(f"{plat:5s} {name:13s} {jnp.dtype(dtype).name:8s} flax.linen {f['kernels']:4d} "
+        log(f"{plat:5s} {name:17s} {jnp.dtype(dtype).name:8s} flax.linen {f['kernels']:4d} "
             f"kernels {f['bytes'] / 2**20:8.1f} MiB | jaxnorm {j['kernels']:4d} kernels "
             f"{j['bytes'] / 2**20:8.1f} MiB ({j['bytes'] / f['bytes']:.3f}x)")
   return records
@@ -216,9 +243,13 @@ def measure(platforms, log=print) -> list[dict]:
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--platforms", default="h100,v5e")
+  ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {list(MODELS)}")
   ap.add_argument("--json")
   args = ap.parse_args(argv)
-  records = measure([p for p in args.platforms.split(",") if p])
+  models = [m for m in args.models.split(",") if m]
+  if any(m not in MODELS for m in models):
+    ap.error(f"unknown --models {models}; choose from {list(MODELS)}")
+  records = measure([p for p in args.platforms.split(",") if p], models)
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"jax": jax.__version__, "records": records}, f, indent=1)

@@ -31,7 +31,6 @@ from ._stats import (
   psum,
   reduce,
   shifted_moments,
-  streamed_moments,
 )
 
 # The residuals that the backward pass keeps from the forward pass: the statistics only.
@@ -42,8 +41,7 @@ _CHECKPOINT_POLICY = jax.checkpoint_policies.save_only_these_names(_COUNT, _MEAN
 def _sharded(x: jax.Array, axes: tuple[int, ...]) -> bool:
   """Whether `x` is known at trace time to be split across devices along one of `axes` (a mesh
   axis of type Explicit): the leading sample of `_stats.shifted_moments` would then have to be
-  sent from the device that holds it to the others, and the partial results of
-  `_stats.streamed_moments` merged across devices, where the two-pass variance's plain sums
+  sent from the device that holds it to the others, where the two-pass variance's plain sums
   become local sums and all-reduces."""
   spec = getattr(jax.typeof(x).sharding, "spec", None)
   return spec is not None and any(a < len(spec) and spec[a] is not None for a in axes)
@@ -71,7 +69,7 @@ class Reduction(NamedTuple):
     takes the policy's `row_moments` under differentiation only: its forward pass alone keeps
     the two-pass variance, which XLA fuses with the output into one kernel. Batch, instance
     and group normalization of images take its `column_moments`; reductions over the batch
-    axis shift each block of it by its own first element, so that a batch split across
+    axis shift each block of it by its own leading elements, so that a batch split across
     devices finds its shifts where its data is. Masks, `axis_name`, complex input and input
     split across devices along a reduced axis keep the two-pass variance everywhere.
     """
@@ -84,8 +82,6 @@ class Reduction(NamedTuple):
       algorithm = policy.rows_take(n, x.dtype) if differentiated else "two_pass"
     else:
       algorithm = policy.column_moments
-    if algorithm == "streamed":
-      return streamed_moments(x, self.axes, self.dtype)
     if algorithm == "shifted":
       # The batch axis (0) is the one split across devices: blocks of it keep shifts local.
       blocked = not self.per_example and 0 in self.axes

@@ -37,8 +37,8 @@ class Policy(NamedTuple):
   # The moments of batch, instance and group normalization of images: "two_pass" or
   # "shifted" (one read of x, `_stats.shifted_moments`).
   column_moments: str
-  # The moments of layer and group normalization of rows under differentiation: "two_pass",
-  # "shifted" or "streamed" (`_stats.streamed_moments`), for rows of at least
+  # The moments of layer and group normalization of rows under differentiation: "two_pass"
+  # or "shifted", for rows of at least
   # `row_moments_from` elements (and, unless `row_moments_narrow`, float32 or wider input).
   row_moments: str
   row_moments_from: int
@@ -68,7 +68,7 @@ OTHER = Policy("other", barriers=False, prevent_cse=False, recompute_given=False
                kernels="triton", interpret_kernels=False)
 CPU = OTHER._replace(name="cpu", barriers=True, prevent_cse=True, recompute_given=True,
                      tangent_sums="normalized", interpret_kernels=True)
-GPU = OTHER._replace(name="gpu", column_moments="shifted", row_moments="streamed",
+GPU = OTHER._replace(name="gpu", column_moments="shifted", row_moments="shifted",
                      blocked_param_grads=True)
 TPU = OTHER._replace(name="tpu", row_moments="shifted", row_moments_from=4096,
                      row_moments_narrow=False, kernels="mosaic")

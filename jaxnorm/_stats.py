@@ -13,9 +13,8 @@ reduces its input through `reduce` below, so the numerical choices are made once
 
 On a GPU (and a TPU, for float32 layer normalization of wide rows under differentiation)
 the fused normalizers use `shifted_moments` where it saves a read of x: one pass of sums about
-a shift close to the mean; on a GPU, layer normalization under differentiation uses
-`streamed_moments`, whose partial results carry their own shifts, so that XLA fuses the
-producer of x into it (docs/guides/internals.md, "One read on GPUs").
+a shift among the data, the median of a few leading elements (docs/guides/internals.md, "One
+read on GPUs").
 
 Moments of disjoint sets combine by `merge` (many sets: ghost batches, replicas) or
 `merge_moments` (two sets, Chan's update).
@@ -24,7 +23,6 @@ Moments of disjoint sets combine by `merge` (many sets: ghost batches, replicas)
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -180,21 +178,32 @@ def reduce(
   return Moments(count, mean, m2 / denom)
 
 
-# The shift of `shifted_moments` is the mean of about this many leading elements of each set.
-SHIFT_SAMPLE = 8
-# With `blocks`, at most this many blocks along the first reduction axis (see below).
+# With `blocked`, at most this many blocks along the first reduction axis, of at least
+# `SHIFT_BLOCK_ROWS` entries each (smaller blocks' partial results cost XLA:GPU a write of a
+# sizeable share of x: docs/guides/internals.md, "One read on GPUs").
 SHIFT_BLOCKS = 64
+SHIFT_BLOCK_ROWS = 128
 
 
-def _leading_sample(a: jax.Array, reduction_axes: tuple[int, ...], size: int) -> jax.Array:
-  """The first elements of `a` along its reduction axes, at least `size` of them where there
-  are that many: whole runs of the last reduction axis first (contiguous in memory)."""
-  need = size
-  for axis in sorted(reduction_axes, reverse=True):
-    take = min(need, a.shape[axis])
-    a = jax.lax.slice_in_dim(a, 0, take, axis=axis)
-    need = -(-need // take)
-  return a
+def median3(a: jax.Array, axis: int) -> jax.Array:
+  """The median of the first three entries of `a` along `axis` (of at least three), by
+  minimum and maximum: one of them, and between the other two."""
+  a0, a1, a2 = (jax.lax.index_in_dim(a, i, axis, keepdims=False) for i in range(3))
+  return jnp.maximum(jnp.minimum(a0, a1), jnp.minimum(jnp.maximum(a0, a1), a2))
+
+
+def leading_shift(xf: jax.Array, sample_axes: tuple[int, ...]) -> jax.Array:
+  """The shift of `shifted_moments` per set of `xf` over `sample_axes` (the other axes kept,
+  at size 1): the median of the set's first three elements along the last of those axes that
+  has three, the others at position 0 (a set of fewer elements: its first). No single element
+  can spoil it: the median of three lies between the other two."""
+  axis = next((a for a in sorted(sample_axes, reverse=True) if xf.shape[a] >= 3), None)
+  lead = xf
+  for a in sample_axes:
+    lead = jax.lax.slice_in_dim(lead, 0, 3 if a == axis else 1, axis=a)
+  if axis is None:  # sets of fewer than three elements: a shift among them suffices
+    return lead
+  return jnp.expand_dims(median3(lead, axis), axis)
 
 
 def moments_about(shift: jax.Array, s1: jax.Array, s2: jax.Array, n: int) -> Moments:
@@ -206,16 +215,16 @@ def moments_about(shift: jax.Array, s1: jax.Array, s2: jax.Array, n: int) -> Mom
   return Moments(jnp.full(shift.shape, n, jnp.float32), shift + mean_d, var)
 
 
-def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, sample: int,
+def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any,
                   groups: int | None = None) -> Moments:
   xf = x.astype(dtype)
   n = math.prod(x.shape[a] for a in reduction_axes) // (groups or 1)
-  sample = max(1, min(sample, n // 32))  # a small share of each set
-  # With groups, the sample is taken along the other reduction (spatial) axes, every channel.
+  # With groups, the sample is taken along the other reduction (spatial) axes, every channel,
+  # and the group's shift is the mean of its channels' medians.
   last = x.ndim - 1
   sample_axes = reduction_axes if groups is None else tuple(a for a in reduction_axes
                                                             if a != last)
-  lead = _leading_sample(xf, sample_axes, sample)
+  lead = leading_shift(xf, sample_axes)
   per_set = math.prod(lead.shape[a] for a in reduction_axes) // (groups or 1)
   shift = jax.lax.stop_gradient(group_sum(lead, reduction_axes, groups) / per_set)
   d = xf - group_expand(shift, reduction_axes, groups, x.shape[-1])
@@ -229,96 +238,41 @@ def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, sam
   return moments_about(shift, s1, s2, n)
 
 
+def shift_blocks(n: int) -> int:
+  """The number of blocks that `shifted_moments(blocked=True)` splits an axis of `n` into."""
+  return math.gcd(n, SHIFT_BLOCKS, max(n // SHIFT_BLOCK_ROWS, 1))
+
+
 def shifted_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, *,
                     blocked: bool = False, groups: int | None = None) -> Moments:
   r"""Moments of real `x` in one read: sums of `d = x - K` about a shift `K` (local: no mask,
   no `axis_name`; arguments validated). `groups`: as in `reduce`, with spatial axes.
 
-  `K`, held constant, is the mean of a few leading elements of each set (`SHIFT_SAMPLE`, at
-  most a 32nd of the set; with groups, the leading positions of every channel of the group).
-  Then :math:`\mu = K + \bar d` and :math:`\sigma^2 = (\sum d^2 - \bar d \sum d) / n`,
+  `K`, held constant, is the median of each set's first three elements (`leading_shift`; with
+  groups, the mean over the group's channels of each channel's median at the first spatial
+  positions). Then :math:`\mu = K + \bar d` and :math:`\sigma^2 = (\sum d^2 - \bar d \sum d) / n`,
   clamped at 0. Both sums read x in one kernel, where `reduce`'s two-pass variance reads it
   twice when a set does not stay on chip. The variance's rounding error is the two-pass one's
   with :math:`\sigma^2 + (\mu - K)^2` in place of :math:`\sigma^2` (tests/refs.py,
   `shifted_errors`): it does not grow with the data's offset, because K lies among the data,
-  and it is a few units in the last place unless the leading elements sit many σ from the
-  mean.
+  and one element far from the rest (an outlier at the head of a row) cannot move K outside
+  the range of the other two leading elements.
 
   With `blocked` (batch-like reductions, without groups), the first reduction axis is split
-  into up to `SHIFT_BLOCKS` blocks (as many as divide it), each shifted by its own first
-  element, and the blocks' moments are merged exactly (`merge_axis`). A batch split across
-  devices along that axis then finds each block's shift on the device that holds the block,
-  where one shift for the whole batch would have to be sent from the first device to the others.
+  into up to `SHIFT_BLOCKS` blocks of at least `SHIFT_BLOCK_ROWS` entries (as many as divide
+  it), each shifted by the median of its own first three elements, and the blocks' moments
+  are merged exactly (`merge_axis`). A batch split across devices along that axis then finds
+  each block's shift on the device that holds the block, where one shift for the whole batch
+  would have to be sent from the first device to the others.
   """
   with jax.named_scope("jaxnorm.shifted_moments"):
     a0 = min(reduction_axes)
-    blocks = math.gcd(x.shape[a0], SHIFT_BLOCKS) if blocked and groups is None else 1
+    blocks = shift_blocks(x.shape[a0]) if blocked and groups is None else 1
     if blocks == 1:
-      return _shifted_sums(x, reduction_axes, dtype, SHIFT_SAMPLE, groups)
+      return _shifted_sums(x, reduction_axes, dtype, groups)
     xb = x.reshape(x.shape[:a0] + (blocks, x.shape[a0] // blocks) + x.shape[a0 + 1:])
-    per_block = _shifted_sums(xb, tuple(a + 1 for a in reduction_axes), dtype, 1)
+    per_block = _shifted_sums(xb, tuple(a + 1 for a in reduction_axes), dtype)
     return merge_axis(per_block, a0)
-
-
-def merge_shifted(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-  """Combines two partial results `(K, Σd, Σd², count)` of `streamed_moments`, each summed
-  about its own shift K: b's sums move to a's shift (to b's own where a is still empty)."""
-  ka, s1a, s2a, ca = a
-  kb, s1b, s2b, cb = b
-  k = jnp.where(ca > 0, ka, kb)
-  delta = kb - k
-  return (k, s1a + (s1b + cb * delta), s2a + (s2b + delta * (2 * s1b + cb * delta)), ca + cb)
-
-
-def shifted_partials(x: jax.Array, reduction_axes: tuple[int, ...]) -> tuple[jax.Array, ...]:
-  """The partial results `(K, Σd, Σd², count)` of `x` over `reduction_axes`, in one variadic
-  reduction whose combiner is `merge_shifted`."""
-  zeros = jnp.zeros_like(x)
-  # Each element enters as a set of one about itself: (K = x, Σd = 0, Σd² = 0, count = 1).
-  return tuple(jax.lax.reduce((x, zeros, zeros, jnp.ones_like(x)),
-                              (jnp.zeros((), x.dtype),) * 4, merge_shifted, reduction_axes))
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _streamed(x: jax.Array, reduction_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  k, s1, s2, _ = shifted_partials(x, reduction_axes)
-  _, mean, var = moments_about(k, s1, s2, math.prod(x.shape[a] for a in reduction_axes))
-  return mean, var
-
-
-@_streamed.defjvp
-def _streamed_jvp(reduction_axes, primals, tangents):
-  # JAX cannot differentiate a reduction with its own combiner: the moments' derivative,
-  # dμ = mean(dx) and dσ² = 2 mean((x - μ) dx), for higher derivatives of the normalizers.
-  (x,), (dx,) = primals, tangents
-  mean, var = _streamed(x, reduction_axes)
-  n = math.prod(x.shape[a] for a in reduction_axes)
-  centred = x - jnp.expand_dims(mean, reduction_axes)
-  return (mean, var), (jnp.sum(dx, reduction_axes) / n,
-                       2 * jnp.sum(centred * dx, reduction_axes) / n)
-
-
-def streamed_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any) -> Moments:
-  r"""Moments of real `x` in one read, by one reduction that carries its own shifts (local:
-  no mask, no `axis_name`; arguments validated).
-
-  Like `shifted_moments`, it sums :math:`d = x - K` and :math:`d^2` about a shift K among the
-  data, but nothing is computed from x before the reduction: every partial result holds its
-  own shift (the first element it met) with its sums and count, and two partial results
-  combine by moving the second's sums to the first's shift,
-  :math:`\sum_b (x - K_a) = \sum_b d + c_b\delta` and
-  :math:`\sum_b (x - K_a)^2 = \sum_b d^2 + \delta(2\sum_b d + c_b\delta)` with
-  :math:`\delta = K_b - K_a` (one variadic `lax.reduce`). XLA can therefore fuse the
-  producer of x into the reduction, as it fuses flax's `E[x²]`, where the leading sample of
-  `shifted_moments` makes the producer write x out first: a transformer's residual sum
-  `h = x + f(x)` is read once by its layer norm's statistics. Every shift is an element of the
-  set, so no term grows with the data's offset; `streamed_errors` in tests/refs.py bounds the
-  rounding error for any order of reduction XLA may choose.
-  """
-  with jax.named_scope("jaxnorm.streamed_moments"):
-    mean, var = _streamed(x.astype(dtype), reduction_axes)
-    n = math.prod(x.shape[a] for a in reduction_axes)
-    return Moments(jnp.full(mean.shape, n, jnp.float32), mean, var)
 
 
 def moments(

@@ -255,26 +255,29 @@ def sync_error(means, variances, weights, state_dtype=np.float32) -> tuple[np.nd
           d * d + (sum_factor(r) + 6 * u) * (var + d * d) + out_u * var)
 
 
-def leading_shift(x, axes, sample=8, sample_axes=None) -> np.ndarray:
-  """The shift of `jaxnorm._stats.shifted_moments` in float64: the mean of the first elements
-  along `axes`, at least `sample` of them, taken from the last axis first; with `sample_axes`,
-  the first positions along those axes only, every element of the other reduced axes."""
+def leading_shift(x, axes, sample_axes=None) -> np.ndarray:
+  """The shift of `jaxnorm._stats.shifted_moments` in float64: per set, the median of its first
+  three elements along the last of `axes` (or of `sample_axes`) that has three, the other
+  sample axes at 0 (a set of fewer: its first element); with `sample_axes`, the mean over the
+  other reduced axes (the channels of a group) of those medians."""
   x = f64(x)
+  axes = _axes(axes, x.ndim)
+  sample = axes if sample_axes is None else _axes(sample_axes, x.ndim)
+  along = next((a for a in reversed(sample) if x.shape[a] >= 3), None)
   lead = x
-  need = sample
-  for a in sorted(_axes(axes if sample_axes is None else sample_axes, x.ndim), reverse=True):
-    take = min(need, x.shape[a])
-    lead = np.take(lead, np.arange(take), axis=a)
-    need = -(-need // take)
-  return lead.mean(_axes(axes, x.ndim))
+  for a in sample:
+    lead = np.take(lead, np.arange(3 if a == along else 1), axis=a)
+  if along is not None:
+    lead = np.median(lead, axis=along, keepdims=True)
+  return lead.mean(axes)
 
 
-def _shifted_errors(x, axes, dtype, sample, sample_axes=None):
+def _shifted_errors(x, axes, dtype, sample_axes=None):
   _, mean, var = ref_moments(x, axes)
   x = f64(x)
   axes = _axes(axes, x.ndim)
   n = int(np.prod([x.shape[a] for a in axes]))
-  shift = leading_shift(x, axes, max(1, min(sample, n // 32)), sample_axes)
+  shift = leading_shift(x, axes, sample_axes)
   u = unit_roundoff(dtype)
   big_d = np.abs(mean - shift) + u * np.abs(shift)
   a = np.abs(x - np.expand_dims(shift, axes)).mean(axes)
@@ -285,7 +288,7 @@ def _shifted_errors(x, axes, dtype, sample, sample_axes=None):
   return mean, var, mean_err, var_err
 
 
-def shifted_errors(x, axes, dtype=np.float32, blocks=1, sample=8, sample_axes=None
+def shifted_errors(x, axes, dtype=np.float32, blocks=1, sample_axes=None
                    ) -> tuple[np.ndarray, np.ndarray]:
   r"""Bounds on |μ̂ - μ| and |σ̂² - σ²| of the one-read moments about a shift K
   (`jaxnorm._stats.shifted_moments`).
@@ -307,15 +310,16 @@ def shifted_errors(x, axes, dtype=np.float32, blocks=1, sample=8, sample_axes=No
   evaluate K (a small mean) once for x - K and again, unrounded inside a fused multiply-add,
   for K + d̄. No other term grows with the offset μ: the shift removes it before anything is
   summed. K enters the variance's bound through D only; it is the float64 `leading_shift`
-  here, and the float32 K differs by :math:`u|K|`, which `D` absorbs. The sample is
-  `sample` elements, at most a 32nd of the set; with `sample_axes` (group normalization: the
-  spatial axes), that many leading positions along them, with every element of the other
-  reduced axes.
+  here, and the float32 K differs by :math:`u|K|`, which `D` absorbs. K is the median of the
+  set's first three elements (`leading_shift`; with `sample_axes`, group normalization's
+  spatial axes, the mean of each channel's median), so no single element can make
+  :math:`D^2` exceed the square of the other two's distance from the mean: to first order the
+  bound is the two-pass one's (`var_error`) times :math:`1 + D^2/\sigma^2`.
 
   With `blocks` > 1 (`blocked=True` there), the first reduction axis is split into that many
-  blocks, each shifted by its first element (`sample=1`) and bounded as above, and the blocks'
-  moments :math:`(\mu_b, \sigma_b^2)` (errors :math:`e_b, v_b`) are merged by the law of total
-  variance, which adds its own sums over the B blocks:
+  blocks, each shifted by the median of its first three elements and bounded as above, and
+  the blocks' moments :math:`(\mu_b, \sigma_b^2)` (errors :math:`e_b, v_b`) are merged by the
+  law of total variance, which adds its own sums over the B blocks:
 
   .. math::
     e_M = \overline{e_b} + c(B)\,\overline{|\mu_b|} + u|\mu|, \qquad
@@ -329,11 +333,11 @@ def shifted_errors(x, axes, dtype=np.float32, blocks=1, sample=8, sample_axes=No
   x = f64(x)
   axes = _axes(axes, x.ndim)
   if blocks == 1:
-    _, _, mean_err, var_err = _shifted_errors(x, axes, dtype, sample, sample_axes)
+    _, _, mean_err, var_err = _shifted_errors(x, axes, dtype, sample_axes)
     return mean_err, var_err
   a0 = axes[0]
   xb = x.reshape(x.shape[:a0] + (blocks, x.shape[a0] // blocks) + x.shape[a0 + 1:])
-  mb, vb, eb, evb = _shifted_errors(xb, tuple(a + 1 for a in axes), dtype, 1)
+  mb, vb, eb, evb = _shifted_errors(xb, tuple(a + 1 for a in axes), dtype)
   _, mean, var = ref_moments(x, axes)
   u = unit_roundoff(dtype)
   c = sum_factor(blocks, dtype)
@@ -345,57 +349,6 @@ def shifted_errors(x, axes, dtype=np.float32, blocks=1, sample=8, sample_axes=No
              + u * var)
   return e_m, var_err
 
-
-
-def streamed_errors(x, axes, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-  r"""Bounds on |μ̂ - μ| and |σ̂² - σ²| of the one-reduction moments whose partial results
-  carry their own shifts (`jaxnorm._stats.streamed_moments`).
-
-  Every partial result covers a subset P of the N elements, summed about one of its own
-  elements K, so with :math:`M = \max_i |x_i - \mu|` and :math:`A = \overline{|x - \mu|}`:
-  :math:`|x - K| \le |x - \mu| + M`, shift differences :math:`|\delta| = |K_b - K_a| \le 2M`,
-  every value that the first sum's arithmetic forms (partial sums of d, :math:`c_b\delta`,
-  :math:`\sum_b d + c_b\delta = \sum_b (x - K_a)`) is at most :math:`N(A + M)`, and every
-  value of the second's (partial sums of :math:`(x - K)^2 \le 2(x - \mu)^2 + 2M^2`, and
-  :math:`\delta(2\sum_b d + c_b\delta)`, the difference of two of them, whose factor
-  :math:`2\sum_b d + c_b\delta` rounds at :math:`u \cdot 2N(A + M)` times :math:`|\delta|`)
-  at most :math:`4N(\sigma^2 + M^2)`. A merge rounds at most 6 times and there are fewer than
-  2N merges (those with the reduction's empty initial value are exact), so as in `sum_factor`,
-  with c = c(16N): :math:`|\Delta\sum d| \le e_1 = cN(A + M)` (a partial over P:
-  :math:`c|P|(A + M)`). A merge also carries the error of its second operand's
-  :math:`\sum_b d` into the second sum, times :math:`2|\delta| \le 4M`. XLA reduces in
-  sequential runs that combine (partial, element), where that operand is one element with
-  :math:`\sum_b d = 0` exactly, and then in a tree, where an element lies in the second operand
-  of at most :math:`\log_2 2N` merges: :math:`\sum |P_b| \le N\log_2 2N`. Hence
-
-  .. math::
-    |\Delta\textstyle\sum d^2| \le e_2 = 4cN(\sigma^2 + M^2) + 4cM(A + M)N\log_2 2N
-
-  and, with :math:`D = \mu - K` for the final shift (:math:`|D| \le M`), :math:`\mu = K +
-  \sum d/N` and :math:`\sigma^2 = (\sum d^2 - \bar d\sum d)/N` rounding 3 times on terms
-  no larger than :math:`\sigma^2 + M^2`:
-
-  .. math::
-    |\hat\mu - \mu| \le e_1/N + 2u(M + |\mu|), \qquad
-    |\hat\sigma^2 - \sigma^2| \le e_2/N + 2Me_1/N + (e_1/N)^2 + 3u(\sigma^2 + M^2)
-
-  Nothing grows with the offset μ but the mean's last term. The bound is loose (M where the
-  shifts usually sit within a σ or two of the mean, worst-case counts of merges): it holds for
-  every order XLA may choose, and that order places the shifts.
-  """
-  _, mean, var = ref_moments(x, axes)
-  x = f64(x)
-  axes = _axes(axes, x.ndim)
-  n = int(np.prod([x.shape[a] for a in axes]))
-  dev = np.abs(x - np.expand_dims(mean, axes))
-  m, a = dev.max(axes), dev.mean(axes)
-  u = unit_roundoff(dtype)
-  c = sum_factor(16 * n, dtype)
-  e1 = c * n * (a + m)
-  e2 = 4 * c * n * (var + m * m) + 4 * c * m * (a + m) * n * np.log2(2 * n)
-  mean_err = e1 / n + 2 * u * (m + np.abs(mean))
-  var_err = e2 / n + 2 * m * e1 / n + (e1 / n) ** 2 + 3 * u * (var + m * m)
-  return mean_err, var_err
 
 
 def merge_error(a, a_err, b, b_err) -> tuple[np.ndarray, np.ndarray]:

@@ -119,13 +119,13 @@ def test_shift_precision_prints_every_formula_and_case(capsys):
   spec.loader.exec_module(module)
   module.main()
   lines = capsys.readouterr().out.strip().splitlines()[1:]
-  assert len(lines) == 4
+  assert len(lines) == 6
   for line in lines:
     assert all(f"{name}: var " in line for name in module.FORMULAS), line
-  # The streamed moments merged in a GPU's order (runs, then a tree) stay within their bound.
-  x = (np.random.default_rng(1).normal(size=(4, 2048)) + 1e4).astype(np.float32)
-  m = module.FORMULAS["streamed, runs"](x, (1,))
-  _, mean, var = refs.ref_moments(x, (1,))
-  mean_err, var_err = refs.streamed_errors(x, (1,))
-  refs.assert_within(m.mean, mean, mean_err, "mean")
-  refs.assert_within(m.var, var, var_err, "var")
+  # Every case it prints, the median shift within its bound.
+  for _, x, axes in module.cases(np.random.default_rng(1)):
+    m = module.FORMULAS["median shift"](x, axes)
+    _, mean, var = refs.ref_moments(x, axes)
+    mean_err, var_err = refs.shifted_errors(x, axes)
+    refs.assert_within(m.mean, mean, mean_err, "mean")
+    refs.assert_within(m.var, var, var_err, "var")

@@ -1,17 +1,15 @@
 """The statistics that programs compiled for a GPU compute in one read of x, run here on the CPU.
 
-On a GPU, batch normalization computes its moments by `_stats.shifted_moments` (sums about a
-shift close to the mean, in one read of x, where the two-pass variance reads it twice), and
-layer normalization under differentiation by `_stats.streamed_moments` (one reduction whose
-partial results carry their own shifts). These tests take the GPU's branch of every
-per-platform choice on the CPU and hold its results to float64 references within the bounds of
-`refs.shifted_errors` and `refs.streamed_errors`, at offsets where `E[x²] - E[x]²` fails, with
-a shift far from the mean, and through the layers and their derivatives.
+On a GPU, batch normalization and layer normalization under differentiation compute their
+moments by `_stats.shifted_moments` (sums about a shift among the data, the median of a few
+leading elements, in one read of x, where the two-pass variance reads it twice). These tests
+take the GPU's branch of every per-platform choice on the CPU and hold its results to float64
+references within the bounds of `refs.shifted_errors`, at offsets where `E[x²] - E[x]²` fails,
+with a shift far from the mean, and through the layers and their derivatives
+(tests/test_branch_exactness.py: every branch on adversarial input).
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -38,15 +36,15 @@ def _data(shape, offset, seed=0):
   return (rng.normal(size=shape) * 2 + offset).astype(np.float32)
 
 
-@pytest.mark.parametrize("shape,axes", [((16, 96), (1,)), ((96, 16), (0,)),
-                                        ((4, 5, 6, 16), (0, 1, 2))])
+@pytest.mark.parametrize("shape,axes", [((16, 96), (1,)), ((512, 16), (0,)),
+                                        ((256, 5, 6, 4), (0, 1, 2))])
 @pytest.mark.parametrize("offset", [0.0, 1e4])
 @pytest.mark.parametrize("blocked", [False, True])
 def test_shifted_moments_within_their_bound(shape, axes, offset, blocked):
   x = _data(shape, offset)
   m = jax.jit(lambda x: _stats.shifted_moments(x, axes, jnp.float32, blocked=blocked))(x)
   count, mean, var = refs.ref_moments(x, axes)
-  blocks = math.gcd(shape[axes[0]], _stats.SHIFT_BLOCKS) if blocked else 1
+  blocks = _stats.shift_blocks(shape[axes[0]]) if blocked else 1
   mean_err, var_err = refs.shifted_errors(x, axes, blocks=blocks)
   np.testing.assert_array_equal(m.count, count)
   refs.assert_within(m.mean, mean, mean_err, "mean")
@@ -58,8 +56,9 @@ def test_shifted_moments_within_their_bound(shape, axes, offset, blocked):
 
 
 def test_a_shift_far_from_the_mean_stays_within_the_bound():
-  # The leading elements of each row are outliers: D = μ - K is 1e3 σ, and the bound, which
-  # grows with D², still holds (the one case where the two-pass variance is the better one).
+  # The 8 leading elements of each row are outliers, so is the median of the first three:
+  # D = μ - K is 1e3 σ, and the bound, which grows with D², still holds (the one case where
+  # the two-pass variance is the better one).
   x = _data((8, 512), 5.0)
   x[:, :8] += 2e3
   m = _stats.shifted_moments(jnp.asarray(x), (1,), jnp.float32)
@@ -70,11 +69,10 @@ def test_a_shift_far_from_the_mean_stays_within_the_bound():
   assert np.all(m.var >= 0)
 
 
-@pytest.mark.parametrize("moments,errors", [(_stats.shifted_moments, refs.shifted_errors),
-                                            (_stats.streamed_moments, refs.streamed_errors)])
+@pytest.mark.parametrize("moments,errors", [(_stats.shifted_moments, refs.shifted_errors)])
 def test_one_read_moments_of_narrow_input_accumulate_in_float32(moments, errors):
-  # bfloat16 input with an outlier at the head of each column: the shifted sums' sample (one
-  # element of 32) and the shift of an in-order streamed reduction.
+  # bfloat16 input with an outlier at the head of each column, one of the three elements
+  # whose median is the shift.
   x = _data((32, 64), 100.0)
   x[0] += 2e3
   xb = jnp.asarray(x).astype(jnp.bfloat16)
@@ -102,7 +100,7 @@ def test_group_moments_within_their_bound(offset):
   refs.assert_within(m.var, var, var_err, "var")
 
 
-@pytest.mark.parametrize("moments", [_stats.shifted_moments, _stats.streamed_moments])
+@pytest.mark.parametrize("moments", [_stats.shifted_moments])
 def test_a_constant_set_has_variance_zero(moments):
   x = jnp.full((4, 64), 1e4 + 0.5, jnp.float32)
   m = moments(x, (1,), jnp.float32)
@@ -113,24 +111,24 @@ def test_a_constant_set_has_variance_zero(moments):
 @pytest.mark.parametrize("shape,axes", [((16, 1024), (1,)), ((96, 16), (0,)),
                                         ((4, 5, 6, 16), (1, 2, 3))])
 @pytest.mark.parametrize("offset", [0.0, 1e4])
-def test_streamed_moments_within_their_bound(shape, axes, offset):
+def test_shifted_moments_of_rows_within_their_bound(shape, axes, offset):
   x = _data(shape, offset, seed=6)
-  m = jax.jit(lambda x: _stats.streamed_moments(x, axes, jnp.float32))(x)
+  m = jax.jit(lambda x: _stats.shifted_moments(x, axes, jnp.float32))(x)
   count, mean, var = refs.ref_moments(x, axes)
-  mean_err, var_err = refs.streamed_errors(x, axes)
+  mean_err, var_err = refs.shifted_errors(x, axes)
   np.testing.assert_array_equal(m.count, count)
   refs.assert_within(m.mean, mean, mean_err, "mean")
   refs.assert_within(m.var, var, var_err, "var")
   # E[x²] - E[x]² is off by about c(N)·1e8 at offset 1e4, far beyond the variance itself; the
-  # streamed sums' bound, loose as it is (M for σ, worst-case merge counts), stays well below.
+  # shifted sums' bound stays well below.
   assert np.max(var_err / var) < 0.05
 
 
-def test_streamed_moments_have_derivatives():
-  # A reduction with its own combiner has no derivative in JAX; its custom rule gives the
-  # moments' own: dμ/dx = 1/N, dσ²/dx = 2(x - μ)/N, and second derivatives through them.
+def test_shifted_moments_have_the_moments_derivatives():
+  # The shift is held constant, so the sums' derivatives are the moments' own:
+  # dμ/dx = 1/N, dσ²/dx = 2(x - μ)/N, and second derivatives through them.
   x = _data((3, 64), 10.0, seed=8)
-  f = lambda x: _stats.streamed_moments(x, (1,), jnp.float32)
+  f = lambda x: _stats.shifted_moments(x, (1,), jnp.float32)
   cot_mean = np.linspace(-1, 1, 3).astype(np.float32)
   cot_var = np.array([0.5, 1.0, -2.0], np.float32)
   _, pull = jax.vjp(lambda x: tuple(f(x))[1:], jnp.asarray(x))
@@ -139,13 +137,13 @@ def test_streamed_moments_have_derivatives():
   xc = refs.f64(x) - mean[:, None]
   want = cot_mean[:, None] / 64 + cot_var[:, None] * 2 * xc / 64
   # dx rounds the float32 mean (off by mean_error) and a few products: 8 u relative on top.
-  mean_err, _ = refs.streamed_errors(x, (1,))
+  mean_err, _ = refs.shifted_errors(x, (1,))
   bound = 2 * np.abs(cot_var)[:, None] * mean_err[:, None] / 64 + 8 * refs.U32 * (
       np.abs(want) + np.abs(cot_var)[:, None] * 2 * np.abs(xc) / 64)
   refs.assert_within(dx, want, bound, "dx")
   # Second derivatives: the Hessian of σ² is 2(I - 1/N)/N, trace 2(N - 1)/N², each entry a
   # few roundings of exact powers of two and their differences (4u relative is generous).
-  var_of = lambda v: _stats.streamed_moments(v[None], (1,), jnp.float32).var[0]
+  var_of = lambda v: _stats.shifted_moments(v[None], (1,), jnp.float32).var[0]
   h = np.asarray(jax.hessian(var_of)(jnp.asarray(x[0])), np.float64)
   want_h = 2 * (np.eye(64) - 1 / 64) / 64
   refs.assert_within(h, want_h, 4 * refs.U32 * np.abs(want_h), "hessian")
@@ -153,14 +151,14 @@ def test_streamed_moments_have_derivatives():
 
 @pytest.mark.parametrize("offset", [0.0, 1e4])
 def test_batch_norm_training_on_a_gpu_within_the_bound(on_gpu, offset):
-  x = _data((64, 3, 16), offset, seed=1)
+  x = _data((256, 3, 16), offset, seed=1)  # two blocks of the batch
   g = (1 + 0.1 * np.random.default_rng(2).normal(size=16)).astype(np.float32)
   b = np.full(16, 0.25, np.float32)
   state = jn.batch_norm_init(16)
   y, new = jax.jit(lambda x: jn.batch_norm(x, state, g, b, training=True, momentum=0.9))(x)
   axes = (0, 1)
   _, mean, var = refs.ref_moments(x, axes)
-  mean_err, var_err = refs.shifted_errors(x, axes, blocks=math.gcd(64, _stats.SHIFT_BLOCKS))
+  mean_err, var_err = refs.shifted_errors(x, axes, blocks=_stats.shift_blocks(256))
   ref_y = refs.ref_normalize(x, mean, var, g, b, axes, -1, 1e-5)
   bound = refs.output_error(x, mean, var, mean_err, var_err, g, ref_y, axes, -1, 1e-5)
   refs.assert_within(y, ref_y, bound, "y")
@@ -280,20 +278,17 @@ def test_which_normalizations_read_once_on_a_gpu():
   x = jax.ShapeDtypeStruct((8, 16), jnp.float32)
   state = jn.batch_norm_init(16)
 
-  def has_shift(f, *args, platform="cuda", kind="shifted"):
+  def has_shift(f, *args, platform="cuda"):
     lowered = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,))
-    return f"jaxnorm.{kind}_moments" in lowered.as_text(debug_info=True)
+    return "jaxnorm.shifted_moments" in lowered.as_text(debug_info=True)
 
   bn = lambda x: jn.batch_norm(x, state, training=True)[0]
   ln = lambda x: jn.layer_norm(x)
   masked = lambda x: jn.batch_norm(x, state, training=True, mask=jnp.ones((8, 1), bool))[0]
   assert has_shift(bn, x)
-  # Layer norm under differentiation: one reduction that carries its shifts (no leading sample).
-  assert has_shift(lambda x: jax.grad(lambda x: ln(x).sum())(x), x, kind="streamed")
-  assert not has_shift(lambda x: jax.grad(lambda x: ln(x).sum())(x), x)
+  # Layer norm under differentiation (its forward pass alone is one kernel already).
+  assert has_shift(lambda x: jax.grad(lambda x: ln(x).sum())(x), x)
   assert not has_shift(ln, x)
-  assert not has_shift(ln, x, kind="streamed")
-  assert not has_shift(bn, x, kind="streamed")
   assert not has_shift(masked, x)
   images = jax.ShapeDtypeStruct((2, 4, 4, 16), jnp.float32)
   assert has_shift(lambda x: jn.group_norm(x, num_groups=4), images)
@@ -332,19 +327,21 @@ def test_group_norm_on_a_gpu_within_the_bound(on_gpu, offset):
 def test_layer_norm_of_rows_split_across_devices_on_a_gpu(on_gpu):
   """Tensor parallelism: the features of each row split over 4 devices by an Auto mesh axis
   under plain `jit`, which jaxnorm does not see at trace time (an Explicit one keeps the two-pass
-  variance). XLA partitions the streamed reduction: each device reduces its part of every row,
-  the four partial results of each row are gathered and merged; within the bound."""
+  variance). XLA partitions the shifted sums: the first device sends each row's leading
+  elements to the others (collective-permutes), each reduces its part of every row about the
+  shift, and the partial sums are all-reduced; within the bound."""
   mesh = jax.make_mesh((4,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
   x = _data((16, 256), 1e4, seed=9)
   g = np.linspace(0.5, 1.5, 256).astype(np.float32)
   split = jax.device_put(x, jax.sharding.NamedSharding(mesh, P(None, "model")))
   f = jax.jit(lambda x: jax.vjp(lambda x: jn.layer_norm(x, g), x)[0])
   lowered = f.lower(split)
-  assert "jaxnorm.streamed_moments" in lowered.as_text(debug_info=True)
-  assert "all-gather" in lowered.compile().as_text()  # the partial results of each row
+  assert "jaxnorm.shifted_moments" in lowered.as_text(debug_info=True)
+  compiled = lowered.compile().as_text()
+  assert "collective-permute" in compiled and "all-reduce" in compiled
   y = f(split)
   _, mean, var = refs.ref_moments(x, (1,))
-  mean_err, var_err = refs.streamed_errors(x, (1,))
+  mean_err, var_err = refs.shifted_errors(x, (1,))
   ref_y = refs.ref_normalize(x, mean, var, g, None, (1,), -1, 1e-6)
   bound = refs.output_error(x, mean, var, mean_err, var_err, g, ref_y, (1,), -1, 1e-6)
   refs.assert_within(y, ref_y, bound, "y")
