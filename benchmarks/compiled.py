@@ -1,6 +1,7 @@
 """HBM traffic and kernels of jaxnorm and its peers on accelerators, counted by their compilers.
 
     python benchmarks/compiled.py [--platforms h100,v5e,v6e] [--cases ...] [--json OUT]
+    python benchmarks/compiled.py --grid            # 11 shapes, small row counts included
     python benchmarks/compiled.py --collectives     # batch norm across devices
     python benchmarks/compiled.py --check           # CI: fail on traffic beyond the budget
 
@@ -80,6 +81,9 @@ NORMS = ("layer_norm", "rms_norm", "batch_norm", "group_norm")
 PASSES = ("fwd", "fwd+bwd")
 DTYPES = ("float32", "bfloat16")
 SHAPES = ((8192, 4096), (8192, 1024), (64, 32, 32, 128))
+# `--grid`: rows 256 to 16384 by features 256 to 4096, and two image shapes (channels last).
+GRID = tuple((r, c) for r in (256, 2048, 16384) for c in (256, 1024, 4096)) + (
+    (64, 32, 32, 128), (32, 56, 56, 64))
 LIBS = ("jaxnorm", "jaxnorm pallas", "flax.linen", "flax.linen dtype=x", "haiku", "equinox")
 REF = "flax.linen"
 FLOOR = {"fwd": 2, "fwd+bwd": 5}
@@ -87,9 +91,10 @@ GROUPS = 32
 PALLAS_NORMS = ("layer_norm", "rms_norm")
 BUDGET = os.path.join(HERE, "compiled_budget.json")
 # The subset that `--check` (CI) compiles: jaxnorm's default path against flax.linen.
-# (32, 56, 56, 64) is ResNet50's first stage, where XLA:GPU once wrote the shifted x out.
+# (32, 56, 56, 64) is ResNet50's first stage, where XLA:GPU once wrote the shifted x out;
+# (256, 1024) a small batch, where blocks of a few rows once wrote a quarter of x.
 CHECK = {"norms": ("layer_norm", "rms_norm", "batch_norm"),
-         "shapes": ((8192, 1024), (32, 56, 56, 64)),
+         "shapes": ((256, 1024), (8192, 1024), (32, 56, 56, 64)),
          "dtypes": DTYPES, "passes": PASSES, "libs": ("jaxnorm", "flax.linen")}
 # Statistics and parameters are 0.001-0.03 passes of x in these cases; a difference below this
 # many passes is one of them (the Pallas forward kernel writing its float32 row statistics for
@@ -440,6 +445,9 @@ def main(argv=None) -> None:
                        "compile for are skipped with a note")
   ap.add_argument("--cases", default=",".join(NORMS), help=f"comma-separated, of {NORMS}")
   ap.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES))
+  ap.add_argument("--grid", action="store_true",
+                  help="the grid of shapes instead of --shapes: rows 256, 2048, 16384 by "
+                       "features 256, 1024, 4096, and 64x32x32x128, 32x56x56x64")
   ap.add_argument("--dtypes", default=",".join(DTYPES))
   ap.add_argument("--passes", default=",".join(PASSES))
   ap.add_argument("--libs", default=",".join(LIBS), help=f"comma-separated, of {LIBS}")
@@ -473,7 +481,8 @@ def main(argv=None) -> None:
     norms = [n for n in args.cases.split(",") if n]
     if any(n not in NORMS for n in norms):
       ap.error(f"unknown --cases {norms}; choose from {list(NORMS)}")
-    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",") if s]
+    shapes = (list(GRID) if args.grid else
+              [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",") if s])
     libs = [lib for lib in args.libs.split(",") if lib]
     if any(lib not in LIBS for lib in libs):
       ap.error(f"unknown --libs {libs}; choose from {list(LIBS)}")
