@@ -185,14 +185,14 @@ SHIFT_BLOCKS = 64
 SHIFT_BLOCK_ROWS = 128
 
 
-def median3(a: jax.Array, axis: int) -> jax.Array:
+def _median3(a: jax.Array, axis: int) -> jax.Array:
   """The median of the first three entries of `a` along `axis` (of at least three), by
   minimum and maximum: one of them, and between the other two."""
   a0, a1, a2 = (jax.lax.index_in_dim(a, i, axis, keepdims=False) for i in range(3))
   return jnp.maximum(jnp.minimum(a0, a1), jnp.minimum(jnp.maximum(a0, a1), a2))
 
 
-def leading_shift(xf: jax.Array, sample_axes: tuple[int, ...]) -> jax.Array:
+def _leading_shift(xf: jax.Array, sample_axes: tuple[int, ...]) -> jax.Array:
   """The shift of `shifted_moments` per set of `xf` over `sample_axes` (the other axes kept,
   at size 1): the median of the set's first three elements along the last of those axes that
   has three, the others at position 0 (a set of fewer elements: its first). No single element
@@ -203,7 +203,7 @@ def leading_shift(xf: jax.Array, sample_axes: tuple[int, ...]) -> jax.Array:
     lead = jax.lax.slice_in_dim(lead, 0, 3 if a == axis else 1, axis=a)
   if axis is None:  # sets of fewer than three elements: a shift among them suffices
     return lead
-  return jnp.expand_dims(median3(lead, axis), axis)
+  return jnp.expand_dims(_median3(lead, axis), axis)
 
 
 def moments_about(shift: jax.Array, s1: jax.Array, s2: jax.Array, n: int) -> Moments:
@@ -224,7 +224,7 @@ def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any,
   last = x.ndim - 1
   sample_axes = reduction_axes if groups is None else tuple(a for a in reduction_axes
                                                             if a != last)
-  lead = leading_shift(xf, sample_axes)
+  lead = _leading_shift(xf, sample_axes)
   per_set = math.prod(lead.shape[a] for a in reduction_axes) // (groups or 1)
   shift = jax.lax.stop_gradient(group_sum(lead, reduction_axes, groups) / per_set)
   d = xf - group_expand(shift, reduction_axes, groups, x.shape[-1])
@@ -248,7 +248,7 @@ def shifted_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, *
   r"""Moments of real `x` in one read: sums of `d = x - K` about a shift `K` (local: no mask,
   no `axis_name`; arguments validated). `groups`: as in `reduce`, with spatial axes.
 
-  `K`, held constant, is the median of each set's first three elements (`leading_shift`; with
+  `K`, held constant, is the median of each set's first three elements (`_leading_shift`; with
   groups, the mean over the group's channels of each channel's median at the first spatial
   positions). Then :math:`\mu = K + \bar d` and :math:`\sigma^2 = (\sum d^2 - \bar d \sum d) / n`,
   clamped at 0. Both sums read x in one kernel, where `reduce`'s two-pass variance reads it
