@@ -181,6 +181,10 @@ def _moved(ins: dict[str, Any], types: dict[str, list], hbm_only: bool,
     src = [a for name in ins["operands"] for a in types.get(name, [])]
     read = [(dt, shape, s[2]) for (dt, shape, _), s in zip(dest, src, strict=False)]
     return _size(read, hbm_only) + _size(dest, hbm_only)
+  if opc == "slice":  # reads the part it writes, in its operand's memory space
+    src = types.get(ins["operands"][0], [])
+    out = _arrays(ins["type"])
+    return _size([(dt, shape, src[0][2]) for dt, shape, _ in out], hbm_only) + _size(out, hbm_only)
   ops = []
   for k, name in enumerate(ins["operands"]):
     whole = types.get(name, [])

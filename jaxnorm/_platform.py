@@ -43,6 +43,10 @@ class Policy(NamedTuple):
   row_moments: str
   row_moments_from: int
   row_moments_narrow: bool
+  # The one-read moments' shift sample (each set's three leading elements) taken by a kernel
+  # of its own: fused into its consumers, XLA:TPU lays a copy of x out column-major to read
+  # three columns of it.
+  sample_apart: bool
   # Layer and RMS norm's tangent sums: against x̂ ("normalized") or against x - μ, multiplied
   # by the reciprocal standard deviation afterwards ("centred").
   tangent_sums: str
@@ -64,14 +68,14 @@ class Policy(NamedTuple):
 # say where they differ from it.
 OTHER = Policy("other", barriers=False, prevent_cse=False, recompute_given=False,
                column_moments="two_pass", row_moments="two_pass", row_moments_from=0,
-               row_moments_narrow=True, tangent_sums="centred", blocked_param_grads=False,
+               row_moments_narrow=True, sample_apart=False, tangent_sums="centred", blocked_param_grads=False,
                kernels="triton", interpret_kernels=False)
 CPU = OTHER._replace(name="cpu", barriers=True, prevent_cse=True, recompute_given=True,
                      tangent_sums="normalized", interpret_kernels=True)
 GPU = OTHER._replace(name="gpu", column_moments="shifted", row_moments="shifted",
                      blocked_param_grads=True)
 TPU = OTHER._replace(name="tpu", row_moments="shifted", row_moments_from=4096,
-                     row_moments_narrow=False, kernels="mosaic")
+                     row_moments_narrow=False, sample_apart=True, kernels="mosaic")
 
 # `platform_dependent`'s platform names; branches of one policy are one branch.
 _BY_PLATFORM = {"cpu": CPU, "cuda": GPU, "rocm": GPU, "tpu": TPU, "default": OTHER}

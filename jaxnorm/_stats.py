@@ -192,15 +192,19 @@ def _median3(a: jax.Array, axis: int) -> jax.Array:
   return jnp.maximum(jnp.minimum(a0, a1), jnp.minimum(jnp.maximum(a0, a1), a2))
 
 
-def _leading_shift(xf: jax.Array, sample_axes: tuple[int, ...]) -> jax.Array:
+def _leading_shift(xf: jax.Array, sample_axes: tuple[int, ...],
+                   sample_apart: bool = False) -> jax.Array:
   """The shift of `shifted_moments` per set of `xf` over `sample_axes` (the other axes kept,
   at size 1): the median of the set's first three elements along the last of those axes that
   has three, the others at position 0 (a set of fewer elements: its first). No single element
-  can spoil it: the median of three lies between the other two."""
+  can spoil it: the median of three lies between the other two. `sample_apart`: the elements
+  are sliced in a kernel of their own (`Policy.sample_apart`)."""
   axis = next((a for a in sorted(sample_axes, reverse=True) if xf.shape[a] >= 3), None)
   lead = xf
   for a in sample_axes:
     lead = jax.lax.slice_in_dim(lead, 0, 3 if a == axis else 1, axis=a)
+  if sample_apart:
+    lead = jax.lax.optimization_barrier(lead)
   if axis is None:  # sets of fewer than three elements: a shift among them suffices
     return lead
   return jnp.expand_dims(_median3(lead, axis), axis)
@@ -216,7 +220,7 @@ def moments_about(shift: jax.Array, s1: jax.Array, s2: jax.Array, n: int) -> Mom
 
 
 def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any,
-                  groups: int | None = None) -> Moments:
+                  groups: int | None = None, sample_apart: bool = False) -> Moments:
   xf = x.astype(dtype)
   n = math.prod(x.shape[a] for a in reduction_axes) // (groups or 1)
   # With groups, the sample is taken along the other reduction (spatial) axes, every channel,
@@ -224,7 +228,7 @@ def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any,
   last = x.ndim - 1
   sample_axes = reduction_axes if groups is None else tuple(a for a in reduction_axes
                                                             if a != last)
-  lead = _leading_shift(xf, sample_axes)
+  lead = _leading_shift(xf, sample_axes, sample_apart)
   per_set = math.prod(lead.shape[a] for a in reduction_axes) // (groups or 1)
   shift = jax.lax.stop_gradient(group_sum(lead, reduction_axes, groups) / per_set)
   d = xf - group_expand(shift, reduction_axes, groups, x.shape[-1])
@@ -244,7 +248,8 @@ def shift_blocks(n: int) -> int:
 
 
 def shifted_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, *,
-                    blocked: bool = False, groups: int | None = None) -> Moments:
+                    blocked: bool = False, groups: int | None = None,
+                    sample_apart: bool = False) -> Moments:
   r"""Moments of real `x` in one read: sums of `d = x - K` about a shift `K` (local: no mask,
   no `axis_name`; arguments validated). `groups`: as in `reduce`, with spatial axes.
 
@@ -269,9 +274,10 @@ def shifted_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, *
     a0 = min(reduction_axes)
     blocks = shift_blocks(x.shape[a0]) if blocked and groups is None else 1
     if blocks == 1:
-      return _shifted_sums(x, reduction_axes, dtype, groups)
+      return _shifted_sums(x, reduction_axes, dtype, groups, sample_apart)
     xb = x.reshape(x.shape[:a0] + (blocks, x.shape[a0] // blocks) + x.shape[a0 + 1:])
-    per_block = _shifted_sums(xb, tuple(a + 1 for a in reduction_axes), dtype)
+    per_block = _shifted_sums(xb, tuple(a + 1 for a in reduction_axes), dtype,
+                              sample_apart=sample_apart)
     return merge_axis(per_block, a0)
 
 

@@ -98,6 +98,23 @@ ENTRY %main (x: f32[8192,1024]) -> f32[1024] {
   assert a["kernels"] == 2
 
 
+def test_a_slice_reads_the_part_it_writes():
+  # As libtpu prints it: three columns of x, sliced by an instruction of its own (in HBM), then
+  # copied on chip; the slice reads three columns, not x.
+  text = """HloModule m
+
+ENTRY %main (x: f32[16384,4096]) -> f32[16384,3] {
+  %x = f32[16384,4096]{1,0:T(8,128)} parameter(0)
+  %slice.0 = f32[16384,3]{1,0:T(8,128)} slice(%x), slice={[0:16384], [0:3]}
+  ROOT %copy.1 = f32[16384,3]{0,1:T(4,128)S(1)} copy(%slice.0)
+}
+"""
+  a = hlo_bytes.analyze(text)
+  part = 16384 * 3 * 4
+  assert a["bytes"] == 2 * part + part  # the slice's read and write, the copy's read
+  assert a["other_ops"] == ["slice", "copy"] and a["kernels"] == 0
+
+
 def test_custom_calls_count_their_operands_and_results():
   text = """HloModule m
 
