@@ -86,7 +86,7 @@ class Reduction(NamedTuple):
       # The batch axis (0) is the one split across devices: blocks of it keep shifts local.
       blocked = not self.per_example and 0 in self.axes
       return shifted_moments(x, self.axes, self.dtype, blocked=blocked, groups=self.groups,
-                             sample_apart=policy.sample_apart)
+                             sample_apart=policy.sample_apart(x.size * x.dtype.itemsize))
     return reduce(x, self.axes, mask, self.axis_name, self.axis_index_groups, self.dtype,
                   self.centered, self.groups, policy=policy)
 

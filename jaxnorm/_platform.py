@@ -44,9 +44,9 @@ class Policy(NamedTuple):
   row_moments_from: int
   row_moments_narrow: bool
   # The one-read moments' shift sample (each set's three leading elements) taken by a kernel
-  # of its own: fused into its consumers, XLA:TPU lays a copy of x out column-major to read
-  # three columns of it.
-  sample_apart: bool
+  # of its own, for x of at least `sample_apart_from` bytes (None: never). Fused into its
+  # consumers, XLA:TPU lays a large x out again, column-major, to read three columns of it.
+  sample_apart_from: int | None
   # Layer and RMS norm's tangent sums: against x̂ ("normalized") or against x - μ, multiplied
   # by the reciprocal standard deviation afterwards ("centred").
   tangent_sums: str
@@ -55,6 +55,10 @@ class Policy(NamedTuple):
   # The Pallas kernels: "triton" (interpreted where `interpret_kernels`) or "mosaic".
   kernels: str
   interpret_kernels: bool
+
+  def sample_apart(self, nbytes: int) -> bool:
+    """Whether the shift sample of an x of `nbytes` bytes is sliced by a kernel of its own."""
+    return self.sample_apart_from is not None and nbytes >= self.sample_apart_from
 
   def rows_take(self, n: int, dtype: Any) -> str:
     """The moments algorithm for rows of `n` elements of `dtype` under differentiation."""
@@ -68,14 +72,15 @@ class Policy(NamedTuple):
 # say where they differ from it.
 OTHER = Policy("other", barriers=False, prevent_cse=False, recompute_given=False,
                column_moments="two_pass", row_moments="two_pass", row_moments_from=0,
-               row_moments_narrow=True, sample_apart=False, tangent_sums="centred", blocked_param_grads=False,
-               kernels="triton", interpret_kernels=False)
+               row_moments_narrow=True, sample_apart_from=None, tangent_sums="centred",
+               blocked_param_grads=False, kernels="triton", interpret_kernels=False)
 CPU = OTHER._replace(name="cpu", barriers=True, prevent_cse=True, recompute_given=True,
                      tangent_sums="normalized", interpret_kernels=True)
 GPU = OTHER._replace(name="gpu", column_moments="shifted", row_moments="shifted",
                      blocked_param_grads=True)
 TPU = OTHER._replace(name="tpu", row_moments="shifted", row_moments_from=4096,
-                     row_moments_narrow=False, sample_apart=True, kernels="mosaic")
+                     row_moments_narrow=False, sample_apart_from=48 * 2**20,
+                     kernels="mosaic")
 
 # `platform_dependent`'s platform names; branches of one policy are one branch.
 _BY_PLATFORM = {"cpu": CPU, "cuda": GPU, "rocm": GPU, "tpu": TPU, "default": OTHER}
