@@ -21,9 +21,11 @@ float64 NumPy reference of that input:
 
 A value is right when it lies within a float32 tolerance of the truth: 16·u·S with u = 2**-24
 and S the quantity's scale (max|x|/std for a normalized output, max|x| for a mean, max|x|² for a
-variance). Every verdict is computed from the numbers. Writes to DIR (default `results/`):
-`why_jaxnorm.json` (`{"title", "config", "rows", "seconds"}`, one row per quantity) and
-`why_jaxnorm.png` (each library's error relative to the tolerance, one figure).
+variance). Every verdict is computed from the numbers. flax's opt-in exact variance
+(`use_fast_variance=False`) is measured too and reported under the table: it fixes case 1, not
+cases 2-4. Writes to DIR (default `results/`): `why_jaxnorm.json` (`{"title", "config", "rows",
+"seconds"}`, one row per quantity, NaN written as null) and `why_jaxnorm.png` (each library's
+error relative to the tolerance, one figure).
 
 It needs 8 CPU devices: run as a script, it sets
 `XLA_FLAGS=--xla_force_host_platform_device_count=8` itself before JAX starts (as
@@ -60,7 +62,14 @@ import jaxnorm.linen as jnn
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-LIBS = {"flax": nn, "jaxnorm": jnn}
+FLAX_EXACT = "flax_use_fast_variance_false"  # flax's opt-in two-pass variance, not its default
+# Each library's layer by class name: flax.linen's and jaxnorm.linen's defaults, and flax with
+# its exact variance (reported beside the table: it fixes case 1 only).
+LIBS = {
+    "flax": lambda name, **kw: getattr(nn, name)(**kw),
+    "jaxnorm": lambda name, **kw: getattr(jnn, name)(**kw),
+    FLAX_EXACT: lambda name, **kw: getattr(nn, name)(use_fast_variance=False, **kw),
+}
 U32 = 2.0 ** -24  # float32's unit roundoff
 TOL_FACTOR = 16  # tolerance = TOL_FACTOR * U32 * scale
 N_DEVICES, ROWS = 8, 16  # rows per device in the cross-device cases
@@ -117,10 +126,10 @@ def output_error(lib, name: str, x: np.ndarray) -> float:
   """Max |y - y_float64| of `lib`'s LayerNorm or BatchNorm (training) with default settings."""
   x64 = x.astype(np.float64)
   if name == "LayerNorm":
-    module, axis, eps = lib.LayerNorm(), -1, 1e-6
+    module, axis, eps = lib("LayerNorm"), -1, 1e-6
     y = module.apply(_init(module, x), x)
   else:
-    module, axis, eps = lib.BatchNorm(use_running_average=False), 0, 1e-5
+    module, axis, eps = lib("BatchNorm", use_running_average=False), 0, 1e-5
     y, _ = module.apply(_init(module, x), x, mutable=["batch_stats"])
   ref = (x64 - x64.mean(axis, keepdims=True)) / np.sqrt(x64.var(axis, keepdims=True) + eps)
   y = np.asarray(y, np.float64)
@@ -132,7 +141,7 @@ def sharded_batch_stats(lib, x: np.ndarray, mask: np.ndarray, mesh: Mesh
   """The batch mean and variance that `lib`'s BatchNorm(axis_name=...) computes under
   `jax.shard_map`, each device holding its block of rows: `batch_stats` after one step with
   momentum 0 (the running statistics are then the batch's)."""
-  module = lib.BatchNorm(use_running_average=False, axis_name="devices", momentum=0.0)
+  module = lib("BatchNorm", use_running_average=False, axis_name="devices", momentum=0.0)
   variables = _init(module, x[:1])
 
   def step(xs, ms):
@@ -148,7 +157,7 @@ def sharded_batch_stats(lib, x: np.ndarray, mask: np.ndarray, mesh: Mesh
 
 def running_stats_after(lib, batches: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
   """`batch_stats` of `lib`'s BatchNorm(momentum=0.9) after a training step on each batch."""
-  module = lib.BatchNorm(use_running_average=False, momentum=NAN_MOMENTUM)
+  module = lib("BatchNorm", use_running_average=False, momentum=NAN_MOMENTUM)
   variables = _init(module, batches[0])
   step = jax.jit(lambda v, x: module.apply(v, x, mutable=["batch_stats"])[1])
   for x in batches:
@@ -184,7 +193,8 @@ def row(rid: str, case: str, quantity: str, data: str, truth: float, values: dic
     verdict = f"jaxnorm {word('jaxnorm').upper()}, flax {word('flax')}"
   return {"id": rid, "case": case, "quantity": quantity, "data": data, "truth": float(truth),
           "flax": values["flax"], "jaxnorm": values["jaxnorm"], "tolerance": tol,
-          "flax_ok": ok["flax"], "jaxnorm_ok": ok["jaxnorm"], "verdict": verdict}
+          "flax_ok": ok["flax"], "jaxnorm_ok": ok["jaxnorm"], "verdict": verdict,
+          FLAX_EXACT: values[FLAX_EXACT], f"{FLAX_EXACT}_ok": ok[FLAX_EXACT]}
 
 
 def offset_rows() -> list[dict[str, Any]]:
@@ -256,6 +266,17 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines.append(f"{r['case']:<38} {r['quantity']:<20} {fmt(r['truth']):>9} "
                  f"{fmt(r['flax']):>11} {fmt(r['jaxnorm']):>13}  {r['verdict']}")
   return "\n".join(lines)
+
+
+def exact_variance_note(rows: list[dict[str, Any]]) -> str:
+  """What flax's opt-in `use_fast_variance=False` changes, from the rows' numbers."""
+  wrong = [r for r in rows if not r["flax_ok"]]
+  fixed = [r["case"] for r in wrong if r[f"{FLAX_EXACT}_ok"]]
+  still = [r for r in rows if not r[f"{FLAX_EXACT}_ok"]]
+  cases = list(dict.fromkeys(r["case"].split(":")[0] for r in still))
+  return (f"flax with its opt-in use_fast_variance=False: right in {len(fixed)} of the "
+          f"{len(wrong)} rows its default gets wrong ({'; '.join(fixed) or 'none'}); still "
+          f"wrong in {len(still)} ({'; '.join(cases) or 'none'}).")
 
 
 def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
@@ -339,7 +360,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"settings, against a float64 NumPy truth (right: within {TOL_FACTOR}·u·scale, "
         f"u = 2^-24)\n")
   print(table(rows))
-  print(f"\nData: case 1 synthetic (numerics); cases 2-4 scikit-learn's digits, pixel {pixel} "
+  print("\n" + exact_variance_note(rows))
+  print(f"Data: case 1 synthetic (numerics); cases 2-4 scikit-learn's digits, pixel {pixel} "
         f"(the most variable). Wrote {out}/why_jaxnorm.json and why_jaxnorm.png in "
         f"{time.perf_counter() - t:.0f} s.", flush=True)
   return result

@@ -218,7 +218,8 @@ def test_claim_3_is_not_carried_by_a_baseline_that_diverged():
 WHY_ROWS = ["offset_layernorm", "offset_batchnorm", "uneven_mean", "uneven_var", "empty_mean",
             "empty_var", "nan_mean", "nan_var"]
 WHY_ROW_KEYS = {"id", "case", "quantity", "data", "truth", "flax", "jaxnorm", "tolerance",
-                "flax_ok", "jaxnorm_ok", "verdict"}
+                "flax_ok", "jaxnorm_ok", "verdict", "flax_use_fast_variance_false",
+                "flax_use_fast_variance_false_ok"}
 
 
 def _why_module():
@@ -238,7 +239,7 @@ def _why_rows(out: pathlib.Path) -> dict[str, dict]:
 
 
 def _within(value, truth, bound) -> bool:
-  return value is not None and abs(value - truth) <= bound
+  return bool(value is not None and abs(value - truth) <= bound)
 
 
 def test_why_jaxnorm_json_schema_and_computed_verdicts(quick_run):
@@ -256,7 +257,7 @@ def test_why_jaxnorm_json_schema_and_computed_verdicts(quick_run):
     assert all(isinstance(r[k], str) and r[k] for k in ("case", "quantity", "data", "verdict"))
     assert isinstance(r["truth"], float) and np.isfinite(r["truth"])
     assert r["tolerance"] > 0
-    for lib in ("flax", "jaxnorm"):
+    for lib in ("flax", "jaxnorm", "flax_use_fast_variance_false"):
       assert r[lib] is None or isinstance(r[lib], float)
       # The verdict follows from the numbers written beside it.
       assert r[f"{lib}_ok"] is _within(r[lib], r["truth"], r["tolerance"]), (r["id"], lib)
@@ -298,6 +299,9 @@ def test_why_jaxnorm_against_the_error_bounds(quick_run):
     r = rows[rid]
     assert _within(r["jaxnorm"], r["truth"], bound), (rid, r["jaxnorm"], r["truth"], bound)
     assert not _within(r["flax"], r["truth"], bound), (rid, r["flax"], r["truth"], bound)
+    # flax's opt-in exact variance, reported beside the table, fixes the offset case only.
+    exact = r["flax_use_fast_variance_false"]
+    assert _within(exact, r["truth"], bound) is rid.startswith("offset"), (rid, exact, bound)
   for rid in ("empty_mean", "empty_var", "nan_mean", "nan_var"):
     assert rows[rid]["flax"] is None, rid  # NaN (google/flax#2417; NaN for good)
 
@@ -315,6 +319,7 @@ def test_bn_vs_ln_prints_the_why_jaxnorm_table_last(quick_run):
   for r in _why_rows(out).values():
     assert f"{r['quantity']}" in table and r["verdict"] in table, r["id"]
   assert "why_jaxnorm.json" in table
+  assert "use_fast_variance=False: right in 2 of the 8 rows" in table
 
 
 def test_why_jaxnorm_verdict_is_computed():
@@ -322,10 +327,19 @@ def test_why_jaxnorm_verdict_is_computed():
   NaN, is reported as such, whatever the case."""
   why = _why_module()
   tol = why.TOL_FACTOR * why.U32 * 1.0
-  both = why.row("r", "case", "q", "d", 1.0, {"flax": 1.0, "jaxnorm": 1.0 + tol / 2}, 1.0)
+  exact = why.FLAX_EXACT
+
+  def row(flax, jaxnorm, flax_exact=1.0):
+    return why.row("r", "case", "q", "d", 1.0,
+                   {"flax": flax, "jaxnorm": jaxnorm, exact: flax_exact}, 1.0)
+
+  both = row(1.0, 1.0 + tol / 2)
   assert both["flax_ok"] and both["jaxnorm_ok"] and both["verdict"] == "both right"
-  bad = why.row("r", "case", "q", "d", 1.0, {"flax": float("nan"), "jaxnorm": 1.5}, 1.0)
-  assert not bad["flax_ok"] and not bad["jaxnorm_ok"]
+  bad = row(float("nan"), 1.5, flax_exact=1.0 + 2 * tol)
+  assert not bad["flax_ok"] and not bad["jaxnorm_ok"] and not bad[f"{exact}_ok"]
   assert bad["verdict"] == "jaxnorm OFF BY 0.5, flax NaN"
-  good = why.row("r", "case", "q", "d", 1.0, {"flax": 1.25, "jaxnorm": 1.0}, 1.0)
-  assert good["verdict"] == "jaxnorm right, flax off by 0.25"
+  good = row(1.25, 1.0)
+  assert good["verdict"] == "jaxnorm right, flax off by 0.25" and good[f"{exact}_ok"]
+  note = why.exact_variance_note([dict(good, case="1. a: x"), dict(bad, case="2. b: y")])
+  assert note.startswith("flax with its opt-in use_fast_variance=False: right in 1 of the 2 "
+                         "rows its default gets wrong (1. a: x); still wrong in 1 (2. b)")
