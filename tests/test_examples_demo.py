@@ -158,10 +158,10 @@ def test_rnn_script_cli():
 
 def _demo_module():
   import importlib.util
-
   import os
 
-  spec = importlib.util.spec_from_file_location("bn_vs_ln_demo", ROOT / "examples" / "bn_vs_ln.py")
+  spec = importlib.util.spec_from_file_location("bn_vs_ln_demo",
+                                                ROOT / "examples" / "bn_vs_ln.py")
   module = importlib.util.module_from_spec(spec)
   flags = os.environ.get("XLA_FLAGS")
   try:  # the script sets its own XLA flags when imported: not for this process's children
@@ -182,7 +182,7 @@ def _claim3(demo, layer: list[float], group: list[float], none: list[float]) -> 
   acc = {}
   for norm, means in {"layer": layer, "group": group, "none": none,
                       "batch": [0.7, 0.98, 0.98]}.items():
-    for b, m in zip(sizes, means):
+    for b, m in zip(sizes, means, strict=True):
       acc[(norm, b)] = m + noise
   losses = {k: np.ones((seeds, 4)) for k in acc}
   n = demo.N_TEST
