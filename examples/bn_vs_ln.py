@@ -1,17 +1,22 @@
 """Batch normalization versus layer normalization on real data, measured.
 
-    python examples/bn_vs_ln.py [--out DIR] [--quick] [--seeds N]
+    python examples/bn_vs_ln.py [--out DIR] [--quick] [--seeds N] [--no-rnn] [--no-why-jaxnorm]
 
 Trains a small CNN on scikit-learn's bundled digits (8x8 images, 10 classes; no download) in
 four variants -- no normalization, BatchNorm, LayerNorm, GroupNorm, all from jaxnorm's
 functional API -- over a sweep of batch sizes and several seeds, then tests six textbook claims
 about BN and LN against the measurements (claim 5, recurrent networks, comes from
-`examples/rnn_ln.py`, which this script runs too). It writes to DIR (default `results/`):
+`examples/rnn_ln.py`, which this script runs too). At the end it runs
+`examples/why_jaxnorm.py` in a process of its own (8 CPU devices): flax.linen's and
+jaxnorm.linen's layers side by side on the cases where flax goes wrong (a large offset, uneven
+and empty shards across devices, a NaN batch), against a float64 reference. It writes to DIR
+(default `results/`):
 
 * `results.json`: `{"dataset", "config", "runs": [...], "claims": [...]}`, one run per
   (variant, batch size, seed) and one verdict per claim;
 * `details.json`: loss curves, the inference comparison and per-configuration summaries;
-* `accuracy_vs_batch_size.png`, `loss_curves.png`, `inference.png` (and the RNN's files).
+* `accuracy_vs_batch_size.png`, `loss_curves.png`, `inference.png` (and the RNN's files);
+* `why_jaxnorm.json` and `why_jaxnorm.png`: the side-by-side comparison.
 
 The training budget is the same for every variant and batch size: the same number of epochs
 over the same 1280 training images, SGD with momentum 0.9 and a cosine-decayed learning rate
@@ -571,6 +576,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; quick 3)")
   ap.add_argument("--no-rnn", action="store_true",
                   help="skip the recurrent experiment (claim 5 is then not tested)")
+  ap.add_argument("--no-why-jaxnorm", action="store_true",
+                  help="skip the side-by-side comparison of flax.linen and jaxnorm.linen")
   args = ap.parse_args(argv)
   t_start = time.perf_counter()
   out = pathlib.Path(args.out)
@@ -583,8 +590,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   bss = cfg["batch_sizes"]
   experiments = "two experiments" if not args.no_rnn else "one experiment"
-  print(f"BN versus LN, {experiments}{' (quick mode)' if args.quick else ''}; writing to "
-        f"{out}/", flush=True)
+  then = "" if args.no_why_jaxnorm else ", then flax versus jaxnorm"
+  print(f"BN versus LN, {experiments}{then}{' (quick mode)' if args.quick else ''}; writing "
+        f"to {out}/", flush=True)
   print(f"\n1. CNN on digits: {len(NORMS)} normalizers x {len(bss)} batch sizes x "
         f"{cfg['seeds']} seeds, {cfg['epochs']} epochs (one compiled program per batch size)",
         flush=True)
@@ -690,8 +698,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for c in claims:
     print(f"[{'HOLDS' if c['holds'] else 'DOES NOT HOLD'}] {c['claim']}\n    {c['evidence']}\n")
   total = time.perf_counter() - t_start
-  print(f"Wrote {out}/results.json, details.json and plots in {total:.0f} s.")
+  print(f"Wrote {out}/results.json, details.json and plots in {total:.0f} s.", flush=True)
+  if not args.no_why_jaxnorm:
+    run_why_jaxnorm(out)
   return results
+
+
+def run_why_jaxnorm(out: pathlib.Path) -> None:
+  """Runs `examples/why_jaxnorm.py` in a process of its own, which gives itself 8 CPU devices
+  (the experiments above keep this process's one), and streams its table to stdout."""
+  import subprocess
+
+  print("\n3. Why jaxnorm: flax.linen and jaxnorm.linen side by side where flax goes wrong "
+        "(examples/why_jaxnorm.py)\n", flush=True)
+  script = pathlib.Path(__file__).resolve().with_name("why_jaxnorm.py")
+  proc = subprocess.run([sys.executable, str(script), "--out", str(out)], check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f"examples/why_jaxnorm.py failed (exit status {proc.returncode}); the "
+                       f"BN versus LN results above are written to {out}/.")
 
 
 if __name__ == "__main__":

@@ -158,10 +158,10 @@ def test_rnn_script_cli():
 
 def _demo_module():
   import importlib.util
-
   import os
 
-  spec = importlib.util.spec_from_file_location("bn_vs_ln_demo", ROOT / "examples" / "bn_vs_ln.py")
+  spec = importlib.util.spec_from_file_location("bn_vs_ln_demo",
+                                                ROOT / "examples" / "bn_vs_ln.py")
   module = importlib.util.module_from_spec(spec)
   flags = os.environ.get("XLA_FLAGS")
   try:  # the script sets its own XLA flags when imported: not for this process's children
@@ -182,7 +182,7 @@ def _claim3(demo, layer: list[float], group: list[float], none: list[float]) -> 
   acc = {}
   for norm, means in {"layer": layer, "group": group, "none": none,
                       "batch": [0.7, 0.98, 0.98]}.items():
-    for b, m in zip(sizes, means):
+    for b, m in zip(sizes, means, strict=True):
       acc[(norm, b)] = m + noise
   losses = {k: np.ones((seeds, 4)) for k in acc}
   n = demo.N_TEST
@@ -211,3 +211,135 @@ def test_claim_3_is_not_carried_by_a_baseline_that_diverged():
   untrained = _claim3(demo, layer=[0.98, 0.98, 0.98], group=[0.98, 0.98, 0.20],
                       none=[0.98, 0.98, 0.98])
   assert untrained["holds"] is False and "Not tested" in untrained["evidence"]
+
+
+# --- the side-by-side comparison (examples/why_jaxnorm.py, run at the end of bn_vs_ln.py) ------
+
+WHY_ROWS = ["offset_layernorm", "offset_batchnorm", "uneven_mean", "uneven_var", "empty_mean",
+            "empty_var", "nan_mean", "nan_var"]
+WHY_ROW_KEYS = {"id", "case", "quantity", "data", "truth", "flax", "jaxnorm", "tolerance",
+                "flax_ok", "jaxnorm_ok", "verdict", "flax_use_fast_variance_false",
+                "flax_use_fast_variance_false_ok"}
+
+
+def _why_module():
+  """examples/why_jaxnorm.py as a module (imported, it sets no flags: this process has the 8 CPU
+  devices of conftest.py)."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("why_jaxnorm_demo",
+                                                ROOT / "examples" / "why_jaxnorm.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _why_rows(out: pathlib.Path) -> dict[str, dict]:
+  return {r["id"]: r for r in json.loads((out / "why_jaxnorm.json").read_text())["rows"]}
+
+
+def _within(value, truth, bound) -> bool:
+  return bool(value is not None and abs(value - truth) <= bound)
+
+
+def test_why_jaxnorm_json_schema_and_computed_verdicts(quick_run):
+  out, _ = quick_run
+
+  def no_constant(name):
+    raise AssertionError(f"why_jaxnorm.json holds {name}: not strict JSON (NaN is null)")
+
+  res = json.loads((out / "why_jaxnorm.json").read_text(), parse_constant=no_constant)
+  assert set(res) == {"title", "config", "rows", "seconds"}
+  assert res["seconds"] > 0 and isinstance(res["config"], dict)
+  assert [r["id"] for r in res["rows"]] == WHY_ROWS
+  for r in res["rows"]:
+    assert set(r) == WHY_ROW_KEYS, r["id"]
+    assert all(isinstance(r[k], str) and r[k] for k in ("case", "quantity", "data", "verdict"))
+    assert isinstance(r["truth"], float) and np.isfinite(r["truth"])
+    assert r["tolerance"] > 0
+    for lib in ("flax", "jaxnorm", "flax_use_fast_variance_false"):
+      assert r[lib] is None or isinstance(r[lib], float)
+      # The verdict follows from the numbers written beside it.
+      assert r[f"{lib}_ok"] is _within(r[lib], r["truth"], r["tolerance"]), (r["id"], lib)
+    assert r["verdict"].startswith("jaxnorm right" if r["jaxnorm_ok"] else "jaxnorm ")
+  assert "synthetic" in res["rows"][0]["data"]
+  assert all("digits" in r["data"] for r in res["rows"][2:])
+
+
+def test_why_jaxnorm_against_the_error_bounds(quick_run):
+  """jaxnorm lies within the float32 error bound of tests/refs.py on each row's own input, and
+  flax outside it (or NaN): the demonstration's verdicts hold by the test suite's bounds too."""
+  from tests import refs
+
+  out, _ = quick_run
+  rows, why = _why_rows(out), _why_module()
+  bounds = {}
+  x = why.offset_data()
+  bounds["offset_layernorm"] = refs.norm_bound(x, refs.ref_layer_norm(x)).max()
+  bounds["offset_batchnorm"] = refs.norm_bound(
+      x, refs.ref_batch_norm_train(x)[0], reduction_axes=0, feature_axes=-1,
+      epsilon=1e-5).max()
+  pixels = why.digits_pixels()
+  p = why.most_variable_pixel(pixels)
+  for rid, counts in (("uneven", why.COUNTS_UNEVEN), ("empty", why.COUNTS_EMPTY)):
+    xs, mask = why.device_batch(pixels, counts)
+    _, mean, var = refs.ref_moments(xs, 0, mask)
+    assert rows[f"{rid}_mean"]["truth"] == pytest.approx(mean[p], rel=1e-12)
+    assert rows[f"{rid}_var"]["truth"] == pytest.approx(var[p], rel=1e-12)
+    # momentum 0: batch_stats = 0 * old + 1 * batch.
+    bounds[f"{rid}_mean"] = refs.ema_error(0.0, 0.0, mean[p], refs.mean_error(xs, 0, mask)[p])
+    bounds[f"{rid}_var"] = refs.ema_error(0.0, 1.0, var[p], refs.var_error(xs, 0, mask)[p])
+  clean = [b[:, p] for i, b in enumerate(why.nan_batches(pixels, p)) if i != 1]
+  for what, values, errors in (
+      ("mean", [b.mean() for b in refs.f64(clean)], [refs.mean_error(b, 0) for b in clean]),
+      ("var", [b.var() for b in refs.f64(clean)], [refs.var_error(b, 0) for b in clean])):
+    bounds[f"nan_{what}"] = refs.ema_chain_error(why.NAN_MOMENTUM, values, errors)
+  assert set(bounds) == set(WHY_ROWS)
+  for rid, bound in bounds.items():
+    r = rows[rid]
+    assert _within(r["jaxnorm"], r["truth"], bound), (rid, r["jaxnorm"], r["truth"], bound)
+    assert not _within(r["flax"], r["truth"], bound), (rid, r["flax"], r["truth"], bound)
+    # flax's opt-in exact variance, reported beside the table, fixes the offset case only.
+    exact = r["flax_use_fast_variance_false"]
+    assert _within(exact, r["truth"], bound) is rid.startswith("offset"), (rid, exact, bound)
+  for rid in ("empty_mean", "empty_var", "nan_mean", "nan_var"):
+    assert rows[rid]["flax"] is None, rid  # NaN (google/flax#2417; NaN for good)
+
+
+def test_why_jaxnorm_plot_is_a_valid_png(quick_run):
+  out, _ = quick_run
+  _assert_png(out / "why_jaxnorm.png")
+
+
+def test_bn_vs_ln_prints_the_why_jaxnorm_table_last(quick_run):
+  out, stdout = quick_run
+  at = [stdout.find(m) for m in ("The six claims", "3. Why jaxnorm", "jaxnorm.linen  verdict")]
+  assert -1 not in at and at == sorted(at), at
+  table = stdout[at[2]:]
+  for r in _why_rows(out).values():
+    assert f"{r['quantity']}" in table and r["verdict"] in table, r["id"]
+  assert "why_jaxnorm.json" in table
+  assert "use_fast_variance=False: right in 2 of the 8 rows" in table
+
+
+def test_why_jaxnorm_verdict_is_computed():
+  """The verdict of a row comes from its numbers: a jaxnorm value outside the tolerance, or a
+  NaN, is reported as such, whatever the case."""
+  why = _why_module()
+  tol = why.TOL_FACTOR * why.U32 * 1.0
+  exact = why.FLAX_EXACT
+
+  def row(flax, jaxnorm, flax_exact=1.0):
+    return why.row("r", "case", "q", "d", 1.0,
+                   {"flax": flax, "jaxnorm": jaxnorm, exact: flax_exact}, 1.0)
+
+  both = row(1.0, 1.0 + tol / 2)
+  assert both["flax_ok"] and both["jaxnorm_ok"] and both["verdict"] == "both right"
+  bad = row(float("nan"), 1.5, flax_exact=1.0 + 2 * tol)
+  assert not bad["flax_ok"] and not bad["jaxnorm_ok"] and not bad[f"{exact}_ok"]
+  assert bad["verdict"] == "jaxnorm OFF BY 0.5, flax NaN"
+  good = row(1.25, 1.0)
+  assert good["verdict"] == "jaxnorm right, flax off by 0.25" and good[f"{exact}_ok"]
+  note = why.exact_variance_note([dict(good, case="1. a: x"), dict(bad, case="2. b: y")])
+  assert note.startswith("flax with its opt-in use_fast_variance=False: right in 1 of the 2 "
+                         "rows its default gets wrong (1. a: x); still wrong in 1 (2. b)")
