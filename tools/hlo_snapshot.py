@@ -5,7 +5,8 @@
     python tools/hlo_snapshot.py compare before.json after.json
 
 `save` compiles, for XLA:CPU, every jaxnorm case of `benchmarks/run.py` (each normalizer,
-forward and forward+backward, at every shape and dtype of its full configuration) and a set of
+forward and forward+backward, at every shape and dtype of its full configuration, built by
+`benchmarks/cases.py`, the registry that run.py and compiled.py share) and a set of
 configurations the benchmark does not reach (masks, ghost batches, batch renormalization,
 complex input, per-example parameters, `shard_map` across devices, the flax and equinox
 wrappers), and stores each optimized HLO module with its metadata stripped (source lines and
@@ -34,6 +35,7 @@ from typing import Any
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
+import cases  # benchmarks/cases.py: the cases that benchmarks/run.py times
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,6 +173,8 @@ def _spec(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
 
 
 def _fwd_bwd(fn: Callable[..., Any]) -> Callable[..., Any]:
+  # `(y, grads, aux)`, not `cases.with_pass`'s `(y, aux, grads)`: the saved programs' outputs
+  # keep their order, so that snapshots taken before and after a change compare.
   def f(p, x, dy):
     y, pullback, aux = jax.vjp(fn, p, x, has_aux=True)
     return y, pullback(dy), aux
@@ -179,11 +183,9 @@ def _fwd_bwd(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _cases_benchmark() -> Iterator[tuple[str, Callable[..., Any], tuple[Any, ...]]]:
   """benchmarks/run.py's jaxnorm cases (full configuration), forward and forward+backward."""
-  import run as bench  # benchmarks/run.py
-
-  for shape, dtype in bench.CONFIGS["full"]:
-    for norm in bench.NORMS:
-      built = bench.build_jaxnorm(norm, shape, dtype)
+  for shape, dtype in cases.TIMED_CONFIGS["full"]:
+    for norm in cases.NORMS:
+      built = cases.build("jaxnorm", norm, shape, dtype, cases.TIMED)
       if built is None:
         continue
       fn, params = built
@@ -324,8 +326,8 @@ def _cases_wrappers() -> Iterator[tuple[str, Callable[..., Any], tuple[Any, ...]
 
 
 def _cases_pallas() -> Iterator[tuple[str, Callable[..., Any], tuple[Any, ...]]]:
-  for norm in ("layer_norm", "rms_norm"):
-    for dtype in ("float32", "bfloat16"):
+  for norm in cases.PALLAS_NORMS:
+    for dtype in cases.DTYPES:
       f = getattr(jn, norm)
       p = {"scale": _spec((1024,), jnp.float32)}
       fn = lambda p, x, f=f: (f(x, p["scale"], implementation="pallas"), None)
