@@ -124,14 +124,14 @@ def run(mode: str, out_dir: str, libs: tuple[str, ...] = LIBS,
         {key: (c, args) for key, (c, args, _) in programs.items()}, REPS[mode], inner)
     med = _timing.medians(samples)
     ew = med[("elementwise", "-", "fwd")]
-    for (norm, lib, kind), (_, _, temp) in programs.items():
+    for (norm, lib, kind), (compiled, _, temp) in programs.items():
       if norm == "elementwise":
         continue
       ref = med.get((norm, REF, kind))
       ref_temp = programs.get((norm, REF, kind), (None, None, None))[2]
       records.append({
           "norm": norm, "lib": lib, "pass": kind, "shape": list(shape), "dtype": dtype_name,
-          "fusions": fusion_count(c),
+          "fusions": fusion_count(compiled),
           "time_ms": med[(norm, lib, kind)] * 1e3,
           "samples_ms": [s * 1e3 for s in samples[(norm, lib, kind)]],
           "ratio_to_flax": None if ref is None else med[(norm, lib, kind)] / ref,
