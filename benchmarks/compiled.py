@@ -44,7 +44,9 @@ statistics); float32, and bfloat16 x with float32 parameters (as flax models hol
 shapes 8192x4096, 8192x1024 and 64x32x32x128. Libraries: jaxnorm (`implementation=None`, and
 `"pallas"` for layer and RMS norm), flax.linen (its default `dtype=None`, which returns float32
 for bfloat16 x and float32 parameters: the reference of the allowance; and `dtype=x.dtype`, as
-flax models that train in bfloat16 set it), haiku and equinox where installed.
+flax models that train in bfloat16 set it), haiku and equinox where installed. The cases are
+`cases.py`'s (the registry that `run.py` and `tools/hlo_snapshot.py` share), holding the fresh
+running statistics of `batch_norm_init`.
 """
 
 from __future__ import annotations

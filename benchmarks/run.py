@@ -15,7 +15,9 @@ the number of fusions of each compiled program (`--hlo` prints them per case as 
 
 Forward+backward is `y, pullback = jax.vjp(f, params, x); pullback(dy)` with a fixed random
 cotangent `dy`, returning `y` and every gradient (and BatchNorm's new running statistics), so
-nothing is dead code. Parameters are float32; the input has the case's dtype.
+nothing is dead code. Parameters are float32; the input has the case's dtype. The cases (each
+library's call, the shapes, the dtypes) are `cases.py`'s, which `compiled.py` and
+`tools/hlo_snapshot.py` share.
 
 Writes `results.json`, `results.md` (markdown tables) and `chart.png` to `--out`
 (default: benchmarks/results).
