@@ -33,7 +33,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# This checkout's jaxnorm and benchmarks: a script's own folder heads Python's path, not the
+# working directory, so a virtual environment with another checkout installed (editable) would
+# otherwise give that checkout's jaxnorm, and `compare` two snapshots of the same code.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import cases  # benchmarks/cases.py: the cases that benchmarks/run.py times
 import jax
@@ -360,7 +364,7 @@ def save(path: str, pallas_cuda: bool = False) -> None:
         out[name] = strip(jax.jit(fn).lower(*args).compile().as_text())
         print(name, flush=True)
   pathlib.Path(path).write_text(json.dumps(out, indent=0, sort_keys=True))
-  print(f"{len(out)} programs written to {path}")
+  print(f"{len(out)} programs of {os.path.dirname(jn.__file__)} written to {path}")
 
 
 def compare(a_path: str, b_path: str, show: int = 3) -> int:
