@@ -44,7 +44,9 @@ statistics); float32, and bfloat16 x with float32 parameters (as flax models hol
 shapes 8192x4096, 8192x1024 and 64x32x32x128. Libraries: jaxnorm (`implementation=None`, and
 `"pallas"` for layer and RMS norm), flax.linen (its default `dtype=None`, which returns float32
 for bfloat16 x and float32 parameters: the reference of the allowance; and `dtype=x.dtype`, as
-flax models that train in bfloat16 set it), haiku and equinox where installed.
+flax models that train in bfloat16 set it), haiku and equinox where installed. The cases are
+`cases.py`'s (the registry that `run.py` and `tools/hlo_snapshot.py` share), holding the fresh
+running statistics of `batch_norm_init`.
 """
 
 from __future__ import annotations
@@ -64,9 +66,9 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import _hlo_bytes  # noqa: E402
+import cases  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import run  # noqa: E402  (benchmarks/run.py: its peers' builders)
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
 import jaxnorm as jn  # noqa: E402
@@ -77,24 +79,17 @@ PLATFORMS = {  # name: (platform, topology); TPU topologies are 2x2 slices, one 
     "v5e": ("tpu", "v5e:2x2"),
     "v6e": ("tpu", "v6e:2x2"),
 }
-NORMS = ("layer_norm", "rms_norm", "batch_norm", "group_norm")
-PASSES = ("fwd", "fwd+bwd")
-DTYPES = ("float32", "bfloat16")
-SHAPES = ((8192, 4096), (8192, 1024), (64, 32, 32, 128))
-# `--grid`: rows 256 to 16384 by features 256 to 4096, and two image shapes (channels last).
-GRID = tuple((r, c) for r in (256, 2048, 16384) for c in (256, 1024, 4096)) + (
-    (64, 32, 32, 128), (32, 56, 56, 64))
+NORMS = ("layer_norm", "rms_norm", "batch_norm", "group_norm")  # batch_norm: in training
+PASSES = cases.PASSES
+DTYPES = cases.DTYPES
+SHAPES = cases.COMPILED_SHAPES
+GRID = cases.GRID  # `--grid`
 LIBS = ("jaxnorm", "jaxnorm pallas", "flax.linen", "flax.linen dtype=x", "haiku", "equinox")
 REF = "flax.linen"
 FLOOR = {"fwd": 2, "fwd+bwd": 5}
-GROUPS = 32
-PALLAS_NORMS = ("layer_norm", "rms_norm")
 BUDGET = os.path.join(HERE, "compiled_budget.json")
 # The subset that `--check` (CI) compiles: jaxnorm's default path against flax.linen.
-# (32, 56, 56, 64) is ResNet50's first stage, where XLA:GPU once wrote the shifted x out;
-# (256, 1024) a small batch, where blocks of a few rows once wrote a quarter of x.
-CHECK = {"norms": ("layer_norm", "rms_norm", "batch_norm"),
-         "shapes": ((256, 1024), (8192, 1024), (32, 56, 56, 64)),
+CHECK = {"norms": ("layer_norm", "rms_norm", "batch_norm"), "shapes": cases.CHECK_SHAPES,
          "dtypes": DTYPES, "passes": PASSES, "libs": ("jaxnorm", "flax.linen")}
 # Statistics and parameters are 0.001-0.03 passes of x in these cases; a difference below this
 # many passes is one of them (the Pallas forward kernel writing its float32 row statistics for
@@ -132,63 +127,11 @@ def allowance_extra(norm: str, kind: str, dtype: str, platform: str) -> int:
                                                        or on_chip_rows))
 
 
-def _affine(c: int) -> dict[str, jax.Array]:
-  return {"scale": jnp.ones((c,), jnp.float32), "bias": jnp.zeros((c,), jnp.float32)}
-
-
 def build(lib: str, norm: str, shape: tuple[int, ...], dtype: Any):
-  """`(fn, params)` with `fn(params, x) -> (y, aux)`, aux BatchNorm's new statistics or None."""
-  c = shape[-1]
-  p = _affine(c)
-  if lib in ("jaxnorm", "jaxnorm pallas"):
-    impl = "pallas" if lib == "jaxnorm pallas" else None
-    if norm == "layer_norm":
-      return (lambda p, x: (jn.layer_norm(x, p["scale"], p["bias"], implementation=impl), None),
-              p)
-    if norm == "rms_norm":
-      return (lambda p, x: (jn.rms_norm(x, p["scale"], implementation=impl), None),
-              {"scale": p["scale"]})
-    if impl is not None:
-      return None
-    if norm == "group_norm":
-      return lambda p, x: (jn.group_norm(x, p["scale"], p["bias"], num_groups=GROUPS), None), p
-    state = jn.batch_norm_init(c)
-    return (lambda p, x: jn.batch_norm(x, state, p["scale"], p["bias"], training=True,
-                                       momentum=0.99, epsilon=1e-5), p)
-  if lib in ("flax.linen", "flax.linen dtype=x"):
-    import flax.linen as nn
-
-    # flax's default dtype=None computes in and returns the parameters' float32 for bfloat16
-    # x; flax models that train in bfloat16 pass dtype=bfloat16 (the second variant).
-    kw = {"dtype": dtype} if lib == "flax.linen dtype=x" else {}
-    if norm == "layer_norm":
-      m = nn.LayerNorm(epsilon=1e-6, **kw)
-    elif norm == "rms_norm":
-      m = nn.RMSNorm(epsilon=1e-6, **kw)
-    elif norm == "group_norm":
-      m = nn.GroupNorm(num_groups=GROUPS, epsilon=1e-6, **kw)
-    else:
-      m = nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-5, **kw)
-      stats = {"mean": jnp.zeros((c,)), "var": jnp.ones((c,))}
-      return (lambda p, x: m.apply({"params": p, "batch_stats": stats}, x,
-                                   mutable=["batch_stats"]), p)
-    params = p if norm != "rms_norm" else {"scale": p["scale"]}
-    return lambda p, x: (m.apply({"params": p}, x), None), params
-  if lib in ("haiku", "equinox"):  # benchmarks/run.py's cases, batch norm in training
-    builder = run.build_haiku if lib == "haiku" else run.build_equinox
-    return builder("batch_norm_train" if norm == "batch_norm" else norm, shape, dtype)
-  raise ValueError(f"unknown library {lib!r}")
-
-
-def with_pass(fn: Callable, kind: str) -> Callable:
-  """The forward pass, or forward+backward returning y, aux and every gradient."""
-  if kind == "fwd":
-    return fn
-
-  def fb(p, x, dy):
-    y, pullback, aux = jax.vjp(fn, p, x, has_aux=True)
-    return y, aux, pullback(dy)
-  return fb
+  """`(fn, params)` of one case of `cases` (batch norm in training), holding the fresh state
+  of `batch_norm_init`; None where `lib` lacks the case."""
+  return cases.build(lib, "batch_norm_train" if norm == "batch_norm" else norm, shape, dtype,
+                     cases.COUNTED)
 
 
 def _spec(a: Any, sharding) -> jax.ShapeDtypeStruct:
@@ -201,16 +144,10 @@ def compile_case(fn: Callable, params: Any, shape, dtype, kind: str, device) -> 
   x = jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
   p = jax.tree.map(lambda a: _spec(a, sh), params)
   if kind == "fwd":
-    return jax.jit(with_pass(fn, kind)).lower(p, x).compile()
+    return jax.jit(cases.with_pass(fn, kind)).lower(p, x).compile()
   y = jax.eval_shape(fn, p, x)[0]
   dy = jax.ShapeDtypeStruct(y.shape, y.dtype, sharding=sh)
-  return jax.jit(with_pass(fn, kind)).lower(p, x, dy).compile()
-
-
-def _have(lib: str) -> bool:
-  module = {"jaxnorm": "jaxnorm", "jaxnorm pallas": "jaxnorm", "flax.linen": "flax",
-            "flax.linen dtype=x": "flax", "haiku": "haiku", "equinox": "equinox"}[lib]
-  return importlib.util.find_spec(module) is not None
+  return jax.jit(cases.with_pass(fn, kind)).lower(p, x, dy).compile()
 
 
 def _compilable(platforms, log):
@@ -240,11 +177,9 @@ def measure(platforms, norms, shapes, dtypes, passes, libs, log=print) -> list[d
             for lib in libs:
               rec = {"platform": plat, "norm": norm, "shape": list(shape), "dtype": dtype_name,
                      "pass": kind, "lib": lib}
-              if lib == "jaxnorm pallas" and norm not in PALLAS_NORMS:
-                continue
               if lib == "flax.linen dtype=x" and dtype_name == "float32":
                 continue  # flax.linen itself
-              if not _have(lib):
+              if not cases.have(lib):
                 continue
               try:
                 built = build(lib, norm, shape, dtype)
@@ -404,7 +339,7 @@ def collectives(platforms, log=print) -> list[dict]:
     mesh = topologies.make_mesh(topo, (4,), ("batch",))
     c = 1024
     state = jn.batch_norm_init(c)
-    p = _affine(c)
+    p = cases.COUNTED.affine(c)
 
     def plain(p, x, state=state):
       return jn.batch_norm(x, state, p["scale"], p["bias"], training=True)
@@ -422,7 +357,7 @@ def collectives(platforms, log=print) -> list[dict]:
       dys = xs
       for how, fn in (("jit", plain), ("shard_map", mapped)):
         for kind in PASSES:
-          f = with_pass(fn, kind)
+          f = cases.with_pass(fn, kind)
           args = (ps, xs) if kind == "fwd" else (ps, xs, dys)
           compiled = jax.jit(f).lower(*args).compile()
           a = _hlo_bytes.analyze(compiled.as_text())

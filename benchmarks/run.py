@@ -15,7 +15,9 @@ the number of fusions of each compiled program (`--hlo` prints them per case as 
 
 Forward+backward is `y, pullback = jax.vjp(f, params, x); pullback(dy)` with a fixed random
 cotangent `dy`, returning `y` and every gradient (and BatchNorm's new running statistics), so
-nothing is dead code. Parameters are float32; the input has the case's dtype.
+nothing is dead code. Parameters are float32; the input has the case's dtype. The cases (each
+library's call, the shapes, the dtypes) are `cases.py`'s, which `compiled.py` and
+`tools/hlo_snapshot.py` share.
 
 Writes `results.json`, `results.md` (markdown tables) and `chart.png` to `--out`
 (default: benchmarks/results).
@@ -34,6 +36,8 @@ from __future__ import annotations
 import os
 import sys
 
+# This checkout's benchmarks and jaxnorm (not another checkout's editable install).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing
 
@@ -42,229 +46,24 @@ if __name__ == "__main__":
 
 import argparse
 import datetime
-import importlib.util
 import json
 import platform
 import re
 import time
-from collections.abc import Callable
-from typing import Any
 
+import cases
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxnorm as jn
 
-NORMS = ("layer_norm", "rms_norm", "group_norm", "batch_norm_train", "batch_norm_eval")
+NORMS = cases.NORMS
 LIBS = ("jaxnorm", "flax.linen", "flax.nnx", "haiku", "equinox", "jnp")
 REF = "flax.linen"
-GROUPS = 32
-_BIG = [(8192, 1024), (8192, 4096), (64, 32, 32, 128), (32, 256)]
-CONFIGS = {  # (shape, dtype) groups per mode
-    "full": [(s, d) for s in _BIG for d in ("float32", "bfloat16")],
-    "quick": [((8192, 1024), "float32"), ((8192, 1024), "bfloat16"), ((32, 256), "float32")],
-    "tiny": [((64, 128), "float32")],
-}
+CONFIGS = cases.TIMED_CONFIGS  # (shape, dtype) groups per mode
 REPS = {"full": 7, "quick": 3, "tiny": 2}
 MIN_SAMPLE_S = {"full": 0.02, "quick": 0.01, "tiny": 0.001}
-
-# A builder returns `(fn, params)` with `fn(params, x) -> (y, aux)`: `aux` is BatchNorm's new
-# running statistics in training (None otherwise); params are float32.
-Builder = Callable[[str, tuple[int, ...], Any], tuple[Callable, Any] | None]
-
-
-def _have(module: str) -> bool:
-  return importlib.util.find_spec(module) is not None
-
-
-def _bn_stats(c: int) -> tuple[jax.Array, jax.Array]:
-  return jnp.full((c,), 0.1, jnp.float32), jnp.full((c,), 1.5, jnp.float32)
-
-
-def _affine(c: int) -> dict[str, jax.Array]:
-  k1, k2 = jax.random.split(jax.random.key(1))
-  return {"scale": 1 + 0.1 * jax.random.normal(k1, (c,)), "bias": 0.1 * jax.random.normal(k2, (c,))}
-
-
-def build_jaxnorm(norm, shape, dtype):
-  c = shape[-1]
-  p = _affine(c)
-  if norm == "layer_norm":
-    return lambda p, x: (jn.layer_norm(x, p["scale"], p["bias"]), None), p
-  if norm == "rms_norm":
-    return lambda p, x: (jn.rms_norm(x, p["scale"]), None), {"scale": p["scale"]}
-  if norm == "group_norm":
-    return lambda p, x: (jn.group_norm(x, p["scale"], p["bias"], num_groups=GROUPS), None), p
-  mean, var = _bn_stats(c)
-  state = jn.BatchNormState(mean, var, jnp.zeros((), jnp.int32))
-  training = norm == "batch_norm_train"
-
-  def fn(p, x):
-    y, new = jn.batch_norm(x, state, p["scale"], p["bias"], training=training)
-    return y, (new if training else None)
-  return fn, p
-
-
-def build_jnp(norm, shape, dtype):
-  """Plain jnp, two-pass float32 statistics, differentiated by autodiff."""
-  c = shape[-1]
-  p = _affine(c)
-
-  def ln(x, red, g, b, eps, center=True):
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, red, keepdims=True) if center else 0.0
-    var = jnp.mean(jnp.square(xf - mean), red, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps) * g
-    return (y if b is None else y + b).astype(x.dtype)
-
-  if norm == "layer_norm":
-    return lambda p, x: (ln(x, -1, p["scale"], p["bias"], 1e-6), None), p
-  if norm == "rms_norm":
-    return (lambda p, x: (ln(x, -1, p["scale"], None, 1e-6, center=False), None),
-            {"scale": p["scale"]})
-  if norm == "group_norm":
-    def gn(p, x):
-      xg = x.reshape(x.shape[:-1] + (GROUPS, c // GROUPS))
-      red = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-      xf = xg.astype(jnp.float32)
-      mean = jnp.mean(xf, red, keepdims=True)
-      var = jnp.mean(jnp.square(xf - mean), red, keepdims=True)
-      y = ((xf - mean) * jax.lax.rsqrt(var + 1e-6)).reshape(x.shape)
-      return (y * p["scale"] + p["bias"]).astype(x.dtype), None
-    return gn, p
-  mean0, var0 = _bn_stats(c)
-  red = tuple(range(len(shape) - 1))
-  if norm == "batch_norm_eval":
-    return (lambda p, x: (((x.astype(jnp.float32) - mean0) * jax.lax.rsqrt(var0 + 1e-5)
-                           * p["scale"] + p["bias"]).astype(x.dtype), None), p)
-
-  def bn(p, x):
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, red)
-    var = jnp.mean(jnp.square(xf - mean), red)
-    y = ((xf - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]).astype(x.dtype)
-    stats = (0.99 * mean0 + 0.01 * jax.lax.stop_gradient(mean),
-             0.99 * var0 + 0.01 * jax.lax.stop_gradient(var))
-    return y, stats
-  return bn, p
-
-
-def build_linen(norm, shape, dtype):
-  import flax.linen as nn
-  c = shape[-1]
-  x0 = jnp.zeros((2,) + tuple(shape[1:]), dtype)
-  if norm == "layer_norm":
-    m = nn.LayerNorm()
-  elif norm == "rms_norm":
-    m = nn.RMSNorm()
-  elif norm == "group_norm":
-    m = nn.GroupNorm(num_groups=GROUPS)
-  else:
-    m = nn.BatchNorm(use_running_average=norm == "batch_norm_eval", momentum=0.99,
-                     epsilon=1e-5)
-  variables = m.init(jax.random.key(0), x0)
-  params = variables["params"]
-  if "batch_stats" not in variables:
-    return lambda p, x: (m.apply({"params": p}, x), None), params
-  mean, var = _bn_stats(c)
-  stats = {"mean": mean, "var": var}
-  if norm == "batch_norm_eval":
-    return lambda p, x: (m.apply({"params": p, "batch_stats": stats}, x), None), params
-  return (lambda p, x: m.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"]),
-          params)
-
-
-def build_nnx(norm, shape, dtype):
-  from flax import nnx
-  c = shape[-1]
-  rngs = nnx.Rngs(0)
-  if norm == "layer_norm":
-    m = nnx.LayerNorm(c, rngs=rngs)
-  elif norm == "rms_norm":
-    m = nnx.RMSNorm(c, rngs=rngs)
-  elif norm == "group_norm":
-    m = nnx.GroupNorm(c, num_groups=GROUPS, rngs=rngs)
-  else:
-    m = nnx.BatchNorm(c, use_running_average=norm == "batch_norm_eval", momentum=0.99,
-                      epsilon=1e-5, rngs=rngs)
-    mean, var = _bn_stats(c)
-    m.mean[...], m.var[...] = mean, var
-  graphdef, params, rest = nnx.split(m, nnx.Param, ...)
-  training = norm == "batch_norm_train"
-
-  def fn(p, x):
-    # A fresh copy of the non-parameter state, so that BatchNorm may update it in this trace.
-    mod = nnx.merge(graphdef, p, jax.tree.map(jnp.copy, rest))
-    y = mod(x)
-    return y, (nnx.state(mod, nnx.BatchStat) if training else None)
-  return fn, params
-
-
-def build_haiku(norm, shape, dtype):
-  import haiku as hk
-  x0 = jnp.zeros((2,) + tuple(shape[1:]), dtype)
-  training = norm == "batch_norm_train"
-
-  def forward(x, is_training=training):
-    if norm == "layer_norm":
-      return hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, eps=1e-6)(x)
-    if norm == "rms_norm":
-      return hk.RMSNorm(axis=-1, eps=1e-6)(x)
-    if norm == "group_norm":
-      return hk.GroupNorm(groups=GROUPS, eps=1e-6)(x)
-    return hk.BatchNorm(True, True, 0.99, eps=1e-5)(x, is_training=is_training)
-
-  t = hk.transform_with_state(forward)
-  # Initialized in training mode: haiku creates the running averages only there.
-  params, state = t.init(jax.random.key(0), x0, True)
-  if norm == "batch_norm_eval":
-    # Give the running averages some history so that evaluation does not raise.
-    _, state = t.apply(params, state, None, jnp.ones((4,) + tuple(shape[1:]), dtype), True)
-
-  def fn(p, x):
-    y, new = t.apply(p, state, None, x)
-    return y, (new if training else None)
-  return fn, params
-
-
-def build_equinox(norm, shape, dtype):
-  import equinox as eqx
-  c = shape[-1]
-  training = norm == "batch_norm_train"
-  state = None
-  if norm == "layer_norm":
-    m = eqx.nn.LayerNorm(c, eps=1e-6)
-  elif norm == "rms_norm":
-    m = eqx.nn.RMSNorm(c, eps=1e-6, use_bias=False)
-  elif norm == "group_norm":
-    m = eqx.nn.GroupNorm(GROUPS, c, eps=1e-6)
-  else:
-    m, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(c, "batch", eps=1e-5, mode="ema")
-  params, static = eqx.partition(m, eqx.is_inexact_array)
-
-  def fn(p, x):
-    mod = eqx.combine(p, static)
-    if norm in ("layer_norm", "rms_norm"):
-      return jax.vmap(mod)(x.reshape(-1, c)).reshape(x.shape), None
-    if norm == "group_norm":  # equinox is channels-first: the layout moves are part of its cost
-      xc = jnp.moveaxis(x, -1, 1)
-      return jnp.moveaxis(jax.vmap(mod)(xc), 1, -1), None
-    call = lambda xi, st: mod(xi, st, inference=not training)
-    y, new = jax.vmap(call, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
-        x.reshape(-1, c), state)
-    return y.reshape(x.shape), (new if training else None)
-  return fn, params
-
-
-BUILDERS: dict[str, tuple[str, Builder]] = {
-    "jaxnorm": ("jaxnorm", build_jaxnorm),
-    "flax.linen": ("flax", build_linen),
-    "flax.nnx": ("flax", build_nnx),
-    "haiku": ("haiku", build_haiku),
-    "equinox": ("equinox", build_equinox),
-    "jnp": ("jax", build_jnp),
-}
 
 
 def _fwd(fn):
@@ -272,10 +71,7 @@ def _fwd(fn):
 
 
 def _fwd_bwd(fn):
-  def f(p, x, dy):
-    y, pullback, aux = jax.vjp(lambda p, x: fn(p, x), p, x, has_aux=True)
-    return y, aux, pullback(dy)
-  return jax.jit(f)
+  return jax.jit(cases.with_pass(fn, "fwd+bwd"))
 
 
 def fusion_count(compiled) -> int:
@@ -290,7 +86,7 @@ def _label(shape, dtype) -> str:
 
 def run(mode: str, out_dir: str, libs: tuple[str, ...] = LIBS,
         norms: tuple[str, ...] = NORMS, log=print, hlo: bool = False) -> dict:
-  available = [lib for lib in libs if _have(BUILDERS[lib][0])]
+  available = [lib for lib in libs if cases.have(lib)]
   skipped = [lib for lib in libs if lib not in available]
   records, failures = [], []
   t_start = time.perf_counter()
@@ -299,11 +95,12 @@ def run(mode: str, out_dir: str, libs: tuple[str, ...] = LIBS,
     kx, kd = jax.random.split(jax.random.key(0))
     x = (jax.random.normal(kx, shape, jnp.float32) * 2 + 0.5).astype(dtype)
     # The yardstick: one elementwise pass (read x, write y).
-    cases = {("elementwise", "-", "fwd"): (jax.jit(lambda x: x * 2).lower(x).compile(), (x,), None)}
+    programs = {("elementwise", "-", "fwd"): (jax.jit(lambda x: x * 2).lower(x).compile(), (x,),
+                                              None)}
     for norm in norms:
       for lib in available:
         try:
-          fn, params = BUILDERS[lib][1](norm, shape, dtype)
+          fn, params = cases.build(lib, norm, shape, dtype, cases.TIMED)
           fwd = _fwd(fn).lower(params, x).compile()
           y = fwd(params, x)[0]
           dy = jax.random.normal(kd, y.shape, jnp.float32).astype(y.dtype)
@@ -316,29 +113,29 @@ def run(mode: str, out_dir: str, libs: tuple[str, ...] = LIBS,
           continue
         mem = fb.memory_analysis()
         temp = None if mem is None else int(mem.temp_size_in_bytes)
-        cases[(norm, lib, "fwd")] = (fwd, (params, x), None)
-        cases[(norm, lib, "fwd+bwd")] = (fb, (params, x, dy), temp)
+        programs[(norm, lib, "fwd")] = (fwd, (params, x), None)
+        programs[(norm, lib, "fwd+bwd")] = (fb, (params, x, dy), temp)
         if hlo:
           log(f"  fusions {lib:10s} {norm:16s} {_label(shape, dtype_name):22s} "
               f"fwd {fusion_count(fwd):3d}  fwd+bwd {fusion_count(fb):3d}")
     # Calibrate the number of calls per sample so that a sample lasts MIN_SAMPLE_S.
     inner = {}
-    for key, (c, args, _) in cases.items():
+    for key, (c, args, _) in programs.items():
       jax.block_until_ready(c(*args))
       t = _timing.per_call(c, args, 1)
       inner[key] = max(1, min(1000, int(MIN_SAMPLE_S[mode] / max(t, 1e-7))))
     samples = _timing.interleaved_samples(
-        {key: (c, args) for key, (c, args, _) in cases.items()}, REPS[mode], inner)
+        {key: (c, args) for key, (c, args, _) in programs.items()}, REPS[mode], inner)
     med = _timing.medians(samples)
     ew = med[("elementwise", "-", "fwd")]
-    for (norm, lib, kind), (_, _, temp) in cases.items():
+    for (norm, lib, kind), (compiled, _, temp) in programs.items():
       if norm == "elementwise":
         continue
       ref = med.get((norm, REF, kind))
-      ref_temp = cases.get((norm, REF, kind), (None, None, None))[2]
+      ref_temp = programs.get((norm, REF, kind), (None, None, None))[2]
       records.append({
           "norm": norm, "lib": lib, "pass": kind, "shape": list(shape), "dtype": dtype_name,
-          "fusions": fusion_count(c),
+          "fusions": fusion_count(compiled),
           "time_ms": med[(norm, lib, kind)] * 1e3,
           "samples_ms": [s * 1e3 for s in samples[(norm, lib, kind)]],
           "ratio_to_flax": None if ref is None else med[(norm, lib, kind)] / ref,
@@ -348,7 +145,7 @@ def run(mode: str, out_dir: str, libs: tuple[str, ...] = LIBS,
           "temp_ratio_to_flax": (None if temp is None or not ref_temp else temp / ref_temp),
       })
     log(f"[{time.perf_counter() - t_start:6.1f}s] {_label(shape, dtype_name)}: "
-        f"{len(cases) - 1} cases, elementwise {ew * 1e3:.3f} ms")
+        f"{len(programs) - 1} cases, elementwise {ew * 1e3:.3f} ms")
   result = {
       "meta": {
           "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -451,18 +248,18 @@ def chart(result: dict, path: str) -> None:
   libs = result["meta"]["libs"]
   groups = sorted({(tuple(r["shape"]), r["dtype"]) for r in recs}, key=str)
   fig, axes = plt.subplots(len(groups), 1, figsize=(14, 3.2 * len(groups)), squeeze=False)
-  cases = [(n, k) for n in NORMS for k in ("fwd", "fwd+bwd")]
+  columns = [(n, k) for n in NORMS for k in ("fwd", "fwd+bwd")]
   width = 0.8 / len(libs)
   for ax, (shape, dtype) in zip(axes[:, 0], groups, strict=True):
     by = {(r["norm"], r["pass"], r["lib"]): r for r in recs
           if tuple(r["shape"]) == shape and r["dtype"] == dtype}
     for i, lib in enumerate(libs):
-      vals = [(by.get((n, k, lib)) or {}).get("ratio_to_flax") or np.nan for n, k in cases]
-      ax.bar(np.arange(len(cases)) + i * width, vals, width, label=lib)
+      vals = [(by.get((n, k, lib)) or {}).get("ratio_to_flax") or np.nan for n, k in columns]
+      ax.bar(np.arange(len(columns)) + i * width, vals, width, label=lib)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_yscale("log")
-    ax.set_xticks(np.arange(len(cases)) + 0.4 - width / 2)
-    ax.set_xticklabels([f"{n}\n{k}" for n, k in cases], fontsize=7)
+    ax.set_xticks(np.arange(len(columns)) + 0.4 - width / 2)
+    ax.set_xticklabels([f"{n}\n{k}" for n, k in columns], fontsize=7)
     ax.set_ylabel("time / flax.linen")
     ax.set_title(_label(shape, dtype), fontsize=9)
   axes[0, 0].legend(ncol=len(libs), fontsize=7)
@@ -486,9 +283,9 @@ def main(argv=None) -> None:
   args = ap.parse_args(argv)
   mode = "tiny" if args.tiny else "quick" if args.quick else "full"
   libs = tuple(name for name in args.libs.split(",") if name)
-  bad = [name for name in libs if name not in BUILDERS]
+  bad = [name for name in libs if name not in LIBS]
   if bad:
-    ap.error(f"unknown --libs {bad}; choose from {list(BUILDERS)}")
+    ap.error(f"unknown --libs {bad}; choose from {list(LIBS)}")
   norms = tuple(n for n in args.norms.split(",") if n)
   if any(n not in NORMS for n in norms):
     ap.error(f"unknown --norms {norms}; choose from {list(NORMS)}")

@@ -6,8 +6,10 @@ No timing is asserted: this checks that every case runs and every reported field
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import pathlib
+import re
 import sys
 
 import jax
@@ -41,10 +43,14 @@ def test_tiny_benchmark_writes_json_markdown_and_chart(tmp_path, capsys):
     cases = {(r["norm"], r["pass"]) for r in records if r["lib"] == lib}
     assert cases == {(n, p) for n in bench.NORMS for p in ("fwd", "fwd+bwd")}, lib
   printed = capsys.readouterr().out
+  # --hlo printed each case's fusion counts, forward and forward+backward.
+  hlo = {(m[1], m[2]): {"fwd": int(m[3]), "fwd+bwd": int(m[4])} for m in re.finditer(
+      r"fusions (\S+)\s+(\S+)\s+\S+ \S+\s+fwd\s+(\d+)\s+fwd\+bwd\s+(\d+)", printed)}
   for r in records:
     assert r["time_ms"] > 0 and r["ratio_to_elementwise"] > 0
     assert r["fusions"] >= 1  # every compiled program runs at least one kernel
     assert f"fusions {r['lib']:10s} {r['norm']:16s}" in printed  # --hlo printed the case
+    assert r["fusions"] == hlo[(r["lib"], r["norm"])][r["pass"]], r  # the case's own program
     assert len(r["samples_ms"]) == meta["reps"]
     if r["pass"] == "fwd+bwd":
       assert r["temp_bytes"] is not None and r["temp_bytes"] >= 0
@@ -59,6 +65,32 @@ def test_tiny_benchmark_writes_json_markdown_and_chart(tmp_path, capsys):
   png = (tmp_path / "chart.png").read_bytes() if (tmp_path / "chart.png").exists() else None
   if importlib.util.find_spec("matplotlib") is not None:
     assert png is not None and png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_registry_builds_every_case_of_every_library():
+  """benchmarks/cases.py: each library's builder gives a call for every norm (jaxnorm's own
+  kernels for layer and RMS norm only) whose output has x's shape, in the dtype its library
+  returns: for bfloat16 x, flax.linen's default float32, x's dtype for jaxnorm and for
+  flax.linen with `dtype=x` (the peers' bfloat16, where some fail, is for run.py to report)."""
+  bench = _load_run_module()  # also puts benchmarks/ on the path
+  import cases
+
+  assert set(bench.LIBS) <= set(cases.LIBRARIES)
+  bf16_libs = ("jaxnorm", "jaxnorm pallas", "flax.linen", "flax.linen dtype=x")
+  for lib, norm, values, dtype in itertools.product(
+      cases.LIBRARIES, cases.NORMS, (cases.TIMED, cases.COUNTED), cases.DTYPES):
+    if not cases.have(lib) or (dtype == "bfloat16" and lib not in bf16_libs):
+      continue
+    x = jax.ShapeDtypeStruct((4, 64), jax.numpy.dtype(dtype))
+    with jax.numpy_dtype_promotion("standard"):  # flax's bfloat16 layers need it, as users have it
+      built = cases.build(lib, norm, x.shape, x.dtype, values)
+      if lib == "jaxnorm pallas" and norm not in cases.PALLAS_NORMS:
+        assert built is None
+        continue
+      fn, params = built
+      y, _ = jax.eval_shape(fn, params, x)
+    want = "float32" if lib == "flax.linen" else dtype
+    assert (y.shape, y.dtype) == (x.shape, want), (lib, norm, dtype, y)
 
 
 def test_unknown_library_is_a_clear_error():

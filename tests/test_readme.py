@@ -10,10 +10,14 @@ def _bash_blocks(text: str) -> list[str]:
   return [b.strip() for b in re.findall(r"```bash\n(.*?)```", text, re.DOTALL)]
 
 
-def test_ci_runs_the_readme_test_command():
+def _fresh_machine_blocks() -> list[str]:
   readme = (ROOT / "README.md").read_text()
   section = readme.split("## Set up on a fresh machine", 1)[1].split("\n## ", 1)[0]
-  blocks = _bash_blocks(section)
+  return _bash_blocks(section)
+
+
+def test_ci_runs_the_readme_test_command():
+  blocks = _fresh_machine_blocks()
   assert len(blocks) == 2, "the fresh-machine section gives exactly two commands"
   demo, tests = blocks
   ci = (ROOT / ".ci" / "run").read_text()
@@ -21,6 +25,18 @@ def test_ci_runs_the_readme_test_command():
   assert "pytest" in tests and '".[test]"' in tests
   script = re.search(r"python (examples/\S+\.py)", demo).group(1)
   assert (ROOT / script).is_file(), f"the demonstration command names {script}"
+
+
+def test_ci_installs_once_with_the_readme_command():
+  """.ci/run makes its environment once, with the README's test command, before every step that
+  uses it: no second install that the README's command would merely repeat."""
+  tests = _fresh_machine_blocks()[1]
+  ci = (ROOT / ".ci" / "run").read_text()
+  steps = [line for line in ci.splitlines() if line.strip() and not line.startswith("#")]
+  installs = [i for i, line in enumerate(steps) if "-m venv" in line or '".[test]"' in line]
+  assert [steps[i] for i in installs] == [tests], "one install, and it is the README's command"
+  for step in ("ruff check", "mypy jaxnorm", "-m pytest", "sphinx-build", "compiled.py --check"):
+    assert installs[0] <= min(i for i, line in enumerate(steps) if step in line), step
 
 
 def test_readme_links_into_the_site_exist():

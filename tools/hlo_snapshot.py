@@ -5,7 +5,8 @@
     python tools/hlo_snapshot.py compare before.json after.json
 
 `save` compiles, for XLA:CPU, every jaxnorm case of `benchmarks/run.py` (each normalizer,
-forward and forward+backward, at every shape and dtype of its full configuration) and a set of
+forward and forward+backward, at every shape and dtype of its full configuration, built by
+`benchmarks/cases.py`, the registry that run.py and compiled.py share) and a set of
 configurations the benchmark does not reach (masks, ghost batches, batch renormalization,
 complex input, per-example parameters, `shard_map` across devices, the flax and equinox
 wrappers), and stores each optimized HLO module with its metadata stripped (source lines and
@@ -32,8 +33,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# This checkout's jaxnorm and benchmarks: a script's own folder heads Python's path, not the
+# working directory, so a virtual environment with another checkout installed (editable) would
+# otherwise give that checkout's jaxnorm, and `compare` two snapshots of the same code.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import cases  # benchmarks/cases.py: the cases that benchmarks/run.py times
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,6 +177,8 @@ def _spec(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
 
 
 def _fwd_bwd(fn: Callable[..., Any]) -> Callable[..., Any]:
+  # `(y, grads, aux)`, not `cases.with_pass`'s `(y, aux, grads)`: the saved programs' outputs
+  # keep their order, so that snapshots taken before and after a change compare.
   def f(p, x, dy):
     y, pullback, aux = jax.vjp(fn, p, x, has_aux=True)
     return y, pullback(dy), aux
@@ -179,11 +187,9 @@ def _fwd_bwd(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _cases_benchmark() -> Iterator[tuple[str, Callable[..., Any], tuple[Any, ...]]]:
   """benchmarks/run.py's jaxnorm cases (full configuration), forward and forward+backward."""
-  import run as bench  # benchmarks/run.py
-
-  for shape, dtype in bench.CONFIGS["full"]:
-    for norm in bench.NORMS:
-      built = bench.build_jaxnorm(norm, shape, dtype)
+  for shape, dtype in cases.TIMED_CONFIGS["full"]:
+    for norm in cases.NORMS:
+      built = cases.build("jaxnorm", norm, shape, dtype, cases.TIMED)
       if built is None:
         continue
       fn, params = built
@@ -324,8 +330,8 @@ def _cases_wrappers() -> Iterator[tuple[str, Callable[..., Any], tuple[Any, ...]
 
 
 def _cases_pallas() -> Iterator[tuple[str, Callable[..., Any], tuple[Any, ...]]]:
-  for norm in ("layer_norm", "rms_norm"):
-    for dtype in ("float32", "bfloat16"):
+  for norm in cases.PALLAS_NORMS:
+    for dtype in cases.DTYPES:
       f = getattr(jn, norm)
       p = {"scale": _spec((1024,), jnp.float32)}
       fn = lambda p, x, f=f: (f(x, p["scale"], implementation="pallas"), None)
@@ -358,7 +364,7 @@ def save(path: str, pallas_cuda: bool = False) -> None:
         out[name] = strip(jax.jit(fn).lower(*args).compile().as_text())
         print(name, flush=True)
   pathlib.Path(path).write_text(json.dumps(out, indent=0, sort_keys=True))
-  print(f"{len(out)} programs written to {path}")
+  print(f"{len(out)} programs of {os.path.dirname(jn.__file__)} written to {path}")
 
 
 def compare(a_path: str, b_path: str, show: int = 3) -> int:
