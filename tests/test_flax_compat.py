@@ -73,7 +73,7 @@ def test_linen_and_nnx_agree_bitwise(name, x_dtype, param_dtype, masked, layout)
                     reason="XLA:CPU compiles no float16 code without F16C (see tests/refs.py)")
 @pytest.mark.parametrize("name", fc.NAMES)
 def test_dtype_narrower_than_input_is_the_output_dtype_only(name):
-  """`dtype=float16` on float32 input, rank 2, masked: the issue's InstanceNorm case.
+  """`dtype=float16` on float32 input of rank 2, masked, for every layer.
 
   jaxnorm.linen is flax.linen bit for bit (where flax is finite). flax.nnx casts `x` and the
   parameters to float16 before it normalizes; jaxnorm.nnx does not (it is jaxnorm.linen, see
