@@ -122,3 +122,13 @@ def cumulative(momentum: Any) -> bool:
   update count is a variable of its own. flax types `momentum` as a float, hence a function
   rather than a test that type checkers take for unreachable."""
   return momentum is None
+
+
+def check_instance_axes(feat: tuple[int, ...], axes: Any) -> None:
+  """Raises flax's error, in flax's words (code written for flax matches them), for an
+  `InstanceNorm` whose feature axes include the batch axis 0, with the value and the fix."""
+  if 0 in feat:
+    raise ValueError(
+        f"The channel axes cannot include the leading dimension as this is assumed to be the "
+        f"batch axis. Got feature_axes={axes!r}; pass the channel axes only (e.g. the default, "
+        f"-1).")

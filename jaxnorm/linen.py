@@ -268,6 +268,7 @@ class InstanceNorm(nn.InstanceNorm):
     """flax's call; `mask` marks the elements that enter the statistics."""
     x = jnp.asarray(x)
     feat, shape = _feature_shape(x, self.feature_axes, "feature_axes")
+    _flax.check_instance_axes(feat, self.feature_axes)
     return _flax.normalize(jn.instance_norm, x, _params(self, shape), self.dtype,
                            feature_axes=feat, epsilon=self.epsilon, mask=mask,
                            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)

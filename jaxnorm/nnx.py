@@ -289,6 +289,7 @@ class InstanceNorm(nnx.InstanceNorm):
     x, scale, bias = _dtypes.flax_promote(self.promote_dtype, self.dtype, x,
                                           _value(self.scale), _value(self.bias))
     feat = _checks.canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
+    _flax.check_instance_axes(feat, self.feature_axes)
     _flax.check_features("InstanceNorm", self.num_features, x, feat, self.feature_axes,
                          "feature_axes")
     params = (_to_feature_shape(scale, x, feat), _to_feature_shape(bias, x, feat))
