@@ -7,10 +7,11 @@ names: equinox's constructor and fields (names, order, shapes, dtypes), jaxnorm'
 `jaxnorm.batch_norm_init`'s mean 0 and variance 1, equinox's at `jnp.empty`), so inheriting
 would build equinox's state and then replace its `StateIndex` fields; its `axis_name` is a
 static field (equinox's is a leaf, a string among the arrays), and its `__call__` shares
-nothing. It has equinox's constructor arguments and field names, order, shapes and dtypes. Every layer is called as
-equinox's: one example at a time, channels first, under `jax.vmap` (`BatchNorm` with its
-`axis_name`), returning `(output, state)` when given a state. So a model that changes
-`eqx.nn.BatchNorm` to `jaxnorm.equinox.BatchNorm` keeps its serialized weights
+nothing. It has equinox's constructor arguments and field names, order, shapes and dtypes.
+
+Every layer is called as equinox's: one example at a time, channels first, under `jax.vmap`
+(`BatchNorm` with its `axis_name`), returning `(output, state)` when given a state. So a model
+that changes `eqx.nn.BatchNorm` to `jaxnorm.equinox.BatchNorm` keeps its serialized weights
 (`eqx.tree_serialise_leaves`). The layers call the public jaxnorm functions: statistics in at
 least float32, two-pass variance, masks, count-weighted statistics across devices.
 
