@@ -53,3 +53,76 @@ def arithmetic_dtype(x_dtype: Any, stat_dtype: Any) -> Any:
 def default_float() -> Any:
   """JAX's default floating dtype: float64 with `jax_enable_x64`, else float32."""
   return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+# --- flax's dtype rule, for jaxnorm.linen and jaxnorm.nnx (through _flax) -------------------
+# Restated with jax alone so that this module imports no flax; tests/test_flax_compat.py checks
+# it against flax's layers bit for bit.
+
+
+def flax_output(x: jax.Array, params: tuple[Any, ...], dtype: Any) -> tuple[jax.Array, Any]:
+  """flax's output dtype for a layer, and `x` as the core should see it: `(x_core, out)`.
+
+  flax returns `dtype` if given, else `jnp.result_type(x, *params)` made inexact, under
+  standard promotion (so the rule also holds when the user enables strict promotion). The core
+  returns its input's dtype and computes in at least float32; handing it `x` upcast to the
+  wider of `x.dtype` and `out` (an exact conversion) gives the single rounding flax does when
+  the output is wider than the input (bfloat16 input, float32 parameters). Complex input (or
+  `dtype=jnp.complex64`) reaches the core complex, as in flax; integer input float32.
+  """
+  params = tuple(p for p in params if p is not None)
+  with jax.numpy_dtype_promotion("standard"):
+    out = dtype
+    if out is None:
+      out = jnp.result_type(x, *params)
+      if not jnp.issubdtype(out, jnp.inexact):
+        out = jnp.promote_types(jnp.float32, out)
+    if not jnp.issubdtype(out, jnp.inexact):
+      raise ValueError(f"Dtype must be inexact: {out}")
+    out = jnp.dtype(out)
+    wide = jnp.dtype(jnp.promote_types(x.dtype, out))
+  if not jnp.issubdtype(wide, jnp.inexact):  # integer input: flax computes in float32 too
+    wide = jnp.dtype(jnp.float32)
+  return (x if x.dtype == wide else x.astype(wide)), out
+
+
+def flax_promote(promote_dtype: Any, dtype: Any, x: Any, *arrays: Any) -> tuple[Any, ...]:
+  """flax.nnx's input promotion (a layer's `promote_dtype` to its `dtype`, under standard
+  promotion), except that nothing is rounded to a narrower dtype.
+
+  flax.nnx casts the input and the parameters to `dtype` before it normalizes, so
+  `dtype=jnp.float16` on float32 input rounds `x` to float16 first: where the data have an
+  offset, `x - mean` loses most of its digits (offset 300, std 1: about 3 of float16's 11 bits
+  are left). Here an array that the promotion would cast to a dtype that does not hold all its
+  values (float32 -> float16, bfloat16 -> float16) keeps its own dtype, and the output alone is
+  cast to `dtype` (`flax_output`): flax.linen's rule, so jaxnorm's two families agree bit for
+  bit.
+  """
+  originals = (x, *arrays)
+  with jax.numpy_dtype_promotion("standard"):
+    promoted = tuple(promote_dtype(originals, dtype=dtype))
+    return tuple(_unless_narrower(a, p) for a, p in zip(originals, promoted, strict=True))
+
+
+def _unless_narrower(original: Any, promoted: Any) -> Any:
+  """`promoted`, unless it is `original` cast to a dtype that cannot hold all its values."""
+  if original is None or promoted is None:
+    return promoted
+  before, after = jnp.result_type(original), jnp.result_type(promoted)
+  return promoted if jnp.promote_types(before, after) == after else original
+
+
+def flax_complex(*dtypes: Any) -> bool:
+  """Whether a flax `BatchNorm`'s batch is complex: complex input, `dtype` or `param_dtype`
+  (None entries are skipped)."""
+  return any(d is not None and jnp.issubdtype(d, jnp.complexfloating) for d in dtypes)
+
+
+def flax_batch_stats(stat_dtype: Any, is_complex: bool) -> tuple[Any, Any]:
+  """`(mean_dtype, var_dtype)` of a flax `BatchNorm`'s running statistics kept in
+  `stat_dtype`: a complex batch has a complex mean (float32 -> complex64) from the start, and
+  the variance is always real."""
+  mean = stat_dtype
+  if is_complex and not jnp.issubdtype(stat_dtype, jnp.complexfloating):
+    mean = complex_of(stat_dtype)
+  return mean, real_of(stat_dtype)

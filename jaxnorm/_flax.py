@@ -1,24 +1,26 @@
-"""What `jaxnorm.linen` and `jaxnorm.nnx` share: flax's dtype rule and one core call per layer.
+"""What `jaxnorm.linen` and `jaxnorm.nnx` share: one core call per layer kind, under flax's
+dtype rule.
 
-Nothing here computes a statistic: the layers call the functional core through these
-functions, which decide *which dtypes* the core sees and returns, so that the layers follow
-flax's output-dtype rules exactly (flax's rule also accepts integer input, normalized in
-float32, which the core refuses), and which core function a `BatchNorm` calls.
+Nothing here computes a statistic or restates a dtype rule: the layers call the functional core
+through these functions, which apply `_dtypes.flax_output` (flax's output dtype, integer input
+normalized in float32 as flax does, which the core refuses) and pick the core function a
+`BatchNorm` calls. `extends` gives an nnx layer's `__init__` its flax parent's signature plus
+jaxnorm's extra keywords.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 import jaxnorm as jn
 
-from ._dtypes import complex_of
+from ._dtypes import flax_output
 
 INSTALL_HINT = ('pip install -e ".[flax]" (from a clone of the repository), or '
                 'pip install "jaxnorm[flax]" (from a package index)')
@@ -34,31 +36,10 @@ def require_flax(module_name: str) -> None:
     ) from e
 
 
-def flax_dtypes(x: jax.Array, params: tuple[Any, ...], dtype: Any) -> tuple[jax.Array, Any]:
-  """Applies flax's output-dtype rule and returns `(x_for_core, out_dtype)`.
-
-  flax returns `dtype` if given, else `jnp.result_type(x, *params)` (made inexact), under
-  standard promotion (so the rule also holds when the user enables strict promotion). The core
-  returns its input's dtype and computes in at least float32; handing it `x` upcast to the
-  wider of `x.dtype` and `out_dtype` (an exact conversion) gives the single rounding flax does
-  when the output is wider than the input (bfloat16 input, float32 parameters). Complex input
-  (or `dtype=jnp.complex64`) reaches the core complex, as in flax; integer input float32.
-  """
-  from flax.nnx.nn import dtypes as flax_nn_dtypes  # the same function as flax.linen's
-
-  params = tuple(p for p in params if p is not None)
-  with jax.numpy_dtype_promotion("standard"):
-    out = jnp.dtype(flax_nn_dtypes.canonicalize_dtype(x, *params, dtype=dtype))
-    wide = jnp.dtype(jnp.promote_types(x.dtype, out))
-  if not jnp.issubdtype(wide, jnp.inexact):  # integer input: flax computes in float32 too
-    wide = jnp.dtype(jnp.float32)
-  return (x if x.dtype == wide else x.astype(wide)), out
-
-
 def normalize(fn: Callable[..., jax.Array], x: jax.Array, params: tuple[Any, ...],
               dtype: Any, **kwargs: Any) -> jax.Array:
   """`fn(x, *params, **kwargs)` (a jaxnorm normalizer) under flax's dtype rule."""
-  xc, out_dtype = flax_dtypes(x, params, dtype)
+  xc, out_dtype = flax_output(x, params, dtype)
   return fn(xc, *params, **kwargs).astype(out_dtype)
 
 
@@ -71,22 +52,6 @@ def per_example(fn: Callable[..., jax.Array], layer: Any, x: jax.Array,
                    axis_name=layer.axis_name, axis_index_groups=layer.axis_index_groups,
                    zero_centered_scale=layer.zero_centered_scale,
                    implementation=layer.implementation)
-
-
-def complex_batch(x_dtype: Any, dtype: Any, param_dtype: Any) -> bool:
-  """Whether a `BatchNorm`'s batch reaches the core complex under flax's dtype rule: complex
-  input, a complex `dtype` or a complex `param_dtype`."""
-  return any(d is not None and jnp.issubdtype(d, jnp.complexfloating)
-             for d in (x_dtype, dtype, param_dtype))
-
-
-def running_mean_dtype(stat_dtype: Any, complex_input: bool) -> Any:
-  """The dtype of a `BatchNorm`'s running mean: `stat_dtype`, or its complex counterpart
-  (float32 -> complex64) for complex batches, whose mean is complex (the variance stays
-  real)."""
-  if not complex_input or jnp.issubdtype(stat_dtype, jnp.complexfloating):
-    return stat_dtype
-  return complex_of(stat_dtype)
 
 
 def zero_centered_init(scale_init: Any, zero_centered_scale: bool) -> Any:
@@ -114,7 +79,7 @@ def batch_norm(x: jax.Array, state: Any, scale: Any, bias: Any, *, dtype: Any, r
                r_max: Any, d_max: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
   """`jaxnorm.batch_renorm` with `renorm=True`, else `jaxnorm.batch_norm`, under flax's dtype
   rule; the keywords are the core's."""
-  xc, out_dtype = flax_dtypes(x, (scale, bias), dtype)
+  xc, out_dtype = flax_output(x, (scale, bias), dtype)
   if not renorm:
     y, new_state = jn.batch_norm(xc, state, scale, bias, **kwargs)
     return y.astype(out_dtype), new_state
@@ -128,3 +93,42 @@ def batch_norm(x: jax.Array, state: Any, scale: Any, bias: Any, *, dtype: Any, r
                                  r_max=1.0 if r_max is None else r_max,
                                  d_max=0.0 if d_max is None else d_max, **kwargs)
   return y.astype(out_dtype), new_state
+
+
+def extends(flax_init: Callable[..., None]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+  """Decorates an nnx layer's `__init__(self, *args, <extras>, **kwargs)`, which passes `args`
+  and `kwargs` on to `flax_init`: its signature becomes `flax_init`'s (names, order, defaults)
+  followed by its own keyword-only extras, so `help()` and `inspect` show what it accepts."""
+  def wrap(init: Callable[..., None]) -> Callable[..., None]:
+    base = inspect.signature(flax_init)
+    extras = [p for p in inspect.signature(init).parameters.values()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    init.__signature__ = base.replace(  # type: ignore[attr-defined]
+        parameters=[*base.parameters.values(), *extras])
+    return init
+  return wrap
+
+
+def arguments(flax_init: Callable[..., None], layer: Any, args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> dict[str, Any]:
+  """The arguments `flax_init(layer, *args, **kwargs)` would receive, defaults filled in."""
+  bound = inspect.signature(flax_init).bind(layer, *args, **kwargs)
+  bound.apply_defaults()
+  return bound.arguments
+
+
+def cumulative(momentum: Any) -> bool:
+  """Whether a `BatchNorm` keeps jaxnorm's exact cumulative average (`momentum=None`), whose
+  update count is a variable of its own. flax types `momentum` as a float, hence a function
+  rather than a test that type checkers take for unreachable."""
+  return momentum is None
+
+
+def check_instance_axes(feat: tuple[int, ...], axes: Any) -> None:
+  """Raises flax's error, in flax's words (code written for flax matches them), for an
+  `InstanceNorm` whose feature axes include the batch axis 0, with the value and the fix."""
+  if 0 in feat:
+    raise ValueError(
+        f"The channel axes cannot include the leading dimension as this is assumed to be the "
+        f"batch axis. Got feature_axes={axes!r}; pass the channel axes only (e.g. the default, "
+        f"-1).")

@@ -1,13 +1,19 @@
 """Equinox drop-ins: `BatchNorm`, `LayerNorm`, `GroupNorm`, `RMSNorm` on jaxnorm's core.
 
-Each class takes `equinox.nn`'s constructor arguments with its defaults, has the same array
-fields in the same order and shapes (`weight`, `bias`, and for `BatchNorm` the same
-`StateIndex` fields), and is called the same way: one example at a time, channels first, under
-`jax.vmap` (`BatchNorm` with its `axis_name`), returning `(output, state)` when given a state.
-So a model that changes `eqx.nn.BatchNorm` to `jaxnorm.equinox.BatchNorm` keeps its serialized
-weights (`eqx.tree_serialise_leaves`). The layers only declare fields and call the public
-jaxnorm functions: statistics in at least float32, two-pass variance, masks, count-weighted
-statistics across devices.
+`LayerNorm`, `GroupNorm` and `RMSNorm` are subclasses of the `equinox.nn` classes of the same
+names: equinox's constructor and fields (names, order, shapes, dtypes), jaxnorm's `__call__`.
+`BatchNorm` is not a subclass of `equinox.nn.BatchNorm`: equinox's constructor creates the
+`StateIndex` fields with the initial state, which differs here (the "ema" buffers start at
+`jaxnorm.batch_norm_init`'s mean 0 and variance 1, equinox's at `jnp.empty`), so inheriting
+would build equinox's state and then replace its `StateIndex` fields; its `axis_name` is a
+static field (equinox's is a leaf, a string among the arrays), and its `__call__` shares
+nothing. It has equinox's constructor arguments and field names, order, shapes and dtypes.
+
+Every layer is called as equinox's: one example at a time, channels first, under `jax.vmap`
+(`BatchNorm` with its `axis_name`), returning `(output, state)` when given a state. So a model
+that changes `eqx.nn.BatchNorm` to `jaxnorm.equinox.BatchNorm` keeps its serialized weights
+(`eqx.tree_serialise_leaves`). The layers call the public jaxnorm functions: statistics in at
+least float32, two-pass variance, masks, count-weighted statistics across devices.
 
 What differs from `equinox.nn` on purpose:
 
@@ -24,6 +30,7 @@ Importing `jaxnorm` does not import this module or equinox (the `equinox` extra)
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Hashable, Sequence
 from typing import Any, Literal
@@ -260,49 +267,16 @@ class BatchNorm(eqx.nn.StatefulLayer):
     return normalize(mean, var), state
 
 
-class LayerNorm(eqx.Module):
-  r"""Layer normalization of one example over its whole shape, as `equinox.nn.LayerNorm`.
-
-  .. math::
-    y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \odot \gamma + \beta
-
-  with `weight` γ and `bias` β of the input's shape, and the statistics of `jaxnorm.layer_norm`
-  (two passes, at least float32) over every element (the valid ones with `mask`).
+class LayerNorm(eqx.nn.LayerNorm):
+  r"""`equinox.nn.LayerNorm` (its fields and constructor) with the statistics of
+  `jaxnorm.layer_norm` (two passes, at least float32) over every element, the valid ones with
+  `mask`.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxnorm.equinox as jne
     >>> jax.vmap(jne.LayerNorm(3, eps=0.0))(jnp.array([[1.0, 2.0, 3.0]])).round(4)
     Array([[-1.2247,  0.    ,  1.2247]], dtype=float32)
   """
-
-  shape: tuple[int, ...] = field(static=True)
-  eps: float = field(static=True)
-  use_weight: bool = field(static=True)
-  use_bias: bool = field(static=True)
-  weight: jax.Array | None
-  bias: jax.Array | None
-
-  def __init__(
-      self,
-      shape: int | Sequence[int],
-      eps: float = 1e-5,
-      use_weight: bool = True,
-      use_bias: bool = True,
-      dtype: Any = None,
-      *,
-      elementwise_affine: bool | None = None,
-  ):
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    self.shape = shape
-    self.eps = eps
-    if elementwise_affine is not None:
-      use_weight = use_bias = elementwise_affine
-      warnings.warn("LayerNorm(elementwise_affine=...) is deprecated in favour of "
-                    "LayerNorm(use_weight=...) and LayerNorm(use_bias=...)", stacklevel=2)
-    self.use_weight = use_weight
-    self.use_bias = use_bias
-    self.weight = jnp.ones(shape, dtype=dtype) if use_weight else None
-    self.bias = jnp.zeros(shape, dtype=dtype) if use_bias else None
 
   def __call__(self, x: ArrayLike, state: Any = _NO_STATE, *, key: Any = None,
                mask: ArrayLike | None = None) -> Any:
@@ -311,12 +285,10 @@ class LayerNorm(eqx.Module):
     return _whole_shape(jn.layer_norm, "LayerNorm", self, x, state, mask)
 
 
-class GroupNorm(eqx.Module):
-  r"""Group normalization of one example of shape `(channels, *spatial)`.
-
-  The channels are split into `groups` groups of consecutive channels, each normalized over
-  its channels and the spatial axes, then scaled and shifted per channel as
-  `equinox.nn.GroupNorm` (`jaxnorm.group_norm` with `channel_axis=1` on a batch of one).
+class GroupNorm(eqx.nn.GroupNorm):
+  r"""`equinox.nn.GroupNorm` (its fields and constructor) on one example of shape
+  `(channels, *spatial)`, with the statistics of `jaxnorm.group_norm` (`channel_axis=1` on a
+  batch of one).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxnorm.equinox as jne
@@ -324,26 +296,14 @@ class GroupNorm(eqx.Module):
     Array([[-1.,  1., -1.,  1.]], dtype=float32)
   """
 
-  groups: int = field(static=True)
-  channels: int | None = field(static=True)
-  eps: float = field(static=True)
-  channelwise_affine: bool = field(static=True)
-  weight: jax.Array | None
-  bias: jax.Array | None
-
-  def __init__(self, groups: int, channels: int | None = None, eps: float = 1e-5,
-               channelwise_affine: bool = True, dtype: Any = None):
+  def __init__(self, groups: int, channels: int | None = None, *args: Any, **kwargs: Any):
+    """equinox's, after jaxnorm's check of `groups` (an error that names the value and the
+    fix, where equinox divides by it)."""
     if channels is not None:
       _checks.resolve_groups(channels, groups, None, "channels")
-    if channels is None and channelwise_affine:
-      raise ValueError("Give channels when channelwise_affine=True (weight and bias have "
-                       "shape (channels,)).")
-    self.groups = groups
-    self.channels = channels
-    self.eps = eps
-    self.channelwise_affine = channelwise_affine
-    self.weight = jnp.ones(channels, dtype=dtype) if channelwise_affine else None
-    self.bias = jnp.zeros(channels, dtype=dtype) if channelwise_affine else None
+    super().__init__(groups, channels, *args, **kwargs)
+
+  __init__.__signature__ = inspect.signature(eqx.nn.GroupNorm.__init__)  # type: ignore[attr-defined]
 
   def __call__(self, x: ArrayLike, state: Any = _NO_STATE, *, key: Any = None,
                mask: ArrayLike | None = None) -> Any:
@@ -363,38 +323,15 @@ class GroupNorm(eqx.Module):
     return _maybe_state(y[0], state)
 
 
-class RMSNorm(eqx.Module):
-  r"""Root-mean-square normalization of one example over its whole shape.
-
-  .. math::
-    y = \frac{x}{\sqrt{\frac{1}{n}\sum_i x_i^2 + \epsilon}} \odot \gamma + \beta
-
-  as `equinox.nn.RMSNorm` (with its optional bias), with the mean square of
-  `jaxnorm.rms_norm` (at least float32, the valid elements with `mask`).
+class RMSNorm(eqx.nn.RMSNorm):
+  r"""`equinox.nn.RMSNorm` (its fields and constructor, with its optional bias) with the mean
+  square of `jaxnorm.rms_norm` (at least float32, the valid elements with `mask`).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxnorm.equinox as jne
     >>> jax.vmap(jne.RMSNorm(2, eps=0.0))(jnp.array([[1.0, 7.0]]))
     Array([[0.2, 1.4]], dtype=float32)
   """
-
-  shape: tuple[int, ...] = field(static=True)
-  eps: float = field(static=True)
-  use_weight: bool = field(static=True)
-  use_bias: bool = field(static=True)
-  weight: jax.Array | None
-  bias: jax.Array | None
-
-  def __init__(self, shape: int | Sequence[int], eps: float = 1e-5, use_weight: bool = True,
-               use_bias: bool = True, dtype: Any = None):
-    dtype = default_float() if dtype is None else dtype
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    self.shape = shape
-    self.eps = eps
-    self.use_weight = use_weight
-    self.use_bias = use_bias
-    self.weight = jnp.ones(shape, dtype=dtype) if use_weight else None
-    self.bias = jnp.zeros(shape, dtype=dtype) if use_bias else None
 
   def __call__(self, x: ArrayLike, state: Any = _NO_STATE, *, key: Any = None,
                mask: ArrayLike | None = None) -> Any:

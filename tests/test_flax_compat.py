@@ -1,5 +1,7 @@
-"""The two wrapper families agree bitwise; checkpoints round-trip; the flax import is optional."""
+"""The wrappers' constructors are flax's; the two wrapper families agree bitwise; checkpoints
+round-trip; the flax import is optional."""
 
+import inspect
 import pathlib
 import subprocess
 import sys
@@ -26,6 +28,64 @@ def _assert_bitwise(a, b):
   a, b = np.asarray(a), np.asarray(b)
   assert a.dtype == b.dtype and a.shape == b.shape
   np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8), np.atleast_1d(b).view(np.uint8))
+
+
+# --- constructors -----------------------------------------------------------------------------
+
+# jaxnorm's constructor arguments beyond flax's, with their defaults, in order: each class's
+# docstring documents them, and they come after all of flax's.
+EXTRAS = {
+    "BatchNorm": {"unbiased_running_var": False, "update_stats": True, "renorm": False,
+                  "virtual_batch_size": None},
+    "LayerNorm": {"zero_centered_scale": False, "implementation": None},
+    "RMSNorm": {"zero_centered_scale": False, "implementation": None},
+    "GroupNorm": {},
+    "InstanceNorm": {},
+}
+# A value other than the default for each extra, to check that the constructor takes it.
+_EXTRA_VALUES = {"unbiased_running_var": True, "update_stats": False, "renorm": True,
+                 "virtual_batch_size": 2, "zero_centered_scale": True, "implementation": "xla"}
+
+
+def _parameters(cls_or_init):
+  return [(p.name, p.kind, p.default) for p in
+          inspect.signature(cls_or_init).parameters.values()]
+
+
+@pytest.mark.parametrize("name", fc.NAMES)
+@pytest.mark.parametrize("family", ["linen", "nnx"])
+def test_constructor_is_flax_s_then_jaxnorm_s_documented_extras(family, name):
+  if family == "linen":  # a dataclass: flax's fields, ours, then linen's parent and name
+    ours, theirs = getattr(jnn, name), getattr(nn, name)
+    got, flax_params = _parameters(ours), _parameters(theirs)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    extras = [(k, kind, v) for k, v in EXTRAS[name].items()]
+    expected = flax_params[:-2] + extras + flax_params[-2:]
+  else:
+    ours, theirs = getattr(jnnx, name), getattr(nnx, name)
+    kind = inspect.Parameter.KEYWORD_ONLY
+    extras = [(k, kind, v) for k, v in EXTRAS[name].items()]
+    got, expected = _parameters(ours.__init__), _parameters(theirs.__init__) + extras
+  assert [p[:2] for p in got] == [p[:2] for p in expected]
+  for (n, _, d), (_, _, d_flax) in zip(got, expected, strict=True):
+    assert d is d_flax or d == d_flax, (n, d, d_flax)
+  for extra in EXTRAS[name]:
+    assert f"{extra}:" in ours.__doc__, f"{name}'s docstring does not document {extra}"
+  # The signature is what the constructor accepts: flax's arguments reach flax's attributes,
+  # and each extra is kept.
+  kw = {"epsilon": 0.25, **{k: _EXTRA_VALUES[k] for k in EXTRAS[name]}}
+  if family == "linen":
+    layer = ours(**kw)
+  else:
+    layer = ours(*((fc.CHANNELS, 3) if name == "GroupNorm" else (fc.CHANNELS,)),
+                 rngs=nnx.Rngs(0), **kw)
+    if name == "GroupNorm":  # flax.nnx keeps the groups, not num_features
+      assert (layer.num_groups, layer.group_size) == (3, fc.CHANNELS // 3)
+    else:
+      assert layer.num_features == fc.CHANNELS
+  assert isinstance(layer, theirs)
+  for k, v in kw.items():
+    assert getattr(layer, k) == v, k
 
 
 # (input shape, dtype, mask) of the product: the shared 3-d data with flax's default dtype, and
@@ -73,7 +133,7 @@ def test_linen_and_nnx_agree_bitwise(name, x_dtype, param_dtype, masked, layout)
                     reason="XLA:CPU compiles no float16 code without F16C (see tests/refs.py)")
 @pytest.mark.parametrize("name", fc.NAMES)
 def test_dtype_narrower_than_input_is_the_output_dtype_only(name):
-  """`dtype=float16` on float32 input, rank 2, masked: the issue's InstanceNorm case.
+  """`dtype=float16` on float32 input of rank 2, masked, for every layer.
 
   jaxnorm.linen is flax.linen bit for bit (where flax is finite). flax.nnx casts `x` and the
   parameters to float16 before it normalizes; jaxnorm.nnx does not (it is jaxnorm.linen, see
