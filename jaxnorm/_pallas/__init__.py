@@ -4,7 +4,7 @@ The plain case only: `x` of shape `(..., F)` flattened to `(R, F)` rows, statist
 parameters over the last axis, no mask, no devices. `obstacle` says why a call is outside it;
 `normalize_rows` runs the kernels: Mosaic kernels (`_mosaic`) in programs compiled for TPUs,
 Triton kernels (`_triton`) for GPUs, the Triton kernels in Pallas interpret mode on CPU. The
-arithmetic of every kernel is `_math`'s (`_mosaic` restates it for Mosaic's layouts).
+arithmetic of every kernel is `_math`'s.
 """
 
 from __future__ import annotations

@@ -5,12 +5,10 @@ The TPU counterpart of the Triton kernels in `_triton`, with the same two entry 
 `jaxnorm._pallas` chooses by platform. Like them it takes the plain case only: `x` flattened to
 `(R, F)` rows, statistics and parameters over the last axis.
 
-The arithmetic is that of `_math.forward_math` and `_math.backward_math`, formula for formula,
-restated in `_forward_math` and `_backward_math` below for Mosaic's layouts (statistics as
-`(rows, 1)` columns, parameters as `(1, F)` rows, whole rows masked in the backward sums):
-float32 on chip whatever the input dtype, the exact two-pass statistics `mean = Σx / n`,
-`var = Σ(x - mean)² / n` (`Σx² / n` without centring), `rstd = rsqrt(var + eps)`, and
-`dx = r (g - x̂·mean(g x̂) - mean(g))` with `g = dy γ` (the `mean(g)` term only with centring).
+The arithmetic is `_math.forward_math` and `_math.backward_math`, called with
+`keepdims=True` for Mosaic's layouts (statistics as `(rows, 1)` columns, parameters as `(1, F)`
+rows, whole rows masked in the backward sums): float32 on chip whatever the input dtype, the
+exact two-pass statistics, as in the Triton kernels.
 
 Kernels (Mosaic, the Pallas TPU lowering; in Pallas interpret mode on the CPU):
 
@@ -54,7 +52,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ._math import backward_refs, forward_refs
+from ._math import backward_math, backward_refs, forward_math, forward_refs
 
 # The generations the kernels compile for (benchmarks/mosaic_compile.py, libtpu of jax 0.10.2)
 # and the Mosaic compiler's default scoped VMEM limit on each (what a kernel may use without
@@ -165,60 +163,14 @@ def blocking(rows: int, features: int, dtype: Any, generation: str | None = None
   return out
 
 
-def _forward_math(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, n: int,
-                  eps: float, centered: bool):
-  """`(y, mean, rstd)` of float32 rows `x` `(B, F)`; `mean`, `rstd` `(B, 1)`, mean None if RMS.
-
-  Two passes: `mean = Σx / n`, `var = Σ(x - mean)² / n` (`Σx² / n` without centring),
-  `rstd = rsqrt(var + eps)`, `y = (x - mean) rstd γ + β` (`_math.forward_math`).
-  """
-  mean = None
-  xc = x
-  if centered:
-    mean = jnp.sum(x, axis=1, keepdims=True) / n
-    xc = x - mean
-  rstd = jax.lax.rsqrt(jnp.sum(xc * xc, axis=1, keepdims=True) / n + eps)
-  y = xc * rstd
-  if scale is not None:
-    y = y * scale
-  if bias is not None:
-    y = y + bias
-  return y, mean, rstd
-
-
-def _backward_math(x: jax.Array, dy: jax.Array, mean: jax.Array | None, rstd: jax.Array,
-                   scale: jax.Array | None, valid: jax.Array | None, n: int, centered: bool):
-  r"""`(dx, Σ_rows dy x̂, Σ_rows dy)` in float32 from float32 rows; sums of shape `(1, F)`.
-
-  `mean`, `rstd` are `(B, 1)`; rows where `valid` `(B, 1)` is False add nothing to the sums.
-
-  .. math::
-    \hat x = (x - \mu) r, \quad g = dy\,\gamma, \quad
-    dx = r\,\big(g - \hat x\,\overline{g\hat x} - \bar g\big)
-
-  (the :math:`\bar g` term only with centring; bars are means over the row;
-  `_math.backward_math`).
-  """
-  xc = x if mean is None else x - mean
-  xhat = xc * rstd
-  if valid is not None:
-    xhat = jnp.where(valid, xhat, 0.0)
-    dy = jnp.where(valid, dy, 0.0)
-  g = dy if scale is None else dy * scale
-  t = g - xhat * (jnp.sum(xhat * g, axis=1, keepdims=True) / n)
-  if centered:
-    t = t - jnp.sum(g, axis=1, keepdims=True) / n
-  return (t * rstd, jnp.sum(dy * xhat, axis=0, keepdims=True),
-          jnp.sum(dy, axis=0, keepdims=True))
-
-
 def _forward_kernel(*refs, features: int, eps: float, centered: bool, has_scale: bool,
                     has_bias: bool):
   x_ref, g_ref, b_ref, y_ref, stat_refs = forward_refs(refs, has_scale, has_bias)
   f32 = jnp.float32
-  y, mean, rstd = _forward_math(
+  y, mean, rstd = forward_math(
       x_ref[...].astype(f32), None if g_ref is None else g_ref[...].astype(f32),
-      None if b_ref is None else b_ref[...].astype(f32), features, eps, centered)
+      None if b_ref is None else b_ref[...].astype(f32), None, features, eps, centered,
+      keepdims=True)
   y_ref[...] = y.astype(y_ref.dtype)
   for ref, s in zip(stat_refs, (mean, rstd) if centered else (rstd,), strict=True):
     ref[...] = s.reshape(ref.shape)  # (B, 1) -> (1, 1, B): the rows' statistics lane-dense
@@ -238,9 +190,12 @@ def _backward_kernel(*refs, rows: int, features: int, centered: bool, has_scale:
     valid = i * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0) < rows
   mean = None if mean_ref is None else mean_ref[...].reshape(block, 1)
   rstd = rstd_ref[...].reshape(block, 1)
-  dx, dg, db = _backward_math(x_ref[...].astype(f32), dy_ref[...].astype(f32), mean, rstd,
-                              None if g_ref is None else g_ref[...].astype(f32), valid,
-                              features, centered)
+  x, dy = x_ref[...].astype(f32), dy_ref[...].astype(f32)
+  if valid is not None:  # those rows hold whatever the buffer held: `backward_math` wants 0
+    dy = jnp.where(valid, dy, 0.0)
+  dx, dg, db = backward_math(x, dy, mean, rstd,
+                             None if g_ref is None else g_ref[...].astype(f32), valid,
+                             features, centered, keepdims=True)
   dx_ref[...] = dx.astype(dx_ref.dtype)
   sums = [s for s, on in ((dg, has_scale), (db, has_bias)) if on]
 
