@@ -4,7 +4,7 @@ The Triton kernels (`_triton`) and the Mosaic kernels (`_mosaic`) apply these fu
 blocks they load; on whole arrays they are the kernels' reference and their forward-mode
 derivative (see `normalize_rows` in `jaxnorm._pallas`). Rows are float32, statistics float32.
 
-The one thing that differs between the kernels is the layout of a row's statistics. Triton and
+What differs between the kernels is the layout of per-row and per-feature values. Triton and
 whole arrays take vectors: statistics `(B,)`, parameters and sums over rows `(F,)`. Mosaic keeps
 every value two-dimensional (`keepdims=True`), because its vector layouts tile the last two
 dimensions and a `(B,)` vector would have to move between lanes and sublanes: statistics are
@@ -64,7 +64,8 @@ def backward_math(x: jax.Array, dy: jax.Array, mean: jax.Array | None, rstd: jax
   r"""`(dx, Σ_rows dy x̂, Σ_rows dy)` in float32 from float32 rows.
 
   Entries outside `valid` (None: all valid) add nothing to the sums: `x` may hold anything
-  there, `dy` must hold 0. `keepdims` as in the module doc.
+  there, `dy` must hold 0; their `dx` is for the caller to drop. `keepdims` as in the module
+  doc.
 
   .. math::
     \hat x = (x - \mu) r, \quad g = dy\,\gamma, \quad
