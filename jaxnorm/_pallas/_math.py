@@ -60,12 +60,14 @@ def forward_math(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
 
 def backward_math(x: jax.Array, dy: jax.Array, mean: jax.Array | None, rstd: jax.Array,
                   scale: jax.Array | None, valid: jax.Array | None, n: int, centered: bool, *,
-                  keepdims: bool = False):
+                  keepdims: bool = False, mask_dy: bool = False):
   r"""`(dx, Σ_rows dy x̂, Σ_rows dy)` in float32 from float32 rows.
 
-  Entries outside `valid` (None: all valid) add nothing to the sums: `x` may hold anything
-  there, `dy` must hold 0; their `dx` is for the caller to drop. `keepdims` as in the module
-  doc.
+  Entries outside `valid` (None: all valid) add nothing to the sums; their `dx` is for the
+  caller to drop. `x` may hold anything there; `dy` must hold 0 unless `mask_dy`. The Triton
+  kernels' masked loads give 0 there; the Mosaic kernels read whole blocks past the array's
+  end, whose rows hold whatever the buffer held, and ask for `mask_dy`. `keepdims` as in the
+  module doc.
 
   .. math::
     \hat x = (x - \mu) r, \quad g = dy\,\gamma, \quad
@@ -77,6 +79,8 @@ def backward_math(x: jax.Array, dy: jax.Array, mean: jax.Array | None, rstd: jax
   xhat = xc * _per_row(rstd, keepdims)
   if valid is not None:
     xhat = jnp.where(valid, xhat, 0.0)
+    if mask_dy:
+      dy = jnp.where(valid, dy, 0.0)
   g = dy if scale is None else dy * _per_feature(scale, keepdims)
   t = g - xhat * _per_row(_row_mean(xhat * g, n, keepdims), keepdims)
   if centered:

@@ -191,12 +191,9 @@ def _backward_kernel(*refs, rows: int, features: int, centered: bool, has_scale:
     valid = i * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0) < rows
   mean = None if mean_ref is None else mean_ref[...].reshape(block, 1)
   rstd = rstd_ref[...].reshape(block, 1)
-  x, dy = x_ref[...].astype(f32), dy_ref[...].astype(f32)
-  if valid is not None:  # those rows hold whatever the buffer held: `backward_math` wants 0
-    dy = jnp.where(valid, dy, 0.0)
-  dx, dg, db = backward_math(x, dy, mean, rstd,
+  dx, dg, db = backward_math(x_ref[...].astype(f32), dy_ref[...].astype(f32), mean, rstd,
                              None if g_ref is None else g_ref[...].astype(f32), valid,
-                             features, centered, keepdims=True)
+                             features, centered, keepdims=True, mask_dy=True)
   dx_ref[...] = dx.astype(dx_ref.dtype)
   sums = [s for s, on in ((dg, has_scale), (db, has_bias)) if on]
 
