@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
-# The device check of jaxnorm's Pallas kernels, for a session with a lent GPU: the Pallas tests
-# on the real Triton kernels, then benchmarks/gpu.py (the shapes, and the feature-size
-# sweep). At most 9.5 minutes (one device command may run 10); each step has its own time
-# limit, so a hang in one still leaves the other's output.
+# The GPU check of jaxnorm's Pallas kernels: the Pallas tests on the real Triton kernels, then
+# benchmarks/gpu.py (two transformer activation shapes, and the feature-size sweep). Each step
+# has its own time limit (9.5 minutes in all), so a hang in one still leaves the other's output.
 #
-#   bash benchmarks/gpu_check.sh            # writes to $OUT (the device runner's folder) or
-#                                           # benchmarks/results
+#   bash benchmarks/gpu_check.sh            # writes to $OUT if set, else benchmarks/results
 #
 # Needs a Python whose jax sees the GPU (jax[cuda]) and the test extra (pytest, flax, numpy).
 set -uo pipefail
@@ -25,7 +23,7 @@ PY
 timeout 180 python -m pytest -q -x -p no:cacheprovider tests/test_pallas.py 2>&1 \
   | tee "$out/gpu_tests.txt"
 tests=${PIPESTATUS[0]}
-# 2. The benchmark: 8192x4096 and 32768x4096 (the goal shapes), float32 and bfloat16,
+# 2. The benchmark: 8192x4096 and 32768x4096 (transformer activations), float32 and bfloat16,
 #    forward and forward+backward, every library; then the sweep over 1024..16384 features at
 #    2**25 elements (jaxnorm xla, jaxnorm pallas, flax).
 timeout 390 python benchmarks/gpu.py --out "$out" --shapes 8192x4096,32768x4096 2>&1 \

@@ -227,3 +227,26 @@ def test_platform_dependent_runs_interpret_mode_on_cpu():
   want = jax.jit(lambda x, g: _forward_backward(x, g, True))(x, scale)
   for a, b in zip(got, want, strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_blocks_fit_every_generation_and_no_device_is_asked(monkeypatch):
+  """Without a generation the blocks fit the smallest scoped VMEM, so they fit every generation,
+  and tracing the kernels asks no device which generation it is: a program may be compiled for
+  a device other than the one JAX runs on (`jax.export`, a CPU host compiling for TPUs)."""
+  def no_device(*args, **kwargs):
+    raise AssertionError("a device was asked for while tracing")
+
+  monkeypatch.setattr(jax, "devices", no_device)
+  monkeypatch.setattr(jax, "local_devices", no_device)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    for features in (128, 1000, 4096, 16384):
+      blk = _mosaic.blocking(1 << 20, features, dtype)
+      assert blk == _mosaic.blocking(1 << 20, features, dtype, "v5e"), (features, blk)
+      for generation, limit in _mosaic.SCOPED_VMEM.items():
+        for name, block in blk.items():
+          assert _mosaic._vmem_bytes(block, features, dtype, name == "bwd") <= (
+              _mosaic._VMEM_FRACTION * limit), (generation, features, blk)
+  x = jax.ShapeDtypeStruct((4099, 4096), jnp.bfloat16)
+  g = jax.ShapeDtypeStruct((4096,), jnp.bfloat16)
+  text = str(jax.make_jaxpr(lambda x, g: _forward_backward(x, g, False))(x, g))
+  assert text.count("pallas_call[") == 2, text

@@ -17,6 +17,8 @@ an ulp, per value (two results rounded independently differ by up to one ulp).
 from __future__ import annotations
 
 import functools
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -340,3 +342,13 @@ def test_kernels_lower_through_triton_for_cuda():
   for name in ("jaxnorm_layer_norm_fwd", "jaxnorm_layer_norm_bwd"):
     assert name in text
   assert "tt.divisibility" in text  # the serialized Triton module
+
+
+def test_no_private_jax_module_is_imported():
+  """jaxnorm imports nothing from `jax._src`, whose names change without notice between JAX
+  releases (the reverse-mode test of `normalize_rows` takes JAX's re-export of its tracer)."""
+  root = pathlib.Path(jn.__file__).parent
+  private = re.compile(r"^\s*(from|import)\s+jax\._src\b", re.MULTILINE)
+  found = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*.py"))
+           if private.search(p.read_text())]
+  assert not found, found

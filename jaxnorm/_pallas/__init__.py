@@ -4,7 +4,7 @@ The plain case only: `x` of shape `(..., F)` flattened to `(R, F)` rows, statist
 parameters over the last axis, no mask, no devices. `obstacle` says why a call is outside it;
 `normalize_rows` runs the kernels: Mosaic kernels (`_mosaic`) in programs compiled for TPUs,
 Triton kernels (`_triton`) for GPUs, the Triton kernels in Pallas interpret mode on CPU. The
-arithmetic of every kernel is `_math`'s (`_mosaic` restates it for Mosaic's layouts).
+arithmetic of every kernel is `_math`'s.
 """
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ from .._platform import Policy, by_platform
 from . import _mosaic, _triton
 from ._math import backward_math, forward_math
 
-try:  # Private, used only to tell reverse-mode linearization from forward mode (see below).
-  from jax._src.interpreters.partial_eval import JaxprTracer as _LinearTracer
+# The tracers of JAX's partial evaluator, which stages out the tangents of reverse-mode
+# linearization: used only to tell it from forward mode (`normalize_rows` says why nothing
+# public can). `jax.interpreters` re-exports the class outside JAX's covered public API.
+try:
+  from jax.interpreters.partial_eval import JaxprTracer as _LinearTracer
 except ImportError:  # pragma: no cover - a later JAX: every tangent then takes the XLA path
   _LinearTracer = ()  # type: ignore[assignment,misc]
 
@@ -197,7 +200,10 @@ def normalize_rows(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None
 
   Differentiation. Reverse mode runs the backward kernel through a `jax.custom_vjp`. JAX
   cannot differentiate a `custom_vjp` in forward mode and cannot transpose a `pallas_call`,
-  so the whole is a `jax.custom_jvp` whose rule looks at the tangents it is given: during
+  and its public API has no linear function with a custom transpose that survives `jax.vmap`
+  and second derivatives (`jax.custom_derivatives.linear_call` has no batching rule and no
+  derivative in its residuals; a `custom_vjp` inside a tangent cannot be transposed).
+  So the whole is a `jax.custom_jvp` whose rule looks at the tangents it is given: during
   reverse-mode linearization (`jax.grad`, `jax.vjp`; tangents that JAX's partial evaluator
   stages out) it differentiates the `custom_vjp`, so that the transposed program calls the
   backward kernel; otherwise (`jax.jvp`, `jax.jacfwd`) it keeps the kernel's `y` and takes the

@@ -5,12 +5,10 @@ The TPU counterpart of the Triton kernels in `_triton`, with the same two entry 
 `jaxnorm._pallas` chooses by platform. Like them it takes the plain case only: `x` flattened to
 `(R, F)` rows, statistics and parameters over the last axis.
 
-The arithmetic is that of `_math.forward_math` and `_math.backward_math`, formula for formula,
-restated in `_forward_math` and `_backward_math` below for Mosaic's layouts (statistics as
-`(rows, 1)` columns, parameters as `(1, F)` rows, whole rows masked in the backward sums):
-float32 on chip whatever the input dtype, the exact two-pass statistics `mean = Σx / n`,
-`var = Σ(x - mean)² / n` (`Σx² / n` without centring), `rstd = rsqrt(var + eps)`, and
-`dx = r (g - x̂·mean(g x̂) - mean(g))` with `g = dy γ` (the `mean(g)` term only with centring).
+The arithmetic is `_math.forward_math` and `_math.backward_math`, called with
+`keepdims=True` for Mosaic's layouts (statistics as `(rows, 1)` columns, parameters as `(1, F)`
+rows, whole rows masked in the backward sums): float32 on chip whatever the input dtype, the
+exact two-pass statistics, as in the Triton kernels.
 
 Kernels (Mosaic, the Pallas TPU lowering; in Pallas interpret mode on the CPU):
 
@@ -29,14 +27,17 @@ write `y`; read `x` and `dy`, write `dx`. The statistics travel through HBM as f
 (one per row, laid out `(blocks, 1, block_rows)` so that the kernel stores them lane-dense);
 `forward_call` and `backward_call` convert them from and to shape `(R,)` around the kernels.
 
-Block rows come from each TPU generation's default scoped VMEM limit (`blocking`).
+Block rows come from the default scoped VMEM limit of the TPU generations in `SCOPED_VMEM`,
+the smallest of them unless a generation is named (`blocking`): nothing asks which device JAX
+runs on, so a program is the same wherever it is traced. On a TPU v4 the forward kernel does
+not compile (see `SCOPED_VMEM`).
 
 Choosing between these kernels and the Triton ones by platform works with
 `jax.lax.platform_dependent(..., cpu=<either, interpret=True>, cuda=<Triton>, tpu=<Mosaic>)`
 (checked: each program lowers only its platform's branch; the CPU runs interpret mode), with
 three caveats. Every branch is traced whatever the platform, so the `tpu` branch must be one
-that traces: where `supports` is False (float16, a row too long for VMEM, TPU v4), give it the
-XLA path instead of these kernels, which raise a `ValueError` at trace time. The `cpu`
+that traces: where `supports` is False (float16, a row too long for VMEM), give it the XLA
+path instead of these kernels, which raise a `ValueError` at trace time. The `cpu`
 branch must use `interpret=True`, not `pltpu.InterpretParams()`, whose ordered callbacks fail
 the lowering of `platform_dependent`'s `cond`. And lowering for several platforms at once
 (`lowering_platforms=("cuda", "tpu")`, as `jax.export` may) fails in the Triton `pallas_call`:
@@ -54,45 +55,46 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ._math import backward_refs, forward_refs
+from ._math import backward_math, backward_refs, forward_math, forward_refs
 
-# The generations the kernels compile for (benchmarks/mosaic_compile.py, libtpu of jax 0.10.2)
-# and the Mosaic compiler's default scoped VMEM limit on each (what a kernel may use without
-# raising `vmem_limit_bytes`). Not v4: its Mosaic lacks the sublane gather with which the
-# forward stores the statistics lane-dense. Not yet v7x: this libtpu has no deviceless v7x.
 SCOPED_VMEM = {"v5e": 16 << 20, "v5p": 16 << 20, "v6e": 32 << 20}
-_DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p",
-                 "TPU v5p": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e", "TPU7x": "v7x"}
-_DEFAULT_GENERATION = "v5e"
+"""The TPU generations the kernels compile for, and the Mosaic compiler's default scoped VMEM
+limit on each (what a kernel may use without raising `vmem_limit_bytes`). Not v4: its Mosaic
+lacks the sublane gather with which the forward stores the statistics lane-dense. Not v7x: no
+deviceless v7x topology to compile them for (docs/guides/gpu_kernels.md, "TPU generations")."""
 DTYPES = ("float32", "bfloat16")
 """The dtypes of `x` and the parameters that the kernels take (Mosaic cannot load float16 on
 v5e and v6e: "Invalid vector type for load")."""
 _VMEM_FRACTION = 0.75  # of the scoped limit; the rest for Mosaic's own scratch and spills
-# Blocking caps (unmeasured on a TPU this round: tune with a TPU benchmark). A block of a few MiB
-# should reach the HBM bandwidth; a larger one only lengthens the first read and the last
-# write, which the pipeline cannot overlap with another step.
+# Blocking caps, not yet tuned on a TPU. A block of a few MiB should reach the HBM bandwidth; a
+# larger one only lengthens the first read and the last write, which the pipeline cannot
+# overlap with another step.
 _MAX_BLOCK_BYTES = 2 << 20  # of x per block, in its dtype
 _MAX_BLOCK_ROWS = 2048
 # Float32 temporaries of a row block that the compiled kernels hold in VMEM besides the blocks
-# of their operands: the scoped VMEM of the compiled kernels (benchmarks/mosaic_compile.py, v5e
-# and v6e) less their operands' double buffers came to at most 1.9 float32 blocks in the forward
-# and 4.1 in the backward (with scale and bias; parameter rows and broadcasts included).
+# of their operands (parameter rows and broadcasts included), in blocks: bounds above what the
+# compiled kernels use (docs/guides/gpu_kernels.md, "VMEM of the Mosaic kernels").
 _FWD_TEMPS = 2.0
 _BWD_TEMPS = 4.5
-# And per row a few float32 columns (the row's mean, rstd, sums), each a lane-padded 128 wide:
-# they matter for short rows (at F = 128 the forward's temporaries came to 2.6 blocks).
+# And per row a few float32 columns (the row's mean, rstd, sums), each lane-padded to 128: they
+# matter for short rows, whose forward holds more temporaries per block.
 _FWD_COLUMNS = 2
 _BWD_COLUMNS = 4
 
 
-def default_generation() -> str:
-  """The TPU generation of JAX's default device (`"v5e"`, `"v6e"`, ...), `"v5e"` if not a TPU
-  (interpret mode on the CPU, or a program traced but not lowered for a TPU)."""
-  try:
-    device = jax.devices()[0]
-  except RuntimeError:  # pragma: no cover - no backend at all
-    return _DEFAULT_GENERATION
-  return _DEVICE_KINDS.get(device.device_kind, _DEFAULT_GENERATION)
+def _budget(generation: str | None) -> tuple[int, str]:
+  """The VMEM budget of a step on `generation`, and the name of what it fits (for errors).
+
+  Without a generation, the smallest of `SCOPED_VMEM`: blocks that fit every generation. A
+  program's blocks then depend on its shapes alone, never on the device JAX would run it on,
+  which need not be the one it is compiled for (`jax.export`, a CPU host compiling for TPUs).
+  """
+  if generation is None:
+    return int(_VMEM_FRACTION * min(SCOPED_VMEM.values())), "every generation"
+  if generation not in SCOPED_VMEM:
+    raise ValueError(f"generation={generation!r} is not one of {sorted(SCOPED_VMEM)}, the TPU "
+                     f"generations the kernels compile for. Use the XLA path on it.")
+  return int(_VMEM_FRACTION * SCOPED_VMEM[generation]), generation
 
 
 def _round_up(n: int, m: int) -> int:
@@ -129,10 +131,11 @@ def blocking(rows: int, features: int, dtype: Any, generation: str | None = None
              ) -> dict[str, int]:
   """Block rows of the forward (`"fwd"`) and backward (`"bwd"`) kernels for `(rows, features)`.
 
-  The most rows whose blocks fit `_VMEM_FRACTION` of the generation's default scoped VMEM
-  (`SCOPED_VMEM`, `_vmem_bytes`), at most `_MAX_BLOCK_ROWS` and `_MAX_BLOCK_BYTES` of `x` (but
-  at least one tile): a multiple of the dtype's tile rows (8 for float32, 16 for bfloat16), or
-  all `rows` when they fit in one block.
+  The most rows whose blocks fit `_VMEM_FRACTION` of the default scoped VMEM of `generation`
+  (`SCOPED_VMEM`, `_vmem_bytes`; without a generation, of every generation: see `_budget`), at
+  most `_MAX_BLOCK_ROWS` and `_MAX_BLOCK_BYTES` of `x` (but at least one tile): a multiple of
+  the dtype's tile rows (8 for float32, 16 for bfloat16), or all `rows` when they fit in one
+  block.
 
   Raises:
     ValueError: `rows` or `features` below 1, a generation not in `SCOPED_VMEM`, or a row too
@@ -141,11 +144,7 @@ def blocking(rows: int, features: int, dtype: Any, generation: str | None = None
   if rows < 1 or features < 1:
     raise ValueError(f"the Mosaic kernels take rows >= 1 and features >= 1; got rows={rows}, "
                      f"features={features}. Use the XLA path for empty input.")
-  gen = _DEFAULT_GENERATION if generation is None else generation
-  if gen not in SCOPED_VMEM:
-    raise ValueError(f"generation={gen!r} is not one of {sorted(SCOPED_VMEM)}, the TPU "
-                     f"generations the kernels compile for. Use the XLA path on it.")
-  budget = int(_VMEM_FRACTION * SCOPED_VMEM[gen])
+  budget, where = _budget(generation)
   sub = _sublanes(dtype)
   out = {}
   for name, backward in (("fwd", False), ("bwd", True)):
@@ -160,65 +159,19 @@ def blocking(rows: int, features: int, dtype: Any, generation: str | None = None
       raise ValueError(
           f"features={features} in {jnp.dtype(dtype).name}: one block of {sub} rows needs "
           f"{_vmem_bytes(sub, features, dtype, backward) >> 20} MiB of VMEM, more than the "
-          f"{budget >> 20} MiB budget on {gen}. Use the XLA path for rows this long.")
+          f"{budget >> 20} MiB budget on {where}. Use the XLA path for rows this long.")
     out[name] = rows if rows <= lo * sub else lo * sub
   return out
-
-
-def _forward_math(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, n: int,
-                  eps: float, centered: bool):
-  """`(y, mean, rstd)` of float32 rows `x` `(B, F)`; `mean`, `rstd` `(B, 1)`, mean None if RMS.
-
-  Two passes: `mean = Σx / n`, `var = Σ(x - mean)² / n` (`Σx² / n` without centring),
-  `rstd = rsqrt(var + eps)`, `y = (x - mean) rstd γ + β` (`_math.forward_math`).
-  """
-  mean = None
-  xc = x
-  if centered:
-    mean = jnp.sum(x, axis=1, keepdims=True) / n
-    xc = x - mean
-  rstd = jax.lax.rsqrt(jnp.sum(xc * xc, axis=1, keepdims=True) / n + eps)
-  y = xc * rstd
-  if scale is not None:
-    y = y * scale
-  if bias is not None:
-    y = y + bias
-  return y, mean, rstd
-
-
-def _backward_math(x: jax.Array, dy: jax.Array, mean: jax.Array | None, rstd: jax.Array,
-                   scale: jax.Array | None, valid: jax.Array | None, n: int, centered: bool):
-  r"""`(dx, Σ_rows dy x̂, Σ_rows dy)` in float32 from float32 rows; sums of shape `(1, F)`.
-
-  `mean`, `rstd` are `(B, 1)`; rows where `valid` `(B, 1)` is False add nothing to the sums.
-
-  .. math::
-    \hat x = (x - \mu) r, \quad g = dy\,\gamma, \quad
-    dx = r\,\big(g - \hat x\,\overline{g\hat x} - \bar g\big)
-
-  (the :math:`\bar g` term only with centring; bars are means over the row;
-  `_math.backward_math`).
-  """
-  xc = x if mean is None else x - mean
-  xhat = xc * rstd
-  if valid is not None:
-    xhat = jnp.where(valid, xhat, 0.0)
-    dy = jnp.where(valid, dy, 0.0)
-  g = dy if scale is None else dy * scale
-  t = g - xhat * (jnp.sum(xhat * g, axis=1, keepdims=True) / n)
-  if centered:
-    t = t - jnp.sum(g, axis=1, keepdims=True) / n
-  return (t * rstd, jnp.sum(dy * xhat, axis=0, keepdims=True),
-          jnp.sum(dy, axis=0, keepdims=True))
 
 
 def _forward_kernel(*refs, features: int, eps: float, centered: bool, has_scale: bool,
                     has_bias: bool):
   x_ref, g_ref, b_ref, y_ref, stat_refs = forward_refs(refs, has_scale, has_bias)
   f32 = jnp.float32
-  y, mean, rstd = _forward_math(
+  y, mean, rstd = forward_math(
       x_ref[...].astype(f32), None if g_ref is None else g_ref[...].astype(f32),
-      None if b_ref is None else b_ref[...].astype(f32), features, eps, centered)
+      None if b_ref is None else b_ref[...].astype(f32), None, features, eps, centered,
+      keepdims=True)
   y_ref[...] = y.astype(y_ref.dtype)
   for ref, s in zip(stat_refs, (mean, rstd) if centered else (rstd,), strict=True):
     ref[...] = s.reshape(ref.shape)  # (B, 1) -> (1, 1, B): the rows' statistics lane-dense
@@ -238,9 +191,9 @@ def _backward_kernel(*refs, rows: int, features: int, centered: bool, has_scale:
     valid = i * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0) < rows
   mean = None if mean_ref is None else mean_ref[...].reshape(block, 1)
   rstd = rstd_ref[...].reshape(block, 1)
-  dx, dg, db = _backward_math(x_ref[...].astype(f32), dy_ref[...].astype(f32), mean, rstd,
-                              None if g_ref is None else g_ref[...].astype(f32), valid,
-                              features, centered)
+  dx, dg, db = backward_math(x_ref[...].astype(f32), dy_ref[...].astype(f32), mean, rstd,
+                             None if g_ref is None else g_ref[...].astype(f32), valid,
+                             features, centered, keepdims=True, mask_dy=True)
   dx_ref[...] = dx.astype(dx_ref.dtype)
   sums = [s for s, on in ((dg, has_scale), (db, has_bias)) if on]
 
@@ -254,13 +207,14 @@ def _backward_kernel(*refs, rows: int, features: int, centered: bool, has_scale:
 
 
 def supports(features: int, dtype: Any, generation: str | None = None) -> bool:
-  """Whether the kernels take rows of `features` in `dtype` on `generation` (by default that of
-  JAX's default device): a dtype in `DTYPES`, a generation in `SCOPED_VMEM`, and a row that
-  `blocking` fits in VMEM. A dispatch should give the XLA path wherever this is False."""
+  """Whether the kernels take rows of `features` in `dtype` on `generation` (by default, on
+  every generation in `SCOPED_VMEM`): a dtype in `DTYPES`, a generation in `SCOPED_VMEM`, and a
+  row that `blocking` fits in VMEM. A dispatch should give the XLA path wherever this is
+  False."""
   if jnp.dtype(dtype).name not in DTYPES or features < 1:
     return False
   try:
-    blocking(1, features, dtype, generation or default_generation())
+    blocking(1, features, dtype, generation)
   except ValueError:
     return False
   return True
@@ -281,15 +235,15 @@ def forward_call(x2: jax.Array, params: Sequence[jax.Array], *, eps: float, cent
   `y` has `x2`'s dtype; the statistics are float32 of shape `(R,)` (mean only if `centered`).
   `interpret` is `pallas_call`'s: `True` runs the kernel in Pallas interpret mode on the CPU
   (`pltpu.InterpretParams()` in the TPU interpreter, which cannot sit inside a
-  `jax.lax.platform_dependent`); `generation` (`"v5e"`, `"v6e"`, ...) sizes the blocks, by
-  default that of JAX's default device.
+  `jax.lax.platform_dependent`); `generation` (`"v5e"`, `"v6e"`, ...) sizes the blocks for
+  that generation's VMEM, by default for every generation's (`blocking`).
 
   Raises:
     ValueError: a dtype not in `DTYPES`, or what `blocking` rejects.
   """
   _check_dtypes(x2, *params)
   rows, features = x2.shape
-  block = blocking(rows, features, x2.dtype, generation or default_generation())["fwd"]
+  block = blocking(rows, features, x2.dtype, generation)["fwd"]
   nblocks = pl.cdiv(rows, block)
   kernel = functools.partial(_forward_kernel, features=features, eps=eps, centered=centered,
                              has_scale=has_scale, has_bias=has_bias)
@@ -322,7 +276,7 @@ def backward_call(x2: jax.Array, dy2: jax.Array, stats: Sequence[jax.Array],
   """
   _check_dtypes(x2, dy2, *(() if scale is None else (scale,)))
   rows, features = x2.shape
-  block = blocking(rows, features, x2.dtype, generation or default_generation())["bwd"]
+  block = blocking(rows, features, x2.dtype, generation)["bwd"]
   nblocks = pl.cdiv(rows, block)
   has_scale = scale is not None
   kernel = functools.partial(_backward_kernel, rows=rows, features=features, centered=centered,
