@@ -50,6 +50,17 @@ def arithmetic_dtype(x_dtype: Any, stat_dtype: Any) -> Any:
   return complex_of(real) if jnp.issubdtype(x_dtype, jnp.complexfloating) else real
 
 
+def stats_dtypes(*dtypes: Any, complex_mean: bool) -> tuple[Any, Any]:
+  """The real dtype of merged or updated counts and variances (at least float32, from the
+  dtypes of the means and variances combined) and that of the mean: complex for a complex
+  mean (`_stats.merge_many`, `merge_moments`, `sync_running_stats`, the running statistics'
+  update)."""
+  dtype = wide_dtype(*(real_of(d) for d in dtypes))
+  if complex_mean:
+    return dtype, jax.dtypes.canonicalize_dtype(complex_of(dtype))
+  return dtype, dtype
+
+
 def default_float() -> Any:
   """JAX's default floating dtype: float64 with `jax_enable_x64`, else float32."""
   return jax.dtypes.canonicalize_dtype(jnp.float64)

@@ -29,8 +29,8 @@ from ._stats import (
   Moments,
   groups_unsupported,
   psum,
-  reduce,
   shifted_moments,
+  two_pass,
 )
 
 # The residuals that the backward pass keeps from the forward pass: the statistics only.
@@ -62,7 +62,7 @@ class Reduction(NamedTuple):
 
   def moments(self, x: jax.Array, mask: jax.Array | None, *,
               differentiated: bool = False) -> Moments:
-    """The moments of `_stats.reduce`, or, where the policy says so, moments that read x once
+    """The moments of `_stats.two_pass`, or, where the policy says so, moments that read x once
     where the two-pass variance reads it twice (docs/guides/internals.md, "One read on GPUs").
 
     Layer normalization (and group normalization of rows, a layer norm of each group's view)
@@ -87,8 +87,8 @@ class Reduction(NamedTuple):
       blocked = not self.per_example and 0 in self.axes
       return shifted_moments(x, self.axes, self.dtype, blocked=blocked, groups=self.groups,
                              sample_apart=policy.sample_apart)
-    return reduce(x, self.axes, mask, self.axis_name, self.axis_index_groups, self.dtype,
-                  self.centered, self.groups, policy=policy)
+    return two_pass(x, self.axes, mask, self.axis_name, self.axis_index_groups, self.dtype,
+                    self.centered, self.groups, policy=policy)
 
   def total(self, a: jax.Array) -> jax.Array:
     return group_sum(a, self.axes, self.groups)
@@ -348,7 +348,7 @@ def normalize_with_moments(
 ) -> tuple[jax.Array, Moments]:
   r"""Normalizes `x` by its own moments; returns `(y, moments)` (arguments validated).
 
-  :math:`y = (x - \mu) r \gamma + \beta` with the moments of `_stats.reduce` (count-weighted,
+  :math:`y = (x - \mu) r \gamma + \beta` with the moments of `_stats.two_pass` (count-weighted,
   masked, two-pass, at least float32, two `psum`s across devices), :math:`\mu = 0` and
   :math:`\sigma^2 = E[x^2]` with `centered=False`. The derivative is `_jvp`'s; the whole runs
   under `jax.checkpoint` saving only the statistics, so the backward pass recomputes `x - μ`

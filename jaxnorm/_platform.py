@@ -68,8 +68,8 @@ class Policy(NamedTuple):
 # say where they differ from it.
 OTHER = Policy("other", barriers=False, prevent_cse=False, recompute_given=False,
                column_moments="two_pass", row_moments="two_pass", row_moments_from=0,
-               row_moments_narrow=True, sample_apart=False, tangent_sums="centred", blocked_param_grads=False,
-               kernels="triton", interpret_kernels=False)
+               row_moments_narrow=True, sample_apart=False, tangent_sums="centred",
+               blocked_param_grads=False, kernels="triton", interpret_kernels=False)
 CPU = OTHER._replace(name="cpu", barriers=True, prevent_cse=True, recompute_given=True,
                      tangent_sums="normalized", interpret_kernels=True)
 GPU = OTHER._replace(name="gpu", column_moments="shifted", row_moments="shifted",

@@ -18,7 +18,8 @@ from jax.typing import ArrayLike
 
 from . import _checks
 from ._batch_norm import BatchNormState
-from ._stats import AxisName, merge, merge_dtypes, psum
+from ._dtypes import stats_dtypes
+from ._stats import AxisName, merge_many, psum
 
 
 def _is_state(node: Any) -> bool:
@@ -138,9 +139,9 @@ def sync_running_stats(
 
 def _merge_states(states: list[BatchNormState], w_given: jax.Array | None, axis_name: Any,
                   axis_index_groups: Any) -> list[BatchNormState]:
-  """`_stats.merge` of every state at once (two collectives): the states' means and variances
+  """`_stats.merge_many` of every state at once (two collectives): the states' means and variances
   laid end to end, each element weighted by its state's weight."""
-  dtypes = merge_dtypes(*(d for s in states for d in (s.mean.dtype, s.var.dtype)),
+  dtypes = stats_dtypes(*(d for s in states for d in (s.mean.dtype, s.var.dtype)),
                         complex_mean=False)
   dtype = dtypes[0]
   weights = [(s.count if w_given is None else w_given).astype(dtype) for s in states]
@@ -149,7 +150,7 @@ def _merge_states(states: list[BatchNormState], w_given: jax.Array | None, axis_
                                                                      strict=True)])
   counts = jnp.stack([s.count.astype(dtype) for s in states])
   total = lambda leaves: psum(leaves, axis_name, axis_index_groups)
-  _, mean, var, (replicas, c_sum) = merge(
+  _, mean, var, (replicas, c_sum) = merge_many(
       weight, flat([s.mean for s in states]), flat([s.var for s in states]), total,
       lambda v: v, dtypes=dtypes, extra=(counts,), equal_if_empty=True)
   out, start = [], 0

@@ -1,7 +1,7 @@
 """Statistics: moments of a reduction, their merge, and the collectives across devices.
 
 Every normalizer (layer, RMS, group, instance and batch normalization) and every Flax wrapper
-reduces its input through `reduce` below, so the numerical choices are made once:
+reduces its input through `two_pass` below, so the numerical choices are made once:
 
 * accumulation in at least float32, whatever the input dtype (`_dtypes`);
 * a two-pass variance (mean first, then centred squares), which has no `E[x²] - E[x]²`
@@ -16,7 +16,7 @@ the fused normalizers use `shifted_moments` where it saves a read of x: one pass
 a shift among the data, the median of a few leading elements (docs/guides/internals.md, "One
 read on GPUs").
 
-Moments of disjoint sets combine by `merge` (many sets: ghost batches, replicas) or
+Moments of disjoint sets combine by `merge_many` (many sets: ghost batches, replicas) or
 `merge_moments` (two sets, Chan's update).
 """
 
@@ -33,7 +33,7 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks
-from ._dtypes import complex_of, compute_dtype, real_of, wide_dtype
+from ._dtypes import compute_dtype, stats_dtypes, wide_dtype
 from ._layout import group_expand, group_sum
 from ._platform import Policy, barrier, by_platform, hashable
 
@@ -118,7 +118,7 @@ def psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
   return jax.tree.unflatten(treedef, out)
 
 
-def reduce(
+def two_pass(
     x: jax.Array,
     reduction_axes: tuple[int, ...],
     mask: jax.Array | None,
@@ -210,7 +210,7 @@ def _leading_shift(xf: jax.Array, sample_axes: tuple[int, ...],
   return jnp.expand_dims(_median3(lead, axis), axis)
 
 
-def moments_about(shift: jax.Array, s1: jax.Array, s2: jax.Array, n: int) -> Moments:
+def from_shifted_sums(shift: jax.Array, s1: jax.Array, s2: jax.Array, n: int) -> Moments:
   r"""The moments of sets of `n` elements from their sums :math:`\sum d` and
   :math:`\sum d^2` about `shift` K (:math:`d = x - K`): :math:`\mu = K + \bar d`,
   :math:`\sigma^2 = (\sum d^2 - \bar d\sum d)/n`, clamped at 0."""
@@ -239,7 +239,7 @@ def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any,
     s1, s2 = group_sum(jnp.stack([d, d * d]), tuple(a + 1 for a in reduction_axes), groups)
   else:
     s1, s2 = jnp.sum(d, reduction_axes), jnp.sum(d * d, reduction_axes)
-  return moments_about(shift, s1, s2, n)
+  return from_shifted_sums(shift, s1, s2, n)
 
 
 def shift_blocks(n: int) -> int:
@@ -251,12 +251,12 @@ def shifted_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, *
                     blocked: bool = False, groups: int | None = None,
                     sample_apart: bool = False) -> Moments:
   r"""Moments of real `x` in one read: sums of `d = x - K` about a shift `K` (local: no mask,
-  no `axis_name`; arguments validated). `groups`: as in `reduce`, with spatial axes.
+  no `axis_name`; arguments validated). `groups`: as in `two_pass`, with spatial axes.
 
   `K`, held constant, is the median of each set's first three elements (`_leading_shift`; with
   groups, the mean over the group's channels of each channel's median at the first spatial
   positions). Then :math:`\mu = K + \bar d` and :math:`\sigma^2 = (\sum d^2 - \bar d \sum d) / n`,
-  clamped at 0. Both sums read x in one kernel, where `reduce`'s two-pass variance reads it
+  clamped at 0. Both sums read x in one kernel, where `two_pass` reads it
   twice when a set does not stay on chip. The variance's rounding error is the two-pass one's
   with :math:`\sigma^2 + (\mu - K)^2` in place of :math:`\sigma^2` (tests/refs.py,
   `shifted_errors`): it does not grow with the data's offset, because K lies among the data,
@@ -358,10 +358,10 @@ def moments(
 
 
 def _moments(policy: Policy, static: tuple[Any, ...]) -> Callable[..., Moments]:
-  """`moments`'s branch of `by_platform`: `reduce` under `policy`."""
+  """`moments`'s branch of `by_platform`: `two_pass` under `policy`."""
   axes, axis_name, axis_index_groups, dtype = static
-  return lambda x, mask: reduce(x, axes, mask, axis_name, axis_index_groups, dtype,
-                                centered=True, policy=policy)
+  return lambda x, mask: two_pass(x, axes, mask, axis_name, axis_index_groups, dtype,
+                                  centered=True, policy=policy)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
@@ -414,21 +414,12 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
   return Moments((a.count + b.count).astype(jnp.float32), mean, var)
 
 
-def merge_dtypes(*dtypes: Any, complex_mean: bool) -> tuple[Any, Any]:
-  """The real dtype of merged counts and variances (at least float32, from the dtypes of the
-  means and variances merged) and that of the merged mean: complex for a complex mean."""
-  dtype = wide_dtype(*(real_of(d) for d in dtypes))
-  if complex_mean:
-    return dtype, jax.dtypes.canonicalize_dtype(complex_of(dtype))
-  return dtype, dtype
-
-
 def _merge_dtypes(*ms: Moments) -> tuple[Any, Any]:
-  return merge_dtypes(*(d for m in ms for d in (m.mean.dtype, m.var.dtype)),
+  return stats_dtypes(*(d for m in ms for d in (m.mean.dtype, m.var.dtype)),
                       complex_mean=any(jnp.iscomplexobj(m.mean) for m in ms))
 
 
-def merge(weight: jax.Array, mean: jax.Array, var: jax.Array,
+def merge_many(weight: jax.Array, mean: jax.Array, var: jax.Array,
           total: Callable[[tuple[jax.Array, ...]], tuple[jax.Array, ...]],
           expand: Callable[[jax.Array], jax.Array], *, dtypes: tuple[Any, Any],
           extra: tuple[jax.Array, ...] = (), equal_if_empty: bool = False,
@@ -449,7 +440,7 @@ def merge(weight: jax.Array, mean: jax.Array, var: jax.Array,
     weight, mean, var: each set's weight (its count), mean and population variance.
     total: sums a tuple of arrays over the sets, in one reduction or collective.
     expand: broadcasts a merged statistic against the sets'.
-    dtypes: `(real dtype, mean dtype)` of the arithmetic (`merge_dtypes`).
+    dtypes: `(real dtype, mean dtype)` of the arithmetic (`_dtypes.stats_dtypes`).
     extra: more arrays for the first `total` (summed in the same collective).
     equal_if_empty: weight the sets equally where every weight is 0.
 
@@ -478,10 +469,10 @@ def merge(weight: jax.Array, mean: jax.Array, var: jax.Array,
 
 
 def merge_axis(m: Moments, axis: int) -> Moments:
-  """The moments of the union of the disjoint sets laid out along `axis` of `m` (`merge`)."""
+  """The moments of the union of the disjoint sets laid out along `axis` of `m` (`merge_many`)."""
   total = lambda leaves: tuple(jnp.sum(a, axis) for a in leaves)
-  n, mean, var, _ = merge(m.count, m.mean, m.var, total, lambda s: jnp.expand_dims(s, axis),
-                          dtypes=_merge_dtypes(m))
+  n, mean, var, _ = merge_many(m.count, m.mean, m.var, total, lambda s: jnp.expand_dims(s, axis),
+                               dtypes=_merge_dtypes(m))
   return Moments(n.astype(jnp.float32), mean, var)
 
 
