@@ -8,7 +8,7 @@ compute (`_stats`, `_apply`, `_fused`, the kernels) take validated arguments and
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -161,16 +161,35 @@ def feature_shape(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tupl
   return tuple(shape[a] for a in feature_axes)
 
 
-def normalizer_args(x: ArrayLike, reduction_axes: Axes | None, feature_axes: Axes, scale: Any,
-                    bias: Any, epsilon: Any, mask: Any = None, axis_name: Any = None,
-                    axis_index_groups: Any = None, allow_complex: bool = True,
-                    real_only: str = "this function",
-                    ) -> tuple[jax.Array, tuple[int, ...], tuple[int, ...], jax.Array | None]:
-  """Validates the arguments every normalizer shares; returns `(x, reduction axes, feature
-  axes, mask broadcast to x)` in canonical form. `reduction_axes=None`: every axis that is
-  not a feature axis (batch normalization)."""
+class Spec(NamedTuple):
+  """One normalizer call's configuration, validated once (`normalizer_spec`) and handed down
+  whole: nothing below the public function checks it again or takes its fields one by one.
+
+  Immutable. `epsilon` and `mask` may be arrays (traced); every other field is static, and
+  `_fused` keys its compiled programs on them (with `_platform.hashable` device names).
+  """
+
+  reduction_axes: tuple[int, ...]  # the statistics' axes, sorted, non-negative
+  feature_axes: tuple[int, ...]  # the axes scale and bias run along
+  epsilon: Any  # a non-negative scalar: a Python number or an array
+  mask: jax.Array | None  # boolean, broadcast to the input's shape
+  axis_name: Any = None  # the mapped axes reduced over as well
+  axis_index_groups: Any = None  # device groups along axis_name (jax.pmap only)
+  centered: bool = True  # False: RMS normalization (mean 0, variance E[x²])
+  groups: int | None = None  # group normalization of channels-last input (_layout.group_sum)
+
+
+def normalizer_spec(x: ArrayLike, scale: Any, bias: Any, *, reduction_axes: Axes | None,
+                    feature_axes: Axes, epsilon: Any, mask: Any = None, axis_name: Any = None,
+                    axis_index_groups: Any = None, real_only: str | None = None,
+                    ) -> tuple[jax.Array, Spec]:
+  """Validates the arguments every normalizer shares; returns `x` as an array and the `Spec`
+  (axes canonical, mask broadcast to x). `reduction_axes=None`: every axis that is not a
+  feature axis (batch normalization). `real_only` names a function that takes real input only
+  (None: complex input is accepted)."""
   x = jnp.asarray(x)
-  check_floating(x, allow_complex=allow_complex, real_only=real_only)
+  check_floating(x, allow_complex=real_only is None,
+                 real_only="this function" if real_only is None else real_only)
   feat = canonicalize_axes(feature_axes, x.ndim, "feature_axes")
   if reduction_axes is None:
     red = tuple(a for a in range(x.ndim) if a not in feat)
@@ -182,7 +201,159 @@ def normalizer_args(x: ArrayLike, reduction_axes: Axes | None, feature_axes: Axe
   check_epsilon(epsilon)
   valid = check_mask(mask, x.shape)
   check_axis_index_groups(axis_name, axis_index_groups)
-  return x, red, feat, valid
+  return x, Spec(red, feat, epsilon, valid, axis_name, axis_index_groups)
+
+
+def check_rank2(x: jax.Array, name: str) -> None:
+  """Group and instance normalization: x has a batch axis first and at least one more."""
+  if x.ndim < 2:
+    raise ValueError(f"{name} expects input of rank >= 2 (batch first); got shape {x.shape}.")
+
+
+def group_norm_spec(x: ArrayLike, scale: Any, bias: Any, *, num_groups: Any, group_size: Any,
+                    epsilon: Any, reduction_axes: Axes | None, channel_axis: Any, mask: Any,
+                    axis_name: Any, axis_index_groups: Any) -> tuple[jax.Array, Spec]:
+  """`group_norm`'s checks; the `Spec`'s feature axis is the channel axis and its `groups` the
+  number of groups."""
+  x = jnp.asarray(x)
+  check_rank2(x, "group_norm")
+  if isinstance(channel_axis, bool) or not isinstance(channel_axis, int):
+    raise TypeError(f"channel_axis must be an int; got {channel_axis!r}.")
+  (ch,) = canonicalize_axes(channel_axis, x.ndim, "channel_axis")
+  if ch == 0:
+    raise ValueError(f"channel_axis={channel_axis!r} is the batch axis 0; group "
+                     f"normalization normalizes each example on its own.")
+  if reduction_axes is None:
+    reduction_axes = tuple(range(1, x.ndim))
+  x, spec = normalizer_spec(x, scale, bias, reduction_axes=reduction_axes, feature_axes=ch,
+                            epsilon=epsilon, mask=mask, axis_name=axis_name,
+                            axis_index_groups=axis_index_groups)
+  if ch not in spec.reduction_axes:
+    what = "the last (channel) axis" if ch == x.ndim - 1 else "the channel axis"
+    raise ValueError(f"reduction_axes={reduction_axes!r} must include {what}, {ch}.")
+  groups = resolve_groups(x.shape[ch], num_groups, group_size,
+                          where=f" (axis {ch} of the input)")
+  return x, spec._replace(groups=groups)
+
+
+def instance_norm_spec(x: ArrayLike, scale: Any, bias: Any, *, feature_axes: Axes,
+                       epsilon: Any, mask: Any, axis_name: Any,
+                       axis_index_groups: Any) -> tuple[jax.Array, Spec]:
+  """`instance_norm`'s checks; the `Spec` reduces every axis but the batch and feature axes."""
+  x = jnp.asarray(x)
+  check_rank2(x, "instance_norm")
+  x, spec = normalizer_spec(x, scale, bias, reduction_axes=None, feature_axes=feature_axes,
+                            epsilon=epsilon, mask=mask, axis_name=axis_name,
+                            axis_index_groups=axis_index_groups)
+  if 0 in spec.feature_axes:
+    raise ValueError(
+        f"feature_axes={feature_axes!r} includes the batch axis 0; instance normalization "
+        f"keeps the batch axis and the feature axes."
+    )
+  red = tuple(a for a in range(1, x.ndim) if a not in spec.feature_axes)
+  return x, spec._replace(reduction_axes=red)
+
+
+def check_statistics(mean: ArrayLike, var: ArrayLike, x: jax.Array,
+                     reduction_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """`normalize`'s given statistics: floating, of x's shape without `reduction_axes`."""
+  stat_shape = tuple(d for i, d in enumerate(x.shape) if i not in reduction_axes)
+  mean, var = jnp.asarray(mean), jnp.asarray(var)
+  for name, s in (("mean", mean), ("var", var)):
+    check_inexact(s, name)
+    if s.shape != stat_shape:
+      raise ValueError(
+          f"{name} must have the input's shape {x.shape} without reduction_axes "
+          f"{reduction_axes}, i.e. {stat_shape}; got shape {s.shape}."
+      )
+  return mean, var
+
+
+class BatchNormSpec(NamedTuple):
+  """A batch (re)normalization call's configuration, validated once (`batch_norm_spec`)."""
+
+  norm: Spec  # the statistics' and the output's: axes, epsilon, mask, devices
+  momentum: Any  # the running statistics' decay in [0, 1), None (cumulative average), traced
+  unbiased_running_var: bool  # store the Bessel-corrected variance
+  virtual_batch_size: int | None  # ghost batches in training (None: one batch)
+
+
+def batch_norm_spec(x: ArrayLike, state: Any, scale: Any, bias: Any, *, state_type: type[Any],
+                    training: Any, feature_axes: Axes, momentum: Any, epsilon: Any, mask: Any,
+                    axis_name: Any, axis_index_groups: Any, unbiased_running_var: Any,
+                    virtual_batch_size: Any, real_only: str | None = None,
+                    ) -> tuple[jax.Array, BatchNormSpec]:
+  """The checks of `batch_norm` and `batch_renorm` (`state_type`: `BatchNormState`)."""
+  if not isinstance(training, bool):
+    raise TypeError(
+        f"training must be a Python bool (it selects the code path at trace time); got "
+        f"{training!r}. Make it a static argument of your jitted function."
+    )
+  x, spec = normalizer_spec(x, scale, bias, reduction_axes=None, feature_axes=feature_axes,
+                            epsilon=epsilon, mask=mask, axis_name=axis_name,
+                            axis_index_groups=axis_index_groups, real_only=real_only)
+  check_momentum(momentum)
+  check_bool(unbiased_running_var, "unbiased_running_var")
+  check_state(state, state_type, feature_shape(x.shape, spec.feature_axes),
+              jnp.iscomplexobj(x))
+  check_virtual_batch_size(virtual_batch_size, x.shape, spec.feature_axes, training)
+  return x, BatchNormSpec(spec, momentum, unbiased_running_var, virtual_batch_size)
+
+
+def check_state(state: Any, state_type: type[Any], feature_shape: tuple[int, ...],
+                complex_input: bool) -> None:
+  """A running-statistics state (`state_type`: `BatchNormState`) for input of `feature_shape`,
+  complex or not."""
+  if not isinstance(state, state_type):
+    raise TypeError(f"state must be a jaxnorm.BatchNormState (see batch_norm_init); got "
+                    f"{type(state).__name__}.")
+  for name in ("mean", "var"):
+    dtype = jnp.result_type(getattr(state, name))
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(f"state.{name} has dtype {dtype}; the running statistics are floating "
+                      f"(batch_norm_init({tuple(feature_shape)}) makes float32 ones).")
+  if not jnp.issubdtype(jnp.result_type(state.count), jnp.integer):
+    raise TypeError(f"state.count has dtype {jnp.result_type(state.count)}; it counts updates, "
+                    f"an integer (int32 from batch_norm_init).")
+  if jnp.iscomplexobj(state.var):
+    raise TypeError(f"state.var is complex ({state.var.dtype}); the running variance "
+                    f"E[|x - mean|^2] is real (batch_norm_init(shape, dtype=jnp.complex64) "
+                    f"makes a complex mean and a real variance).")
+  if jnp.iscomplexobj(state.mean) != complex_input:
+    kind = "complex" if complex_input else "real"
+    hint = (f"batch_norm_init({tuple(feature_shape)}, dtype=jnp.complex64)" if complex_input
+            else f"batch_norm_init({tuple(feature_shape)})")
+    raise TypeError(
+        f"state.mean is {state.mean.dtype} but the batch is {kind}: a complex batch needs a "
+        f"complex running mean (its imaginary part would be lost) and a real batch a real one; "
+        f"create the state with {hint}."
+    )
+  for name in ("mean", "var"):
+    shape = tuple(jnp.shape(getattr(state, name)))
+    if shape != tuple(feature_shape):
+      raise ValueError(
+          f"state.{name} has shape {shape} but the input's feature shape is "
+          f"{tuple(feature_shape)}; create the state with "
+          f"batch_norm_init({tuple(feature_shape)})."
+      )
+  if jnp.shape(state.count) != ():
+    raise ValueError(f"state.count must be a scalar; got shape {jnp.shape(state.count)}.")
+
+
+def check_moments(value: Any, name: str, moments_type: type[Any]) -> None:
+  """`value` must be a `Moments` (`moments_type`)."""
+  if not isinstance(value, moments_type):
+    raise TypeError(f"{name} must be a jaxnorm.Moments (see jaxnorm.moments); got "
+                    f"{type(value).__name__}.")
+
+
+def update_args(state: Any, batch: Any, *, state_type: type[Any], moments_type: type[Any],
+                momentum: Any, unbiased_running_var: Any) -> None:
+  """The checks of `update_running_stats`."""
+  check_momentum(momentum)
+  check_bool(unbiased_running_var, "unbiased_running_var")
+  check_moments(batch, "batch", moments_type)
+  check_state(state, state_type, jnp.shape(batch.mean), jnp.iscomplexobj(batch.mean))
 
 
 IMPLEMENTATIONS = (None, "xla", "pallas")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from . import _checks
-from ._apply import rstd
+from ._apply import reciprocal_std
 from ._dtypes import wide_dtype
 
 
@@ -95,7 +95,7 @@ def fold_batch_norm(
 def _fold(kernel: jax.Array, arrays: dict[str, jax.Array | None],
           epsilon: float) -> tuple[jax.Array, jax.Array]:
   dtype = wide_dtype(*(v.dtype for v in (kernel, *arrays.values()) if v is not None))
-  mul = rstd(arrays["var"], epsilon, dtype)  # type: ignore[arg-type]
+  mul = reciprocal_std(arrays["var"], epsilon, dtype)  # type: ignore[arg-type]
   if arrays["scale"] is not None:
     mul = mul * arrays["scale"].astype(dtype)
   shift = -arrays["mean"].astype(dtype)  # type: ignore[union-attr]

@@ -354,10 +354,10 @@ def moments(
     static = (axes, hashable(axis_name), hashable(axis_index_groups),
               compute_dtype(x.dtype, dtype))
     with groups_unsupported(axis_index_groups):
-      return by_platform(_moments, static, x, mask)
+      return by_platform(_moments_branch, static, x, mask)
 
 
-def _moments(policy: Policy, static: tuple[Any, ...]) -> Callable[..., Moments]:
+def _moments_branch(policy: Policy, static: tuple[Any, ...]) -> Callable[..., Moments]:
   """`moments`'s branch of `by_platform`: `two_pass` under `policy`."""
   axes, axis_name, axis_index_groups, dtype = static
   return lambda x, mask: two_pass(x, axes, mask, axis_name, axis_index_groups, dtype,
