@@ -84,12 +84,7 @@ def batch_norm_init(feature_shape: int | Sequence[int], *,
     BatchNormState(mean=Array([0.+0.j, 0.+0.j], dtype=complex64),
                    var=Array([1., 1.], dtype=float32), count=Array(0, dtype=int32))
   """
-  shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
-  if not all(isinstance(d, int) and d >= 0 for d in shape):
-    raise ValueError(f"feature_shape must be a sequence of non-negative ints; got "
-                     f"{feature_shape!r}.")
-  if not jnp.issubdtype(dtype, jnp.inexact):
-    raise TypeError(f"dtype must be a floating or complex dtype; got {dtype!r}.")
+  shape = _checks.init_args(feature_shape, dtype)
   return BatchNormState(jnp.zeros(shape, dtype), jnp.ones(shape, real_of(dtype)),
                         jnp.zeros((), jnp.int32))
 
@@ -106,10 +101,9 @@ def momentum_from_torch(momentum: float | None) -> float | None:
     >>> jn.momentum_from_torch(0.1)
     0.9
   """
+  _checks.check_torch_momentum(momentum)
   if momentum is None:
     return None
-  if not 0.0 < momentum <= 1.0:
-    raise ValueError(f"PyTorch's momentum must lie in (0, 1]; got {momentum!r}.")
   return round(1.0 - momentum, 15)
 
 

@@ -356,6 +356,118 @@ def update_args(state: Any, batch: Any, *, state_type: type[Any], moments_type: 
   check_state(state, state_type, jnp.shape(batch.mean), jnp.iscomplexobj(batch.mean))
 
 
+def moments_args(x: ArrayLike, reduction_axes: Axes, *, mask: Any, axis_name: Any,
+                 axis_index_groups: Any, dtype: Any) -> tuple[jax.Array, tuple[int, ...],
+                                                          jax.Array | None]:
+  """The checks of `moments`; returns `(x, reduction axes, mask broadcast to x)`."""
+  x = jnp.asarray(x)
+  check_floating(x, allow_complex=True)
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(f"dtype={dtype!r} must be a floating (or complex) accumulation dtype, e.g. "
+                    f"jnp.float32 or jnp.float64.")
+  axes = canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
+  mask = check_mask(mask, x.shape)
+  check_axis_index_groups(axis_name, axis_index_groups)
+  return x, axes, mask
+
+
+def merge_args(a: Any, b: Any, moments_type: type[Any]) -> None:
+  """The checks of `merge_moments`: two `Moments` of shapes that broadcast."""
+  for name, m in (("a", a), ("b", b)):
+    check_moments(m, name, moments_type)
+  if not _broadcasts(*(jnp.shape(v) for v in (*a, *b))):
+    raise ValueError(f"a and b must have shapes that broadcast; got a.mean of shape "
+                     f"{jnp.shape(a.mean)} and b.mean of shape {jnp.shape(b.mean)}.")
+
+
+def _broadcasts(*shapes: tuple[int, ...]) -> bool:
+  try:
+    np.broadcast_shapes(*shapes)
+  except ValueError:
+    return False
+  return True
+
+
+def init_args(feature_shape: Any, dtype: Any) -> tuple[int, ...]:
+  """The checks of `batch_norm_init`; returns the feature shape as a tuple."""
+  shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
+  if not all(isinstance(d, int) and d >= 0 for d in shape):
+    raise ValueError(f"feature_shape must be a sequence of non-negative ints; got "
+                     f"{feature_shape!r}.")
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(f"dtype must be a floating or complex dtype; got {dtype!r}.")
+  return shape
+
+
+def check_torch_momentum(momentum: Any) -> None:
+  """PyTorch's momentum, the weight of the new batch, lies in (0, 1] (None: cumulative)."""
+  if momentum is not None and not 0.0 < momentum <= 1.0:
+    raise ValueError(f"PyTorch's momentum must lie in (0, 1]; got {momentum!r}.")
+
+
+def replicas_args(states: list[Any], state_type: type[Any], *, axis_name: Any,
+                  axis_index_groups: Any, weights: Any) -> jax.Array | None:
+  """The checks of `sync_running_stats` (`states`: the leaves of its state tree); returns the
+  weight as an array, or None."""
+  if axis_name is None:
+    raise ValueError(
+        "axis_name must name the mapped axis of the replicas (the axis_name of jax.pmap or "
+        "jax.vmap, or a mesh axis of jax.shard_map); got None. Under plain jax.jit over "
+        "sharded arrays the running statistics are already global."
+    )
+  check_axis_index_groups(axis_name, axis_index_groups)
+  for s in states:
+    if not isinstance(s, state_type):
+      raise TypeError(
+          f"state must be a jaxnorm.BatchNormState or a pytree (dict, list, tuple) whose "
+          f"leaves are BatchNormStates; found a leaf of type {type(s).__name__}. Pass only "
+          f"the running statistics, e.g. the 'batch_stats' part of a model's variables."
+      )
+    if jnp.shape(s.mean) != jnp.shape(s.var):
+      raise ValueError(f"state.mean and state.var must have the same shape; got "
+                       f"{jnp.shape(s.mean)} and {jnp.shape(s.var)}.")
+    if jnp.shape(s.count) != ():
+      raise ValueError(f"state.count must be a scalar; got shape {jnp.shape(s.count)}.")
+  return _replica_weight(weights)
+
+
+def _replica_weight(weights: Any) -> jax.Array | None:
+  if weights is None:
+    return None
+  w = jnp.asarray(weights)
+  if w.shape != ():
+    raise ValueError(
+        f"weights must be a scalar, this replica's weight (e.g. the number of examples it "
+        f"normalized); got shape {w.shape}."
+    )
+  if is_concrete(weights):
+    value = float(np.asarray(weights))
+    if not (value >= 0.0 and value < float("inf")):
+      raise ValueError(f"weights must be finite and non-negative; got {weights!r}.")
+  return w
+
+
+def fold_args(kernel: ArrayLike, epsilon: Any, given: dict[str, Any],
+              ) -> tuple[jax.Array, dict[str, jax.Array | None]]:
+  """The checks of `fold_batch_norm` (`given`: its other arrays by name, None where absent);
+  returns the kernel and those arrays as arrays."""
+  kernel = jnp.asarray(kernel)
+  check_floating(kernel, "kernel", real_only="fold_batch_norm")
+  if kernel.ndim == 0:
+    raise ValueError("kernel must have at least one axis (output features last); got a "
+                     "scalar.")
+  check_epsilon(epsilon)
+  features = (kernel.shape[-1],)
+  what = "kernel's output features (its last axis)"
+  arrays: dict[str, jax.Array | None] = {
+      k: None if v is None else jnp.asarray(v) for k, v in given.items()}
+  for name, value in arrays.items():
+    check_param(value, features, name, what)
+    if value is not None:  # a complex mean (of complex batch norm) would lose its imaginary part
+      check_floating(value, name, real_only="fold_batch_norm")
+  return kernel, arrays
+
+
 IMPLEMENTATIONS = (None, "xla", "pallas")
 
 

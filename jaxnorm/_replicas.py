@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from . import _checks
@@ -24,37 +23,6 @@ from ._stats import AxisName, merge_many, psum
 
 def _is_state(node: Any) -> bool:
   return isinstance(node, BatchNormState)
-
-
-def _check_states(states: list[Any]) -> None:
-  for s in states:
-    if not isinstance(s, BatchNormState):
-      raise TypeError(
-          f"state must be a jaxnorm.BatchNormState or a pytree (dict, list, tuple) whose "
-          f"leaves are BatchNormStates; found a leaf of type {type(s).__name__}. Pass only "
-          f"the running statistics, e.g. the 'batch_stats' part of a model's variables."
-      )
-    if jnp.shape(s.mean) != jnp.shape(s.var):
-      raise ValueError(f"state.mean and state.var must have the same shape; got "
-                       f"{jnp.shape(s.mean)} and {jnp.shape(s.var)}.")
-    if jnp.shape(s.count) != ():
-      raise ValueError(f"state.count must be a scalar; got shape {jnp.shape(s.count)}.")
-
-
-def _check_weights(weights: Any) -> jax.Array | None:
-  if weights is None:
-    return None
-  w = jnp.asarray(weights)
-  if w.shape != ():
-    raise ValueError(
-        f"weights must be a scalar, this replica's weight (e.g. the number of examples it "
-        f"normalized); got shape {w.shape}."
-    )
-  if _checks.is_concrete(weights):
-    value = float(np.asarray(weights))
-    if not (value >= 0.0 and value < float("inf")):
-      raise ValueError(f"weights must be finite and non-negative; got {weights!r}.")
-  return w
 
 
 def sync_running_stats(
@@ -120,16 +88,9 @@ def sync_running_stats(
                    var=Array([[3.4375], [3.4375]], dtype=float32),
                    count=Array([2, 2], dtype=int32))
   """
-  if axis_name is None:
-    raise ValueError(
-        "axis_name must name the mapped axis of the replicas (the axis_name of jax.pmap or "
-        "jax.vmap, or a mesh axis of jax.shard_map); got None. Under plain jax.jit over "
-        "sharded arrays the running statistics are already global."
-    )
-  _checks.check_axis_index_groups(axis_name, axis_index_groups)
   states, treedef = jax.tree.flatten(state, is_leaf=_is_state)
-  _check_states(states)
-  w_given = _check_weights(weights)
+  w_given = _checks.replicas_args(states, BatchNormState, axis_name=axis_name,
+                                  axis_index_groups=axis_index_groups, weights=weights)
   if not states:
     return state
   with jax.named_scope("jaxnorm.sync_running_stats"):

@@ -29,7 +29,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks
@@ -342,14 +341,8 @@ def moments(
     (Array([2., 2.], dtype=float32), Array([ 1.5, 15. ], dtype=float32),
      Array([ 0.25, 25.  ], dtype=float32))
   """
-  x = jnp.asarray(x)
-  _checks.check_floating(x, allow_complex=True)
-  if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
-    raise TypeError(f"dtype={dtype!r} must be a floating (or complex) accumulation dtype, e.g. "
-                    f"jnp.float32 or jnp.float64.")
-  axes = _checks.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
-  mask = _checks.check_mask(mask, x.shape)
-  _checks.check_axis_index_groups(axis_name, axis_index_groups)
+  x, axes, mask = _checks.moments_args(x, reduction_axes, mask=mask, axis_name=axis_name,
+                                       axis_index_groups=axis_index_groups, dtype=dtype)
   with jax.named_scope("jaxnorm.moments"):
     static = (axes, hashable(axis_name), hashable(axis_index_groups),
               compute_dtype(x.dtype, dtype))
@@ -391,15 +384,7 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     >>> m.count, m.mean, m.var
     (Array(10., dtype=float32), Array(4.5, dtype=float32), Array(8.25..., dtype=float32))
   """
-  for name, m in (("a", a), ("b", b)):
-    if not isinstance(m, Moments):
-      raise TypeError(f"{name} must be a jaxnorm.Moments (see jaxnorm.moments); got "
-                      f"{type(m).__name__}.")
-  try:
-    np.broadcast_shapes(*(jnp.shape(v) for v in (*a, *b)))
-  except ValueError:
-    raise ValueError(f"a and b must have shapes that broadcast; got a.mean of shape "
-                     f"{jnp.shape(a.mean)} and b.mean of shape {jnp.shape(b.mean)}.") from None
+  _checks.merge_args(a, b, Moments)
   dtype, mdtype = _merge_dtypes(a, b)
   na, nb = a.count.astype(dtype), b.count.astype(dtype)
   n = na + nb
