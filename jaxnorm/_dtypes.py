@@ -14,6 +14,16 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+# `Moments.count`: float32 (the contract), exact for counts up to 2**24, so that it is summed
+# across devices in the same collective as the float32 sums.
+COUNT_DTYPE = jnp.float32
+
+
+def count_sum_dtype(n: int) -> Any:
+  """The dtype in which a mask's valid elements are counted over sets of `n` elements:
+  `COUNT_DTYPE` where every partial sum is an exact integer in it (n < 2**24), else int32."""
+  return COUNT_DTYPE if n < 2**24 else jnp.int32
+
 
 def wide_dtype(*dtypes: Any) -> Any:
   """The widest of `dtypes` and float32 (explicit, so it holds under strict dtype promotion)."""

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks
-from ._dtypes import compute_dtype, stats_dtypes, wide_dtype
+from ._dtypes import COUNT_DTYPE, compute_dtype, count_sum_dtype, stats_dtypes, wide_dtype
 from ._layout import group_expand, group_sum
 from ._platform import Policy, barrier, by_platform, hashable
 
@@ -148,13 +148,13 @@ def two_pass(
     return group_sum(a, reduction_axes, groups, **kwargs)
 
   if mask is None:
-    count = jnp.full(out_shape, n, jnp.float32)
+    count = jnp.full(out_shape, n, COUNT_DTYPE)
     xz = xf
   else:
-    # Summed in float32 when that is exact (every partial sum is an integer below 2**24), so
-    # that under sharded jit XLA can merge the count's all-reduce with the sum's.
-    count = total(mask, dtype=jnp.float32 if n < 2**24 else jnp.int32)
-    count = count.astype(jnp.float32)
+    # Summed in float32 where that is exact, so that under sharded jit XLA can merge the
+    # count's all-reduce with the sum's.
+    count = total(mask, dtype=count_sum_dtype(n))
+    count = count.astype(COUNT_DTYPE)
     xz = jnp.where(mask, xf, jnp.zeros((), dtype))
   if not centered:
     sq = total(abs2(xz))
@@ -215,7 +215,7 @@ def from_shifted_sums(shift: jax.Array, s1: jax.Array, s2: jax.Array, n: int) ->
   :math:`\sigma^2 = (\sum d^2 - \bar d\sum d)/n`, clamped at 0."""
   mean_d = s1 / n
   var = jnp.maximum(s2 - s1 * mean_d, jnp.zeros((), s2.dtype)) / n
-  return Moments(jnp.full(shift.shape, n, jnp.float32), shift + mean_d, var)
+  return Moments(jnp.full(shift.shape, n, COUNT_DTYPE), shift + mean_d, var)
 
 
 def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any,
@@ -385,7 +385,7 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     (Array(10., dtype=float32), Array(4.5, dtype=float32), Array(8.25..., dtype=float32))
   """
   _checks.merge_args(a, b, Moments)
-  dtype, mdtype = _merge_dtypes(a, b)
+  dtype, mdtype = _stats_dtypes_of(a, b)
   na, nb = a.count.astype(dtype), b.count.astype(dtype)
   n = na + nb
   safe_n = jnp.where(n > 0, n, jnp.ones((), dtype))
@@ -396,10 +396,10 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
   zero = jnp.zeros((), dtype)
   mean = jnp.where(n > 0, mean, jnp.zeros((), mdtype))
   var = jnp.where(n > 0, m2 / safe_n, zero)
-  return Moments((a.count + b.count).astype(jnp.float32), mean, var)
+  return Moments((a.count + b.count).astype(COUNT_DTYPE), mean, var)
 
 
-def _merge_dtypes(*ms: Moments) -> tuple[Any, Any]:
+def _stats_dtypes_of(*ms: Moments) -> tuple[Any, Any]:
   return stats_dtypes(*(d for m in ms for d in (m.mean.dtype, m.var.dtype)),
                       complex_mean=any(jnp.iscomplexobj(m.mean) for m in ms))
 
@@ -457,8 +457,8 @@ def merge_axis(m: Moments, axis: int) -> Moments:
   """The moments of the union of the disjoint sets laid out along `axis` of `m` (`merge_many`)."""
   total = lambda leaves: tuple(jnp.sum(a, axis) for a in leaves)
   n, mean, var, _ = merge_many(m.count, m.mean, m.var, total, lambda s: jnp.expand_dims(s, axis),
-                               dtypes=_merge_dtypes(m))
-  return Moments(n.astype(jnp.float32), mean, var)
+                               dtypes=_stats_dtypes_of(m))
+  return Moments(n.astype(COUNT_DTYPE), mean, var)
 
 
 def bessel(var: jax.Array, count: jax.Array) -> jax.Array:
