@@ -178,8 +178,8 @@ def two_pass(
 
 
 # With `blocked`, at most this many blocks along the first reduction axis, of at least
-# `SHIFT_BLOCK_ROWS` entries each (smaller blocks' partial results cost XLA:GPU a write of a
-# sizeable share of x: docs/guides/internals.md, "One read on GPUs").
+# `SHIFT_BLOCK_ROWS` entries each: XLA:GPU writes smaller blocks' partial results out
+# (docs/guides/internals.md, "One read on GPUs").
 SHIFT_BLOCKS = 64
 SHIFT_BLOCK_ROWS = 128
 
@@ -233,8 +233,8 @@ def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any,
   d = xf - group_expand(shift, reduction_axes, groups, x.shape[-1])
   if groups is not None or last not in reduction_axes:
     # Sums down columns (channels last) as one reduction of the pair: as two sibling
-    # reductions of d, XLA:GPU writes d out at some shapes (32x56x56x64: its statistics 3
-    # passes of x, where this reads x once). Along rows a TPU would write the pair out.
+    # reductions of d, XLA:GPU writes d out at some shapes (docs/guides/internals.md, "One
+    # read on GPUs"). Along rows a TPU would write the pair out.
     s1, s2 = group_sum(jnp.stack([d, d * d]), tuple(a + 1 for a in reduction_axes), groups)
   else:
     s1, s2 = jnp.sum(d, reduction_axes), jnp.sum(d * d, reduction_axes)
