@@ -35,8 +35,8 @@ def _first_element_shift(x, axes):
 
 
 FORMULAS = {
-    "two-pass": lambda x, axes: _stats.two_pass(x, axes, None, None, None, jnp.float32, True,
-                                                policy=_platform.CPU),
+    "two-pass": lambda x, axes: _stats.two_pass(x, None, reduction_axes=axes,
+                                                dtype=jnp.float32, policy=_platform.CPU),
     "median shift": lambda x, axes: _stats.shifted_moments(x, axes, jnp.float32),
     "blocks": lambda x, axes: _stats.shifted_moments(x, axes, jnp.float32, blocked=True),
     "first element": _first_element_shift,

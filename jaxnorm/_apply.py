@@ -34,6 +34,7 @@ def apply(
     var: jax.Array,
     scale: ArrayLike | None,
     bias: ArrayLike | None,
+    *,
     reduction_axes: tuple[int, ...],
     feature_axes: tuple[int, ...],
     epsilon: Any,
@@ -84,7 +85,8 @@ def apply_given(x: jax.Array, mean: jax.Array | None, var: jax.Array, scale: Arr
 def _given_branch(policy: Policy, axes: tuple[tuple[int, ...], tuple[int, ...]]) -> Any:
   """`apply_given`'s branch of `by_platform`."""
   def run(x, mean, var, scale, bias, epsilon):
-    return apply(x, mean, var, scale, bias, *axes, epsilon)
+    return apply(x, mean, var, scale, bias, reduction_axes=axes[0], feature_axes=axes[1],
+                 epsilon=epsilon)
   recompute = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
 
   def given(x, mean, var, scale, bias, epsilon):

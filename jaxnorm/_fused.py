@@ -90,8 +90,9 @@ class Reduction(NamedTuple):
       blocked = not self.per_example and 0 in self.axes
       return shifted_moments(x, self.axes, self.dtype, blocked=blocked, groups=self.groups,
                              sample_apart=policy.sample_apart)
-    return two_pass(x, self.axes, mask, self.axis_name, self.axis_index_groups, self.dtype,
-                    self.centered, self.groups, policy=policy)
+    return two_pass(x, mask, reduction_axes=self.axes, dtype=self.dtype, policy=policy,
+                    centered=self.centered, groups=self.groups, axis_name=self.axis_name,
+                    axis_index_groups=self.axis_index_groups)
 
   def total(self, a: jax.Array) -> jax.Array:
     return group_sum(a, self.axes, self.groups)
@@ -171,8 +172,8 @@ def _output(reduction: Reduction, x: jax.Array, m: Moments, affine: _Affine,
     mean = barrier(policy, mean)
   else:
     x, mean = barrier(policy, (x, mean))
-  return apply(x, mean, m.var, affine.scale, affine.bias, reduction.axes, reduction.features,
-               eps, reduction.groups)
+  return apply(x, mean, m.var, affine.scale, affine.bias, reduction_axes=reduction.axes,
+               feature_axes=reduction.features, epsilon=eps, groups=reduction.groups)
 
 
 def _forward(reduction: Reduction, x, scale, bias, eps, mask, ref):
@@ -436,5 +437,6 @@ def _complex_branch(policy: Policy, static: tuple[Any, ...]) -> Any:
   def run(x, scale, bias, eps, mask):
     m = reduction.moments(x, mask)
     return (apply(x, m.mean if reduction.centered else None, m.var, scale, bias,
-                  reduction.axes, reduction.features, eps, reduction.groups), m)
+                  reduction_axes=reduction.axes, feature_axes=reduction.features, epsilon=eps,
+                  groups=reduction.groups), m)
   return run

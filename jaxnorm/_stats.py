@@ -119,15 +119,15 @@ def psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
 
 def two_pass(
     x: jax.Array,
-    reduction_axes: tuple[int, ...],
     mask: jax.Array | None,
-    axis_name: AxisName | None,
-    axis_index_groups: Any,
-    dtype: Any,
-    centered: bool,
-    groups: int | None = None,
     *,
+    reduction_axes: tuple[int, ...],
+    dtype: Any,
     policy: Policy,
+    centered: bool = True,
+    groups: int | None = None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Any = None,
 ) -> Moments:
   """Masked, count-weighted, cross-device moments of `x` (arguments validated), in a
   program compiled under `policy` (`_platform`).
@@ -353,8 +353,8 @@ def moments(
 def _moments_branch(policy: Policy, static: tuple[Any, ...]) -> Callable[..., Moments]:
   """`moments`'s branch of `by_platform`: `two_pass` under `policy`."""
   axes, axis_name, axis_index_groups, dtype = static
-  return lambda x, mask: two_pass(x, axes, mask, axis_name, axis_index_groups, dtype,
-                                  centered=True, policy=policy)
+  return lambda x, mask: two_pass(x, mask, reduction_axes=axes, dtype=dtype, policy=policy,
+                                  axis_name=axis_name, axis_index_groups=axis_index_groups)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
