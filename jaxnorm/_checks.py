@@ -1,8 +1,9 @@
 """Argument validation: each public call checks its arguments here, once.
 
 Every check runs at trace time on static information (shapes, dtypes, Python numbers) and raises
-an error that names the argument, the value received and what is expected. The functions that
-compute (`_stats`, `_apply`, `_fused`, the kernels) take validated arguments and check nothing.
+an error that names the argument, the value received and what is expected. A normalizer's
+configuration leaves here as one immutable `Spec` (batch norm's as a `BatchNormSpec`), which the
+functions that compute (`_stats`, `_apply`, `_fused`, the kernels) take whole and check no more.
 """
 
 from __future__ import annotations
@@ -478,6 +479,16 @@ def check_implementation(implementation: Any) -> None:
     raise ValueError(
         f"implementation={implementation!r} is not one of None (choose), 'xla' (the XLA path) "
         f"and 'pallas' (the fused Pallas kernels)."
+    )
+
+
+def check_pallas_case(obstacle: str | None) -> None:
+  """`implementation="pallas"` where `_pallas.obstacle` found what keeps the kernels out."""
+  if obstacle is not None:
+    raise ValueError(
+        f"implementation='pallas' takes only the plain case (reduction and parameters over "
+        f"the last axis, no mask, no axis_name, float32/bfloat16/float16, a Python-float "
+        f"epsilon); got {obstacle}. Use implementation=None or 'xla' for this call."
     )
 
 

@@ -52,14 +52,9 @@ def _norm(name: str, x: jax.Array, scale: Any, bias: Any, spec: Spec,
   with jax.named_scope(f"jaxnorm.{name}"):
     if implementation != "pallas":
       return xla(x, scale, bias)
-    obstacle = _pallas.obstacle(x, scale, bias, spec.epsilon, spec.mask, spec.reduction_axes,
-                                spec.feature_axes, spec.axis_name)
-    if obstacle is not None:
-      raise ValueError(
-          f"implementation='pallas' takes only the plain case (reduction and parameters over "
-          f"the last axis, no mask, no axis_name, float32/bfloat16/float16, a Python-float "
-          f"epsilon); got {obstacle}. Use implementation=None or 'xla' for this call."
-      )
+    _checks.check_pallas_case(_pallas.obstacle(x, scale, bias, spec.epsilon, spec.mask,
+                                               spec.reduction_axes, spec.feature_axes,
+                                               spec.axis_name))
     if x.size == 0 or x.shape[-1] > _pallas.MAX_FEATURES:
       return xla(x, scale, bias)
     scale = None if scale is None else jnp.asarray(scale)
