@@ -30,12 +30,13 @@ def _first_element_shift(x, axes):
   k = jax.lax.index_in_dim(x, 0, axes[0], keepdims=True)
   d = x - k
   n = x.shape[axes[0]]
-  return _stats.moments_about(jnp.squeeze(k, axes), jnp.sum(d, axes), jnp.sum(d * d, axes), n)
+  return _stats.from_shifted_sums(jnp.squeeze(k, axes), jnp.sum(d, axes), jnp.sum(d * d, axes),
+                                  n)
 
 
 FORMULAS = {
-    "two-pass": lambda x, axes: _stats.reduce(x, axes, None, None, None, jnp.float32, True,
-                                              policy=_platform.CPU),
+    "two-pass": lambda x, axes: _stats.two_pass(x, None, reduction_axes=axes,
+                                                dtype=jnp.float32, policy=_platform.CPU),
     "median shift": lambda x, axes: _stats.shifted_moments(x, axes, jnp.float32),
     "blocks": lambda x, axes: _stats.shifted_moments(x, axes, jnp.float32, blocked=True),
     "first element": _first_element_shift,

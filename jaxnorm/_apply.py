@@ -8,7 +8,7 @@ Pallas kernels (`_pallas`) write the same formula on chip. Arguments arrive vali
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +18,11 @@ from ._dtypes import arithmetic_dtype, real_of
 from ._layout import broadcast_param, group_expand
 from ._platform import Policy, by_platform
 
+if TYPE_CHECKING:
+  from ._checks import Spec
 
-def rstd(var: jax.Array, epsilon: Any, dtype: Any) -> jax.Array:
+
+def reciprocal_std(var: jax.Array, epsilon: Any, dtype: Any) -> jax.Array:
   """`rsqrt(max(var, 0) + epsilon)` in `dtype`; the clip guards user-supplied statistics."""
   var = jnp.maximum(var.astype(dtype), jnp.zeros((), dtype))
   return jax.lax.rsqrt(var + jnp.asarray(epsilon, dtype))
@@ -31,6 +34,7 @@ def apply(
     var: jax.Array,
     scale: ArrayLike | None,
     bias: ArrayLike | None,
+    *,
     reduction_axes: tuple[int, ...],
     feature_axes: tuple[int, ...],
     epsilon: Any,
@@ -52,7 +56,7 @@ def apply(
   def param(p: Any) -> jax.Array:
     return broadcast_param(p, feature_axes, x.shape, dtype)
 
-  mul = expand(rstd(var, epsilon, real_of(dtype))).astype(dtype)
+  mul = expand(reciprocal_std(var, epsilon, real_of(dtype))).astype(dtype)
   if scale is not None:
     mul = mul * param(scale)
   y = x.astype(dtype)
@@ -65,8 +69,7 @@ def apply(
 
 
 def apply_given(x: jax.Array, mean: jax.Array | None, var: jax.Array, scale: ArrayLike | None,
-                bias: ArrayLike | None, reduction_axes: tuple[int, ...],
-                feature_axes: tuple[int, ...], epsilon: Any) -> jax.Array:
+                bias: ArrayLike | None, spec: Spec) -> jax.Array:
   """`apply` with given statistics (batch norm in evaluation, `jaxnorm.normalize`).
 
   JAX differentiates it. Where the policy says so (CPU), input narrower than the arithmetic
@@ -75,14 +78,15 @@ def apply_given(x: jax.Array, mean: jax.Array | None, var: jax.Array, scale: Arr
   keeping a float32 copy of `x` (docs/guides/internals.md, "Checkpoints"). Elsewhere XLA fuses
   the recomputation itself, and the program is plain `apply`.
   """
-  return by_platform(_given, (reduction_axes, feature_axes), x, mean, var, scale, bias,
-                     epsilon)
+  axes = (spec.reduction_axes, spec.feature_axes)
+  return by_platform(_given_branch, axes, x, mean, var, scale, bias, spec.epsilon)
 
 
-def _given(policy: Policy, axes: tuple[tuple[int, ...], tuple[int, ...]]) -> Any:
+def _given_branch(policy: Policy, axes: tuple[tuple[int, ...], tuple[int, ...]]) -> Any:
   """`apply_given`'s branch of `by_platform`."""
   def run(x, mean, var, scale, bias, epsilon):
-    return apply(x, mean, var, scale, bias, *axes, epsilon)
+    return apply(x, mean, var, scale, bias, reduction_axes=axes[0], feature_axes=axes[1],
+                 epsilon=epsilon)
   recompute = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
 
   def given(x, mean, var, scale, bias, epsilon):

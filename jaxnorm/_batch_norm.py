@@ -26,8 +26,9 @@ from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks
 from ._apply import apply_given
-from ._dtypes import complex_of, real_of, wide_dtype
-from ._fused import normalize_with_moments
+from ._checks import BatchNormSpec
+from ._dtypes import real_of, stats_dtypes
+from ._fused import fused_norm
 from ._layout import split_axis
 from ._stats import AxisName, Moments, bessel, merge_axis
 
@@ -83,12 +84,7 @@ def batch_norm_init(feature_shape: int | Sequence[int], *,
     BatchNormState(mean=Array([0.+0.j, 0.+0.j], dtype=complex64),
                    var=Array([1., 1.], dtype=float32), count=Array(0, dtype=int32))
   """
-  shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
-  if not all(isinstance(d, int) and d >= 0 for d in shape):
-    raise ValueError(f"feature_shape must be a sequence of non-negative ints; got "
-                     f"{feature_shape!r}.")
-  if not jnp.issubdtype(dtype, jnp.inexact):
-    raise TypeError(f"dtype must be a floating or complex dtype; got {dtype!r}.")
+  shape = _checks.init_args(feature_shape, dtype)
   return BatchNormState(jnp.zeros(shape, dtype), jnp.ones(shape, real_of(dtype)),
                         jnp.zeros((), jnp.int32))
 
@@ -105,49 +101,10 @@ def momentum_from_torch(momentum: float | None) -> float | None:
     >>> jn.momentum_from_torch(0.1)
     0.9
   """
+  _checks.check_torch_momentum(momentum)
   if momentum is None:
     return None
-  if not 0.0 < momentum <= 1.0:
-    raise ValueError(f"PyTorch's momentum must lie in (0, 1]; got {momentum!r}.")
   return round(1.0 - momentum, 15)
-
-
-def _check_state(state: BatchNormState, feature_shape: tuple[int, ...],
-                 complex_input: bool) -> None:
-  if not isinstance(state, BatchNormState):
-    raise TypeError(f"state must be a jaxnorm.BatchNormState (see batch_norm_init); got "
-                    f"{type(state).__name__}.")
-  for name in ("mean", "var"):
-    dtype = jnp.result_type(getattr(state, name))
-    if not jnp.issubdtype(dtype, jnp.inexact):
-      raise TypeError(f"state.{name} has dtype {dtype}; the running statistics are floating "
-                      f"(batch_norm_init({tuple(feature_shape)}) makes float32 ones).")
-  if not jnp.issubdtype(jnp.result_type(state.count), jnp.integer):
-    raise TypeError(f"state.count has dtype {jnp.result_type(state.count)}; it counts updates, "
-                    f"an integer (int32 from batch_norm_init).")
-  if jnp.iscomplexobj(state.var):
-    raise TypeError(f"state.var is complex ({state.var.dtype}); the running variance "
-                    f"E[|x - mean|^2] is real (batch_norm_init(shape, dtype=jnp.complex64) "
-                    f"makes a complex mean and a real variance).")
-  if jnp.iscomplexobj(state.mean) != complex_input:
-    kind = "complex" if complex_input else "real"
-    hint = (f"batch_norm_init({tuple(feature_shape)}, dtype=jnp.complex64)" if complex_input
-            else f"batch_norm_init({tuple(feature_shape)})")
-    raise TypeError(
-        f"state.mean is {state.mean.dtype} but the batch is {kind}: a complex batch needs a "
-        f"complex running mean (its imaginary part would be lost) and a real batch a real one; "
-        f"create the state with {hint}."
-    )
-  for name in ("mean", "var"):
-    shape = tuple(jnp.shape(getattr(state, name)))
-    if shape != tuple(feature_shape):
-      raise ValueError(
-          f"state.{name} has shape {shape} but the input's feature shape is "
-          f"{tuple(feature_shape)}; create the state with "
-          f"batch_norm_init({tuple(feature_shape)})."
-      )
-  if jnp.shape(state.count) != ():
-    raise ValueError(f"state.count must be a scalar; got shape {jnp.shape(state.count)}.")
 
 
 def update_running_stats(
@@ -209,21 +166,16 @@ def update_running_stats(
     BatchNormState(mean=Array([0., 0.], dtype=float32), var=Array([1., 1.], dtype=float32),
                    count=Array(0, dtype=int32))
   """
-  _checks.check_momentum(momentum)
-  _checks.check_bool(unbiased_running_var, "unbiased_running_var")
-  if not isinstance(batch, Moments):
-    raise TypeError(f"batch must be a jaxnorm.Moments (see jaxnorm.moments); got "
-                    f"{type(batch).__name__}.")
-  _check_state(state, jnp.shape(batch.mean), jnp.iscomplexobj(batch.mean))
+  _checks.update_args(state, batch, state_type=BatchNormState, moments_type=Moments,
+                      momentum=momentum, unbiased_running_var=unbiased_running_var)
   return _update(state, batch, momentum, unbiased_running_var)
 
 
 def _update(state: BatchNormState, batch: Moments, momentum: float | None,
             unbiased_running_var: bool) -> BatchNormState:
   """`update_running_stats` of validated arguments."""
-  dtype = wide_dtype(real_of(state.mean.dtype), state.var.dtype, real_of(batch.mean.dtype),
-                     batch.var.dtype)
-  mean_dtype = complex_of(dtype) if jnp.iscomplexobj(batch.mean) else dtype
+  dtype, mean_dtype = stats_dtypes(state.mean.dtype, state.var.dtype, batch.mean.dtype,
+                                   batch.var.dtype, complex_mean=jnp.iscomplexobj(batch.mean))
   count = batch.count.astype(dtype)
   var = batch.var.astype(dtype)
   if unbiased_running_var:
@@ -247,53 +199,26 @@ def _update(state: BatchNormState, batch: Moments, momentum: float | None,
   )
 
 
-def _validate(x: ArrayLike, state: BatchNormState, scale: Any, bias: Any, training: Any,
-              feature_axes: Any, momentum: Any, epsilon: Any, mask: Any, axis_name: Any,
-              axis_index_groups: Any, virtual_batch_size: Any, unbiased_running_var: Any,
-              allow_complex: bool = True,
-              ) -> tuple[jax.Array, tuple[int, ...], tuple[int, ...], jax.Array | None]:
-  """The checks of `batch_norm` and `batch_renorm`; returns the canonical arguments."""
-  if not isinstance(training, bool):
-    raise TypeError(
-        f"training must be a Python bool (it selects the code path at trace time); got "
-        f"{training!r}. Make it a static argument of your jitted function."
-    )
-  xa, red, feat, valid = _checks.normalizer_args(
-      x, None, feature_axes, scale, bias, epsilon, mask, axis_name, axis_index_groups,
-      allow_complex=allow_complex,
-      real_only="batch_renorm (its clipped corrections r and d are real)")
-  _checks.check_momentum(momentum)
-  _checks.check_bool(unbiased_running_var, "unbiased_running_var")
-  _check_state(state, tuple(xa.shape[a] for a in feat), jnp.iscomplexobj(xa))
-  _checks.check_virtual_batch_size(virtual_batch_size, xa.shape, feat, training)
-  return xa, red, feat, valid
-
-
-def _train(x: jax.Array, state: BatchNormState, scale: Any, bias: Any, *,
-           red: tuple[int, ...], feat: tuple[int, ...], momentum: Any, epsilon: Any,
-           mask: jax.Array | None, axis_name: Any, axis_index_groups: Any,
-           unbiased_running_var: bool, virtual_batch_size: int | None,
+def _train(x: jax.Array, state: BatchNormState, scale: Any, bias: Any, spec: BatchNormSpec,
            renorm: tuple[Any, Any, Any, Any] | None) -> tuple[jax.Array, BatchNormState]:
   """A training step of batch (re)normalization, with or without ghost batches."""
-  if virtual_batch_size is None:
-    y, batch = normalize_with_moments(
-        x, scale, bias, epsilon, mask, reduction_axes=red, feature_axes=feat,
-        axis_name=axis_name, axis_index_groups=axis_index_groups, centered=True,
-        renorm=renorm)
+  norm = spec.norm
+  if spec.virtual_batch_size is None:
+    y, batch = fused_norm(x, scale, bias, norm, renorm)
   else:
     # Ghost batches: axis 0 becomes (groups, virtual_batch_size); the group axis keeps its own
     # statistics (with axis_name, ghost batch i is the i-th chunk of every device together).
-    groups = x.shape[0] // virtual_batch_size
-    split = lambda a: split_axis(a, x.shape, 0, groups, feat)
-    red_g = tuple(a + 1 for a in red)  # axis 0 is a reduction axis: it becomes axis 1
-    feat_g = tuple(a + 1 for a in feat)
-    y, ghost = normalize_with_moments(
-        split(x), split(scale), split(bias), epsilon, split(mask), reduction_axes=red_g,
-        feature_axes=feat_g, axis_name=axis_name, axis_index_groups=axis_index_groups,
-        centered=True, renorm=renorm)
+    groups = x.shape[0] // spec.virtual_batch_size
+    split = lambda a: split_axis(a, x.shape, 0, groups, norm.feature_axes)
+    x_g, scale_g, bias_g = split(x), split(scale), split(bias)
+    ghost_spec = norm._replace(
+        # axis 0 is a reduction axis: it becomes axis 1
+        reduction_axes=tuple(a + 1 for a in norm.reduction_axes),
+        feature_axes=tuple(a + 1 for a in norm.feature_axes), mask=split(norm.mask))
+    y, ghost = fused_norm(x_g, scale_g, bias_g, ghost_spec, renorm)
     y = y.reshape(x.shape)
     batch = merge_axis(ghost, 0)  # the whole batch's exact moments, for the running state
-  new_state = _update(state, batch, momentum, unbiased_running_var)
+  new_state = _update(state, batch, spec.momentum, spec.unbiased_running_var)
   return y, new_state
 
 
@@ -393,17 +318,15 @@ def batch_norm(
     >>> state.mean  # the whole batch's mean
     Array([11.], dtype=float32)
   """
-  xa, red, feat, valid = _validate(x, state, scale, bias, training, feature_axes, momentum,
-                                   epsilon, mask, axis_name, axis_index_groups,
-                                   virtual_batch_size, unbiased_running_var)
+  xa, spec = _checks.batch_norm_spec(
+      x, state, scale, bias, state_type=BatchNormState, training=training,
+      feature_axes=feature_axes, momentum=momentum, epsilon=epsilon, mask=mask,
+      axis_name=axis_name, axis_index_groups=axis_index_groups,
+      unbiased_running_var=unbiased_running_var, virtual_batch_size=virtual_batch_size)
   with jax.named_scope("jaxnorm.batch_norm"):
     if not training:
-      return apply_given(xa, state.mean, state.var, scale, bias, red, feat, epsilon), state
-    return _train(xa, state, scale, bias, red=red, feat=feat, momentum=momentum,
-                  epsilon=epsilon, mask=valid, axis_name=axis_name,
-                  axis_index_groups=axis_index_groups,
-                  unbiased_running_var=unbiased_running_var,
-                  virtual_batch_size=virtual_batch_size, renorm=None)
+      return apply_given(xa, state.mean, state.var, scale, bias, spec.norm), state
+    return _train(xa, state, scale, bias, spec, renorm=None)
 
 
 def batch_renorm(
@@ -478,18 +401,15 @@ def batch_renorm(
     Array([[0.],
            [1.]], dtype=float32)
   """
-  xa, red, feat, valid = _validate(x, state, scale, bias, training, feature_axes, momentum,
-                                   epsilon, mask, axis_name, axis_index_groups,
-                                   virtual_batch_size, unbiased_running_var,
-                                   allow_complex=False)
+  xa, spec = _checks.batch_norm_spec(
+      x, state, scale, bias, state_type=BatchNormState, training=training,
+      feature_axes=feature_axes, momentum=momentum, epsilon=epsilon, mask=mask,
+      axis_name=axis_name, axis_index_groups=axis_index_groups,
+      unbiased_running_var=unbiased_running_var, virtual_batch_size=virtual_batch_size,
+      real_only="batch_renorm (its clipped corrections r and d are real)")
   _checks.check_bound(r_max, "r_max", 1.0)
   _checks.check_bound(d_max, "d_max", 0.0)
   with jax.named_scope("jaxnorm.batch_renorm"):
     if not training:
-      return apply_given(xa, state.mean, state.var, scale, bias, red, feat, epsilon), state
-    return _train(xa, state, scale, bias, red=red, feat=feat, momentum=momentum,
-                  epsilon=epsilon, mask=valid, axis_name=axis_name,
-                  axis_index_groups=axis_index_groups,
-                  unbiased_running_var=unbiased_running_var,
-                  virtual_batch_size=virtual_batch_size,
-                  renorm=(state.mean, state.var, r_max, d_max))
+      return apply_given(xa, state.mean, state.var, scale, bias, spec.norm), state
+    return _train(xa, state, scale, bias, spec, renorm=(state.mean, state.var, r_max, d_max))

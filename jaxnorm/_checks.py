@@ -1,14 +1,15 @@
 """Argument validation: each public call checks its arguments here, once.
 
 Every check runs at trace time on static information (shapes, dtypes, Python numbers) and raises
-an error that names the argument, the value received and what is expected. The functions that
-compute (`_stats`, `_apply`, `_fused`, the kernels) take validated arguments and check nothing.
+an error that names the argument, the value received and what is expected. A normalizer's
+configuration leaves here as one immutable `Spec` (batch norm's as a `BatchNormSpec`), which the
+functions that compute (`_stats`, `_apply`, `_fused`, the kernels) take whole and check no more.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -161,16 +162,35 @@ def feature_shape(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tupl
   return tuple(shape[a] for a in feature_axes)
 
 
-def normalizer_args(x: ArrayLike, reduction_axes: Axes | None, feature_axes: Axes, scale: Any,
-                    bias: Any, epsilon: Any, mask: Any = None, axis_name: Any = None,
-                    axis_index_groups: Any = None, allow_complex: bool = True,
-                    real_only: str = "this function",
-                    ) -> tuple[jax.Array, tuple[int, ...], tuple[int, ...], jax.Array | None]:
-  """Validates the arguments every normalizer shares; returns `(x, reduction axes, feature
-  axes, mask broadcast to x)` in canonical form. `reduction_axes=None`: every axis that is
-  not a feature axis (batch normalization)."""
+class Spec(NamedTuple):
+  """One normalizer call's configuration, validated once (`normalizer_spec`) and handed down
+  whole: nothing below the public function checks it again or takes its fields one by one.
+
+  Immutable. `epsilon` and `mask` may be arrays (traced); every other field is static, and
+  `_fused` keys its compiled programs on them (with `_platform.hashable` device names).
+  """
+
+  reduction_axes: tuple[int, ...]  # the statistics' axes, sorted, non-negative
+  feature_axes: tuple[int, ...]  # the axes scale and bias run along
+  epsilon: Any  # a non-negative scalar: a Python number or an array
+  mask: jax.Array | None  # boolean, broadcast to the input's shape
+  axis_name: Any = None  # the mapped axes reduced over as well
+  axis_index_groups: Any = None  # device groups along axis_name (jax.pmap only)
+  centered: bool = True  # False: RMS normalization (mean 0, variance E[x²])
+  groups: int | None = None  # group normalization of channels-last input (_layout.group_sum)
+
+
+def normalizer_spec(x: ArrayLike, scale: Any, bias: Any, *, reduction_axes: Axes | None,
+                    feature_axes: Axes, epsilon: Any, mask: Any = None, axis_name: Any = None,
+                    axis_index_groups: Any = None, real_only: str | None = None,
+                    ) -> tuple[jax.Array, Spec]:
+  """Validates the arguments every normalizer shares; returns `x` as an array and the `Spec`
+  (axes canonical, mask broadcast to x). `reduction_axes=None`: every axis that is not a
+  feature axis (batch normalization). `real_only` names a function that takes real input only
+  (None: complex input is accepted)."""
   x = jnp.asarray(x)
-  check_floating(x, allow_complex=allow_complex, real_only=real_only)
+  check_floating(x, allow_complex=real_only is None,
+                 real_only="this function" if real_only is None else real_only)
   feat = canonicalize_axes(feature_axes, x.ndim, "feature_axes")
   if reduction_axes is None:
     red = tuple(a for a in range(x.ndim) if a not in feat)
@@ -182,7 +202,271 @@ def normalizer_args(x: ArrayLike, reduction_axes: Axes | None, feature_axes: Axe
   check_epsilon(epsilon)
   valid = check_mask(mask, x.shape)
   check_axis_index_groups(axis_name, axis_index_groups)
-  return x, red, feat, valid
+  return x, Spec(red, feat, epsilon, valid, axis_name, axis_index_groups)
+
+
+def check_rank2(x: jax.Array, name: str) -> None:
+  """Group and instance normalization: x has a batch axis first and at least one more."""
+  if x.ndim < 2:
+    raise ValueError(f"{name} expects input of rank >= 2 (batch first); got shape {x.shape}.")
+
+
+def group_norm_spec(x: ArrayLike, scale: Any, bias: Any, *, num_groups: Any, group_size: Any,
+                    epsilon: Any, reduction_axes: Axes | None, channel_axis: Any, mask: Any,
+                    axis_name: Any, axis_index_groups: Any) -> tuple[jax.Array, Spec]:
+  """`group_norm`'s checks; the `Spec`'s feature axis is the channel axis and its `groups` the
+  number of groups."""
+  x = jnp.asarray(x)
+  check_rank2(x, "group_norm")
+  if isinstance(channel_axis, bool) or not isinstance(channel_axis, int):
+    raise TypeError(f"channel_axis must be an int; got {channel_axis!r}.")
+  (ch,) = canonicalize_axes(channel_axis, x.ndim, "channel_axis")
+  if ch == 0:
+    raise ValueError(f"channel_axis={channel_axis!r} is the batch axis 0; group "
+                     f"normalization normalizes each example on its own.")
+  if reduction_axes is None:
+    reduction_axes = tuple(range(1, x.ndim))
+  x, spec = normalizer_spec(x, scale, bias, reduction_axes=reduction_axes, feature_axes=ch,
+                            epsilon=epsilon, mask=mask, axis_name=axis_name,
+                            axis_index_groups=axis_index_groups)
+  if ch not in spec.reduction_axes:
+    what = "the last (channel) axis" if ch == x.ndim - 1 else "the channel axis"
+    raise ValueError(f"reduction_axes={reduction_axes!r} must include {what}, {ch}.")
+  groups = resolve_groups(x.shape[ch], num_groups, group_size,
+                          where=f" (axis {ch} of the input)")
+  return x, spec._replace(groups=groups)
+
+
+def instance_norm_spec(x: ArrayLike, scale: Any, bias: Any, *, feature_axes: Axes,
+                       epsilon: Any, mask: Any, axis_name: Any,
+                       axis_index_groups: Any) -> tuple[jax.Array, Spec]:
+  """`instance_norm`'s checks; the `Spec` reduces every axis but the batch and feature axes."""
+  x = jnp.asarray(x)
+  check_rank2(x, "instance_norm")
+  x, spec = normalizer_spec(x, scale, bias, reduction_axes=None, feature_axes=feature_axes,
+                            epsilon=epsilon, mask=mask, axis_name=axis_name,
+                            axis_index_groups=axis_index_groups)
+  if 0 in spec.feature_axes:
+    raise ValueError(
+        f"feature_axes={feature_axes!r} includes the batch axis 0; instance normalization "
+        f"keeps the batch axis and the feature axes."
+    )
+  red = tuple(a for a in range(1, x.ndim) if a not in spec.feature_axes)
+  return x, spec._replace(reduction_axes=red)
+
+
+def check_statistics(mean: ArrayLike, var: ArrayLike, x: jax.Array,
+                     reduction_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """`normalize`'s given statistics: floating, of x's shape without `reduction_axes`."""
+  stat_shape = tuple(d for i, d in enumerate(x.shape) if i not in reduction_axes)
+  mean, var = jnp.asarray(mean), jnp.asarray(var)
+  for name, s in (("mean", mean), ("var", var)):
+    check_inexact(s, name)
+    if s.shape != stat_shape:
+      raise ValueError(
+          f"{name} must have the input's shape {x.shape} without reduction_axes "
+          f"{reduction_axes}, i.e. {stat_shape}; got shape {s.shape}."
+      )
+  return mean, var
+
+
+class BatchNormSpec(NamedTuple):
+  """A batch (re)normalization call's configuration, validated once (`batch_norm_spec`)."""
+
+  norm: Spec  # the statistics' and the output's: axes, epsilon, mask, devices
+  momentum: Any  # the running statistics' decay in [0, 1), None (cumulative average), traced
+  unbiased_running_var: bool  # store the Bessel-corrected variance
+  virtual_batch_size: int | None  # ghost batches in training (None: one batch)
+
+
+def batch_norm_spec(x: ArrayLike, state: Any, scale: Any, bias: Any, *, state_type: type[Any],
+                    training: Any, feature_axes: Axes, momentum: Any, epsilon: Any, mask: Any,
+                    axis_name: Any, axis_index_groups: Any, unbiased_running_var: Any,
+                    virtual_batch_size: Any, real_only: str | None = None,
+                    ) -> tuple[jax.Array, BatchNormSpec]:
+  """The checks of `batch_norm` and `batch_renorm` (`state_type`: `BatchNormState`)."""
+  if not isinstance(training, bool):
+    raise TypeError(
+        f"training must be a Python bool (it selects the code path at trace time); got "
+        f"{training!r}. Make it a static argument of your jitted function."
+    )
+  x, spec = normalizer_spec(x, scale, bias, reduction_axes=None, feature_axes=feature_axes,
+                            epsilon=epsilon, mask=mask, axis_name=axis_name,
+                            axis_index_groups=axis_index_groups, real_only=real_only)
+  check_momentum(momentum)
+  check_bool(unbiased_running_var, "unbiased_running_var")
+  check_state(state, state_type, feature_shape(x.shape, spec.feature_axes),
+              jnp.iscomplexobj(x))
+  check_virtual_batch_size(virtual_batch_size, x.shape, spec.feature_axes, training)
+  return x, BatchNormSpec(spec, momentum, unbiased_running_var, virtual_batch_size)
+
+
+def check_state(state: Any, state_type: type[Any], feature_shape: tuple[int, ...],
+                complex_input: bool) -> None:
+  """A running-statistics state (`state_type`: `BatchNormState`) for input of `feature_shape`,
+  complex or not."""
+  if not isinstance(state, state_type):
+    raise TypeError(f"state must be a jaxnorm.BatchNormState (see batch_norm_init); got "
+                    f"{type(state).__name__}.")
+  for name in ("mean", "var"):
+    dtype = jnp.result_type(getattr(state, name))
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(f"state.{name} has dtype {dtype}; the running statistics are floating "
+                      f"(batch_norm_init({tuple(feature_shape)}) makes float32 ones).")
+  if not jnp.issubdtype(jnp.result_type(state.count), jnp.integer):
+    raise TypeError(f"state.count has dtype {jnp.result_type(state.count)}; it counts updates, "
+                    f"an integer (int32 from batch_norm_init).")
+  if jnp.iscomplexobj(state.var):
+    raise TypeError(f"state.var is complex ({state.var.dtype}); the running variance "
+                    f"E[|x - mean|^2] is real (batch_norm_init(shape, dtype=jnp.complex64) "
+                    f"makes a complex mean and a real variance).")
+  if jnp.iscomplexobj(state.mean) != complex_input:
+    kind = "complex" if complex_input else "real"
+    hint = (f"batch_norm_init({tuple(feature_shape)}, dtype=jnp.complex64)" if complex_input
+            else f"batch_norm_init({tuple(feature_shape)})")
+    raise TypeError(
+        f"state.mean is {state.mean.dtype} but the batch is {kind}: a complex batch needs a "
+        f"complex running mean (its imaginary part would be lost) and a real batch a real one; "
+        f"create the state with {hint}."
+    )
+  for name in ("mean", "var"):
+    shape = tuple(jnp.shape(getattr(state, name)))
+    if shape != tuple(feature_shape):
+      raise ValueError(
+          f"state.{name} has shape {shape} but the input's feature shape is "
+          f"{tuple(feature_shape)}; create the state with "
+          f"batch_norm_init({tuple(feature_shape)})."
+      )
+  if jnp.shape(state.count) != ():
+    raise ValueError(f"state.count must be a scalar; got shape {jnp.shape(state.count)}.")
+
+
+def check_moments(value: Any, name: str, moments_type: type[Any]) -> None:
+  """`value` must be a `Moments` (`moments_type`)."""
+  if not isinstance(value, moments_type):
+    raise TypeError(f"{name} must be a jaxnorm.Moments (see jaxnorm.moments); got "
+                    f"{type(value).__name__}.")
+
+
+def update_args(state: Any, batch: Any, *, state_type: type[Any], moments_type: type[Any],
+                momentum: Any, unbiased_running_var: Any) -> None:
+  """The checks of `update_running_stats`."""
+  check_momentum(momentum)
+  check_bool(unbiased_running_var, "unbiased_running_var")
+  check_moments(batch, "batch", moments_type)
+  check_state(state, state_type, jnp.shape(batch.mean), jnp.iscomplexobj(batch.mean))
+
+
+def moments_args(x: ArrayLike, reduction_axes: Axes, *, mask: Any, axis_name: Any,
+                 axis_index_groups: Any, dtype: Any) -> tuple[jax.Array, tuple[int, ...],
+                                                          jax.Array | None]:
+  """The checks of `moments`; returns `(x, reduction axes, mask broadcast to x)`."""
+  x = jnp.asarray(x)
+  check_floating(x, allow_complex=True)
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(f"dtype={dtype!r} must be a floating (or complex) accumulation dtype, e.g. "
+                    f"jnp.float32 or jnp.float64.")
+  axes = canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
+  mask = check_mask(mask, x.shape)
+  check_axis_index_groups(axis_name, axis_index_groups)
+  return x, axes, mask
+
+
+def merge_args(a: Any, b: Any, moments_type: type[Any]) -> None:
+  """The checks of `merge_moments`: two `Moments` of shapes that broadcast."""
+  for name, m in (("a", a), ("b", b)):
+    check_moments(m, name, moments_type)
+  if not _broadcasts(*(jnp.shape(v) for v in (*a, *b))):
+    raise ValueError(f"a and b must have shapes that broadcast; got a.mean of shape "
+                     f"{jnp.shape(a.mean)} and b.mean of shape {jnp.shape(b.mean)}.")
+
+
+def _broadcasts(*shapes: tuple[int, ...]) -> bool:
+  try:
+    np.broadcast_shapes(*shapes)
+  except ValueError:
+    return False
+  return True
+
+
+def init_args(feature_shape: Any, dtype: Any) -> tuple[int, ...]:
+  """The checks of `batch_norm_init`; returns the feature shape as a tuple."""
+  shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
+  if not all(isinstance(d, int) and d >= 0 for d in shape):
+    raise ValueError(f"feature_shape must be a sequence of non-negative ints; got "
+                     f"{feature_shape!r}.")
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(f"dtype must be a floating or complex dtype; got {dtype!r}.")
+  return shape
+
+
+def check_torch_momentum(momentum: Any) -> None:
+  """PyTorch's momentum, the weight of the new batch, lies in (0, 1] (None: cumulative)."""
+  if momentum is not None and not 0.0 < momentum <= 1.0:
+    raise ValueError(f"PyTorch's momentum must lie in (0, 1]; got {momentum!r}.")
+
+
+def replicas_args(states: list[Any], state_type: type[Any], *, axis_name: Any,
+                  axis_index_groups: Any, weights: Any) -> jax.Array | None:
+  """The checks of `sync_running_stats` (`states`: the leaves of its state tree); returns the
+  weight as an array, or None."""
+  if axis_name is None:
+    raise ValueError(
+        "axis_name must name the mapped axis of the replicas (the axis_name of jax.pmap or "
+        "jax.vmap, or a mesh axis of jax.shard_map); got None. Under plain jax.jit over "
+        "sharded arrays the running statistics are already global."
+    )
+  check_axis_index_groups(axis_name, axis_index_groups)
+  for s in states:
+    if not isinstance(s, state_type):
+      raise TypeError(
+          f"state must be a jaxnorm.BatchNormState or a pytree (dict, list, tuple) whose "
+          f"leaves are BatchNormStates; found a leaf of type {type(s).__name__}. Pass only "
+          f"the running statistics, e.g. the 'batch_stats' part of a model's variables."
+      )
+    if jnp.shape(s.mean) != jnp.shape(s.var):
+      raise ValueError(f"state.mean and state.var must have the same shape; got "
+                       f"{jnp.shape(s.mean)} and {jnp.shape(s.var)}.")
+    if jnp.shape(s.count) != ():
+      raise ValueError(f"state.count must be a scalar; got shape {jnp.shape(s.count)}.")
+  return _replica_weight(weights)
+
+
+def _replica_weight(weights: Any) -> jax.Array | None:
+  if weights is None:
+    return None
+  w = jnp.asarray(weights)
+  if w.shape != ():
+    raise ValueError(
+        f"weights must be a scalar, this replica's weight (e.g. the number of examples it "
+        f"normalized); got shape {w.shape}."
+    )
+  if is_concrete(weights):
+    value = float(np.asarray(weights))
+    if not (value >= 0.0 and value < float("inf")):
+      raise ValueError(f"weights must be finite and non-negative; got {weights!r}.")
+  return w
+
+
+def fold_args(kernel: ArrayLike, epsilon: Any, given: dict[str, Any],
+              ) -> tuple[jax.Array, dict[str, jax.Array | None]]:
+  """The checks of `fold_batch_norm` (`given`: its other arrays by name, None where absent);
+  returns the kernel and those arrays as arrays."""
+  kernel = jnp.asarray(kernel)
+  check_floating(kernel, "kernel", real_only="fold_batch_norm")
+  if kernel.ndim == 0:
+    raise ValueError("kernel must have at least one axis (output features last); got a "
+                     "scalar.")
+  check_epsilon(epsilon)
+  features = (kernel.shape[-1],)
+  what = "kernel's output features (its last axis)"
+  arrays: dict[str, jax.Array | None] = {
+      k: None if v is None else jnp.asarray(v) for k, v in given.items()}
+  for name, value in arrays.items():
+    check_param(value, features, name, what)
+    if value is not None:  # a complex mean (of complex batch norm) would lose its imaginary part
+      check_floating(value, name, real_only="fold_batch_norm")
+  return kernel, arrays
 
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
@@ -195,6 +479,16 @@ def check_implementation(implementation: Any) -> None:
     raise ValueError(
         f"implementation={implementation!r} is not one of None (choose), 'xla' (the XLA path) "
         f"and 'pallas' (the fused Pallas kernels)."
+    )
+
+
+def check_pallas_case(obstacle: str | None) -> None:
+  """`implementation="pallas"` where `_pallas.obstacle` found what keeps the kernels out."""
+  if obstacle is not None:
+    raise ValueError(
+        f"implementation='pallas' takes only the plain case (reduction and parameters over "
+        f"the last axis, no mask, no axis_name, float32/bfloat16/float16, a Python-float "
+        f"epsilon); got {obstacle}. Use implementation=None or 'xla' for this call."
     )
 
 

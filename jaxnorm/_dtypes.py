@@ -14,6 +14,16 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+# `Moments.count`: float32 (the contract), exact for counts up to 2**24, so that it is summed
+# across devices in the same collective as the float32 sums.
+COUNT_DTYPE = jnp.float32
+
+
+def count_sum_dtype(n: int) -> Any:
+  """The dtype in which a mask's valid elements are counted over sets of `n` elements:
+  `COUNT_DTYPE` where every partial sum is an exact integer in it (n < 2**24), else int32."""
+  return COUNT_DTYPE if n < 2**24 else jnp.int32
+
 
 def wide_dtype(*dtypes: Any) -> Any:
   """The widest of `dtypes` and float32 (explicit, so it holds under strict dtype promotion)."""
@@ -48,6 +58,17 @@ def arithmetic_dtype(x_dtype: Any, stat_dtype: Any) -> Any:
   float32, complex for complex input (whose variance is real)."""
   real = wide_dtype(real_of(x_dtype), stat_dtype)
   return complex_of(real) if jnp.issubdtype(x_dtype, jnp.complexfloating) else real
+
+
+def stats_dtypes(*dtypes: Any, complex_mean: bool) -> tuple[Any, Any]:
+  """The real dtype of merged or updated counts and variances (at least float32, from the
+  dtypes of the means and variances combined) and that of the mean: complex for a complex
+  mean (`_stats.merge_many`, `merge_moments`, `sync_running_stats`, the running statistics'
+  update)."""
+  dtype = wide_dtype(*(real_of(d) for d in dtypes))
+  if complex_mean:
+    return dtype, jax.dtypes.canonicalize_dtype(complex_of(dtype))
+  return dtype, dtype
 
 
 def default_float() -> Any:

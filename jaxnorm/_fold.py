@@ -9,11 +9,10 @@ matrix product, a bias add and a normalization.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from . import _checks
-from ._apply import rstd
+from ._apply import reciprocal_std
 from ._dtypes import wide_dtype
 
 
@@ -73,21 +72,8 @@ def fold_batch_norm(
     >>> b
     Array([0., 0.], dtype=float32)
   """
-  kernel = jnp.asarray(kernel)
-  _checks.check_floating(kernel, "kernel", real_only="fold_batch_norm")
-  if kernel.ndim == 0:
-    raise ValueError("kernel must have at least one axis (output features last); got a "
-                     "scalar.")
-  _checks.check_epsilon(epsilon)
-  features = (kernel.shape[-1],)
-  what = "kernel's output features (its last axis)"
   given = {"bias": bias, "mean": mean, "var": var, "scale": scale, "offset": offset}
-  arrays: dict[str, jax.Array | None] = {
-      k: None if v is None else jnp.asarray(v) for k, v in given.items()}
-  for name, value in arrays.items():
-    _checks.check_param(value, features, name, what)
-    if value is not None:  # a complex mean (of complex batch norm) would lose its imaginary part
-      _checks.check_floating(value, name, real_only="fold_batch_norm")
+  kernel, arrays = _checks.fold_args(kernel, epsilon, given)
   with jax.named_scope("jaxnorm.fold_batch_norm"):
     return _fold(kernel, arrays, epsilon)
 
@@ -95,7 +81,7 @@ def fold_batch_norm(
 def _fold(kernel: jax.Array, arrays: dict[str, jax.Array | None],
           epsilon: float) -> tuple[jax.Array, jax.Array]:
   dtype = wide_dtype(*(v.dtype for v in (kernel, *arrays.values()) if v is not None))
-  mul = rstd(arrays["var"], epsilon, dtype)  # type: ignore[arg-type]
+  mul = reciprocal_std(arrays["var"], epsilon, dtype)  # type: ignore[arg-type]
   if arrays["scale"] is not None:
     mul = mul * arrays["scale"].astype(dtype)
   shift = -arrays["mean"].astype(dtype)  # type: ignore[union-attr]

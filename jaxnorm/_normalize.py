@@ -2,7 +2,7 @@
 
 `normalize` validates and calls `_apply.apply_given`; layer, RMS, group and instance
 normalization validate their arguments once and call the fused normalizer
-(`_fused.normalize_with_moments`), or for layer and RMS normalization with
+(`_fused.fused_norm`), or for layer and RMS normalization with
 `implementation="pallas"` the kernels of `_pallas`.
 """
 
@@ -18,8 +18,9 @@ from jax.typing import ArrayLike
 
 from . import _checks, _pallas
 from ._apply import apply_given
+from ._checks import Spec
 from ._dtypes import wide_dtype
-from ._fused import normalize_with_moments
+from ._fused import fused_norm
 from ._layout import split_axis
 from ._stats import AxisName
 
@@ -28,7 +29,6 @@ Axes = int | Sequence[int]
 
 def _zero_centered(scale: Any, zero_centered_scale: bool) -> Any:
   """`1 + scale` in at least float32 when the scale is stored zero-centred."""
-  _checks.check_bool(zero_centered_scale, "zero_centered_scale")
   if not zero_centered_scale or scale is None:
     return scale
   scale = jnp.asarray(scale)
@@ -36,10 +36,8 @@ def _zero_centered(scale: Any, zero_centered_scale: bool) -> Any:
   return scale.astype(dtype) + jnp.ones((), dtype)
 
 
-def _by_moments(name: str, x: jax.Array, red: tuple[int, ...], feat: tuple[int, ...],
-                scale: Any, bias: Any, epsilon: Any, mask: Any, axis_name: Any,
-                axis_index_groups: Any, centered: bool = True,
-                implementation: str | None = None, groups: int | None = None) -> jax.Array:
+def _norm(name: str, x: jax.Array, scale: Any, bias: Any, spec: Spec,
+          implementation: str | None = None) -> jax.Array:
   """Normalizes validated arguments by their own statistics, on the path `implementation`
   picks: the fused XLA normalizer, or (`"pallas"`, layer and RMS norm) the kernels.
 
@@ -48,29 +46,23 @@ def _by_moments(name: str, x: jax.Array, red: tuple[int, ...], feat: tuple[int, 
   more than `_pallas.MAX_FEATURES` features, or no element, take the XLA path.
   """
 
-  def xla(x, scale, bias, red=red, feat=feat, mask=mask):
-    return normalize_with_moments(x, scale, bias, epsilon, mask, reduction_axes=red,
-                                  feature_axes=feat, axis_name=axis_name,
-                                  axis_index_groups=axis_index_groups, centered=centered,
-                                  groups=groups)[0]
+  def xla(x, scale, bias, spec=spec):
+    return fused_norm(x, scale, bias, spec)[0]
 
   with jax.named_scope(f"jaxnorm.{name}"):
     if implementation != "pallas":
       return xla(x, scale, bias)
-    obstacle = _pallas.obstacle(x, scale, bias, epsilon, mask, red, feat, axis_name)
-    if obstacle is not None:
-      raise ValueError(
-          f"implementation='pallas' takes only the plain case (reduction and parameters over "
-          f"the last axis, no mask, no axis_name, float32/bfloat16/float16, a Python-float "
-          f"epsilon); got {obstacle}. Use implementation=None or 'xla' for this call."
-      )
+    _checks.check_pallas_case(_pallas.obstacle(x, scale, bias, spec.epsilon, spec.mask,
+                                               spec.reduction_axes, spec.feature_axes,
+                                               spec.axis_name))
     if x.size == 0 or x.shape[-1] > _pallas.MAX_FEATURES:
       return xla(x, scale, bias)
     scale = None if scale is None else jnp.asarray(scale)
     bias = None if bias is None else jnp.asarray(bias)
+    rows = spec._replace(reduction_axes=(1,), feature_axes=(1,), mask=None)
     return _pallas.normalize_rows(
-        x, scale, bias, float(epsilon), centered=centered,
-        xla=lambda x2, s, b: xla(x2, s, b, red=(1,), feat=(1,), mask=None))
+        x, scale, bias, float(spec.epsilon), centered=spec.centered,
+        xla=lambda x2, s, b: xla(x2, s, b, spec=rows))
 
 
 def normalize(
@@ -118,19 +110,11 @@ def normalize(
     Array([[-1., -1.],
            [ 1.,  1.]], dtype=float32)
   """
-  x, red, feat, _ = _checks.normalizer_args(x, reduction_axes, feature_axes, scale, bias,
-                                            epsilon)
-  stat_shape = tuple(d for i, d in enumerate(x.shape) if i not in red)
-  mean, var = jnp.asarray(mean), jnp.asarray(var)
-  for name, s in (("mean", mean), ("var", var)):
-    _checks.check_inexact(s, name)
-    if s.shape != stat_shape:
-      raise ValueError(
-          f"{name} must have the input's shape {x.shape} without reduction_axes {red}, i.e. "
-          f"{stat_shape}; got shape {s.shape}."
-      )
+  x, spec = _checks.normalizer_spec(x, scale, bias, reduction_axes=reduction_axes,
+                                    feature_axes=feature_axes, epsilon=epsilon)
+  mean, var = _checks.check_statistics(mean, var, x, spec.reduction_axes)
   with jax.named_scope("jaxnorm.normalize"):
-    return apply_given(x, mean, var, scale, bias, red, feat, epsilon)
+    return apply_given(x, mean, var, scale, bias, spec)
 
 
 def layer_norm(
@@ -197,12 +181,13 @@ def layer_norm(
     Array([[-1.2247,  0.    ,  1.2247],
            [-1.2247,  0.    ,  1.2247]], dtype=float32)
   """
-  x, red, feat, mask = _checks.normalizer_args(x, reduction_axes, feature_axes, scale, bias,
-                                               epsilon, mask, axis_name, axis_index_groups)
+  x, spec = _checks.normalizer_spec(x, scale, bias, reduction_axes=reduction_axes,
+                                    feature_axes=feature_axes, epsilon=epsilon, mask=mask,
+                                    axis_name=axis_name, axis_index_groups=axis_index_groups)
   _checks.check_implementation(implementation)
+  _checks.check_bool(zero_centered_scale, "zero_centered_scale")
   scale = _zero_centered(scale, zero_centered_scale)
-  return _by_moments("layer_norm", x, red, feat, scale, bias, epsilon, mask, axis_name,
-                     axis_index_groups, implementation=implementation)
+  return _norm("layer_norm", x, scale, bias, spec, implementation)
 
 
 def rms_norm(
@@ -266,12 +251,13 @@ def rms_norm(
     >>> jn.rms_norm(jnp.array([1.0, 7.0]), bias=jnp.array([1.0, 0.0]), epsilon=0.0)
     Array([1.2, 1.4], dtype=float32)
   """
-  x, red, feat, mask = _checks.normalizer_args(x, reduction_axes, feature_axes, scale, bias,
-                                               epsilon, mask, axis_name, axis_index_groups)
+  x, spec = _checks.normalizer_spec(x, scale, bias, reduction_axes=reduction_axes,
+                                    feature_axes=feature_axes, epsilon=epsilon, mask=mask,
+                                    axis_name=axis_name, axis_index_groups=axis_index_groups)
   _checks.check_implementation(implementation)
+  _checks.check_bool(zero_centered_scale, "zero_centered_scale")
   scale = _zero_centered(scale, zero_centered_scale)
-  return _by_moments("rms_norm", x, red, feat, scale, bias, epsilon, mask, axis_name,
-                     axis_index_groups, centered=False, implementation=implementation)
+  return _norm("rms_norm", x, scale, bias, spec._replace(centered=False), implementation)
 
 
 def group_norm(
@@ -329,38 +315,26 @@ def group_norm(
     >>> jn.group_norm(x[:, :, None], num_groups=2, epsilon=0.0, channel_axis=1)[..., 0]
     Array([[-1.,  1., -1.,  1.]], dtype=float32)
   """
-  x = jnp.asarray(x)
-  if x.ndim < 2:
-    raise ValueError(
-        f"group_norm expects input of rank >= 2 (batch first); got shape {x.shape}."
-    )
-  if isinstance(channel_axis, bool) or not isinstance(channel_axis, int):
-    raise TypeError(f"channel_axis must be an int; got {channel_axis!r}.")
-  (ch,) = _checks.canonicalize_axes(channel_axis, x.ndim, "channel_axis")
-  if ch == 0:
-    raise ValueError(f"channel_axis={channel_axis!r} is the batch axis 0; group "
-                     f"normalization normalizes each example on its own.")
-  if reduction_axes is None:
-    reduction_axes = tuple(range(1, x.ndim))
-  x, red, feat, mask = _checks.normalizer_args(x, reduction_axes, ch, scale, bias, epsilon,
-                                               mask, axis_name, axis_index_groups)
-  if ch not in red:
-    what = "the last (channel) axis" if ch == x.ndim - 1 else "the channel axis"
-    raise ValueError(f"reduction_axes={reduction_axes!r} must include {what}, {ch}.")
-  groups = _checks.resolve_groups(x.shape[ch], num_groups, group_size,
-                                  where=f" (axis {ch} of the input)")
+  x, spec = _checks.group_norm_spec(
+      x, scale, bias, num_groups=num_groups, group_size=group_size, epsilon=epsilon,
+      reduction_axes=reduction_axes, channel_axis=channel_axis, mask=mask, axis_name=axis_name,
+      axis_index_groups=axis_index_groups)
+  (ch,) = spec.feature_axes
   last = x.ndim - 1
-  if ch == last and math.prod(x.shape[a] for a in red if a != last) > 1:
+  if ch == last and math.prod(x.shape[a] for a in spec.reduction_axes if a != last) > 1:
     # Channels last with spatial axes (images): statistics per channel over them, then per
     # group of channels, on x as it is (docs/guides/internals.md, "Group normalization").
-    return _by_moments("group_norm", x, red, feat, scale, bias, epsilon, mask, axis_name,
-                       axis_index_groups, groups=groups)
+    return _norm("group_norm", x, scale, bias, spec)
   # Otherwise each group is normalized over a (..., groups, channels // groups, ...) view,
   # as layer norm normalizes its rows.
-  split = lambda a: split_axis(a, x.shape, ch, groups, feat)
-  red_g = tuple(sorted(a if a < ch else a + 1 for a in red))
-  y = _by_moments("group_norm", split(x), red_g, (ch, ch + 1), split(scale), split(bias),
-                  epsilon, split(mask), axis_name, axis_index_groups)
+  groups = spec.groups
+  assert groups is not None  # group_norm_spec sets it
+  split = lambda a: split_axis(a, x.shape, ch, groups, spec.feature_axes)
+  x_g, scale_g, bias_g = split(x), split(scale), split(bias)
+  view = spec._replace(reduction_axes=tuple(sorted(a if a < ch else a + 1
+                                                   for a in spec.reduction_axes)),
+                       feature_axes=(ch, ch + 1), mask=split(spec.mask), groups=None)
+  y = _norm("group_norm", x_g, scale_g, bias_g, view)
   return y.reshape(x.shape)
 
 
@@ -409,18 +383,7 @@ def instance_norm(
     Array([[[-1., -1.],
             [ 1.,  1.]]], dtype=float32)
   """
-  x = jnp.asarray(x)
-  if x.ndim < 2:
-    raise ValueError(
-        f"instance_norm expects input of rank >= 2 (batch first); got shape {x.shape}."
-    )
-  x, _, feat, mask = _checks.normalizer_args(x, None, feature_axes, scale, bias, epsilon, mask,
-                                             axis_name, axis_index_groups)
-  if 0 in feat:
-    raise ValueError(
-        f"feature_axes={feature_axes!r} includes the batch axis 0; instance normalization "
-        f"keeps the batch axis and the feature axes."
-    )
-  red = tuple(a for a in range(1, x.ndim) if a not in feat)
-  return _by_moments("instance_norm", x, red, feat, scale, bias, epsilon, mask, axis_name,
-                     axis_index_groups)
+  x, spec = _checks.instance_norm_spec(x, scale, bias, feature_axes=feature_axes,
+                                       epsilon=epsilon, mask=mask, axis_name=axis_name,
+                                       axis_index_groups=axis_index_groups)
+  return _norm("instance_norm", x, scale, bias, spec)

@@ -13,47 +13,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from . import _checks
 from ._batch_norm import BatchNormState
-from ._stats import AxisName, merge, merge_dtypes, psum
+from ._dtypes import stats_dtypes
+from ._stats import AxisName, merge_many, psum
 
 
 def _is_state(node: Any) -> bool:
   return isinstance(node, BatchNormState)
-
-
-def _check_states(states: list[Any]) -> None:
-  for s in states:
-    if not isinstance(s, BatchNormState):
-      raise TypeError(
-          f"state must be a jaxnorm.BatchNormState or a pytree (dict, list, tuple) whose "
-          f"leaves are BatchNormStates; found a leaf of type {type(s).__name__}. Pass only "
-          f"the running statistics, e.g. the 'batch_stats' part of a model's variables."
-      )
-    if jnp.shape(s.mean) != jnp.shape(s.var):
-      raise ValueError(f"state.mean and state.var must have the same shape; got "
-                       f"{jnp.shape(s.mean)} and {jnp.shape(s.var)}.")
-    if jnp.shape(s.count) != ():
-      raise ValueError(f"state.count must be a scalar; got shape {jnp.shape(s.count)}.")
-
-
-def _check_weights(weights: Any) -> jax.Array | None:
-  if weights is None:
-    return None
-  w = jnp.asarray(weights)
-  if w.shape != ():
-    raise ValueError(
-        f"weights must be a scalar, this replica's weight (e.g. the number of examples it "
-        f"normalized); got shape {w.shape}."
-    )
-  if _checks.is_concrete(weights):
-    value = float(np.asarray(weights))
-    if not (value >= 0.0 and value < float("inf")):
-      raise ValueError(f"weights must be finite and non-negative; got {weights!r}.")
-  return w
 
 
 def sync_running_stats(
@@ -119,16 +88,9 @@ def sync_running_stats(
                    var=Array([[3.4375], [3.4375]], dtype=float32),
                    count=Array([2, 2], dtype=int32))
   """
-  if axis_name is None:
-    raise ValueError(
-        "axis_name must name the mapped axis of the replicas (the axis_name of jax.pmap or "
-        "jax.vmap, or a mesh axis of jax.shard_map); got None. Under plain jax.jit over "
-        "sharded arrays the running statistics are already global."
-    )
-  _checks.check_axis_index_groups(axis_name, axis_index_groups)
   states, treedef = jax.tree.flatten(state, is_leaf=_is_state)
-  _check_states(states)
-  w_given = _check_weights(weights)
+  w_given = _checks.replicas_args(states, BatchNormState, axis_name=axis_name,
+                                  axis_index_groups=axis_index_groups, weights=weights)
   if not states:
     return state
   with jax.named_scope("jaxnorm.sync_running_stats"):
@@ -138,9 +100,9 @@ def sync_running_stats(
 
 def _merge_states(states: list[BatchNormState], w_given: jax.Array | None, axis_name: Any,
                   axis_index_groups: Any) -> list[BatchNormState]:
-  """`_stats.merge` of every state at once (two collectives): the states' means and variances
+  """`_stats.merge_many` of every state at once (two collectives): the states' means and variances
   laid end to end, each element weighted by its state's weight."""
-  dtypes = merge_dtypes(*(d for s in states for d in (s.mean.dtype, s.var.dtype)),
+  dtypes = stats_dtypes(*(d for s in states for d in (s.mean.dtype, s.var.dtype)),
                         complex_mean=False)
   dtype = dtypes[0]
   weights = [(s.count if w_given is None else w_given).astype(dtype) for s in states]
@@ -149,7 +111,7 @@ def _merge_states(states: list[BatchNormState], w_given: jax.Array | None, axis_
                                                                      strict=True)])
   counts = jnp.stack([s.count.astype(dtype) for s in states])
   total = lambda leaves: psum(leaves, axis_name, axis_index_groups)
-  _, mean, var, (replicas, c_sum) = merge(
+  _, mean, var, (replicas, c_sum) = merge_many(
       weight, flat([s.mean for s in states]), flat([s.var for s in states]), total,
       lambda v: v, dtypes=dtypes, extra=(counts,), equal_if_empty=True)
   out, start = [], 0

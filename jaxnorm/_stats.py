@@ -1,7 +1,7 @@
 """Statistics: moments of a reduction, their merge, and the collectives across devices.
 
 Every normalizer (layer, RMS, group, instance and batch normalization) and every Flax wrapper
-reduces its input through `reduce` below, so the numerical choices are made once:
+reduces its input through `two_pass` below, so the numerical choices are made once:
 
 * accumulation in at least float32, whatever the input dtype (`_dtypes`);
 * a two-pass variance (mean first, then centred squares), which has no `E[x²] - E[x]²`
@@ -16,7 +16,7 @@ the fused normalizers use `shifted_moments` where it saves a read of x: one pass
 a shift among the data, the median of a few leading elements (docs/guides/internals.md, "One
 read on GPUs").
 
-Moments of disjoint sets combine by `merge` (many sets: ghost batches, replicas) or
+Moments of disjoint sets combine by `merge_many` (many sets: ghost batches, replicas) or
 `merge_moments` (two sets, Chan's update).
 """
 
@@ -29,11 +29,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks
-from ._dtypes import complex_of, compute_dtype, real_of, wide_dtype
+from ._dtypes import COUNT_DTYPE, compute_dtype, count_sum_dtype, stats_dtypes, wide_dtype
 from ._layout import group_expand, group_sum
 from ._platform import Policy, barrier, by_platform, hashable
 
@@ -118,17 +117,17 @@ def psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
   return jax.tree.unflatten(treedef, out)
 
 
-def reduce(
+def two_pass(
     x: jax.Array,
-    reduction_axes: tuple[int, ...],
     mask: jax.Array | None,
-    axis_name: AxisName | None,
-    axis_index_groups: Any,
-    dtype: Any,
-    centered: bool,
-    groups: int | None = None,
     *,
+    reduction_axes: tuple[int, ...],
+    dtype: Any,
     policy: Policy,
+    centered: bool = True,
+    groups: int | None = None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Any = None,
 ) -> Moments:
   """Masked, count-weighted, cross-device moments of `x` (arguments validated), in a
   program compiled under `policy` (`_platform`).
@@ -149,13 +148,13 @@ def reduce(
     return group_sum(a, reduction_axes, groups, **kwargs)
 
   if mask is None:
-    count = jnp.full(out_shape, n, jnp.float32)
+    count = jnp.full(out_shape, n, COUNT_DTYPE)
     xz = xf
   else:
-    # Summed in float32 when that is exact (every partial sum is an integer below 2**24), so
-    # that under sharded jit XLA can merge the count's all-reduce with the sum's.
-    count = total(mask, dtype=jnp.float32 if n < 2**24 else jnp.int32)
-    count = count.astype(jnp.float32)
+    # Summed in float32 where that is exact, so that under sharded jit XLA can merge the
+    # count's all-reduce with the sum's.
+    count = total(mask, dtype=count_sum_dtype(n))
+    count = count.astype(COUNT_DTYPE)
     xz = jnp.where(mask, xf, jnp.zeros((), dtype))
   if not centered:
     sq = total(abs2(xz))
@@ -179,8 +178,8 @@ def reduce(
 
 
 # With `blocked`, at most this many blocks along the first reduction axis, of at least
-# `SHIFT_BLOCK_ROWS` entries each (smaller blocks' partial results cost XLA:GPU a write of a
-# sizeable share of x: docs/guides/internals.md, "One read on GPUs").
+# `SHIFT_BLOCK_ROWS` entries each: XLA:GPU writes smaller blocks' partial results out
+# (docs/guides/internals.md, "One read on GPUs").
 SHIFT_BLOCKS = 64
 SHIFT_BLOCK_ROWS = 128
 
@@ -210,13 +209,13 @@ def _leading_shift(xf: jax.Array, sample_axes: tuple[int, ...],
   return jnp.expand_dims(_median3(lead, axis), axis)
 
 
-def moments_about(shift: jax.Array, s1: jax.Array, s2: jax.Array, n: int) -> Moments:
+def from_shifted_sums(shift: jax.Array, s1: jax.Array, s2: jax.Array, n: int) -> Moments:
   r"""The moments of sets of `n` elements from their sums :math:`\sum d` and
   :math:`\sum d^2` about `shift` K (:math:`d = x - K`): :math:`\mu = K + \bar d`,
   :math:`\sigma^2 = (\sum d^2 - \bar d\sum d)/n`, clamped at 0."""
   mean_d = s1 / n
   var = jnp.maximum(s2 - s1 * mean_d, jnp.zeros((), s2.dtype)) / n
-  return Moments(jnp.full(shift.shape, n, jnp.float32), shift + mean_d, var)
+  return Moments(jnp.full(shift.shape, n, COUNT_DTYPE), shift + mean_d, var)
 
 
 def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any,
@@ -234,12 +233,12 @@ def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any,
   d = xf - group_expand(shift, reduction_axes, groups, x.shape[-1])
   if groups is not None or last not in reduction_axes:
     # Sums down columns (channels last) as one reduction of the pair: as two sibling
-    # reductions of d, XLA:GPU writes d out at some shapes (32x56x56x64: its statistics 3
-    # passes of x, where this reads x once). Along rows a TPU would write the pair out.
+    # reductions of d, XLA:GPU writes d out at some shapes (docs/guides/internals.md, "One
+    # read on GPUs"). Along rows a TPU would write the pair out.
     s1, s2 = group_sum(jnp.stack([d, d * d]), tuple(a + 1 for a in reduction_axes), groups)
   else:
     s1, s2 = jnp.sum(d, reduction_axes), jnp.sum(d * d, reduction_axes)
-  return moments_about(shift, s1, s2, n)
+  return from_shifted_sums(shift, s1, s2, n)
 
 
 def shift_blocks(n: int) -> int:
@@ -251,12 +250,12 @@ def shifted_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, *
                     blocked: bool = False, groups: int | None = None,
                     sample_apart: bool = False) -> Moments:
   r"""Moments of real `x` in one read: sums of `d = x - K` about a shift `K` (local: no mask,
-  no `axis_name`; arguments validated). `groups`: as in `reduce`, with spatial axes.
+  no `axis_name`; arguments validated). `groups`: as in `two_pass`, with spatial axes.
 
   `K`, held constant, is the median of each set's first three elements (`_leading_shift`; with
   groups, the mean over the group's channels of each channel's median at the first spatial
   positions). Then :math:`\mu = K + \bar d` and :math:`\sigma^2 = (\sum d^2 - \bar d \sum d) / n`,
-  clamped at 0. Both sums read x in one kernel, where `reduce`'s two-pass variance reads it
+  clamped at 0. Both sums read x in one kernel, where `two_pass` reads it
   twice when a set does not stay on chip. The variance's rounding error is the two-pass one's
   with :math:`\sigma^2 + (\mu - K)^2` in place of :math:`\sigma^2` (tests/refs.py,
   `shifted_errors`): it does not grow with the data's offset, because K lies among the data,
@@ -342,26 +341,20 @@ def moments(
     (Array([2., 2.], dtype=float32), Array([ 1.5, 15. ], dtype=float32),
      Array([ 0.25, 25.  ], dtype=float32))
   """
-  x = jnp.asarray(x)
-  _checks.check_floating(x, allow_complex=True)
-  if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
-    raise TypeError(f"dtype={dtype!r} must be a floating (or complex) accumulation dtype, e.g. "
-                    f"jnp.float32 or jnp.float64.")
-  axes = _checks.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
-  mask = _checks.check_mask(mask, x.shape)
-  _checks.check_axis_index_groups(axis_name, axis_index_groups)
+  x, axes, mask = _checks.moments_args(x, reduction_axes, mask=mask, axis_name=axis_name,
+                                       axis_index_groups=axis_index_groups, dtype=dtype)
   with jax.named_scope("jaxnorm.moments"):
     static = (axes, hashable(axis_name), hashable(axis_index_groups),
               compute_dtype(x.dtype, dtype))
     with groups_unsupported(axis_index_groups):
-      return by_platform(_moments, static, x, mask)
+      return by_platform(_moments_branch, static, x, mask)
 
 
-def _moments(policy: Policy, static: tuple[Any, ...]) -> Callable[..., Moments]:
-  """`moments`'s branch of `by_platform`: `reduce` under `policy`."""
+def _moments_branch(policy: Policy, static: tuple[Any, ...]) -> Callable[..., Moments]:
+  """`moments`'s branch of `by_platform`: `two_pass` under `policy`."""
   axes, axis_name, axis_index_groups, dtype = static
-  return lambda x, mask: reduce(x, axes, mask, axis_name, axis_index_groups, dtype,
-                                centered=True, policy=policy)
+  return lambda x, mask: two_pass(x, mask, reduction_axes=axes, dtype=dtype, policy=policy,
+                                  axis_name=axis_name, axis_index_groups=axis_index_groups)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
@@ -391,16 +384,8 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     >>> m.count, m.mean, m.var
     (Array(10., dtype=float32), Array(4.5, dtype=float32), Array(8.25..., dtype=float32))
   """
-  for name, m in (("a", a), ("b", b)):
-    if not isinstance(m, Moments):
-      raise TypeError(f"{name} must be a jaxnorm.Moments (see jaxnorm.moments); got "
-                      f"{type(m).__name__}.")
-  try:
-    np.broadcast_shapes(*(jnp.shape(v) for v in (*a, *b)))
-  except ValueError:
-    raise ValueError(f"a and b must have shapes that broadcast; got a.mean of shape "
-                     f"{jnp.shape(a.mean)} and b.mean of shape {jnp.shape(b.mean)}.") from None
-  dtype, mdtype = _merge_dtypes(a, b)
+  _checks.merge_args(a, b, Moments)
+  dtype, mdtype = _stats_dtypes_of(a, b)
   na, nb = a.count.astype(dtype), b.count.astype(dtype)
   n = na + nb
   safe_n = jnp.where(n > 0, n, jnp.ones((), dtype))
@@ -411,24 +396,15 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
   zero = jnp.zeros((), dtype)
   mean = jnp.where(n > 0, mean, jnp.zeros((), mdtype))
   var = jnp.where(n > 0, m2 / safe_n, zero)
-  return Moments((a.count + b.count).astype(jnp.float32), mean, var)
+  return Moments((a.count + b.count).astype(COUNT_DTYPE), mean, var)
 
 
-def merge_dtypes(*dtypes: Any, complex_mean: bool) -> tuple[Any, Any]:
-  """The real dtype of merged counts and variances (at least float32, from the dtypes of the
-  means and variances merged) and that of the merged mean: complex for a complex mean."""
-  dtype = wide_dtype(*(real_of(d) for d in dtypes))
-  if complex_mean:
-    return dtype, jax.dtypes.canonicalize_dtype(complex_of(dtype))
-  return dtype, dtype
-
-
-def _merge_dtypes(*ms: Moments) -> tuple[Any, Any]:
-  return merge_dtypes(*(d for m in ms for d in (m.mean.dtype, m.var.dtype)),
+def _stats_dtypes_of(*ms: Moments) -> tuple[Any, Any]:
+  return stats_dtypes(*(d for m in ms for d in (m.mean.dtype, m.var.dtype)),
                       complex_mean=any(jnp.iscomplexobj(m.mean) for m in ms))
 
 
-def merge(weight: jax.Array, mean: jax.Array, var: jax.Array,
+def merge_many(weight: jax.Array, mean: jax.Array, var: jax.Array,
           total: Callable[[tuple[jax.Array, ...]], tuple[jax.Array, ...]],
           expand: Callable[[jax.Array], jax.Array], *, dtypes: tuple[Any, Any],
           extra: tuple[jax.Array, ...] = (), equal_if_empty: bool = False,
@@ -449,7 +425,7 @@ def merge(weight: jax.Array, mean: jax.Array, var: jax.Array,
     weight, mean, var: each set's weight (its count), mean and population variance.
     total: sums a tuple of arrays over the sets, in one reduction or collective.
     expand: broadcasts a merged statistic against the sets'.
-    dtypes: `(real dtype, mean dtype)` of the arithmetic (`merge_dtypes`).
+    dtypes: `(real dtype, mean dtype)` of the arithmetic (`_dtypes.stats_dtypes`).
     extra: more arrays for the first `total` (summed in the same collective).
     equal_if_empty: weight the sets equally where every weight is 0.
 
@@ -478,11 +454,11 @@ def merge(weight: jax.Array, mean: jax.Array, var: jax.Array,
 
 
 def merge_axis(m: Moments, axis: int) -> Moments:
-  """The moments of the union of the disjoint sets laid out along `axis` of `m` (`merge`)."""
+  """The moments of the union of the disjoint sets laid out along `axis` of `m` (`merge_many`)."""
   total = lambda leaves: tuple(jnp.sum(a, axis) for a in leaves)
-  n, mean, var, _ = merge(m.count, m.mean, m.var, total, lambda s: jnp.expand_dims(s, axis),
-                          dtypes=_merge_dtypes(m))
-  return Moments(n.astype(jnp.float32), mean, var)
+  n, mean, var, _ = merge_many(m.count, m.mean, m.var, total, lambda s: jnp.expand_dims(s, axis),
+                               dtypes=_stats_dtypes_of(m))
+  return Moments(n.astype(COUNT_DTYPE), mean, var)
 
 
 def bessel(var: jax.Array, count: jax.Array) -> jax.Array:

@@ -2,7 +2,7 @@
 on adversarial input.
 
 `_fused.Reduction.moments` is where a normalizer's statistics take the policy's algorithm: the
-two-pass variance (`_stats.reduce`), or on a GPU (and, for wide float32 rows, a TPU) the
+two-pass variance (`_stats.two_pass`), or on a GPU (and, for wide float32 rows, a TPU) the
 one-read sums about a shift (`_stats.shifted_moments`). Random normal data hides the cases
 that spoil a one-read variance, so each branch meets: a leading outlier (the first element of
 every set 1e6 times the spread away), a common offset of 1e4, constant sets, one huge element,

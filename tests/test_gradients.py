@@ -1,7 +1,7 @@
 """Gradients, forward-mode derivatives and Hessians against autodiff of float64 references.
 
 jaxnorm differentiates its normalizers with a hand-written rule (`jax.custom_jvp` in
-`_fused.normalize_with_moments`); every test here compares it with JAX's own autodiff of a
+`_fused.fused_norm`); every test here compares it with JAX's own autodiff of a
 plain float64 implementation (under `jax.enable_x64`), on the float32 input jaxnorm saw.
 """
 
