@@ -135,3 +135,21 @@ def test_sdist_carries_license_and_builds(tmp_path):
   for path in ("LICENSE", "README.md", "pyproject.toml", "jaxnorm/_version.py", "jaxnorm/py.typed"):
     assert f"{top}/{path}" in names, path
   assert meta["Version"] == jaxnorm.__version__ and meta["License-File"] == "LICENSE"
+
+
+def test_floor_constraints_pin_the_declared_floors():
+  """`.ci/constraints-floor.txt` pins each package at its `>=` floor in pyproject.toml (jaxlib
+  at jax's), so a floor raised in one place and not the other fails here."""
+  meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  specs = [*meta["dependencies"], *(s for extra in meta["optional-dependencies"].values()
+                                    for s in extra)]
+  floors = {}
+  for spec in specs:
+    if match := re.fullmatch(r"([A-Za-z0-9_.-]+)>=([\w.]+)", spec.split(";")[0].strip()):
+      floors.setdefault(match[1].lower(), set()).add(match[2])
+  lines = (ROOT / ".ci" / "constraints-floor.txt").read_text().splitlines()
+  pins = dict(line.split("==") for line in lines if line and not line.startswith("#"))
+  assert pins.pop("jaxlib") == pins["jax"]
+  for name, version in pins.items():
+    assert floors.get(name) == {version}, (name, version, floors.get(name))
+  assert {"jax", "flax", "equinox"} <= pins.keys()
