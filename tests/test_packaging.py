@@ -56,11 +56,12 @@ def _metadata(text: str) -> email.message.Message:
 
 
 def _source(to: pathlib.Path) -> pathlib.Path:
-  """What a build reads, copied out of the checkout: setuptools writes `build/` and
-  `*.egg-info` beside its input, which stay out of the checkout this way."""
-  for name in ("pyproject.toml", "README.md", "LICENSE"):
-    shutil.copy(ROOT / name, to / name)
-  shutil.copytree(ROOT / "jaxnorm", to / "jaxnorm", ignore=shutil.ignore_patterns("__pycache__"))
+  """The checkout copied without what a build or a test run leaves in it (virtual environments,
+  caches, build outputs): setuptools writes `build/` and `*.egg-info` beside its input, which
+  stay out of the checkout this way."""
+  shutil.copytree(ROOT, to, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+      ".git", ".venv", "venv", "__pycache__", "build", "dist", "*.egg-info", "results",
+      ".pytest_cache", ".hypothesis", "bench-results", "_build", "generated"))
   return to
 
 
@@ -116,14 +117,14 @@ def test_wheel_installs_with_nothing_but_jax_and_normalizes(wheel, tmp_path):
 
 
 @pytest.mark.slow
-def test_sdist_carries_license_and_builds(tmp_path):
+def test_sdist_carries_license_and_runnable_tests(tmp_path):
   """The sdist, built by setuptools' PEP 517 hook in this environment (the wheel test covers the
-  isolated build), holds what a wheel is built from and the license."""
+  isolated build), holds the license and the repository, the tests' helpers included
+  (MANIFEST.in), and no bytecode."""
   setuptools = pytest.importorskip("setuptools")
   if int(setuptools.__version__.split(".")[0]) < 77:
     pytest.skip(f"setuptools {setuptools.__version__} predates PEP 639 (77): `python -m build`")
   out = tmp_path / "sdist"
-  (tmp_path / "src").mkdir()
   code = ("import sys; from setuptools import build_meta; "
           "print(build_meta.build_sdist(sys.argv[1]))")
   src = _source(tmp_path / "src")
@@ -132,8 +133,10 @@ def test_sdist_carries_license_and_builds(tmp_path):
   with tarfile.open(out / name) as tar:
     names = set(tar.getnames())
     meta = _metadata(tar.extractfile(f"{top}/PKG-INFO").read().decode())
-  for path in ("LICENSE", "README.md", "pyproject.toml", "jaxnorm/_version.py", "jaxnorm/py.typed"):
-    assert f"{top}/{path}" in names, path
+  for path in ("LICENSE", "README.md", "pyproject.toml", "jaxnorm/_version.py", "jaxnorm/py.typed",
+               "CHANGELOG.md", "tests/conftest.py", "tests/refs.py", "docs/conf.py"):
+    assert f"{top}/{path}" in names, path  # the tests' helpers too: the sdist's tests run
+  assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
   assert meta["Version"] == jaxnorm.__version__ and meta["License-File"] == "LICENSE"
 
 
