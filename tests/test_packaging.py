@@ -2,8 +2,9 @@
 normalizes there; the sdist and the wheel carry the license; the metadata says what PyPI shows.
 
 The build tests need the package registry (pip's isolated build fetches setuptools, and the fresh
-environment fetches jax) and take about a minute, so they are marked slow; the metadata test
-reads pyproject.toml only.
+environment fetches jax) and take from half a minute (pip's cache warm) to a few minutes, so they
+are marked slow (the name alone does not make a module slow: tests/conftest.py); the metadata and
+floor tests read files only.
 """
 
 import email.parser
