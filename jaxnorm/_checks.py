@@ -152,6 +152,49 @@ def check_axis_index_groups(axis_name: Any, axis_index_groups: Any) -> None:
     )
 
 
+def axis_names(axis_name: Any) -> tuple[Any, ...]:
+  """`axis_name` as a tuple of names (one name or a tuple/list of them)."""
+  return tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+
+
+def is_bound(name: Any) -> bool:
+  """Whether an enclosing `jax.shard_map`, `jax.pmap` or `jax.vmap` binds the axis `name`
+  (`jax.lax.axis_size` raises a NameError for one that none binds)."""
+  try:
+    jax.lax.axis_size(name)
+  except NameError:
+    return False
+  return True
+
+
+def mesh_axes() -> tuple[Any, ...]:
+  """The mesh axes that collectives may name here: the manual axes of the enclosing
+  `jax.shard_map` (or `jax.pmap`, which JAX runs as one); empty outside them."""
+  return tuple(jax.sharding.get_abstract_mesh().manual_axes)
+
+
+def collective_error(axis_name: Any, error: Exception) -> Exception | None:
+  """A clear error for `error`, raised by a collective over `axis_name`, when the axis names
+  are its cause; None otherwise.
+
+  It runs only after a collective failed, so valid calls pay nothing. The names that JAX can
+  report are the mesh axes: it has no public list of the `jax.vmap` axes in scope, only
+  `jax.lax.axis_size` to ask about one name.
+  """
+  names = axis_names(axis_name)
+  unbound = tuple(n for n in names if not is_bound(n))
+  if unbound:
+    mesh = mesh_axes()
+    return NameError(
+        f"axis_name={axis_name!r}: {', '.join(map(repr, unbound))} is not bound here, by any "
+        f"enclosing jax.shard_map, jax.pmap or jax.vmap; mesh axes bound here: "
+        f"{mesh if mesh else 'none'}. Pass the names of the axes the batch is split over: "
+        f"mesh axes of the jax.shard_map, or the axis_name given to jax.pmap(axis_name=...) "
+        f"or jax.vmap(axis_name=...) around this call."
+    )
+  return None
+
+
 def check_bool(value: Any, name: str, why: str = "") -> None:
   """Raises a TypeError unless `value` is a Python bool (`why`: what it decides)."""
   if not isinstance(value, bool):

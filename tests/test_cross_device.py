@@ -303,3 +303,38 @@ def test_each_reduction_costs_at_most_two_all_reduces_and_nothing_else(case):
   # and the count's all-reduce can merge with the sum's (an int32 count could not).
   sj = jax.jit(lambda x, m: fn(x, m, None)).lower(*placed).compile().as_text()
   assert 1 <= _compiled_collectives(sj) <= expected
+
+
+# --- axis names that are not bound, and a jax.vmap axis inside jax.shard_map (issue 33) ------
+
+
+def _mapped(kind: str, f: Callable[[jax.Array], Any]) -> Callable[[], Any]:
+  """`f` on a (16, 4) batch split over the 8 devices (mesh or pmap axis 'data'), or over a
+  jax.vmap axis 'data' of 8."""
+  x = np.arange(64, dtype=np.float32).reshape(16, 4)
+  if kind == "shard_map":
+    mesh = jax.make_mesh((N_DEV,), ("data",))
+    g = jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+    return lambda: g(jax.device_put(x, NamedSharding(mesh, P("data"))))
+  xs = x.reshape(N_DEV, 2, 4)
+  if kind == "pmap":
+    return lambda: jax.pmap(f, axis_name="data")(xs)
+  return lambda: jax.vmap(f, axis_name="data")(xs)
+
+
+@pytest.mark.parametrize("kind", ["shard_map", "pmap", "vmap"])
+@pytest.mark.parametrize("call", ["moments", "batch_norm"])
+def test_an_unbound_axis_name_is_named_with_the_axes_that_are_bound(kind, call):
+  def f(x):
+    if call == "moments":
+      return jn.moments(x, 0, axis_name=("data", "batch")).mean[None]
+    return jn.batch_norm(x, jn.batch_norm_init(4), training=True, axis_name="batch")[0]
+  with pytest.raises(NameError) as info:
+    _mapped(kind, f)()
+  msg = str(info.value)
+  assert re.search(r"axis_name=(\('data', )?'batch'\)?", msg), msg
+  assert "'batch' is not bound" in msg, msg
+  if kind == "vmap":  # JAX lists no jax.vmap axis names; the fix says where names come from
+    assert "mesh axes bound here: none" in msg and "jax.vmap(axis_name=" in msg, msg
+  else:
+    assert "mesh axes bound here: ('data',)" in msg, msg
