@@ -179,7 +179,10 @@ def collective_error(axis_name: Any, error: Exception) -> Exception | None:
 
   It runs only after a collective failed, so valid calls pay nothing. The names that JAX can
   report are the mesh axes: it has no public list of the `jax.vmap` axes in scope, only
-  `jax.lax.axis_size` to ask about one name.
+  `jax.lax.axis_size` to ask about one name. A bound name that is not a mesh axis is a
+  `jax.vmap` axis; inside `jax.shard_map` with `check_vma=True`, JAX (0.10) fails on any
+  collective over one (a bare AssertionError, or a ValueError about varying axes), whether
+  the names are reduced together or one at a time.
   """
   names = axis_names(axis_name)
   unbound = tuple(n for n in names if not is_bound(n))
@@ -191,6 +194,17 @@ def collective_error(axis_name: Any, error: Exception) -> Exception | None:
         f"{mesh if mesh else 'none'}. Pass the names of the axes the batch is split over: "
         f"mesh axes of the jax.shard_map, or the axis_name given to jax.pmap(axis_name=...) "
         f"or jax.vmap(axis_name=...) around this call."
+    )
+  mesh = mesh_axes()
+  vmapped = tuple(n for n in names if n not in mesh)
+  vma_error = isinstance(error, AssertionError) or "can only accept axis_name" in str(error)
+  if mesh and vmapped and vma_error:
+    return ValueError(
+        f"axis_name={axis_name!r} reduces over {', '.join(map(repr, vmapped))}, a jax.vmap "
+        f"axis, inside jax.shard_map over mesh axes {mesh}: with shard_map's check_vma=True "
+        f"(its default) JAX {jax.__version__} accepts no collective over a jax.vmap axis. Pass "
+        f"check_vma=False to jax.shard_map, or map the devices with jax.pmap(axis_name=...) "
+        f"around the jax.vmap; both give the statistics of the whole batch."
     )
   return None
 

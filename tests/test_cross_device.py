@@ -338,3 +338,31 @@ def test_an_unbound_axis_name_is_named_with_the_axes_that_are_bound(kind, call):
     assert "mesh axes bound here: none" in msg and "jax.vmap(axis_name=" in msg, msg
   else:
     assert "mesh axes bound here: ('data',)" in msg, msg
+
+
+@pytest.mark.parametrize("check_vma", [False, True])
+def test_a_vmap_axis_inside_shard_map_works_without_check_vma_and_says_so_with_it(check_vma):
+  """Per-example code (jax.vmap, axis 'batch') inside jax.shard_map (mesh axis 'data'),
+  statistics over both: JAX 0.10 refuses every collective over a jax.vmap axis inside
+  shard_map when check_vma is on, so the error must name the ways that work."""
+  mesh = jax.make_mesh((N_DEV,), ("data",))
+  x = np.random.default_rng(0).normal(3.0, 2.0, (16, 3)).astype(np.float32)
+  state = jn.batch_norm_init(3)
+
+  def per_device(xs, s):
+    return jax.vmap(lambda xi: jn.batch_norm(xi, s, training=True, axis_name=("data", "batch")),
+                    axis_name="batch", out_axes=(0, None))(xs)
+
+  f = jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P()),
+                    out_specs=(P("data"), P()), check_vma=check_vma)
+  xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+  if check_vma:
+    with pytest.raises(ValueError, match=r"axis_name=\('data', 'batch'\).*'batch'.*jax\.vmap.*"
+                                         r"check_vma=False.*jax\.pmap"):
+      f(xs, state)
+    return
+  y, new = f(xs, state)
+  y_ref, _, mean, var = refs.ref_batch_norm_train(x)
+  np.testing.assert_allclose(np.asarray(y), y_ref, atol=refs.atol(jnp.float32))
+  np.testing.assert_allclose(np.asarray(new.mean), 0.01 * mean, atol=refs.atol(jnp.float32))
+  np.testing.assert_allclose(np.asarray(new.var), 0.99 + 0.01 * var, atol=refs.atol(jnp.float32))

@@ -370,6 +370,30 @@ def test_mask_and_cross_device_statistics_weighted_by_count():
   np.testing.assert_allclose(hidden_var, (1 - M) * var, atol=1e-6)
 
 
+@pytest.mark.parametrize("check_vma", [False, True])
+def test_shard_map_around_the_per_example_vmap_as_the_guide_says(check_vma):
+  """docs/guides/equinox.md, "Across devices": shard_map over 2 devices x vmap over 3
+  examples, axis_name=("dev", "batch"); with check_vma on, JAX refuses the vmap axis."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  bn, state = eqx.nn.make_with_state(jne.BatchNorm)(3, ("dev", "batch"), mode="batch",
+                                                    momentum=M)
+  x = _data((6, 3, 5))
+  mesh = jax.make_mesh((2,), ("dev",), devices=jax.devices()[:2])
+  step = jax.shard_map(
+      jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None)), mesh=mesh,
+      in_specs=(P("dev"), P()), out_specs=(P("dev"), P()), check_vma=check_vma)
+  xs = jax.device_put(x, NamedSharding(mesh, P("dev")))
+  if check_vma:
+    with pytest.raises(ValueError, match=r"check_vma=False.*jax\.pmap"):
+      step(xs, state)
+    return
+  y, _ = step(xs, state)
+  y_ref = refs.ref_batch_norm_train(x, feature_axes=1)[0]
+  np.testing.assert_allclose(np.asarray(y), y_ref, atol=refs.atol(jnp.float32))
+
+
 # --- an equinox model trained on digits with jaxnorm's layers -------------------------------
 
 
