@@ -91,10 +91,28 @@ def check_momentum(momentum: Any) -> None:
 
 def check_inexact(value: ArrayLike, name: str) -> None:
   """Raises a TypeError unless `value` (a parameter or a statistic) is floating or complex."""
-  dtype = jnp.result_type(value)
+  try:
+    dtype = jnp.result_type(value)
+  except TypeError as e:  # JAX's "Cannot determine dtype of ..." names neither cause nor fix
+    raise TypeError(_not_an_array(value, name)) from e
   if not jnp.issubdtype(dtype, jnp.inexact):
     raise TypeError(f"{name} must have a floating (or complex) dtype; got {dtype}. Cast it "
                     f"first, e.g. {name}.astype(jnp.float32).")
+
+
+def _not_an_array(value: Any, name: str) -> str:
+  """The message for a `value` passed as the array `name` that is none: a Python list, or a
+  state (a NamedTuple) in a parameter's place."""
+  got = type(value).__name__
+  if isinstance(value, tuple) and {"mean", "var", "count"} <= set(getattr(value, "_fields", ())):
+    fix = (f"The running state goes second: batch_norm(x, state, scale, bias, training=...); "
+           f"pass {name} as an array, or None.")
+  elif isinstance(value, list | tuple):
+    fix = f"Convert it first, e.g. {name}=jnp.asarray(...)."
+  else:
+    fix = "Pass a jax.Array or a NumPy array."
+  return (f"{name} must be an array (a jax.Array or a NumPy array) or a Python number; got a "
+          f"{got}. {fix}")
 
 
 def check_param(param: jax.Array | None, expected: tuple[int, ...], name: str,
@@ -255,7 +273,7 @@ def normalizer_spec(x: ArrayLike, scale: Any, bias: Any, *, reduction_axes: Axes
     red = canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
   fshape = feature_shape(x.shape, feat)
   for name, p in (("scale", scale), ("bias", bias)):
-    check_param(p, fshape, name, f"input's feature axes {feat}", x.shape)
+    check_param(p, fshape, name, f"input along feature_axes={feat}", x.shape)
   check_epsilon(epsilon)
   valid = check_mask(mask, x.shape)
   check_axis_index_groups(axis_name, axis_index_groups)
@@ -353,15 +371,16 @@ def batch_norm_spec(x: ArrayLike, state: Any, scale: Any, bias: Any, *, state_ty
   check_momentum(momentum)
   check_bool(unbiased_running_var, "unbiased_running_var")
   check_state(state, state_type, feature_shape(x.shape, spec.feature_axes),
-              jnp.iscomplexobj(x))
+              jnp.iscomplexobj(x), input_shape=x.shape, feature_axes=spec.feature_axes)
   check_virtual_batch_size(virtual_batch_size, x.shape, spec.feature_axes, training)
   return x, BatchNormSpec(spec, momentum, unbiased_running_var, virtual_batch_size)
 
 
 def check_state(state: Any, state_type: type[Any], feature_shape: tuple[int, ...],
-                complex_input: bool) -> None:
+                complex_input: bool, input_shape: tuple[int, ...] | None = None,
+                feature_axes: tuple[int, ...] = ()) -> None:
   """A running-statistics state (`state_type`: `BatchNormState`) for input of `feature_shape`,
-  complex or not."""
+  complex or not (with `input_shape`: along `feature_axes` of such an input)."""
   if not isinstance(state, state_type):
     raise TypeError(f"state must be a jaxnorm.BatchNormState (see batch_norm_init); got "
                     f"{type(state).__name__}.")
@@ -389,13 +408,29 @@ def check_state(state: Any, state_type: type[Any], feature_shape: tuple[int, ...
   for name in ("mean", "var"):
     shape = tuple(jnp.shape(getattr(state, name)))
     if shape != tuple(feature_shape):
-      raise ValueError(
-          f"state.{name} has shape {shape} but the input's feature shape is "
-          f"{tuple(feature_shape)}; create the state with "
-          f"batch_norm_init({tuple(feature_shape)})."
-      )
+      raise ValueError(f"state.{name} has shape {shape} but the input's feature shape is "
+                       f"{tuple(feature_shape)}"
+                       + _state_shape_fix(shape, tuple(feature_shape), input_shape,
+                                          feature_axes))
   if jnp.shape(state.count) != ():
     raise ValueError(f"state.count must be a scalar; got shape {jnp.shape(state.count)}.")
+
+
+def _state_shape_fix(shape: tuple[int, ...], fshape: tuple[int, ...],
+                     input_shape: tuple[int, ...] | None, feature_axes: tuple[int, ...]) -> str:
+  """The end of the message for a state of `shape` that does not match the input's feature
+  shape `fshape`: where the input holds a feature axis of the state's size (channels first,
+  say), the fix is `feature_axes`; a state of the wrong size is the fix only otherwise."""
+  make = f"create the state with batch_norm_init({fshape})."
+  if input_shape is None:
+    return f"; {make}"
+  where = f" (axes feature_axes={feature_axes} of the input, of shape {tuple(input_shape)})"
+  axes = [a for a in range(1, len(input_shape))
+          if len(shape) == 1 and input_shape[a] == shape[0] and (a,) != feature_axes]
+  if not axes:
+    return f"{where}; {make}"
+  return (f"{where}. If the features lie along axis {axes[0]} (e.g. channels first), pass "
+          f"feature_axes={axes[0]}; if they lie along feature_axes={feature_axes}, {make}")
 
 
 def check_moments(value: Any, name: str, moments_type: type[Any]) -> None:
