@@ -252,6 +252,18 @@ def test_shape_errors_name_the_fix():
     jne.BatchNorm(3, "batch")
 
 
+def test_batch_norm_on_a_channels_last_example_under_vmap_says_to_move_the_channels():
+  bn, state = eqx.nn.make_with_state(jne.BatchNorm)(4, "batch", mode="batch")
+  with pytest.raises(ValueError) as info:
+    _vmapped(bn, jnp.ones((2, 5, 6, 4)), state)  # already under jax.vmap(axis_name="batch")
+  msg = str(info.value)
+  assert "x.shape=(5, 6, 4)" in msg and "channels first" in msg, msg
+  assert "jnp.moveaxis(x, -1, 0)" in msg and "under jax.vmap" not in msg, msg
+  with pytest.raises(ValueError, match=r"x.shape=\(2, 4, 5\).*under jax.vmap\(.*"
+                                       r"axis_name='batch'"):
+    bn(jnp.ones((2, 4, 5)), state)  # a whole batch, outside jax.vmap
+
+
 def test_without_equinox_the_import_says_how_to_install_it():
   code = ("import sys; sys.modules['equinox'] = None\n"
           "try:\n  import jaxnorm.equinox\nexcept ImportError as e:\n"
