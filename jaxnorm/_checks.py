@@ -116,11 +116,13 @@ def _not_an_array(value: Any, name: str) -> str:
 
 
 def check_param(param: jax.Array | None, expected: tuple[int, ...], name: str,
-                what: str, input_shape: tuple[int, ...] | None = None) -> None:
+                what: str, input_shape: tuple[int, ...] | None = None,
+                feature_axes: tuple[int, ...] = ()) -> None:
   """`param` must have the shape `expected` or, with `input_shape`, one that broadcasts to it.
 
   The broadcast form is NumPy's (the parameter's axes align with the input's last axes), for
-  per-example parameters such as `(batch, 1, features)`.
+  per-example parameters such as `(batch, 1, features)`. With `feature_axes`, a parameter that
+  fits another axis of the input is pointed to `feature_axes`.
   """
   if param is None:
     return
@@ -132,10 +134,25 @@ def check_param(param: jax.Array | None, expected: tuple[int, ...], name: str,
     return
   also = ("" if input_shape is None else
           f" or a shape that broadcasts to the input's shape {tuple(input_shape)}")
+  axis = _other_feature_axis(shape, tuple(input_shape or ()), feature_axes)
+  fix = ("" if axis is None else f" If {name} runs along axis {axis} of the input (e.g. "
+         f"channels first), pass feature_axes={axis}.")
   raise ValueError(
       f"{name} must have the shape of the {what}, {tuple(expected)}{also}; got shape "
-      f"{shape}."
+      f"{shape}.{fix}"
   )
+
+
+def _other_feature_axis(shape: tuple[int, ...], input_shape: tuple[int, ...],
+                       feature_axes: tuple[int, ...]) -> int | None:
+  """The first axis after the batch axis of an input of `input_shape`, not `feature_axes`,
+  whose size is that of a one-axis `shape` (a parameter or state of channels-first input,
+  say); None if there is none."""
+  if len(shape) != 1 or not feature_axes:
+    return None
+  axes = [a for a in range(1, len(input_shape))
+          if input_shape[a] == shape[0] and (a,) != feature_axes]
+  return axes[0] if axes else None
 
 
 def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
@@ -273,7 +290,7 @@ def normalizer_spec(x: ArrayLike, scale: Any, bias: Any, *, reduction_axes: Axes
     red = canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
   fshape = feature_shape(x.shape, feat)
   for name, p in (("scale", scale), ("bias", bias)):
-    check_param(p, fshape, name, f"input along feature_axes={feat}", x.shape)
+    check_param(p, fshape, name, f"input along feature_axes={feat}", x.shape, feat)
   check_epsilon(epsilon)
   valid = check_mask(mask, x.shape)
   check_axis_index_groups(axis_name, axis_index_groups)
@@ -425,12 +442,11 @@ def _state_shape_fix(shape: tuple[int, ...], fshape: tuple[int, ...],
   if input_shape is None:
     return f"; {make}"
   where = f" (axes feature_axes={feature_axes} of the input, of shape {tuple(input_shape)})"
-  axes = [a for a in range(1, len(input_shape))
-          if len(shape) == 1 and input_shape[a] == shape[0] and (a,) != feature_axes]
-  if not axes:
+  axis = _other_feature_axis(shape, tuple(input_shape), feature_axes)
+  if axis is None:
     return f"{where}; {make}"
-  return (f"{where}. If the features lie along axis {axes[0]} (e.g. channels first), pass "
-          f"feature_axes={axes[0]}; if they lie along feature_axes={feature_axes}, {make}")
+  return (f"{where}. If the features lie along axis {axis} (e.g. channels first), pass "
+          f"feature_axes={axis}; if they lie along feature_axes={feature_axes}, {make}")
 
 
 def check_moments(value: Any, name: str, moments_type: type[Any]) -> None:

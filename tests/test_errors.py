@@ -127,3 +127,12 @@ def test_messages_say_what_was_passed_what_is_expected_and_the_fix(call, error, 
   for word in words:
     assert word in msg, (word, msg)
   assert "Cannot determine dtype" not in msg
+
+
+def test_a_channels_first_scale_points_to_feature_axes():
+  with pytest.raises(ValueError) as info:
+    jn.batch_norm(X_NCHW, jn.batch_norm_init(6), jnp.ones(4), training=True)
+  msg = str(info.value)
+  for word in ["scale must have the shape", "along feature_axes=(3,)", "got shape (4,)",
+               "feature_axes=1"]:
+    assert word in msg, (word, msg)
