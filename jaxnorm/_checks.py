@@ -219,18 +219,17 @@ def collective_error(axis_name: Any, error: Exception) -> Exception | None:
   collective over one (a bare AssertionError, or a ValueError about varying axes), whether
   the names are reduced together or one at a time.
   """
-  names = axis_names(axis_name)
+  names, mesh = axis_names(axis_name), mesh_axes()
   unbound = tuple(n for n in names if not is_bound(n))
   if unbound:
-    mesh = mesh_axes()
     return NameError(
-        f"axis_name={axis_name!r}: {', '.join(map(repr, unbound))} is not bound here, by any "
+        f"axis_name={axis_name!r}: {', '.join(map(repr, unbound))} "
+        f"{'is' if len(unbound) == 1 else 'are'} not bound here, by any "
         f"enclosing jax.shard_map, jax.pmap or jax.vmap; mesh axes bound here: "
         f"{mesh if mesh else 'none'}. Pass the names of the axes the batch is split over: "
         f"mesh axes of the jax.shard_map, or the axis_name given to jax.pmap(axis_name=...) "
         f"or jax.vmap(axis_name=...) around this call."
     )
-  mesh = mesh_axes()
   vmapped = tuple(n for n in names if n not in mesh)
   vma_error = isinstance(error, AssertionError) or "can only accept axis_name" in str(error)
   if mesh and vmapped and vma_error:
