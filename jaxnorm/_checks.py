@@ -91,18 +91,38 @@ def check_momentum(momentum: Any) -> None:
 
 def check_inexact(value: ArrayLike, name: str) -> None:
   """Raises a TypeError unless `value` (a parameter or a statistic) is floating or complex."""
-  dtype = jnp.result_type(value)
+  try:
+    dtype = jnp.result_type(value)
+  except TypeError as e:  # JAX's "Cannot determine dtype of ..." names neither cause nor fix
+    raise TypeError(_not_an_array(value, name)) from e
   if not jnp.issubdtype(dtype, jnp.inexact):
     raise TypeError(f"{name} must have a floating (or complex) dtype; got {dtype}. Cast it "
                     f"first, e.g. {name}.astype(jnp.float32).")
 
 
+def _not_an_array(value: Any, name: str) -> str:
+  """The message for a `value` passed as the array `name` that is none: a Python list, or a
+  state (a NamedTuple) in a parameter's place."""
+  got = type(value).__name__
+  if isinstance(value, tuple) and {"mean", "var", "count"} <= set(getattr(value, "_fields", ())):
+    fix = (f"The running state goes second: batch_norm(x, state, scale, bias, training=...); "
+           f"pass {name} as an array, or None.")
+  elif isinstance(value, list | tuple):
+    fix = f"Convert it first, e.g. {name}=jnp.asarray(...)."
+  else:
+    fix = "Pass a jax.Array or a NumPy array."
+  return (f"{name} must be an array (a jax.Array or a NumPy array) or a Python number; got a "
+          f"{got}. {fix}")
+
+
 def check_param(param: jax.Array | None, expected: tuple[int, ...], name: str,
-                what: str, input_shape: tuple[int, ...] | None = None) -> None:
+                what: str, input_shape: tuple[int, ...] | None = None,
+                feature_axes: tuple[int, ...] = ()) -> None:
   """`param` must have the shape `expected` or, with `input_shape`, one that broadcasts to it.
 
   The broadcast form is NumPy's (the parameter's axes align with the input's last axes), for
-  per-example parameters such as `(batch, 1, features)`.
+  per-example parameters such as `(batch, 1, features)`. With `feature_axes`, a parameter that
+  fits another axis of the input is pointed to `feature_axes`.
   """
   if param is None:
     return
@@ -114,10 +134,25 @@ def check_param(param: jax.Array | None, expected: tuple[int, ...], name: str,
     return
   also = ("" if input_shape is None else
           f" or a shape that broadcasts to the input's shape {tuple(input_shape)}")
+  axis = _other_feature_axis(shape, tuple(input_shape or ()), feature_axes)
+  fix = ("" if axis is None else f" If {name} runs along axis {axis} of the input (e.g. "
+         f"channels first), pass feature_axes={axis}.")
   raise ValueError(
       f"{name} must have the shape of the {what}, {tuple(expected)}{also}; got shape "
-      f"{shape}."
+      f"{shape}.{fix}"
   )
+
+
+def _other_feature_axis(shape: tuple[int, ...], input_shape: tuple[int, ...],
+                       feature_axes: tuple[int, ...]) -> int | None:
+  """The first axis after the batch axis of an input of `input_shape`, not `feature_axes`,
+  whose size is that of a one-axis `shape` (a parameter or state of channels-first input,
+  say); None if there is none."""
+  if len(shape) != 1 or not feature_axes:
+    return None
+  axes = [a for a in range(1, len(input_shape))
+          if input_shape[a] == shape[0] and (a,) != feature_axes]
+  return axes[0] if axes else None
 
 
 def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
@@ -150,6 +185,62 @@ def check_axis_index_groups(axis_name: Any, axis_index_groups: Any) -> None:
         "axis_index_groups was given without axis_name; name the mapped axis the groups "
         "subdivide."
     )
+
+
+def axis_names(axis_name: Any) -> tuple[Any, ...]:
+  """`axis_name` as a tuple of names (one name or a tuple/list of them)."""
+  return tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+
+
+def is_bound(name: Any) -> bool:
+  """Whether an enclosing `jax.shard_map`, `jax.pmap` or `jax.vmap` binds the axis `name`
+  (`jax.lax.axis_size` raises a NameError for one that none binds)."""
+  try:
+    jax.lax.axis_size(name)
+  except NameError:
+    return False
+  return True
+
+
+def mesh_axes() -> tuple[Any, ...]:
+  """The mesh axes that collectives may name here: the manual axes of the enclosing
+  `jax.shard_map` (or `jax.pmap`, which JAX runs as one); empty outside them."""
+  return tuple(jax.sharding.get_abstract_mesh().manual_axes)
+
+
+def collective_error(axis_name: Any, error: Exception) -> Exception | None:
+  """A clear error for `error`, raised by a collective over `axis_name`, when the axis names
+  are its cause; None otherwise.
+
+  It runs only after a collective failed, so valid calls pay nothing. The names that JAX can
+  report are the mesh axes: it has no public list of the `jax.vmap` axes in scope, only
+  `jax.lax.axis_size` to ask about one name. A bound name that is not a mesh axis is a
+  `jax.vmap` axis; inside `jax.shard_map` with `check_vma=True`, JAX (0.10) fails on any
+  collective over one (a bare AssertionError, or a ValueError about varying axes), whether
+  the names are reduced together or one at a time.
+  """
+  names, mesh = axis_names(axis_name), mesh_axes()
+  unbound = tuple(n for n in names if not is_bound(n))
+  if unbound:
+    return NameError(
+        f"axis_name={axis_name!r}: {', '.join(map(repr, unbound))} "
+        f"{'is' if len(unbound) == 1 else 'are'} not bound here, by any "
+        f"enclosing jax.shard_map, jax.pmap or jax.vmap; mesh axes bound here: "
+        f"{mesh if mesh else 'none'}. Pass the names of the axes the batch is split over: "
+        f"mesh axes of the jax.shard_map, or the axis_name given to jax.pmap(axis_name=...) "
+        f"or jax.vmap(axis_name=...) around this call."
+    )
+  vmapped = tuple(n for n in names if n not in mesh)
+  vma_error = isinstance(error, AssertionError) or "can only accept axis_name" in str(error)
+  if mesh and vmapped and vma_error:
+    return ValueError(
+        f"axis_name={axis_name!r} reduces over {', '.join(map(repr, vmapped))}, a jax.vmap "
+        f"axis, inside jax.shard_map over mesh axes {mesh}: with shard_map's check_vma=True "
+        f"(its default) JAX {jax.__version__} accepts no collective over a jax.vmap axis. Pass "
+        f"check_vma=False to jax.shard_map, or map the devices with jax.pmap(axis_name=...) "
+        f"around the jax.vmap; both give the statistics of the whole batch."
+    )
+  return None
 
 
 def check_bool(value: Any, name: str, why: str = "") -> None:
@@ -198,7 +289,7 @@ def normalizer_spec(x: ArrayLike, scale: Any, bias: Any, *, reduction_axes: Axes
     red = canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
   fshape = feature_shape(x.shape, feat)
   for name, p in (("scale", scale), ("bias", bias)):
-    check_param(p, fshape, name, f"input's feature axes {feat}", x.shape)
+    check_param(p, fshape, name, f"input along feature_axes={feat}", x.shape, feat)
   check_epsilon(epsilon)
   valid = check_mask(mask, x.shape)
   check_axis_index_groups(axis_name, axis_index_groups)
@@ -296,15 +387,16 @@ def batch_norm_spec(x: ArrayLike, state: Any, scale: Any, bias: Any, *, state_ty
   check_momentum(momentum)
   check_bool(unbiased_running_var, "unbiased_running_var")
   check_state(state, state_type, feature_shape(x.shape, spec.feature_axes),
-              jnp.iscomplexobj(x))
+              jnp.iscomplexobj(x), input_shape=x.shape, feature_axes=spec.feature_axes)
   check_virtual_batch_size(virtual_batch_size, x.shape, spec.feature_axes, training)
   return x, BatchNormSpec(spec, momentum, unbiased_running_var, virtual_batch_size)
 
 
 def check_state(state: Any, state_type: type[Any], feature_shape: tuple[int, ...],
-                complex_input: bool) -> None:
+                complex_input: bool, input_shape: tuple[int, ...] | None = None,
+                feature_axes: tuple[int, ...] = ()) -> None:
   """A running-statistics state (`state_type`: `BatchNormState`) for input of `feature_shape`,
-  complex or not."""
+  complex or not (with `input_shape`: along `feature_axes` of such an input)."""
   if not isinstance(state, state_type):
     raise TypeError(f"state must be a jaxnorm.BatchNormState (see batch_norm_init); got "
                     f"{type(state).__name__}.")
@@ -332,13 +424,28 @@ def check_state(state: Any, state_type: type[Any], feature_shape: tuple[int, ...
   for name in ("mean", "var"):
     shape = tuple(jnp.shape(getattr(state, name)))
     if shape != tuple(feature_shape):
-      raise ValueError(
-          f"state.{name} has shape {shape} but the input's feature shape is "
-          f"{tuple(feature_shape)}; create the state with "
-          f"batch_norm_init({tuple(feature_shape)})."
-      )
+      raise ValueError(f"state.{name} has shape {shape} but the input's feature shape is "
+                       f"{tuple(feature_shape)}"
+                       + _state_shape_fix(shape, tuple(feature_shape), input_shape,
+                                          feature_axes))
   if jnp.shape(state.count) != ():
     raise ValueError(f"state.count must be a scalar; got shape {jnp.shape(state.count)}.")
+
+
+def _state_shape_fix(shape: tuple[int, ...], fshape: tuple[int, ...],
+                     input_shape: tuple[int, ...] | None, feature_axes: tuple[int, ...]) -> str:
+  """The end of the message for a state of `shape` that does not match the input's feature
+  shape `fshape`: where the input holds a feature axis of the state's size (channels first,
+  say), the fix is `feature_axes`; a state of the wrong size is the fix only otherwise."""
+  make = f"create the state with batch_norm_init({fshape})."
+  if input_shape is None:
+    return f"; {make}"
+  where = f" (axes feature_axes={feature_axes} of the input, of shape {tuple(input_shape)})"
+  axis = _other_feature_axis(shape, tuple(input_shape), feature_axes)
+  if axis is None:
+    return f"{where}; {make}"
+  return (f"{where}. If the features lie along axis {axis} (e.g. channels first), pass "
+          f"feature_axes={axis}; if they lie along feature_axes={feature_axes}, {make}")
 
 
 def check_moments(value: Any, name: str, moments_type: type[Any]) -> None:

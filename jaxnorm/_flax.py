@@ -68,7 +68,7 @@ def check_features(layer: str, num_features: int, x: jax.Array, feat: tuple[int,
   size = math.prod(shape)
   if size != num_features:
     raise ValueError(
-        f"{layer}(num_features={num_features}) got input of shape {x.shape}, whose feature "
+        f"{layer}(num_features={num_features}) got input of shape {x.shape}, whose "
         f"{axis_name}={axis!r} holds {size} features; construct it with "
         f"num_features={size}, or pass the {axis_name} that holds the features."
     )

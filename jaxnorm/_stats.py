@@ -86,6 +86,20 @@ def groups_unsupported(axis_index_groups: Any) -> Iterator[None]:
     ) from e
 
 
+@contextlib.contextmanager
+def named_axes(axis_name: AxisName) -> Iterator[None]:
+  """JAX's errors for a collective over axis names it cannot reduce over (an unbound name
+  gives a bare AssertionError under `jax.shard_map`), raised within the block, replaced by
+  one that names the axes passed and those bound (`_checks.collective_error`)."""
+  try:
+    yield
+  except (AssertionError, NameError, ValueError) as e:
+    better = _checks.collective_error(axis_name, e)
+    if better is None:
+      raise
+    raise better from e
+
+
 def psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
   """One all-reduce of every leaf of `tree` over `axis_name` (a no-op without a name).
 
@@ -108,7 +122,7 @@ def psum(tree: Any, axis_name: AxisName | None, axis_index_groups: Any) -> Any:
     flat = jnp.stack([leaf.astype(dtype) for leaf in leaves]).ravel()
   else:
     flat = jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
-  with groups_unsupported(axis_index_groups):
+  with groups_unsupported(axis_index_groups), named_axes(axis_name):
     flat = jax.lax.psum(flat, axis_name, axis_index_groups=axis_index_groups)
   out, start = [], 0
   for leaf in leaves:

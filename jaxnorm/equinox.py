@@ -66,6 +66,20 @@ def _check_shape(name: str, shape: tuple[int, ...], x: jax.Array) -> None:
     )
 
 
+def _batch_norm_shape_fix(input_size: int, axis_name: Any, x: jax.Array) -> str:
+  """How to call `BatchNorm(input_size)` on `x`, an example of the wrong shape. Already under
+  the `jax.vmap` of `axis_name` (`_checks.is_bound`), the example itself is the problem: a
+  channels-last one needs its channels moved first; outside it, the call needs the vmap."""
+  if all(_checks.is_bound(n) for n in _checks.axis_names(axis_name)):
+    if x.ndim > 1 and x.shape[-1] == input_size:
+      return (f"It is channels last (its last axis holds the {input_size} channels): move them "
+              f"first, e.g. call it on jnp.moveaxis(x, -1, 0), or build the model channels "
+              f"first.")
+    return f"Axis 0 of each example must hold the {input_size} channels."
+  return (f"Call it on one example at a time, under jax.vmap(..., axis_name={axis_name!r}) "
+          f"over the batch.")
+
+
 def _maybe_state(out: jax.Array, state: Any) -> Any:
   return out if state is _NO_STATE else (out, state)
 
@@ -222,9 +236,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
       inference = self.inference
     if x.ndim < 1 or x.shape[0] != self.input_size:
       raise ValueError(
-          f"BatchNorm({self.input_size}) expects one example of shape (input_size, ...) = "
-          f"({self.input_size}, ...); got x.shape={x.shape}. Call it under jax.vmap with "
-          f"axis_name={self.axis_name!r}."
+          f"BatchNorm({self.input_size}) expects one example, channels first, of shape "
+          f"(input_size, ...) = ({self.input_size}, ...); got x.shape={x.shape}. "
+          + _batch_norm_shape_fix(self.input_size, self.axis_name, x)
       )
     spatial = tuple(range(1, x.ndim))
 

@@ -303,3 +303,66 @@ def test_each_reduction_costs_at_most_two_all_reduces_and_nothing_else(case):
   # and the count's all-reduce can merge with the sum's (an int32 count could not).
   sj = jax.jit(lambda x, m: fn(x, m, None)).lower(*placed).compile().as_text()
   assert 1 <= _compiled_collectives(sj) <= expected
+
+
+# --- axis names that are not bound, and a jax.vmap axis inside jax.shard_map (issue 33) ------
+
+
+def _mapped(kind: str, f: Callable[[jax.Array], Any]) -> Callable[[], Any]:
+  """`f` on a (16, 4) batch split over the 8 devices (mesh or pmap axis 'data'), or over a
+  jax.vmap axis 'data' of 8."""
+  x = np.arange(64, dtype=np.float32).reshape(16, 4)
+  if kind == "shard_map":
+    mesh = jax.make_mesh((N_DEV,), ("data",))
+    g = jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+    return lambda: g(jax.device_put(x, NamedSharding(mesh, P("data"))))
+  xs = x.reshape(N_DEV, 2, 4)
+  if kind == "pmap":
+    return lambda: jax.pmap(f, axis_name="data")(xs)
+  return lambda: jax.vmap(f, axis_name="data")(xs)
+
+
+@pytest.mark.parametrize("kind", ["shard_map", "pmap", "vmap"])
+@pytest.mark.parametrize("call", ["moments", "batch_norm"])
+def test_an_unbound_axis_name_is_named_with_the_axes_that_are_bound(kind, call):
+  def f(x):
+    if call == "moments":
+      return jn.moments(x, 0, axis_name=("data", "batch")).mean[None]
+    return jn.batch_norm(x, jn.batch_norm_init(4), training=True, axis_name="batch")[0]
+  with pytest.raises(NameError) as info:
+    _mapped(kind, f)()
+  msg = str(info.value)
+  assert re.search(r"axis_name=(\('data', )?'batch'\)?", msg), msg
+  assert "'batch' is not bound" in msg, msg
+  if kind == "vmap":  # JAX lists no jax.vmap axis names; the fix says where names come from
+    assert "mesh axes bound here: none" in msg and "jax.vmap(axis_name=" in msg, msg
+  else:
+    assert "mesh axes bound here: ('data',)" in msg, msg
+
+
+@pytest.mark.parametrize("check_vma", [False, True])
+def test_a_vmap_axis_inside_shard_map_works_without_check_vma_and_says_so_with_it(check_vma):
+  """Per-example code (jax.vmap, axis 'batch') inside jax.shard_map (mesh axis 'data'),
+  statistics over both: JAX 0.10 refuses every collective over a jax.vmap axis inside
+  shard_map when check_vma is on, so the error must name the ways that work."""
+  mesh = jax.make_mesh((N_DEV,), ("data",))
+  x = np.random.default_rng(0).normal(3.0, 2.0, (16, 3)).astype(np.float32)
+  state = jn.batch_norm_init(3)
+
+  def per_device(xs, s):
+    return jax.vmap(lambda xi: jn.batch_norm(xi, s, training=True, axis_name=("data", "batch")),
+                    axis_name="batch", out_axes=(0, None))(xs)
+
+  f = jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P()),
+                    out_specs=(P("data"), P()), check_vma=check_vma)
+  xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+  if check_vma:
+    with pytest.raises(ValueError, match=r"axis_name=\('data', 'batch'\).*'batch'.*jax\.vmap.*"
+                                         r"check_vma=False.*jax\.pmap"):
+      f(xs, state)
+    return
+  y, new = f(xs, state)
+  y_ref, _, mean, var = refs.ref_batch_norm_train(x)
+  np.testing.assert_allclose(np.asarray(y), y_ref, atol=refs.atol(jnp.float32))
+  np.testing.assert_allclose(np.asarray(new.mean), 0.01 * mean, atol=refs.atol(jnp.float32))
+  np.testing.assert_allclose(np.asarray(new.var), 0.99 + 0.01 * var, atol=refs.atol(jnp.float32))

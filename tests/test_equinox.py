@@ -252,6 +252,18 @@ def test_shape_errors_name_the_fix():
     jne.BatchNorm(3, "batch")
 
 
+def test_batch_norm_on_a_channels_last_example_under_vmap_says_to_move_the_channels():
+  bn, state = eqx.nn.make_with_state(jne.BatchNorm)(4, "batch", mode="batch")
+  with pytest.raises(ValueError) as info:
+    _vmapped(bn, jnp.ones((2, 5, 6, 4)), state)  # already under jax.vmap(axis_name="batch")
+  msg = str(info.value)
+  assert "x.shape=(5, 6, 4)" in msg and "channels first" in msg, msg
+  assert "jnp.moveaxis(x, -1, 0)" in msg and "under jax.vmap" not in msg, msg
+  with pytest.raises(ValueError, match=r"x.shape=\(2, 4, 5\).*under jax.vmap\(.*"
+                                       r"axis_name='batch'"):
+    bn(jnp.ones((2, 4, 5)), state)  # a whole batch, outside jax.vmap
+
+
 def test_without_equinox_the_import_says_how_to_install_it():
   code = ("import sys; sys.modules['equinox'] = None\n"
           "try:\n  import jaxnorm.equinox\nexcept ImportError as e:\n"
@@ -368,6 +380,30 @@ def test_mask_and_cross_device_statistics_weighted_by_count():
   hidden_mean, hidden_var = _state_leaves(new)[1:]
   np.testing.assert_allclose(hidden_mean, (1 - M) * mean, atol=1e-6)
   np.testing.assert_allclose(hidden_var, (1 - M) * var, atol=1e-6)
+
+
+@pytest.mark.parametrize("check_vma", [False, True])
+def test_shard_map_around_the_per_example_vmap_as_the_guide_says(check_vma):
+  """docs/guides/equinox.md, "Across devices": shard_map over 2 devices x vmap over 3
+  examples, axis_name=("dev", "batch"); with check_vma on, JAX refuses the vmap axis."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  bn, state = eqx.nn.make_with_state(jne.BatchNorm)(3, ("dev", "batch"), mode="batch",
+                                                    momentum=M)
+  x = _data((6, 3, 5))
+  mesh = jax.make_mesh((2,), ("dev",), devices=jax.devices()[:2])
+  step = jax.shard_map(
+      jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None)), mesh=mesh,
+      in_specs=(P("dev"), P()), out_specs=(P("dev"), P()), check_vma=check_vma)
+  xs = jax.device_put(x, NamedSharding(mesh, P("dev")))
+  if check_vma:
+    with pytest.raises(ValueError, match=r"check_vma=False.*jax\.pmap"):
+      step(xs, state)
+    return
+  y, _ = step(xs, state)
+  y_ref = refs.ref_batch_norm_train(x, feature_axes=1)[0]
+  np.testing.assert_allclose(np.asarray(y), y_ref, atol=refs.atol(jnp.float32))
 
 
 # --- an equinox model trained on digits with jaxnorm's layers -------------------------------

@@ -94,3 +94,45 @@ def test_traced_epsilon_and_momentum_are_accepted():
                                               momentum=m))
   y, state = f(X + np.arange(6, dtype=np.float32), 1e-5, 0.9)
   assert np.isfinite(np.asarray(y)).all() and int(state.count) == 1
+
+
+X_NCHW = np.zeros((2, 4, 5, 6), np.float32)  # channels first: 4 channels on axis 1
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        # A channels-first batch with a state of its channels: point to feature_axes, not to
+        # a state of the width.
+        (lambda: jn.batch_norm(X_NCHW, jn.batch_norm_init(4), training=True), ValueError,
+         ["state.mean has shape (4,)", "feature shape is (6,)", "feature_axes=(3,)",
+          "feature_axes=1", "batch_norm_init((6,))"]),
+        # The feature axes are named as axes, not listed as if they were a shape.
+        (lambda: jn.layer_norm(X, jnp.ones(5)), ValueError,
+         ["scale must have the shape", "along feature_axes=(1,)", "(6,)", "got shape (5,)"]),
+        # A state where scale goes, and a Python list.
+        (lambda: jn.batch_norm(X, STATE, STATE, training=True), TypeError,
+         ["scale must be an array", "got a BatchNormState",
+          "batch_norm(x, state, scale, bias"]),
+        (lambda: jn.layer_norm(X, [1.0] * 6), TypeError,
+         ["scale must be an array", "got a list", "jnp.asarray"]),
+        (lambda: jn.batch_norm(X, STATE, None, [0.0] * 6, training=True), TypeError,
+         ["bias must be an array", "got a list", "jnp.asarray"]),
+    ],
+)
+def test_messages_say_what_was_passed_what_is_expected_and_the_fix(call, error, words):
+  with pytest.raises(error) as info:
+    call()
+  msg = str(info.value)
+  for word in words:
+    assert word in msg, (word, msg)
+  assert "Cannot determine dtype" not in msg
+
+
+def test_a_channels_first_scale_points_to_feature_axes():
+  with pytest.raises(ValueError) as info:
+    jn.batch_norm(X_NCHW, jn.batch_norm_init(6), jnp.ones(4), training=True)
+  msg = str(info.value)
+  for word in ["scale must have the shape", "along feature_axes=(3,)", "got shape (4,)",
+               "feature_axes=1"]:
+    assert word in msg, (word, msg)

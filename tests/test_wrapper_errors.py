@@ -47,3 +47,14 @@ def test_integer_input_follows_flax_in_the_layers_and_is_refused_by_the_core():
   np.testing.assert_allclose(y, jn.layer_norm(xi.astype(np.float32)), rtol=1e-6)
   with pytest.raises(TypeError, match=r"x must have a floating dtype .* got int32. Cast it"):
     jn.layer_norm(xi)
+
+
+@pytest.mark.parametrize("make, axis", [
+    (lambda: jnnx.BatchNorm(3, rngs=nnx.Rngs(0)), "axis=-1"),
+    (lambda: jnnx.LayerNorm(3, rngs=nnx.Rngs(0)), "feature_axes=-1"),
+])
+def test_nnx_size_message_names_the_argument_once(make, axis):
+  with pytest.raises(ValueError) as info:
+    make()(X)
+  msg = str(info.value)
+  assert f"whose {axis} holds 6 features" in msg and "feature feature_axes" not in msg, msg
