@@ -144,7 +144,7 @@ def update_running_stats(
   Args:
     state: the running statistics.
     batch: the batch's `Moments`, of the state's feature shape.
-    momentum: decay in [0, 1), or None for the cumulative average.
+    momentum: decay in [0, 1] (1 freezes the statistics), or None for the cumulative average.
     unbiased_running_var: store the Bessel-corrected variance, as PyTorch does.
 
   Returns:
@@ -152,7 +152,7 @@ def update_running_stats(
 
   Raises:
     TypeError: complex moments and a real running mean, or the reverse.
-    ValueError: momentum outside [0, 1), or moments of another shape than the state.
+    ValueError: momentum outside [0, 1], or moments of another shape than the state.
 
   Example:
     >>> import jax.numpy as jnp, jaxnorm as jn
@@ -276,7 +276,8 @@ def batch_norm(
     bias: optional β, of the feature shape or a shape that broadcasts to `x`.
     training: True to use and fold in the batch's statistics, False to use the running ones.
     feature_axes: axes that keep separate statistics (default: the last, channels-last).
-    momentum: decay of the running statistics in [0, 1), or None for the cumulative average.
+    momentum: decay of the running statistics in [0, 1] (1: frozen), or None for the
+      cumulative average.
     epsilon: non-negative constant added to the variance.
     mask: optional boolean array broadcastable to `x`; True marks elements that enter the batch
       statistics. A batch with no valid element leaves the running statistics unchanged. It
@@ -297,7 +298,7 @@ def batch_norm(
     TypeError: `x` is neither floating nor complex, `training` is not a bool, `state` is not
       a BatchNormState, or its mean is real for complex `x` (or complex for real `x`).
     ValueError: bad axes, parameters or state of the wrong shape, a mask that does not
-      broadcast, a negative epsilon, momentum outside [0, 1), or a `virtual_batch_size` that
+      broadcast, a negative epsilon, momentum outside [0, 1], or a `virtual_batch_size` that
       does not divide the batch.
 
   Example:
@@ -376,7 +377,8 @@ def batch_renorm(
     r_max: bound (>= 1) of the correction of the scale, a scalar (may be traced).
     d_max: bound (>= 0) of the correction of the shift, a scalar (may be traced).
     feature_axes: axes that keep separate statistics (default: the last).
-    momentum: decay of the running statistics in [0, 1), or None for the cumulative average.
+    momentum: decay of the running statistics in [0, 1] (1: frozen), or None for the
+      cumulative average.
     epsilon: non-negative constant added to both variances.
     mask: optional boolean array broadcastable to `x`; True marks elements that enter the batch
       statistics.

@@ -126,7 +126,7 @@ def test_unbiased_running_var_is_pytorch_convention():
 def test_momentum_from_torch_rejects_out_of_range():
   assert jn.momentum_from_torch(None) is None
   with pytest.raises(ValueError, match="PyTorch's momentum"):
-    jn.momentum_from_torch(0.0)
+    jn.momentum_from_torch(-0.1)
 
 
 def test_ema_runs_in_float32_for_bfloat16_input_and_state():
@@ -193,3 +193,17 @@ def test_state_round_trips_through_numpy_bit_for_bit(tmp_path):
   for a, b in zip(state, restored, strict=True):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(a, b)
+
+
+def test_momentum_one_freezes_the_running_statistics():
+  """momentum=1.0 (PyTorch's 0.0): the running statistics stay as they are (fine-tuning)."""
+  state = jn.BatchNormState(jnp.float32([1.0, -2.0]), jnp.float32([3.0, 0.5]),
+                            jnp.asarray(4, jnp.int32))
+  x = _x((8, 2), offset=5.0)
+  _, new = jn.batch_norm(x, state, training=True, momentum=1.0)
+  np.testing.assert_array_equal(new.mean, state.mean)
+  np.testing.assert_array_equal(new.var, state.var)
+  upd = jn.update_running_stats(state, jn.moments(x, 0), momentum=1.0)
+  np.testing.assert_array_equal(upd.mean, state.mean)
+  np.testing.assert_array_equal(upd.var, state.var)
+  assert jn.momentum_from_torch(0.0) == 1.0

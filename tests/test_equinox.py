@@ -430,3 +430,28 @@ def test_filter_jit_training_on_digits():
   assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
   logits, _ = _vmapped(eqx.nn.inference_mode(model), x, state)
   assert np.mean(np.argmax(logits, -1) == y) > 0.8  # chance is 0.1
+
+
+def test_momentum_one_freezes_the_running_statistics():
+  """momentum=1.0 (frozen statistics, e.g. for fine-tuning), which equinox accepts: mode="ema"
+  keeps the first batch's statistics as equinox does; mode="batch" keeps its initial mean 0 and
+  variance 1 (equinox's zero debiasing divides by 1 - 1**t = 0 there)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    theirs, s_theirs = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="ema",
+                                                                momentum=1.0)
+    ours, s_ours = eqx.nn.make_with_state(jne.BatchNorm)(3, "batch", mode="ema", momentum=1.0)
+    batch, s_batch = eqx.nn.make_with_state(jne.BatchNorm)(3, "batch", mode="batch",
+                                                           momentum=1.0)
+  x_inf = _data((4, 3, 5), seed=9)
+  before, _ = _vmapped(batch, x_inf, s_batch, inference=True)
+  for s in range(3):
+    x = _data((8, 3, 5), seed=s, offset=s)
+    with _standard():
+      _, s_theirs = _vmapped(theirs, x, s_theirs)
+    _, s_ours = _vmapped(ours, x, s_ours)
+    _, s_batch = _vmapped(batch, x, s_batch)
+  for a, b in zip(_state_leaves(s_ours), _state_leaves(s_theirs), strict=True):
+    np.testing.assert_allclose(a, b, atol=refs.atol(jnp.float32) * 8)
+  after, _ = _vmapped(batch, x_inf, s_batch, inference=True)
+  np.testing.assert_array_equal(after, before)

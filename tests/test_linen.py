@@ -323,3 +323,16 @@ def test_integer_input_follows_flax():
     v = theirs.init(KEY, x)
     y_t = theirs.apply(v, x)
   fc.assert_close(ours.apply(v, x), y_t)
+
+
+def test_momentum_one_freezes_batch_stats_as_flax_does():
+  """momentum=1.0 (frozen running statistics, e.g. for fine-tuning) is accepted, as flax does."""
+  theirs, ours = _pair("BatchNorm", momentum=1.0)
+  x, x2 = fc.data(), fc.data(seed=5, offset=-0.3)
+  with fc.standard_promotion():
+    v = theirs.init(KEY, x, use_running_average=False)
+    y_t, upd_t = theirs.apply(v, x2, use_running_average=False, mutable=["batch_stats"])
+  y_o, upd_o = ours.apply(v, x2, use_running_average=False, mutable=["batch_stats"])
+  fc.assert_trees_identical(upd_o, upd_t)
+  fc.assert_trees_identical(upd_o["batch_stats"], v["batch_stats"])
+  fc.assert_close(y_o, y_t)

@@ -312,3 +312,14 @@ def test_view_can_turn_statistics_updates_off():
   np.testing.assert_array_equal(bn.mean[...], np.zeros(fc.CHANNELS))
   bn(fc.data())
   assert not np.array_equal(bn.mean[...], np.zeros(fc.CHANNELS))
+
+
+def test_momentum_one_freezes_batch_stats_as_flax_does():
+  """momentum=1.0 (frozen running statistics, e.g. for fine-tuning) is accepted, as flax does."""
+  x = fc.data(seed=5, offset=-0.3)
+  ours = jnnx.BatchNorm(fc.CHANNELS, momentum=1.0, rngs=nnx.Rngs(0))
+  theirs = nnx.BatchNorm(fc.CHANNELS, momentum=1.0, rngs=nnx.Rngs(0))
+  before = nnx.clone(nnx.state(theirs, nnx.BatchStat))
+  fc.assert_close(ours(x), _run_flax(theirs, x))
+  fc.assert_trees_identical(nnx.state(ours, nnx.BatchStat), nnx.state(theirs, nnx.BatchStat))
+  fc.assert_trees_identical(nnx.state(ours, nnx.BatchStat), before)
