@@ -207,3 +207,23 @@ def test_momentum_one_freezes_the_running_statistics():
   np.testing.assert_array_equal(upd.mean, state.mean)
   np.testing.assert_array_equal(upd.var, state.var)
   assert jn.momentum_from_torch(0.0) == 1.0
+
+
+@pytest.mark.parametrize("momentum", [0.99, 0.999])
+def test_bfloat16_state_keeps_converging_over_3000_steps(momentum):
+  """A bfloat16 state whose increments are below half its spacing still moves: the update
+  rounds it stochastically, so it tracks the float64 average (round-to-nearest stuck at 4.0
+  for decay 0.99 and 1.46 for 0.999)."""
+  x = jnp.asarray([[4.0], [6.0]] * 4, jnp.bfloat16)  # mean exactly 5, variance exactly 1
+  steps = 3000
+
+  @jax.jit
+  def run(state):
+    step = lambda s, _: (jn.batch_norm(x, s, training=True, momentum=momentum)[1], None)
+    return jax.lax.scan(step, state, None, length=steps)[0]
+
+  final = run(jn.batch_norm_init(1, dtype=jnp.bfloat16))
+  assert final.mean.dtype == jnp.bfloat16
+  refs.assert_within(final.mean, 5.0 * (1 - momentum**steps),
+                     refs.stochastic_ema_error(momentum, steps, 5.0, jnp.bfloat16), "mean")
+  np.testing.assert_array_equal(final.var, [1.0])
