@@ -40,7 +40,9 @@ class BatchNormState(NamedTuple):
     mean: running mean, of the feature shape (complex for complex input).
     var: running (biased, or unbiased with `unbiased_running_var=True`) variance, always real.
     count: number of *updates* that saw at least one valid element, an int32 scalar (what
-      `momentum=None` averages over). Not `Moments.count`, which counts the *elements* a
+      `momentum=None` averages over); or, with `batch_norm_init(..., per_feature_count=True)`,
+      int32 of the feature shape: for each feature, the updates in which it had a valid
+      element. Not `Moments.count`, which counts the *elements* a
       reduction saw, per feature; both keep the name of the quantity they count in their
       field, as PyTorch's `num_batches_tracked` and flax's statistics do.
   """
@@ -48,7 +50,7 @@ class BatchNormState(NamedTuple):
   mean: jax.Array  # shape=feature_shape
   var: jax.Array  # shape=feature_shape
   # `count` is the contract's name; mypy reports that it shadows the method tuple.count.
-  count: jax.Array  # type: ignore[assignment]  # shape=(), dtype=int32
+  count: jax.Array  # type: ignore[assignment]  # shape=() or feature_shape, dtype=int32
 
 
 # A training step that takes or returns the state can be serialized with `jax.export`.
@@ -57,7 +59,8 @@ jax.export.register_namedtuple_serialization(BatchNormState,
 
 
 def batch_norm_init(feature_shape: int | Sequence[int], *,
-                    dtype: DTypeLike = jnp.float32) -> BatchNormState:
+                    dtype: DTypeLike = jnp.float32,
+                    per_feature_count: bool = False) -> BatchNormState:
   r"""Initial running statistics: mean 0, variance 1, count 0.
 
   Evaluating before any training step therefore normalizes by `sqrt(1 + epsilon)`: finite,
@@ -71,6 +74,11 @@ def batch_norm_init(feature_shape: int | Sequence[int], *,
     feature_shape: the shape of the feature axes (an int for one axis).
     dtype: dtype of the running mean and variance (the update computes in float32 or wider
       and casts back); a complex dtype for complex input (the variance gets its real dtype).
+    per_feature_count: make `count` of the feature shape, one count per feature, so that
+      `momentum=None` averages each feature over the updates in which it had valid elements
+      (a mask that hides whole features in some batches needs it). Default: one int32 scalar
+      for the state, the layout of earlier checkpoints, exact when every update that sees a
+      valid element sees every feature.
 
   Returns:
     A `BatchNormState`.
@@ -86,7 +94,7 @@ def batch_norm_init(feature_shape: int | Sequence[int], *,
   """
   shape = _checks.init_args(feature_shape, dtype)
   return BatchNormState(jnp.zeros(shape, dtype), jnp.ones(shape, real_of(dtype)),
-                        jnp.zeros((), jnp.int32))
+                        jnp.zeros(shape if per_feature_count else (), jnp.int32))
 
 
 def momentum_from_torch(momentum: float | None) -> float | None:
@@ -134,7 +142,10 @@ def update_running_stats(
   (weight 1) is rounded to nearest. Moments of complex input
   (a complex mean, a real variance) need a state with a complex mean
   (`batch_norm_init(shape, dtype=jnp.complex64)`). Features whose batch count
-  is 0 keep their running values, and `count` advances only if some feature saw a valid element.
+  is 0 keep their running values. A scalar `count` advances if some feature saw a valid
+  element, so with `momentum=None` a feature that a mask hid in earlier updates would give its
+  first batch less than its due and keep part of the initial values; a per-feature `count`
+  (`batch_norm_init(shape, per_feature_count=True)`) advances per feature and is exact.
 
   A batch whose moments are not all finite (a NaN or Inf at a valid position, or squares that
   overflow) leaves the whole state unchanged: mean, variance and count. One bad batch then
@@ -202,8 +213,15 @@ def _update(state: BatchNormState, batch: Moments, momentum: float | None,
   return BatchNormState(
       mean=ema(state.mean, batch.mean, mean_dtype, 0),
       var=ema(state.var, var, dtype, 1),
-      count=state.count + jnp.any(seen).astype(state.count.dtype),
+      count=state.count + _advanced(seen, state.count.shape).astype(state.count.dtype),
   )
+
+
+def _advanced(seen: jax.Array, count_shape: tuple[int, ...]) -> jax.Array:
+  """Which counts an update advances: a per-feature count where its feature had a valid
+  element (so `momentum=None` weighs each feature by its own updates), one count for the
+  state if any feature had."""
+  return jnp.any(seen) if count_shape == () else jnp.broadcast_to(seen, count_shape)
 
 
 def round_stochastically(x: jax.Array, dtype: Any, seeds: tuple[ArrayLike, ...]) -> jax.Array:

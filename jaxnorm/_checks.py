@@ -338,8 +338,7 @@ def check_state(state: Any, state_type: type[Any], feature_shape: tuple[int, ...
           f"{tuple(feature_shape)}; create the state with "
           f"batch_norm_init({tuple(feature_shape)})."
       )
-  if jnp.shape(state.count) != ():
-    raise ValueError(f"state.count must be a scalar; got shape {jnp.shape(state.count)}.")
+  check_count_shape(state.count, tuple(feature_shape))
 
 
 def check_moments(value: Any, name: str, moments_type: type[Any]) -> None:
@@ -401,6 +400,17 @@ def init_args(feature_shape: Any, dtype: Any) -> tuple[int, ...]:
   return shape
 
 
+def check_count_shape(count: Any, feature_shape: tuple[int, ...]) -> None:
+  """A state's count is a scalar (one for the state) or of the feature shape (one a feature)."""
+  shape = tuple(jnp.shape(count))
+  if shape not in ((), feature_shape):
+    raise ValueError(
+        f"state.count must be a scalar (one count for the state) or of the feature shape "
+        f"{feature_shape} (one a feature); got shape {shape}. Create the state with "
+        f"batch_norm_init({feature_shape}) or batch_norm_init({feature_shape}, "
+        f"per_feature_count=True).")
+
+
 def check_torch_momentum(momentum: Any) -> None:
   """PyTorch's momentum, the weight of the new batch, lies in [0, 1] (0 freezes the running
   statistics; None: cumulative)."""
@@ -432,8 +442,7 @@ def replicas_args(states: list[Any], state_type: type[Any], *, axis_name: Any,
     if jnp.shape(s.mean) != jnp.shape(s.var):
       raise ValueError(f"state.mean and state.var must have the same shape; got "
                        f"{jnp.shape(s.mean)} and {jnp.shape(s.var)}.")
-    if jnp.shape(s.count) != ():
-      raise ValueError(f"state.count must be a scalar; got shape {jnp.shape(s.count)}.")
+    check_count_shape(s.count, tuple(jnp.shape(s.mean)))
   return _replica_weight(weights)
 
 

@@ -107,6 +107,8 @@ def _merge_states(states: list[BatchNormState], w_given: jax.Array | None, axis_
   dtypes = stats_dtypes(*(d for s in states for d in (s.mean.dtype, s.var.dtype)),
                         complex_mean=False)
   dtype = dtypes[0]
+  # A per-feature count (batch_norm_init(..., per_feature_count=True)) weighs each feature by
+  # its own updates, and its merged count is per feature too.
   weights = [(s.count if w_given is None else w_given).astype(dtype) for s in states]
   flat = lambda parts: jnp.concatenate([jnp.ravel(p).astype(dtype) for p in parts])
   weight = flat([jnp.broadcast_to(w, s.mean.shape) for w, s in zip(weights, states,

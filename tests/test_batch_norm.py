@@ -227,3 +227,34 @@ def test_bfloat16_state_keeps_converging_over_3000_steps(momentum):
   refs.assert_within(final.mean, 5.0 * (1 - momentum**steps),
                      refs.stochastic_ema_error(momentum, steps, 5.0, jnp.bfloat16), "mean")
   np.testing.assert_array_equal(final.var, [1.0])
+
+
+def test_per_feature_count_keeps_hidden_features_out_of_the_cumulative_average():
+  """momentum=None with a per-feature mask: feature 1, hidden in the first update, averages
+  only the second batch (mean 30, variance 100), not the initial mean 0 / variance 1."""
+  x1 = jnp.float32([[1.0, 7.0], [3.0, 7.0]])
+  m1 = jnp.asarray([[True, False], [True, False]])
+  x2 = jnp.float32([[20.0, 20.0], [40.0, 40.0]])
+  state = jn.batch_norm_init(2, per_feature_count=True)
+  assert state.count.shape == (2,) and state.count.dtype == jnp.int32
+  _, s1 = jn.batch_norm(x1, state, training=True, momentum=None, mask=m1)
+  _, s2 = jn.batch_norm(x2, s1, training=True, momentum=None)
+  # Feature 0: the average of the batches' moments (2, 1) and (30, 100); feature 1: (30, 100).
+  np.testing.assert_array_equal(s2.mean, [16.0, 30.0])
+  np.testing.assert_array_equal(s2.var, [50.5, 100.0])
+  np.testing.assert_array_equal(s2.count, [2, 1])
+  u1 = jn.update_running_stats(state, jn.moments(x1, 0, mask=m1), momentum=None)
+  u2 = jn.update_running_stats(u1, jn.moments(x2, 0), momentum=None)
+  for a, b in zip(u2, s2, strict=True):
+    np.testing.assert_array_equal(a, b)
+  # The structure, shapes and dtypes pass through lax.cond.
+  out = jax.lax.cond(True, lambda s: s, lambda s: s1, s2)
+  assert [a.shape for a in out] == [a.shape for a in s2]
+
+
+def test_a_scalar_count_state_still_loads_and_updates_as_before():
+  """A state of the layout without per-feature counts (old checkpoints) stays scalar."""
+  state = jn.BatchNormState(jnp.zeros(2), jnp.ones(2), jnp.asarray(3, jnp.int32))
+  _, new = jn.batch_norm(jnp.float32([[1.0, 2.0], [3.0, 4.0]]), state, training=True,
+                         momentum=None)
+  assert new.count.shape == () and int(new.count) == 4
