@@ -115,6 +115,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
     dtype: dtype of the running statistics, `weight` and `bias` (default float32, float64
       with `jax_enable_x64`).
     mode: `"batch"`, `"ema"` or `"legacy"`.
+    per_feature_count: with `mode="batch"`, count the updates per channel (the state's counter
+      gets shape `(input_size,)`), so that a `mask` that hides whole channels in some steps
+      leaves each channel's debiased average exact; equinox's scalar counter otherwise.
 
   Example:
     >>> import equinox as eqx, jax, jax.numpy as jnp
@@ -158,6 +161,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
       inference: bool = False,
       dtype: Any = None,
       mode: Literal["ema", "batch", "legacy"] = "legacy",
+      per_feature_count: bool = False,
   ):
     if mode == "legacy":
       mode = "ema"
@@ -187,7 +191,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
       self.batch_counter = None
       self.batch_state_index = None
     else:
-      self.batch_counter = StateIndex(jnp.array(0))
+      self.batch_counter = StateIndex(jnp.zeros((input_size,), jnp.array(0).dtype)
+                                      if per_feature_count else jnp.array(0))
       self.batch_state_index = StateIndex((init.mean, init.var))
       self.ema_first_time_index = None
       self.ema_state_index = None

@@ -100,12 +100,17 @@ class BatchNorm(nn.BatchNorm):
       `init`, missing bounds default to plain batch norm (1 and 0).
     virtual_batch_size: ghost batches of that many examples in training (see
       `jaxnorm.batch_norm`); None (default) normalizes the batch as one.
+    per_feature_count: with `momentum=None`, make `batch_stats/count` of the features' shape,
+      one count per feature, so that a `mask` that hides whole features in some batches
+      leaves each feature's average exact (see `jaxnorm.batch_norm_init`); a checkpoint with a
+      scalar count loads either way and keeps its scalar.
   """
 
   unbiased_running_var: bool = False
   update_stats: bool = True
   renorm: bool = False
   virtual_batch_size: int | None = None
+  per_feature_count: bool = False
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *,
@@ -127,7 +132,9 @@ class BatchNorm(nn.BatchNorm):
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, var_dtype), shape)
     ra_count = None
     if _flax.cumulative(self.momentum):
-      ra_count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
+      count_shape = tuple(shape) if self.per_feature_count else ()
+      ra_count = self.variable("batch_stats", "count",
+                               lambda: jnp.zeros(count_shape, jnp.int32))
     scale, bias = _params(self, shape)
     count = jnp.zeros((), jnp.int32) if ra_count is None else ra_count.value
     mean = ra_mean.value

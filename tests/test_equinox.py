@@ -455,3 +455,23 @@ def test_momentum_one_freezes_the_running_statistics():
     np.testing.assert_allclose(a, b, atol=refs.atol(jnp.float32) * 8)
   after, _ = _vmapped(batch, x_inf, s_batch, inference=True)
   np.testing.assert_array_equal(after, before)
+
+
+def test_batch_mode_per_feature_count_keeps_hidden_channels_exact():
+  """mode="batch", channel 1 hidden by the mask in the first step: its debiased statistics
+  are the second batch's (mean 30, variance 100), not shrunk toward the initial zeros."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    bn, state = eqx.nn.make_with_state(jne.BatchNorm)(2, "batch", mode="batch", momentum=M,
+                                                      per_feature_count=True)
+  x1 = jnp.float32([[[1.0], [7.0]], [[3.0], [7.0]]])  # (batch, channels, length)
+  x2 = jnp.float32([[[20.0], [20.0]], [[40.0], [40.0]]])
+  _, state = _vmapped(bn, x1, state, mask=jnp.asarray([[True], [False]]))
+  _, state = _vmapped(bn, x2, state)
+  x_inf = _data((4, 2, 3), seed=9)
+  y, _ = _vmapped(bn, x_inf, state, inference=True)
+  # channel 0: the debiased average of (2, 1) and (30, 100) with weights M and 1 (over 1 + M)
+  mean = np.float64([(M * 2 + 30) / (1 + M), 30.0])
+  var = np.float64([(M * 1 + 100) / (1 + M), 100.0])
+  expected = (refs.f64(x_inf) - mean[:, None]) / np.sqrt(var[:, None] + 1e-5)
+  np.testing.assert_allclose(y, expected, atol=refs.atol(jnp.float32) * 4)
