@@ -85,7 +85,8 @@ class BatchNorm(nnx.BatchNorm):
     True
 
   Args (jaxnorm's, after flax's; flax's `momentum` may also be None, the exact cumulative
-  average of every update, which adds an int32 `count` `BatchStat`: the number of updates):
+  average of every update, which adds an int32 `count` `BatchStat`: the number of updates,
+  one per feature with `per_feature_count=True`):
     unbiased_running_var: store the Bessel-corrected batch variance `var * n / (n - 1)`, as
       PyTorch does (normalization still uses the biased one).
     update_stats: in training, update the `BatchStat`s (default). False uses the batch's
