@@ -235,7 +235,7 @@ def round_stochastically(x: jax.Array, dtype: Any, seeds: tuple[ArrayLike, ...])
   error of about one spacing times the square root of the batch's noise in spacings.
 
   The uniform draws come from a hash of `seeds` (the state's update count, a salt per
-  statistic, the batch's moments), of each element's index and of the bits of `x` itself: no
+  statistic, the batch's mean), of each element's index and of the bits of `x` itself: no
   key is needed, the result is a function of the inputs (replicas with the same inputs stay
   identical), and a state that did not move draws afresh on the next update, because the count
   or the batch changed. A state whose count does not advance (flax's variable tree for a
