@@ -40,7 +40,9 @@ class BatchNormState(NamedTuple):
     mean: running mean, of the feature shape (complex for complex input).
     var: running (biased, or unbiased with `unbiased_running_var=True`) variance, always real.
     count: number of *updates* that saw at least one valid element, an int32 scalar (what
-      `momentum=None` averages over). Not `Moments.count`, which counts the *elements* a
+      `momentum=None` averages over); or, with `batch_norm_init(..., per_feature_count=True)`,
+      int32 of the feature shape: for each feature, the updates in which it had a valid
+      element. Not `Moments.count`, which counts the *elements* a
       reduction saw, per feature; both keep the name of the quantity they count in their
       field, as PyTorch's `num_batches_tracked` and flax's statistics do.
   """
@@ -48,7 +50,7 @@ class BatchNormState(NamedTuple):
   mean: jax.Array  # shape=feature_shape
   var: jax.Array  # shape=feature_shape
   # `count` is the contract's name; mypy reports that it shadows the method tuple.count.
-  count: jax.Array  # type: ignore[assignment]  # shape=(), dtype=int32
+  count: jax.Array  # type: ignore[assignment]  # shape=() or feature_shape, dtype=int32
 
 
 # A training step that takes or returns the state can be serialized with `jax.export`.
@@ -57,7 +59,8 @@ jax.export.register_namedtuple_serialization(BatchNormState,
 
 
 def batch_norm_init(feature_shape: int | Sequence[int], *,
-                    dtype: DTypeLike = jnp.float32) -> BatchNormState:
+                    dtype: DTypeLike = jnp.float32,
+                    per_feature_count: bool = False) -> BatchNormState:
   r"""Initial running statistics: mean 0, variance 1, count 0.
 
   Evaluating before any training step therefore normalizes by `sqrt(1 + epsilon)`: finite,
@@ -71,6 +74,11 @@ def batch_norm_init(feature_shape: int | Sequence[int], *,
     feature_shape: the shape of the feature axes (an int for one axis).
     dtype: dtype of the running mean and variance (the update computes in float32 or wider
       and casts back); a complex dtype for complex input (the variance gets its real dtype).
+    per_feature_count: make `count` of the feature shape, one count per feature, so that
+      `momentum=None` averages each feature over the updates in which it had valid elements
+      (a mask that hides whole features in some batches needs it). Default: one int32 scalar
+      for the state, the layout of earlier checkpoints, exact when every update that sees a
+      valid element sees every feature.
 
   Returns:
     A `BatchNormState`.
@@ -86,7 +94,7 @@ def batch_norm_init(feature_shape: int | Sequence[int], *,
   """
   shape = _checks.init_args(feature_shape, dtype)
   return BatchNormState(jnp.zeros(shape, dtype), jnp.ones(shape, real_of(dtype)),
-                        jnp.zeros((), jnp.int32))
+                        jnp.zeros(shape if per_feature_count else (), jnp.int32))
 
 
 def momentum_from_torch(momentum: float | None) -> float | None:
@@ -128,10 +136,16 @@ def update_running_stats(
   PyTorch stores it; n = 1 contributes 0).
 
   The arithmetic runs in float32 or wider whatever the state's dtype (in bfloat16, a decay of
-  0.999 would round to 1), and the result has the state's dtypes. Moments of complex input
+  0.999 would round to 1), and the result has the state's dtypes. A bfloat16 or float16 state
+  is rounded back stochastically (unbiased), since rounding to nearest would lose every
+  increment below half its spacing and stall the statistics short of their target; a copy
+  (weight 1) is rounded to nearest. Moments of complex input
   (a complex mean, a real variance) need a state with a complex mean
   (`batch_norm_init(shape, dtype=jnp.complex64)`). Features whose batch count
-  is 0 keep their running values, and `count` advances only if some feature saw a valid element.
+  is 0 keep their running values. A scalar `count` advances if some feature saw a valid
+  element, so with `momentum=None` a feature that a mask hid in earlier updates would give its
+  first batch less than its due and keep part of the initial values; a per-feature `count`
+  (`batch_norm_init(shape, per_feature_count=True)`) advances per feature and is exact.
 
   A batch whose moments are not all finite (a NaN or Inf at a valid position, or squares that
   overflow) leaves the whole state unchanged: mean, variance and count. One bad batch then
@@ -144,7 +158,7 @@ def update_running_stats(
   Args:
     state: the running statistics.
     batch: the batch's `Moments`, of the state's feature shape.
-    momentum: decay in [0, 1), or None for the cumulative average.
+    momentum: decay in [0, 1] (1 freezes the statistics), or None for the cumulative average.
     unbiased_running_var: store the Bessel-corrected variance, as PyTorch does.
 
   Returns:
@@ -152,7 +166,7 @@ def update_running_stats(
 
   Raises:
     TypeError: complex moments and a real running mean, or the reverse.
-    ValueError: momentum outside [0, 1), or moments of another shape than the state.
+    ValueError: momentum outside [0, 1], or moments of another shape than the state.
 
   Example:
     >>> import jax.numpy as jnp, jaxnorm as jn
@@ -187,16 +201,80 @@ def _update(state: BatchNormState, batch: Moments, momentum: float | None,
   finite = jnp.all(jnp.isfinite(batch.mean) & jnp.isfinite(batch.var))
   seen = (count > 0) & finite
 
-  def ema(old: jax.Array, new: jax.Array, dtype: Any) -> jax.Array:
+  def ema(old: jax.Array, new: jax.Array, dtype: Any, salt: int) -> jax.Array:
     w = weight.astype(dtype)
     mixed = (1 - w) * old.astype(dtype) + w * new.astype(dtype)
-    return jnp.where(seen, mixed, old.astype(dtype)).astype(old.dtype)
+    if jnp.finfo(old.dtype).nmant >= jnp.finfo(jnp.float32).nmant:
+      return jnp.where(seen, mixed, old.astype(dtype)).astype(old.dtype)
+    # A weight-1 update (momentum 0, a first cumulative update) is a copy: nearest is best.
+    stochastic = round_stochastically(mixed, old.dtype, (state.count, salt, batch.mean))
+    return jnp.where(seen, jnp.where(w == 1, mixed.astype(old.dtype), stochastic), old)
 
   return BatchNormState(
-      mean=ema(state.mean, batch.mean, mean_dtype),
-      var=ema(state.var, var, dtype),
-      count=state.count + jnp.any(seen).astype(state.count.dtype),
+      mean=ema(state.mean, batch.mean, mean_dtype, 0),
+      var=ema(state.var, var, dtype, 1),
+      count=state.count + _advanced(seen, state.count.shape).astype(state.count.dtype),
   )
+
+
+def _advanced(seen: jax.Array, count_shape: tuple[int, ...]) -> jax.Array:
+  """Which counts an update advances: a per-feature count where its feature had a valid
+  element (so `momentum=None` weighs each feature by its own updates), one count for the
+  state if any feature had."""
+  return jnp.any(seen) if count_shape == () else jnp.broadcast_to(seen, count_shape)
+
+
+def round_stochastically(x: jax.Array, dtype: Any, seeds: tuple[ArrayLike, ...]) -> jax.Array:
+  r"""`x` rounded to the narrower `dtype` (bfloat16, float16) up or down at random, unbiased:
+  to the far neighbour with probability equal to the fraction of the spacing it lies from the
+  near one, so that :math:`E[\mathrm{round}(x)] = x`.
+
+  Why: a running statistic stored in bfloat16 loses every increment below half its spacing when
+  rounded to nearest, so an average with decay 0.99 stops 50 spacings short of its target (1%
+  of the value; with 0.999, 500 spacings). Rounded stochastically it keeps moving, with an
+  error of about one spacing times the square root of the batch's noise in spacings.
+
+  The uniform draws come from a hash of `seeds` (the state's update count, a salt per
+  statistic, the batch's mean), of each element's index and of the bits of `x` itself: no
+  key is needed, the result is a function of the inputs (replicas with the same inputs stay
+  identical), and a state that did not move draws afresh on the next update, because the count
+  or the batch changed. A state whose count does not advance (flax's variable tree for a
+  numeric momentum stores none) draws from the batch's values alone.
+  """
+  near = x.astype(dtype)
+  near_x = near.astype(x.dtype)
+  toward = jnp.where(near_x < x, jnp.inf, -jnp.inf).astype(dtype)
+  far = jnp.nextafter(near, toward)
+  frac = (x - near_x) / (far.astype(x.dtype) - near_x)  # in [0, 1/2]: far's probability
+  h = _bits32(x) ^ jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape)
+  for seed in seeds:
+    for part in jax.tree.leaves(seed):
+      h = _mix(h ^ jnp.bitwise_xor.reduce(jnp.ravel(_bits32(jnp.asarray(part)))))
+  h = _mix(h)
+  uniform = (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)  # in [0, 1)
+  return jnp.where(uniform < frac, far, near)
+
+
+def _bits32(a: jax.Array) -> jax.Array:
+  """The bits of `a` folded to uint32 (real and imaginary parts, 64-bit halves)."""
+  if jnp.iscomplexobj(a):
+    return _bits32(jnp.real(a)) ^ _mix(_bits32(jnp.imag(a)))
+  width = jnp.dtype(a.dtype).itemsize * 8
+  if a.dtype == jnp.bool_:
+    return a.astype(jnp.uint32)
+  u = jax.lax.bitcast_convert_type(a, jnp.dtype(f"uint{width}"))
+  if width == 64:
+    return (u ^ (u >> 32)).astype(jnp.uint32)
+  return u.astype(jnp.uint32)
+
+
+def _mix(h: jax.Array) -> jax.Array:
+  """A 32-bit integer hash with full avalanche (Wellons' lowbias32)."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
 
 
 def _train(x: jax.Array, state: BatchNormState, scale: Any, bias: Any, spec: BatchNormSpec,
@@ -276,7 +354,8 @@ def batch_norm(
     bias: optional β, of the feature shape or a shape that broadcasts to `x`.
     training: True to use and fold in the batch's statistics, False to use the running ones.
     feature_axes: axes that keep separate statistics (default: the last, channels-last).
-    momentum: decay of the running statistics in [0, 1), or None for the cumulative average.
+    momentum: decay of the running statistics in [0, 1] (1: frozen), or None for the
+      cumulative average.
     epsilon: non-negative constant added to the variance.
     mask: optional boolean array broadcastable to `x`; True marks elements that enter the batch
       statistics. A batch with no valid element leaves the running statistics unchanged. It
@@ -297,7 +376,7 @@ def batch_norm(
     TypeError: `x` is neither floating nor complex, `training` is not a bool, `state` is not
       a BatchNormState, or its mean is real for complex `x` (or complex for real `x`).
     ValueError: bad axes, parameters or state of the wrong shape, a mask that does not
-      broadcast, a negative epsilon, momentum outside [0, 1), or a `virtual_batch_size` that
+      broadcast, a negative epsilon, momentum outside [0, 1], or a `virtual_batch_size` that
       does not divide the batch.
 
   Example:
@@ -376,7 +455,8 @@ def batch_renorm(
     r_max: bound (>= 1) of the correction of the scale, a scalar (may be traced).
     d_max: bound (>= 0) of the correction of the shift, a scalar (may be traced).
     feature_axes: axes that keep separate statistics (default: the last).
-    momentum: decay of the running statistics in [0, 1), or None for the cumulative average.
+    momentum: decay of the running statistics in [0, 1] (1: frozen), or None for the
+      cumulative average.
     epsilon: non-negative constant added to both variances.
     mask: optional boolean array broadcastable to `x`; True marks elements that enter the batch
       statistics.

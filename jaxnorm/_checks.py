@@ -76,16 +76,17 @@ def check_epsilon(epsilon: Any) -> None:
 
 
 def check_momentum(momentum: Any) -> None:
-  """momentum may be None (cumulative average) or a scalar in [0, 1)."""
+  """momentum may be None (cumulative average) or a scalar in [0, 1]; 1 freezes the running
+  statistics, as in flax, equinox and PyTorch (its momentum 0), e.g. for fine-tuning."""
   if momentum is None or not is_concrete(momentum):
     return
   m = np.asarray(momentum)
-  if m.ndim != 0 or not 0.0 <= float(m) < 1.0:
+  if m.ndim != 0 or not 0.0 <= float(m) <= 1.0:
     raise ValueError(
-        f"momentum must be a scalar in [0, 1) (flax's decay convention: "
-        f"new = momentum * old + (1 - momentum) * batch), or None for the exact cumulative "
-        f"average; got {momentum!r}. For PyTorch's convention use "
-        f"jaxnorm.momentum_from_torch({momentum!r})."
+        f"momentum must be a scalar in [0, 1] (flax's decay convention: "
+        f"new = momentum * old + (1 - momentum) * batch; 1.0 freezes the running statistics), "
+        f"or None for the exact cumulative average; got {momentum!r}. For PyTorch's "
+        f"convention (the new batch's weight m in [0, 1]) use jaxnorm.momentum_from_torch(m)."
     )
 
 
@@ -365,7 +366,7 @@ class BatchNormSpec(NamedTuple):
   """A batch (re)normalization call's configuration, validated once (`batch_norm_spec`)."""
 
   norm: Spec  # the statistics' and the output's: axes, epsilon, mask, devices
-  momentum: Any  # the running statistics' decay in [0, 1), None (cumulative average), traced
+  momentum: Any  # the running statistics' decay in [0, 1], None (cumulative average), traced
   unbiased_running_var: bool  # store the Bessel-corrected variance
   virtual_batch_size: int | None  # ghost batches in training (None: one batch)
 
@@ -428,8 +429,7 @@ def check_state(state: Any, state_type: type[Any], feature_shape: tuple[int, ...
                        f"{tuple(feature_shape)}"
                        + _state_shape_fix(shape, tuple(feature_shape), input_shape,
                                           feature_axes))
-  if jnp.shape(state.count) != ():
-    raise ValueError(f"state.count must be a scalar; got shape {jnp.shape(state.count)}.")
+  check_count_shape(state.count, tuple(feature_shape))
 
 
 def _state_shape_fix(shape: tuple[int, ...], fshape: tuple[int, ...],
@@ -507,10 +507,25 @@ def init_args(feature_shape: Any, dtype: Any) -> tuple[int, ...]:
   return shape
 
 
+def check_count_shape(count: Any, feature_shape: tuple[int, ...]) -> None:
+  """A state's count is a scalar (one for the state) or of the feature shape (one a feature)."""
+  shape = tuple(jnp.shape(count))
+  if shape not in ((), feature_shape):
+    raise ValueError(
+        f"state.count must be a scalar (one count for the state) or of the feature shape "
+        f"{feature_shape} (one a feature); got shape {shape}. Create the state with "
+        f"batch_norm_init({feature_shape}) or batch_norm_init({feature_shape}, "
+        f"per_feature_count=True).")
+
+
 def check_torch_momentum(momentum: Any) -> None:
-  """PyTorch's momentum, the weight of the new batch, lies in (0, 1] (None: cumulative)."""
-  if momentum is not None and not 0.0 < momentum <= 1.0:
-    raise ValueError(f"PyTorch's momentum must lie in (0, 1]; got {momentum!r}.")
+  """PyTorch's momentum, the weight of the new batch, lies in [0, 1] (0 freezes the running
+  statistics; None: cumulative)."""
+  if momentum is not None and not 0.0 <= momentum <= 1.0:
+    raise ValueError(
+        f"PyTorch's momentum (the weight of the new batch) must lie in [0, 1], or be None for "
+        f"the cumulative average; got {momentum!r}. Pass the value given to "
+        f"torch.nn.BatchNorm*d(momentum=...).")
 
 
 def replicas_args(states: list[Any], state_type: type[Any], *, axis_name: Any,
@@ -534,8 +549,7 @@ def replicas_args(states: list[Any], state_type: type[Any], *, axis_name: Any,
     if jnp.shape(s.mean) != jnp.shape(s.var):
       raise ValueError(f"state.mean and state.var must have the same shape; got "
                        f"{jnp.shape(s.mean)} and {jnp.shape(s.var)}.")
-    if jnp.shape(s.count) != ():
-      raise ValueError(f"state.count must be a scalar; got shape {jnp.shape(s.count)}.")
+    check_count_shape(s.count, tuple(jnp.shape(s.mean)))
   return _replica_weight(weights)
 
 

@@ -48,8 +48,10 @@ def sync_running_stats(
   replica's batches. If no replica has a positive weight, the replicas are weighted equally.
   The merged `count` is the replicas' average count, rounded, so that merging replicas that
   update in step and keep training keeps `momentum=None` exact; identical states merge to
-  themselves (to rounding). `var` is treated as each replica's population variance (with
-  `unbiased_running_var=True` the merge is approximate by a factor n / (n - 1)).
+  themselves (to rounding). It is at least 1 when any replica counted an update, so that the
+  merged statistics are not discarded by the next `momentum=None` update. `var` is treated as
+  each replica's population variance (with `unbiased_running_var=True` the merge is
+  approximate by a factor n / (n - 1)).
 
   It costs two `psum`s whatever the number of states: one of the weights, counts and
   weighted means, one of the centred variances; both results are replicated, so under
@@ -105,6 +107,8 @@ def _merge_states(states: list[BatchNormState], w_given: jax.Array | None, axis_
   dtypes = stats_dtypes(*(d for s in states for d in (s.mean.dtype, s.var.dtype)),
                         complex_mean=False)
   dtype = dtypes[0]
+  # A per-feature count (batch_norm_init(..., per_feature_count=True)) weighs each feature by
+  # its own updates, and its merged count is per feature too.
   weights = [(s.count if w_given is None else w_given).astype(dtype) for s in states]
   flat = lambda parts: jnp.concatenate([jnp.ravel(p).astype(dtype) for p in parts])
   weight = flat([jnp.broadcast_to(w, s.mean.shape) for w, s in zip(weights, states,
@@ -117,8 +121,16 @@ def _merge_states(states: list[BatchNormState], w_given: jax.Array | None, axis_
   out, start = [], 0
   for i, s in enumerate(states):
     stop = start + s.mean.size
-    count = jnp.round(c_sum[i] / replicas).astype(s.count.dtype)
+    count = _merged_count(c_sum[i], replicas).astype(s.count.dtype)
     out.append(BatchNormState(mean[start:stop].reshape(s.mean.shape).astype(s.mean.dtype),
                               var[start:stop].reshape(s.var.shape).astype(s.var.dtype), count))
     start = stop
   return out
+
+
+def _merged_count(c_sum: jax.Array, replicas: jax.Array) -> jax.Array:
+  """The replicas' average count, rounded, and at least 1 if any replica counted an update:
+  the merged statistics are then data's, which a count of 0 would let the next
+  `momentum=None` update discard (counts [0, 1] average to 0.5, which rounds to 0)."""
+  count = jnp.round(c_sum / replicas)
+  return jnp.where(c_sum > 0, jnp.maximum(count, 1), count)

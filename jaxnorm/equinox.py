@@ -122,11 +122,16 @@ class BatchNorm(eqx.nn.StatefulLayer):
     axis_name: the `jax.vmap`/`jax.pmap` axis name (or names) of the batch.
     eps: constant added to the variance.
     channelwise_affine: whether to learn `weight` and `bias` of shape `(input_size,)`.
-    momentum: decay of the running statistics, in [0, 1).
+    momentum: decay of the running statistics, in [0, 1]; 1.0 freezes them (fine-tuning):
+      `mode="ema"` keeps the first batch's statistics, as equinox does, and `mode="batch"` its
+      initial mean 0 and variance 1 (equinox's debiasing would divide by 0 there).
     inference: use the running statistics (toggle with `eqx.nn.inference_mode`).
     dtype: dtype of the running statistics, `weight` and `bias` (default float32, float64
       with `jax_enable_x64`).
     mode: `"batch"`, `"ema"` or `"legacy"`.
+    per_feature_count: with `mode="batch"`, count the updates per channel (the state's counter
+      gets shape `(input_size,)`), so that a `mask` that hides whole channels in some steps
+      leaves each channel's debiased average exact; equinox's scalar counter otherwise.
 
   Example:
     >>> import equinox as eqx, jax, jax.numpy as jnp
@@ -170,6 +175,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
       inference: bool = False,
       dtype: Any = None,
       mode: Literal["ema", "batch", "legacy"] = "legacy",
+      per_feature_count: bool = False,
   ):
     if mode == "legacy":
       mode = "ema"
@@ -180,8 +186,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
       )
     if mode not in ("ema", "batch"):
       raise ValueError(f"mode must be 'batch', 'ema' or 'legacy'; got {mode!r}.")
-    if not 0.0 <= momentum < 1.0:
-      raise ValueError(f"momentum must lie in [0, 1); got {momentum!r}.")
+    if not 0.0 <= momentum <= 1.0:
+      raise ValueError(
+          f"momentum must lie in [0, 1] (the decay of the running statistics; 1.0 freezes "
+          f"them); got {momentum!r}.")
     dtype = default_float() if dtype is None else dtype
     self.mode = mode
     if channelwise_affine:
@@ -197,7 +205,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
       self.batch_counter = None
       self.batch_state_index = None
     else:
-      self.batch_counter = StateIndex(jnp.array(0))
+      self.batch_counter = StateIndex(jnp.zeros((input_size,), jnp.array(0).dtype)
+                                      if per_feature_count else jnp.array(0))
       self.batch_state_index = StateIndex((init.mean, init.var))
       self.ema_first_time_index = None
       self.ema_state_index = None
@@ -254,7 +263,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         # Zero debiasing: h_t = (1 - m) sum_k m^(t-k) s_k, so h_t / (1 - m^t) is a weighted mean.
         dtype = mean.dtype
         debias = 1 - jnp.asarray(self.momentum, dtype) ** count.astype(dtype)
-        debias = jnp.where(count == 0, jnp.ones((), dtype), debias)
+        # Frozen statistics (momentum 1) are never updated: the initial ones, not debiased.
+        debias = jnp.where((count == 0) | (self.momentum == 1.0), jnp.ones((), dtype), debias)
         return normalize(mean / debias, var / debias), state
       # The average starts at 0 (the initial variance 1 is what inference uses before step 1).
       hidden = jn.BatchNormState(mean, jnp.where(count == 0, jnp.zeros_like(var), var),
@@ -264,7 +274,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
                              mask=mask, axis_name=self.axis_name)
       # count + 0 or 1, written so that equinox's weakly typed counter keeps its type
       state = state.set(self.batch_counter, count + jnp.where(new.count > hidden.count, 1, 0))
-      state = state.set(self.batch_state_index, (new.mean, new.var))
+      if self.momentum != 1.0:  # frozen: the initial mean 0 / variance 1 stay as they are
+        state = state.set(self.batch_state_index, (new.mean, new.var))
       return y, state
     assert self.ema_first_time_index is not None and self.ema_state_index is not None
     mean, var = state.get(self.ema_state_index)

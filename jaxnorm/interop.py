@@ -280,8 +280,9 @@ def to_torch(variables: Mapping[str, Any], prefix: str = "") -> dict[str, np.nda
   The inverse of `from_torch`: `params/scale` and `params/bias` become `{prefix}weight` and
   `{prefix}bias`; `batch_stats/mean` and `batch_stats/var` become `{prefix}running_mean` and
   `{prefix}running_var`, together with `{prefix}num_batches_tracked`, an int64 scalar taken
-  from `batch_stats/count` when present, else 0. After `torch.from_numpy` on each value the dict
-  loads into the PyTorch layer with `load_state_dict(..., strict=True)`.
+  from `batch_stats/count` when present (the largest entry of a per-feature count), else 0.
+  After `torch.from_numpy` on each value the dict loads into the PyTorch layer with
+  `load_state_dict(..., strict=True)`.
 
   Args:
     variables: the layer's variables, `{"params": ..., "batch_stats": ...}` (either may be
@@ -335,7 +336,9 @@ def to_torch(variables: Mapping[str, Any], prefix: str = "") -> dict[str, np.nda
   if len(set(shapes.values())) > 1:
     raise ValueError(f"the layer's entries must all have its feature shape; got {shapes}.")
   if "mean" in stats:
-    count = int(_leaf(stats, "count")) if "count" in stats else 0
+    # A per-feature count (per_feature_count=True) has no PyTorch counterpart: its largest
+    # entry, the updates of the most often seen feature, as PyTorch counts every batch.
+    count = int(np.max(_leaf(stats, "count"))) if "count" in stats else 0
     out[prefix + "num_batches_tracked"] = np.array(count, np.int64)
   return out
 

@@ -70,7 +70,8 @@ class BatchNorm(nn.BatchNorm):
   """`flax.linen.BatchNorm` with jaxnorm's statistics (see the module docstring).
 
   Differences from flax: `momentum=None` keeps the exact cumulative average of every update
-  and adds `batch_stats/count` (int32 scalar: the number of updates); with a numeric momentum
+  and adds `batch_stats/count` (int32 scalar: the number of updates; one per feature with
+  `per_feature_count=True`); with a numeric momentum
   the variable tree is exactly flax's, so checkpoints move both ways. A complex batch (complex
   input, `dtype` or `param_dtype`) has a complex64 `batch_stats/mean` from `init` on (flax
   makes it complex at the first update, so a jitted step compiles twice and a `lax.scan`
@@ -100,12 +101,17 @@ class BatchNorm(nn.BatchNorm):
       `init`, missing bounds default to plain batch norm (1 and 0).
     virtual_batch_size: ghost batches of that many examples in training (see
       `jaxnorm.batch_norm`); None (default) normalizes the batch as one.
+    per_feature_count: with `momentum=None`, make `batch_stats/count` of the features' shape,
+      one count per feature, so that a `mask` that hides whole features in some batches
+      leaves each feature's average exact (see `jaxnorm.batch_norm_init`); a checkpoint with a
+      scalar count loads either way and keeps its scalar.
   """
 
   unbiased_running_var: bool = False
   update_stats: bool = True
   renorm: bool = False
   virtual_batch_size: int | None = None
+  per_feature_count: bool = False
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *,
@@ -127,7 +133,9 @@ class BatchNorm(nn.BatchNorm):
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, var_dtype), shape)
     ra_count = None
     if _flax.cumulative(self.momentum):
-      ra_count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
+      count_shape = tuple(shape) if self.per_feature_count else ()
+      ra_count = self.variable("batch_stats", "count",
+                               lambda: jnp.zeros(count_shape, jnp.int32))
     scale, bias = _params(self, shape)
     count = jnp.zeros((), jnp.int32) if ra_count is None else ra_count.value
     mean = ra_mean.value

@@ -85,7 +85,8 @@ class BatchNorm(nnx.BatchNorm):
     True
 
   Args (jaxnorm's, after flax's; flax's `momentum` may also be None, the exact cumulative
-  average of every update, which adds an int32 `count` `BatchStat`: the number of updates):
+  average of every update, which adds an int32 `count` `BatchStat`: the number of updates,
+  one per feature with `per_feature_count=True`):
     unbiased_running_var: store the Bessel-corrected batch variance `var * n / (n - 1)`, as
       PyTorch does (normalization still uses the biased one).
     update_stats: in training, update the `BatchStat`s (default). False uses the batch's
@@ -94,24 +95,30 @@ class BatchNorm(nnx.BatchNorm):
       `d_max` passed at call time (they may be traced).
     virtual_batch_size: ghost batches of that many examples in training (see
       `jaxnorm.batch_norm`); None (default) normalizes the batch as one.
+    per_feature_count: with `momentum=None`, make `count` of the features' shape, one count
+      per feature, so that a `mask` that hides whole features in some batches leaves each
+      feature's average exact (see `jaxnorm.batch_norm_init`).
   """
 
   @_flax.extends(nnx.BatchNorm.__init__)
   def __init__(self, *args: Any, unbiased_running_var: bool = False, update_stats: bool = True,
-               renorm: bool = False, virtual_batch_size: int | None = None, **kwargs: Any):
+               renorm: bool = False, virtual_batch_size: int | None = None,
+               per_feature_count: bool = False, **kwargs: Any):
     super().__init__(*args, **kwargs)
     if _dtypes.flax_complex(self.dtype, self.param_dtype):
       mean_dtype, _ = _dtypes.flax_batch_stats(self.mean[...].dtype, True)
       self.mean = nnx.BatchStat(self.mean[...].astype(mean_dtype))
     self.count: nnx.BatchStat[jax.Array] | None
     if _flax.cumulative(self.momentum):
-      self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+      count_shape = self.mean[...].shape if per_feature_count else ()
+      self.count = nnx.BatchStat(jnp.zeros(count_shape, jnp.int32))
     else:
       self.count = nnx.data(None)
     self.unbiased_running_var = unbiased_running_var
     self.update_stats = update_stats
     self.renorm = renorm
     self.virtual_batch_size = virtual_batch_size
+    self.per_feature_count = per_feature_count
 
   def __call__(self, x, use_running_average: bool | None = None, *,
                mask: jax.Array | None = None, update_stats: bool | None = None,
@@ -138,6 +145,8 @@ class BatchNorm(nnx.BatchNorm):
           f"{self.mean[...].dtype}, which would lose the mean's imaginary part (flax.nnx drops "
           f"it). Construct it with dtype=jnp.complex64 to keep a complex running mean.")
     count = jnp.zeros((), jnp.int32) if self.count is None else self.count[...]
+    if jnp.ndim(count):  # a per-feature count, laid out as the statistics
+      count = jnp.reshape(count, fshape)
     state = jn.BatchNormState(jnp.reshape(self.mean[...], fshape),
                               jnp.reshape(self.var[...], fshape), count)
     training = not use_running_average
@@ -156,7 +165,7 @@ class BatchNorm(nnx.BatchNorm):
       self.mean[...] = stop(jnp.reshape(new_state.mean, self.mean[...].shape))
       self.var[...] = stop(jnp.reshape(new_state.var, self.var[...].shape))
       if self.count is not None:
-        self.count[...] = new_state.count
+        self.count[...] = jnp.reshape(new_state.count, self.count[...].shape)
     return y
 
   def set_view(self, use_running_average: bool | None = None,

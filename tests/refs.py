@@ -228,6 +228,26 @@ def ema_chain_error(momentum, batch_values, batch_errors) -> np.ndarray:
   return np.max(f64(batch_errors), 0) + 4 * U32 * m / w
 
 
+def stochastic_ema_error(momentum, steps, target, state_dtype, k=10.0) -> float:
+  r"""Bound, holding with probability at least :math:`1 - 1/k^2`, on a running mean that
+  starts at 0 and absorbs `steps` batches whose mean is exactly `target` > 0 (representable
+  in `state_dtype`), stored in `state_dtype` with unbiased stochastic rounding.
+
+  Each step computes :math:`x_t = m s_t + (1-m)\,target` in float32 (error at most
+  :math:`2u\,target`, summing to :math:`2u\,target/(1-m)`), then rounds to one of the two
+  neighbours of :math:`x_t`, which lie in :math:`[s_t, target]`: the state rises monotonically
+  and never passes `target`. The rounding is unbiased, so :math:`E[target - s_t] = target\,m^t`
+  (up to the float32 error), and its variance is at most :math:`ulp \cdot d_t` with
+  :math:`d_t \le (1-m)(target - s_t)` the distance of :math:`x_t` to the grid. Summed with
+  weights :math:`m^{2(T-t)}`, the variance of the final error is at most
+  :math:`ulp \cdot target \cdot m^T`, with ulp the spacing below `target`; Chebyshev's
+  inequality gives the k-sigma bound.
+  """
+  m = float(momentum)
+  spacing = float(jnp.finfo(state_dtype).eps) * target  # at least the spacing below target
+  return k * np.sqrt(spacing * target * m**steps) + 2 * U32 * target / (1 - m)
+
+
 def sync_error(means, variances, weights, state_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
   r"""Bounds on `sync_running_stats` of R replicas' float32 states (axis 0) with `weights`.
 

@@ -126,7 +126,7 @@ def test_unbiased_running_var_is_pytorch_convention():
 def test_momentum_from_torch_rejects_out_of_range():
   assert jn.momentum_from_torch(None) is None
   with pytest.raises(ValueError, match="PyTorch's momentum"):
-    jn.momentum_from_torch(0.0)
+    jn.momentum_from_torch(-0.1)
 
 
 def test_ema_runs_in_float32_for_bfloat16_input_and_state():
@@ -193,3 +193,68 @@ def test_state_round_trips_through_numpy_bit_for_bit(tmp_path):
   for a, b in zip(state, restored, strict=True):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(a, b)
+
+
+def test_momentum_one_freezes_the_running_statistics():
+  """momentum=1.0 (PyTorch's 0.0): the running statistics stay as they are (fine-tuning)."""
+  state = jn.BatchNormState(jnp.float32([1.0, -2.0]), jnp.float32([3.0, 0.5]),
+                            jnp.asarray(4, jnp.int32))
+  x = _x((8, 2), offset=5.0)
+  _, new = jn.batch_norm(x, state, training=True, momentum=1.0)
+  np.testing.assert_array_equal(new.mean, state.mean)
+  np.testing.assert_array_equal(new.var, state.var)
+  upd = jn.update_running_stats(state, jn.moments(x, 0), momentum=1.0)
+  np.testing.assert_array_equal(upd.mean, state.mean)
+  np.testing.assert_array_equal(upd.var, state.var)
+  assert jn.momentum_from_torch(0.0) == 1.0
+
+
+@pytest.mark.parametrize("momentum", [0.99, 0.999])
+def test_bfloat16_state_keeps_converging_over_3000_steps(momentum):
+  """A bfloat16 state whose increments are below half its spacing still moves: the update
+  rounds it stochastically, so it tracks the float64 average (round-to-nearest stuck at 4.0
+  for decay 0.99 and 1.46 for 0.999)."""
+  x = jnp.asarray([[4.0], [6.0]] * 4, jnp.bfloat16)  # mean exactly 5, variance exactly 1
+  steps = 3000
+
+  @jax.jit
+  def run(state):
+    step = lambda s, _: (jn.batch_norm(x, s, training=True, momentum=momentum)[1], None)
+    return jax.lax.scan(step, state, None, length=steps)[0]
+
+  final = run(jn.batch_norm_init(1, dtype=jnp.bfloat16))
+  assert final.mean.dtype == jnp.bfloat16
+  refs.assert_within(final.mean, 5.0 * (1 - momentum**steps),
+                     refs.stochastic_ema_error(momentum, steps, 5.0, jnp.bfloat16), "mean")
+  np.testing.assert_array_equal(final.var, [1.0])
+
+
+def test_per_feature_count_keeps_hidden_features_out_of_the_cumulative_average():
+  """momentum=None with a per-feature mask: feature 1, hidden in the first update, averages
+  only the second batch (mean 30, variance 100), not the initial mean 0 / variance 1."""
+  x1 = jnp.float32([[1.0, 7.0], [3.0, 7.0]])
+  m1 = jnp.asarray([[True, False], [True, False]])
+  x2 = jnp.float32([[20.0, 20.0], [40.0, 40.0]])
+  state = jn.batch_norm_init(2, per_feature_count=True)
+  assert state.count.shape == (2,) and state.count.dtype == jnp.int32
+  _, s1 = jn.batch_norm(x1, state, training=True, momentum=None, mask=m1)
+  _, s2 = jn.batch_norm(x2, s1, training=True, momentum=None)
+  # Feature 0: the average of the batches' moments (2, 1) and (30, 100); feature 1: (30, 100).
+  np.testing.assert_array_equal(s2.mean, [16.0, 30.0])
+  np.testing.assert_array_equal(s2.var, [50.5, 100.0])
+  np.testing.assert_array_equal(s2.count, [2, 1])
+  u1 = jn.update_running_stats(state, jn.moments(x1, 0, mask=m1), momentum=None)
+  u2 = jn.update_running_stats(u1, jn.moments(x2, 0), momentum=None)
+  for a, b in zip(u2, s2, strict=True):
+    np.testing.assert_array_equal(a, b)
+  # The structure, shapes and dtypes pass through lax.cond.
+  out = jax.lax.cond(True, lambda s: s, lambda s: s1, s2)
+  assert [a.shape for a in out] == [a.shape for a in s2]
+
+
+def test_a_scalar_count_state_still_loads_and_updates_as_before():
+  """A state of the layout without per-feature counts (old checkpoints) stays scalar."""
+  state = jn.BatchNormState(jnp.zeros(2), jnp.ones(2), jnp.asarray(3, jnp.int32))
+  _, new = jn.batch_norm(jnp.float32([[1.0, 2.0], [3.0, 4.0]]), state, training=True,
+                         momentum=None)
+  assert new.count.shape == () and int(new.count) == 4

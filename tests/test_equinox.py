@@ -466,3 +466,48 @@ def test_filter_jit_training_on_digits():
   assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
   logits, _ = _vmapped(eqx.nn.inference_mode(model), x, state)
   assert np.mean(np.argmax(logits, -1) == y) > 0.8  # chance is 0.1
+
+
+def test_momentum_one_freezes_the_running_statistics():
+  """momentum=1.0 (frozen statistics, e.g. for fine-tuning), which equinox accepts: mode="ema"
+  keeps the first batch's statistics as equinox does; mode="batch" keeps its initial mean 0 and
+  variance 1 (equinox's zero debiasing divides by 1 - 1**t = 0 there)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    theirs, s_theirs = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="ema",
+                                                                momentum=1.0)
+    ours, s_ours = eqx.nn.make_with_state(jne.BatchNorm)(3, "batch", mode="ema", momentum=1.0)
+    batch, s_batch = eqx.nn.make_with_state(jne.BatchNorm)(3, "batch", mode="batch",
+                                                           momentum=1.0)
+  x_inf = _data((4, 3, 5), seed=9)
+  before, _ = _vmapped(batch, x_inf, s_batch, inference=True)
+  for s in range(3):
+    x = _data((8, 3, 5), seed=s, offset=s)
+    with _standard():
+      _, s_theirs = _vmapped(theirs, x, s_theirs)
+    _, s_ours = _vmapped(ours, x, s_ours)
+    _, s_batch = _vmapped(batch, x, s_batch)
+  for a, b in zip(_state_leaves(s_ours), _state_leaves(s_theirs), strict=True):
+    np.testing.assert_allclose(a, b, atol=refs.atol(jnp.float32) * 8)
+  after, _ = _vmapped(batch, x_inf, s_batch, inference=True)
+  np.testing.assert_array_equal(after, before)
+
+
+def test_batch_mode_per_feature_count_keeps_hidden_channels_exact():
+  """mode="batch", channel 1 hidden by the mask in the first step: its debiased statistics
+  are the second batch's (mean 30, variance 100), not shrunk toward the initial zeros."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    bn, state = eqx.nn.make_with_state(jne.BatchNorm)(2, "batch", mode="batch", momentum=M,
+                                                      per_feature_count=True)
+  x1 = jnp.float32([[[1.0], [7.0]], [[3.0], [7.0]]])  # (batch, channels, length)
+  x2 = jnp.float32([[[20.0], [20.0]], [[40.0], [40.0]]])
+  _, state = _vmapped(bn, x1, state, mask=jnp.asarray([[True], [False]]))
+  _, state = _vmapped(bn, x2, state)
+  x_inf = _data((4, 2, 3), seed=9)
+  y, _ = _vmapped(bn, x_inf, state, inference=True)
+  # channel 0: the debiased average of (2, 1) and (30, 100) with weights M and 1 (over 1 + M)
+  mean = np.float64([(M * 2 + 30) / (1 + M), 30.0])
+  var = np.float64([(M * 1 + 100) / (1 + M), 100.0])
+  expected = (refs.f64(x_inf) - mean[:, None]) / np.sqrt(var[:, None] + 1e-5)
+  np.testing.assert_allclose(y, expected, atol=refs.atol(jnp.float32) * 4)

@@ -53,11 +53,11 @@ STATE = jn.batch_norm_init(6)
         (lambda: jn.layer_norm(X, epsilon=-1e-6), ValueError,
          r"epsilon must be a finite, non-negative scalar; got -1e-06"),
         (lambda: jn.batch_norm(X, STATE, training=True, epsilon=-1.0), ValueError, "epsilon"),
-        # momentum outside [0, 1)
-        (lambda: jn.batch_norm(X, STATE, training=True, momentum=1.0), ValueError,
-         r"momentum must be a scalar in \[0, 1\).* got 1.0.*momentum_from_torch"),
+        # momentum outside [0, 1] (1.0, frozen statistics, is accepted: issue 33)
+        (lambda: jn.batch_norm(X, STATE, training=True, momentum=1.01), ValueError,
+         r"momentum must be a scalar in \[0, 1\].* got 1.01.*momentum_from_torch"),
         (lambda: jn.update_running_stats(STATE, jn.moments(X, 0), momentum=-0.1), ValueError,
-         r"momentum must be a scalar in \[0, 1\)"),
+         r"momentum must be a scalar in \[0, 1\]"),
         # num_groups / group_size that do not divide the channels
         (lambda: jn.group_norm(X, num_groups=4), ValueError,
          r"num_groups=4 must be a positive divisor of the number of channels, 6"),

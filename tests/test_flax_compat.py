@@ -36,7 +36,7 @@ def _assert_bitwise(a, b):
 # docstring documents them, and they come after all of flax's.
 EXTRAS = {
     "BatchNorm": {"unbiased_running_var": False, "update_stats": True, "renorm": False,
-                  "virtual_batch_size": None},
+                  "virtual_batch_size": None, "per_feature_count": False},
     "LayerNorm": {"zero_centered_scale": False, "implementation": None},
     "RMSNorm": {"zero_centered_scale": False, "implementation": None},
     "GroupNorm": {},
@@ -44,7 +44,8 @@ EXTRAS = {
 }
 # A value other than the default for each extra, to check that the constructor takes it.
 _EXTRA_VALUES = {"unbiased_running_var": True, "update_stats": False, "renorm": True,
-                 "virtual_batch_size": 2, "zero_centered_scale": True, "implementation": "xla"}
+                 "virtual_batch_size": 2, "zero_centered_scale": True, "implementation": "xla",
+                 "per_feature_count": True}
 
 
 def _parameters(cls_or_init):

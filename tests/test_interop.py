@@ -453,3 +453,10 @@ def test_from_torch_model_errors(torch):
   with pytest.raises(ValueError, match=r"no 'params/layer1_0/conv1/scale'.*\['kernel'\]"):
     interop.from_torch_model(sd, {**NAME_MAP, "layer1.0.conv1": "layer1_0/conv1"},
                              variables=init)  # a convolution mapped by mistake
+
+
+def test_to_torch_takes_the_largest_entry_of_a_per_feature_count():
+  v = {"batch_stats": {"mean": jnp.zeros(3), "var": jnp.ones(3),
+                       "count": jnp.asarray([4, 2, 4], jnp.int32)}}
+  sd = interop.to_torch(v)
+  assert sd["num_batches_tracked"].shape == () and int(sd["num_batches_tracked"]) == 4

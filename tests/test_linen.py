@@ -323,3 +323,31 @@ def test_integer_input_follows_flax():
     v = theirs.init(KEY, x)
     y_t = theirs.apply(v, x)
   fc.assert_close(ours.apply(v, x), y_t)
+
+
+def test_momentum_one_freezes_batch_stats_as_flax_does():
+  """momentum=1.0 (frozen running statistics, e.g. for fine-tuning) is accepted, as flax does."""
+  theirs, ours = _pair("BatchNorm", momentum=1.0)
+  x, x2 = fc.data(), fc.data(seed=5, offset=-0.3)
+  with fc.standard_promotion():
+    v = theirs.init(KEY, x, use_running_average=False)
+    y_t, upd_t = theirs.apply(v, x2, use_running_average=False, mutable=["batch_stats"])
+  y_o, upd_o = ours.apply(v, x2, use_running_average=False, mutable=["batch_stats"])
+  fc.assert_trees_identical(upd_o, upd_t)
+  fc.assert_trees_identical(upd_o["batch_stats"], v["batch_stats"])
+  fc.assert_close(y_o, y_t)
+
+
+def test_per_feature_count_keeps_hidden_features_out_of_the_cumulative_average():
+  """momentum=None, feature 1 hidden by the mask in the first batch: its average is the
+  second batch's (mean 30, variance 100), not mixed with the initial 0 and 1."""
+  bn = jnn.BatchNorm(use_running_average=False, momentum=None, per_feature_count=True)
+  x1, m1 = jnp.float32([[1.0, 7.0], [3.0, 7.0]]), jnp.asarray([[True, False]] * 2)
+  x2 = jnp.float32([[20.0, 20.0], [40.0, 40.0]])
+  v = bn.init(KEY, x1)
+  assert v["batch_stats"]["count"].shape == (2,)
+  _, upd = bn.apply(v, x1, mask=m1, mutable=["batch_stats"])
+  _, upd = bn.apply({**v, **upd}, x2, mutable=["batch_stats"])
+  np.testing.assert_array_equal(upd["batch_stats"]["mean"], [16.0, 30.0])
+  np.testing.assert_array_equal(upd["batch_stats"]["var"], [50.5, 100.0])
+  np.testing.assert_array_equal(upd["batch_stats"]["count"], [2, 1])

@@ -312,3 +312,25 @@ def test_view_can_turn_statistics_updates_off():
   np.testing.assert_array_equal(bn.mean[...], np.zeros(fc.CHANNELS))
   bn(fc.data())
   assert not np.array_equal(bn.mean[...], np.zeros(fc.CHANNELS))
+
+
+def test_momentum_one_freezes_batch_stats_as_flax_does():
+  """momentum=1.0 (frozen running statistics, e.g. for fine-tuning) is accepted, as flax does."""
+  x = fc.data(seed=5, offset=-0.3)
+  ours = jnnx.BatchNorm(fc.CHANNELS, momentum=1.0, rngs=nnx.Rngs(0))
+  theirs = nnx.BatchNorm(fc.CHANNELS, momentum=1.0, rngs=nnx.Rngs(0))
+  before = nnx.clone(nnx.state(theirs, nnx.BatchStat))
+  fc.assert_close(ours(x), _run_flax(theirs, x))
+  fc.assert_trees_identical(nnx.state(ours, nnx.BatchStat), nnx.state(theirs, nnx.BatchStat))
+  fc.assert_trees_identical(nnx.state(ours, nnx.BatchStat), before)
+
+
+def test_per_feature_count_keeps_hidden_features_out_of_the_cumulative_average():
+  """momentum=None, feature 1 hidden by the mask in the first batch: its average is the
+  second batch's (mean 30, variance 100), not mixed with the initial 0 and 1."""
+  bn = jnnx.BatchNorm(2, momentum=None, per_feature_count=True, rngs=nnx.Rngs(0))
+  bn(jnp.float32([[1.0, 7.0], [3.0, 7.0]]), mask=jnp.asarray([[True, False]] * 2))
+  bn(jnp.float32([[20.0, 20.0], [40.0, 40.0]]))
+  np.testing.assert_array_equal(bn.mean[...], [16.0, 30.0])
+  np.testing.assert_array_equal(bn.var[...], [50.5, 100.0])
+  np.testing.assert_array_equal(bn.count[...], [2, 1])

@@ -244,3 +244,29 @@ def test_bad_arguments_raise_clear_errors():
     jax.vmap(lambda s: jn.sync_running_stats(s, axis_name="r", axis_index_groups=[[0, 1, 2, 3],
                                                                         [4, 5, 6, 7]]),
              axis_name="r")(_stacked_states([1] * R))
+
+
+def test_a_replica_that_saw_data_keeps_the_merged_count_positive():
+  """Counts [0, 1]: the merge keeps the one replica's statistics, so its count must stay
+  positive, or the next momentum=None update would replace them with the new batch."""
+  states = jn.BatchNormState(mean=jnp.float32([[0.0], [4.0]]), var=jnp.float32([[1.0], [2.0]]),
+                             count=jnp.int32([0, 1]))
+  synced = jax.vmap(lambda s: jn.sync_running_stats(s, axis_name="r"), axis_name="r")(states)
+  np.testing.assert_array_equal(synced.mean, [[4.0], [4.0]])
+  np.testing.assert_array_equal(synced.count, [1, 1])
+  x = jnp.float32([[9.0], [11.0]])  # batch mean 10: the average of 4 and 10 is 7
+  new = jn.update_running_stats(jax.tree.map(lambda a: a[0], synced), jn.moments(x, 0),
+                                momentum=None)
+  np.testing.assert_array_equal(new.mean, [7.0])
+
+
+def test_per_feature_counts_weigh_each_feature_by_its_own_updates():
+  """Feature 1 was hidden on replica 0 (count 0) and seen once on replica 1: its merged
+  statistics are replica 1's, with count 1; feature 0 merges both replicas equally."""
+  states = jn.BatchNormState(mean=jnp.float32([[2.0, 0.0], [4.0, 6.0]]),
+                             var=jnp.float32([[1.0, 1.0], [1.0, 3.0]]),
+                             count=jnp.int32([[1, 0], [1, 1]]))
+  synced = jax.vmap(lambda s: jn.sync_running_stats(s, axis_name="r"), axis_name="r")(states)
+  np.testing.assert_array_equal(synced.mean, [[3.0, 6.0]] * 2)
+  np.testing.assert_array_equal(synced.var, [[2.0, 3.0]] * 2)  # 1 + the means' spread 1
+  np.testing.assert_array_equal(synced.count, [[1, 1]] * 2)
