@@ -1,21 +1,27 @@
 """Model tools for flax: variable-tree surgery and the framework side of precise statistics.
 
-`fold_variables` folds (layer, BatchNorm) pairs of a linen variables tree
-(`jaxnorm.linen.fold_batch_norms`); `recompute_linen` and `recompute_nnx` run a model while
-capturing the input of each jaxnorm `BatchNorm` and hand the driver of `_recompute` what it
-needs (`jaxnorm.linen.recompute_batch_stats`, `jaxnorm.nnx.recompute_batch_stats`). The layer
-classes are passed in, so this module imports neither `linen` nor `nnx`.
+`fold_model` finds the (Dense/Conv, BatchNorm) pairs of a linen model as written by tracing one
+call under flax's method interceptor, and folds them (`jaxnorm.linen.fold_model`);
+`fold_variables` folds named pairs of a linen variables tree (`jaxnorm.linen.fold_batch_norms`);
+`recompute_linen` and `recompute_nnx` run a model while capturing the input of each jaxnorm
+`BatchNorm` and hand the driver of `_recompute` what it needs
+(`jaxnorm.linen.recompute_batch_stats`, `jaxnorm.nnx.recompute_batch_stats`). The layer classes
+are passed in, so this module imports neither `linen` nor `nnx`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.extend.core as jax_core
+import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 from flax.nnx.module import first_from
+from jax.ad_checkpoint import checkpoint_name
 
 from ._fold import fold_batch_norm
 from ._recompute import Sink, population_stats, recompute
@@ -217,3 +223,174 @@ def recompute_nnx(model: Any, batches: Any, batch_norm_type: Any, progress: bool
 
   recompute(type(model).__name__, batches, discover, capture, lambda: nnx.state(model), write,
             progress, cache_key=("nnx", graphdef, tuple(sorted(call_kwargs.items()))))
+
+
+_MARK = "jaxnorm.fold."  # prefix of the names that tag layer outputs while tracing a model
+
+
+@dataclasses.dataclass(frozen=True)
+class Folding:
+  """A linen model's BatchNorms folded into the layers before them (`linen.fold_model`).
+
+  Attributes:
+    variables: the folded variables (plain dicts): each folded layer's `kernel` and `bias` are
+      those of layer → BatchNorm, and the folded BatchNorms' `params` and `batch_stats` are gone.
+    folded: `{layer_path: batchnorm_path}` of the pairs folded.
+    unfolded: `{batchnorm_path: reason}` for each BatchNorm left as it was.
+    apply: `apply(variables, *args, **kwargs)`: `model.apply` with the folded BatchNorms
+      skipped (each returns its input, cast to the dtype it returned) and the folded bias added
+      after a layer built without one.
+  """
+
+  variables: dict[str, Any]
+  folded: dict[str, str]
+  unfolded: dict[str, str]
+  apply: Callable[..., Any]
+
+
+@dataclasses.dataclass
+class _Trace:
+  """What one traced evaluation-mode call of the model showed: the calls of each layer and
+  BatchNorm, which layer output each BatchNorm received, and the marks to count uses of."""
+
+  layer_calls: dict[str, int] = dataclasses.field(default_factory=dict)
+  layer_bias: dict[str, bool] = dataclasses.field(default_factory=dict)
+  outputs: dict[int, tuple[str, Any]] = dataclasses.field(default_factory=dict)
+  bn_calls: dict[str, list[tuple[str | None, str | None]]] = dataclasses.field(
+      default_factory=dict)
+  bn_info: dict[str, tuple[float, Any]] = dataclasses.field(default_factory=dict)
+
+
+def _why_not(bn: Any, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+  """Why this BatchNorm call cannot be folded into a layer, from its own settings."""
+  ura = args[1] if len(args) > 1 else kwargs.get("use_running_average")
+  if not nn.merge_param("use_running_average", bn.use_running_average, ura):
+    return ("it runs in training mode (use_running_average=False): folding is for "
+            "evaluation; pass the model's evaluation-mode arguments (e.g. train=False)")
+  axes = (bn.axis,) if isinstance(bn.axis, int) else tuple(bn.axis)
+  if tuple(a % x.ndim for a in axes) != (x.ndim - 1,):
+    return (f"its feature axis is {bn.axis!r}, not the last axis, along which a Dense or "
+            f"Conv kernel holds its output features")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return f"its input has dtype {x.dtype}, not a real floating dtype"
+  return None
+
+
+def _tracer(bn_type: Any, trace: _Trace) -> Callable[..., Any]:
+  """The interceptor of the tracing run: tags every Dense/Conv output with a named identity
+  (so that its uses can be counted in the jaxpr) and records what each BatchNorm receives."""
+
+  def intercept(next_fun, args, kwargs, context):
+    mod: Any = context.module
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    path = "/".join(mod.path)
+    if isinstance(mod, (nn.Dense, nn.Conv)):
+      trace.layer_calls[path] = trace.layer_calls.get(path, 0) + 1
+      trace.layer_bias[path] = bool(mod.use_bias)
+      y = checkpoint_name(next_fun(*args, **kwargs), f"{_MARK}{len(trace.outputs)}")
+      trace.outputs[id(y)] = (path, y)  # y is kept alive, so its id stays unique
+      return y
+    if not isinstance(mod, bn_type):
+      return next_fun(*args, **kwargs)
+    x = args[0]
+    source = trace.outputs.get(id(x), (None, None))
+    layer = source[0] if source[1] is x else None
+    trace.bn_calls.setdefault(path, []).append((layer, _why_not(mod, jnp.asarray(x), args,
+                                                                 kwargs)))
+    if layer is not None:
+      x = checkpoint_name(x, _MARK + "bn")  # one use of the layer's output, whatever BN does
+    y = next_fun(x, *args[1:], **kwargs)
+    trace.bn_info[path] = (float(mod.epsilon), y.dtype)
+    return y
+
+  return intercept
+
+
+def _mark_uses(jaxpr: Any, uses: dict[str, int]) -> None:
+  """Adds to `uses[name]` the number of uses of each tagged layer output in `jaxpr` and the
+  jaxprs nested in it."""
+  marks = {eqn.outvars[0]: eqn.params["name"] for eqn in jaxpr.eqns
+           if eqn.primitive.name == "name" and eqn.params["name"].startswith(_MARK)}
+  for var in [v for eqn in jaxpr.eqns for v in eqn.invars] + list(jaxpr.outvars):
+    if isinstance(var, jax_core.Var) and var in marks:
+      uses[marks[var]] = uses.get(marks[var], 0) + 1
+  for sub in jax_core.subjaxprs(jaxpr):
+    _mark_uses(sub, uses)
+
+
+def _pairs(trace: _Trace, uses: dict[str, int]) -> tuple[dict[str, str], dict[str, str]]:
+  """The foldable (layer, BatchNorm) pairs of a traced call, and why the others are not."""
+  marks: dict[str, list[str]] = {}
+  for i, (path, _) in enumerate(trace.outputs.values()):
+    marks.setdefault(path, []).append(f"{_MARK}{i}")
+  folded, unfolded = {}, {}
+  for bn, calls in trace.bn_calls.items():
+    layer, why = calls[0]
+    if why is None:
+      why = _pair_reason(trace, uses, marks, len(calls), layer)
+    if why is None and layer is not None:
+      folded[layer] = bn
+    else:
+      unfolded[bn] = why or ""
+  return folded, unfolded
+
+
+def _pair_reason(trace: _Trace, uses: dict[str, int], marks: dict[str, list[str]],
+                 n_calls: int, layer: str | None) -> str | None:
+  """Why a BatchNorm called `n_calls` times, first on the output of `layer` (None: not a layer
+  output), cannot be folded into it; None if it can."""
+  if n_calls > 1:
+    return f"it is called {n_calls} times; only a BatchNorm called once is folded"
+  if layer is None:
+    return ("its input is not exactly the output of a Dense or Conv layer (something is "
+            "computed in between)")
+  if trace.layer_calls[layer] > 1:
+    return (f"its layer {layer!r} is called {trace.layer_calls[layer]} times; folding would "
+            "change its other calls")
+  if any(uses.get(m, 0) > 1 for m in marks[layer]):
+    return f"the output of its layer {layer!r} is also used elsewhere, which needs it unnormalized"
+  return None
+
+
+def fold_model(model: Any, variables: Mapping[str, Any], args: tuple[Any, ...],
+               apply_kwargs: dict[str, Any], bn_type: Any) -> Folding:
+  """`jaxnorm.linen.fold_model`: finds the pairs by tracing one call, folds them."""
+  out = as_dict(variables)
+  trace = _Trace()
+
+  def run(v: Any) -> Any:
+    with nn.intercept_methods(_tracer(bn_type, trace)):
+      return model.apply(v, *args, **apply_kwargs)
+
+  uses: dict[str, int] = {}
+  _mark_uses(jax.make_jaxpr(run)(out).jaxpr, uses)
+  folded, unfolded = _pairs(trace, uses)
+  if folded:
+    out = fold_variables(out, folded, epsilon={bn: trace.bn_info[bn][0]
+                                               for bn in folded.values()})
+  return Folding(out, folded, unfolded, _folded_apply(model, folded, trace, bn_type))
+
+
+def _folded_apply(model: Any, folded: dict[str, str], trace: _Trace,
+                  bn_type: Any) -> Callable[..., Any]:
+  """`model.apply` with the folded BatchNorms skipped and the bias of a folded layer built
+  without one added after it."""
+  skip = {bn: trace.bn_info[bn][1] for bn in folded.values()}
+  add_bias = {layer for layer in folded if not trace.layer_bias[layer]}
+
+  def intercept(next_fun, args, kwargs, context):
+    mod: Any = context.module
+    path = "/".join(mod.path)
+    if context.method_name == "__call__" and isinstance(mod, bn_type) and path in skip:
+      return jnp.asarray(args[0]).astype(skip[path])
+    y = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and path in add_bias:
+      y = (y + mod.get_variable("params", "bias")).astype(y.dtype)
+    return y
+
+  def apply(variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+    with nn.intercept_methods(intercept):
+      return model.apply(variables, *args, **kwargs)
+
+  return apply

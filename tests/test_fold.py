@@ -12,7 +12,7 @@ from flax import linen as nn
 
 import jaxnorm as jn
 from jaxnorm import linen as jnn
-from tests.refs import f64
+from tests.refs import U32, assert_within, f64
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -204,3 +204,124 @@ def test_linen_fold_batch_norms_errors():
     jnn.fold_batch_norms(variables, {"_Block_0/BatchNorm_0": "_Block_0/BatchNorm_0"})
   with pytest.raises(ValueError, match="pairs is empty"):
     jnn.fold_batch_norms(variables, {})
+
+
+class _ResBlock(nn.Module):
+  """conv → BN → relu → conv (no bias) → BN, plus the block's input."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    y = nn.relu(jnn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x)))
+    y = jnn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3), use_bias=False)(y))
+    return nn.relu(x + y)
+
+
+class _ResNet(nn.Module):
+  """A small ResNet-like model written plainly, with no thought of folding."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    ura = not train
+    x = nn.relu(nn.BatchNorm(use_running_average=ura)(nn.Conv(4, (3, 3), use_bias=False)(x)))
+    x = _ResBlock()(x, train)
+    z = nn.Conv(4, (1, 1))(x)
+    x = jnn.BatchNorm(use_running_average=ura)(z) + z          # z is used twice: not folded
+    x = jnn.BatchNorm(use_running_average=ura)(nn.relu(x))     # a relu in between: not folded
+    shared = nn.Dense(4)
+    h = jnn.BatchNorm(use_running_average=ura)(shared(x.mean(axis=(1, 2))))  # shared: not folded
+    h = nn.relu(shared(h))
+    return jnn.BatchNorm(use_running_average=ura, use_scale=False, epsilon=0.5)(nn.Dense(3)(h))
+
+
+_RES_FOLDED = {"Conv_0": "BatchNorm_0", "_ResBlock_0/Conv_0": "_ResBlock_0/BatchNorm_0",
+               "_ResBlock_0/Conv_1": "_ResBlock_0/BatchNorm_1", "Dense_1": "BatchNorm_4"}
+_RES_UNFOLDED = {"BatchNorm_1": "also used elsewhere", "BatchNorm_2": "not exactly the output",
+                 "BatchNorm_3": "'Dense_0' is called 2 times"}
+
+
+def _res_variables(model, x):
+  """Random variables whose layers have small gains in the max norm (kernels divided by three
+  times their fan-in, BatchNorm variances >= 1 and |scale| <= 1), so that the rounding error
+  bound of `_res_bound` stays far below what a wrong fold changes."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+  rs = np.random.RandomState(3)
+
+  def fill(path, a):
+    name = path[-1].key
+    if name == "kernel":
+      return (rs.randn(*a.shape) / (3 * np.prod(a.shape[:-1]))).astype(a.dtype)
+    if name == "var":
+      return (rs.rand(*a.shape) + 1.0).astype(a.dtype)
+    if name == "scale":
+      return rs.uniform(-1, 1, a.shape).astype(a.dtype)
+    return (rs.randn(*a.shape) * 0.5).astype(a.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, dict(shapes))
+
+
+def _res_bound(model, variables, x):
+  """float64 output of `model` and a bound on the error of any float32 evaluation of it, folded
+  or not.
+
+  Each layer (a Dense or Conv with n = fan-in terms, its bias, and the BatchNorm after it, or
+  the folded layer) computes from exact inputs a value off by at most γ(n + 5)·(Σ|W||a| + |b| +
+  |μ|)|s| + |β|) ≤ γ(n + 5)·(g·A + C), with g the largest gain Σ|W|·|s|, A the largest layer
+  input and C the largest (|b| + |μ|)|s| + |β|. An error entering a later layer is multiplied by
+  at most 1 + g (its gain, plus the identity of a residual sum); with D layers on the longest
+  path the output is off by at most D·(1 + g)^D·γ(n + 5)·(g·A + C)."""
+  params, stats = variables["params"], variables["batch_stats"]
+  kernels = [np.abs(f64(p["kernel"])) for p in jax.tree.leaves(
+      params, is_leaf=lambda t: isinstance(t, dict) and "kernel" in t) if "kernel" in p]
+  gain_w = max(float(k.reshape(-1, k.shape[-1]).sum(0).max()) for k in kernels)
+  bns = jax.tree.leaves(stats, is_leaf=lambda t: isinstance(t, dict) and "var" in t)
+  s = max(float(np.max(1 / np.sqrt(f64(b["var"])))) for b in bns)  # |scale| <= 1
+  g = gain_w * max(s, 1.0)
+  biases = [np.abs(f64(a)).max() for a in jax.tree.leaves(params) if a.ndim == 1]
+  c = (max(biases) + max(float(np.abs(f64(b["mean"])).max()) for b in bns)) * max(s, 1.0)
+  c += max(biases)
+  n = max(int(np.prod(k.shape[:-1])) for k in kernels)
+  with jax.enable_x64(True):
+    v64 = jax.tree.map(lambda a: jnp.asarray(f64(a)), variables)
+    y64, state = model.apply(v64, jnp.asarray(f64(x)), capture_intermediates=True,
+                             mutable=["intermediates"])
+  a = 2 * max([float(np.abs(f64(x)).max())]
+              + [float(np.abs(f64(t)).max()) for t in jax.tree.leaves(state)])  # sums of two
+  depth = 7  # stem, two block convolutions, the 1x1 convolution, Dense_0 twice, Dense_1
+  gamma = (n + 5) * U32 / (1 - (n + 5) * U32)
+  return f64(y64), depth * (1 + g) ** depth * gamma * (g * a + c)
+
+
+def test_fold_model_folds_a_model_as_written():
+  x = jnp.asarray(np.random.RandomState(0).randn(4, 6, 6, 2), jnp.float32)
+  model = _ResNet()
+  variables = _res_variables(model, x)
+  folding = jnn.fold_model(model, variables, x)
+  assert folding.folded == _RES_FOLDED
+  assert sorted(folding.unfolded) == sorted(_RES_UNFOLDED)
+  for bn, why in _RES_UNFOLDED.items():
+    assert why in folding.unfolded[bn]
+  stats = folding.variables["batch_stats"]
+  assert sorted(stats) == ["BatchNorm_1", "BatchNorm_2", "BatchNorm_3"]  # _ResBlock_0 is gone
+  assert "BatchNorm_4" not in folding.variables["params"]
+  assert folding.variables["params"]["_ResBlock_0"]["Conv_1"]["bias"].shape == (4,)
+  assert "batch_stats" in variables and "BatchNorm_0" in variables["batch_stats"]  # input intact
+  ref, bound = _res_bound(model, variables, x)
+  y = jax.jit(lambda v, x: model.apply(v, x))(variables, x)
+  yf = jax.jit(folding.apply)(folding.variables, x)
+  assert yf.dtype == y.dtype and yf.shape == y.shape
+  assert_within(f64(y), ref, bound, "unfolded")
+  assert_within(f64(yf), ref, bound, "folded")
+  # The bound is tight enough to see a fold that ignores a BatchNorm's epsilon (0.5 on the last).
+  wrong = jnn.fold_batch_norms(variables, folding.folded, epsilon=1e-5)
+  assert np.abs(f64(folding.apply(wrong, x)) - ref).max() > 10 * bound
+
+
+def test_fold_model_leaves_a_training_mode_model_unfolded():
+  x = jnp.ones((2, 6, 6, 2), jnp.float32)
+  model = _ResNet()
+  variables = _res_variables(model, x)
+  folding = jnn.fold_model(model, variables, x, train=True, mutable=["batch_stats"])
+  assert folding.folded == {}
+  assert all("training mode" in why for why in folding.unfolded.values())
+  assert len(folding.unfolded) == 7
+  assert jax.tree.structure(folding.variables) == jax.tree.structure(variables)
