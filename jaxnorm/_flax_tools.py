@@ -261,24 +261,42 @@ class _Trace:
   bn_info: dict[str, tuple[float, Any]] = dataclasses.field(default_factory=dict)
 
 
-def _why_not(bn: Any, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-  """Why this BatchNorm call cannot be folded into a layer, from its own settings."""
-  ura = args[1] if len(args) > 1 else kwargs.get("use_running_average")
-  if not nn.merge_param("use_running_average", bn.use_running_average, ura):
+def _why_not(axis: Any, training: bool, x: Any) -> str | None:
+  """Why a BatchNorm call (feature `axis`, on `x`) cannot be folded into a layer, from its own
+  settings; None if it can."""
+  if training:
     return ("it runs in training mode (use_running_average=False): folding is for "
             "evaluation; pass the model's evaluation-mode arguments (e.g. train=False)")
-  axes = (bn.axis,) if isinstance(bn.axis, int) else tuple(bn.axis)
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
   if tuple(a % x.ndim for a in axes) != (x.ndim - 1,):
-    return (f"its feature axis is {bn.axis!r}, not the last axis, along which a Dense or "
-            f"Conv kernel holds its output features")
+    return (f"its feature axis is {axis!r}, not the last axis, along which a Dense or Conv "
+            f"kernel holds its output features")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     return f"its input has dtype {x.dtype}, not a real floating dtype"
   return None
 
 
+def _layer_output(trace: _Trace, path: str, use_bias: bool, y: Any) -> Any:
+  """Records a call of the layer at `path` and returns its output `y` tagged with a named
+  identity, so that its uses can be counted in the jaxpr."""
+  trace.layer_calls[path] = trace.layer_calls.get(path, 0) + 1
+  trace.layer_bias[path] = bool(use_bias)
+  y = checkpoint_name(y, f"{_MARK}{len(trace.outputs)}")
+  trace.outputs[id(y)] = (path, y)  # y is kept alive, so its id stays unique
+  return y
+
+
+def _bn_input(trace: _Trace, path: str, x: Any, why: str | None) -> Any:
+  """Records a call of the BatchNorm at `path` on `x`; returns the input to call it with (a
+  layer's output passes through one named identity: one use, whatever the BatchNorm does)."""
+  source = trace.outputs.get(id(x), (None, None))
+  layer = source[0] if source[1] is x else None
+  trace.bn_calls.setdefault(path, []).append((layer, why))
+  return x if layer is None else checkpoint_name(x, _MARK + "bn")
+
+
 def _tracer(bn_type: Any, trace: _Trace) -> Callable[..., Any]:
-  """The interceptor of the tracing run: tags every Dense/Conv output with a named identity
-  (so that its uses can be counted in the jaxpr) and records what each BatchNorm receives."""
+  """The linen interceptor of the tracing run (see `_layer_output` and `_bn_input`)."""
 
   def intercept(next_fun, args, kwargs, context):
     mod: Any = context.module
@@ -286,20 +304,12 @@ def _tracer(bn_type: Any, trace: _Trace) -> Callable[..., Any]:
       return next_fun(*args, **kwargs)
     path = "/".join(mod.path)
     if isinstance(mod, (nn.Dense, nn.Conv)):
-      trace.layer_calls[path] = trace.layer_calls.get(path, 0) + 1
-      trace.layer_bias[path] = bool(mod.use_bias)
-      y = checkpoint_name(next_fun(*args, **kwargs), f"{_MARK}{len(trace.outputs)}")
-      trace.outputs[id(y)] = (path, y)  # y is kept alive, so its id stays unique
-      return y
+      return _layer_output(trace, path, mod.use_bias, next_fun(*args, **kwargs))
     if not isinstance(mod, bn_type):
       return next_fun(*args, **kwargs)
-    x = args[0]
-    source = trace.outputs.get(id(x), (None, None))
-    layer = source[0] if source[1] is x else None
-    trace.bn_calls.setdefault(path, []).append((layer, _why_not(mod, jnp.asarray(x), args,
-                                                                 kwargs)))
-    if layer is not None:
-      x = checkpoint_name(x, _MARK + "bn")  # one use of the layer's output, whatever BN does
+    ura = args[1] if len(args) > 1 else kwargs.get("use_running_average")
+    ura = nn.merge_param("use_running_average", mod.use_running_average, ura)
+    x = _bn_input(trace, path, args[0], _why_not(mod.axis, not ura, jnp.asarray(args[0])))
     y = next_fun(x, *args[1:], **kwargs)
     trace.bn_info[path] = (float(mod.epsilon), y.dtype)
     return y
