@@ -404,3 +404,94 @@ def _folded_apply(model: Any, folded: dict[str, str], trace: _Trace,
       return model.apply(variables, *args, **kwargs)
 
   return apply
+
+
+class _LayerRecorder:
+  """Stands in for a Dense/Conv layer in a throw-away copy of an nnx model while tracing."""
+
+  def __init__(self, layer: Any, key: str, trace: _Trace):
+    self._layer, self._key, self._trace = layer, key, trace
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._layer, name)
+
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    y = self._layer(*args, **kwargs)
+    return _layer_output(self._trace, self._key, self._layer.bias is not None, y)
+
+
+class _BatchNormRecorder(_LayerRecorder):
+  """Stands in for a BatchNorm in a throw-away copy of an nnx model while tracing."""
+
+  def __call__(self, x, use_running_average: bool | None = None, **kwargs):
+    bn = self._layer
+    ura = first_from(use_running_average, bn.use_running_average,
+                     error_msg="No `use_running_average` argument was provided to BatchNorm.")
+    x_in = _bn_input(self._trace, self._key, x, _why_not(bn.axis, not ura, jnp.asarray(x)))
+    y = bn(x_in, use_running_average, **kwargs)
+    self._trace.bn_info[self._key] = (float(bn.epsilon), y.dtype)
+    return y
+
+
+class FoldedBatchNorm(nnx.Module):
+  """What `jaxnorm.nnx.fold_model` puts in place of a folded BatchNorm: returns its input, in
+  the dtype the BatchNorm returned (its affine map is in the layer before it)."""
+
+  def __init__(self, dtype: Any):
+    self.dtype = jnp.dtype(dtype)
+
+  def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+    return jnp.asarray(x).astype(self.dtype)
+
+
+def _nnx_modules(model: Any, types: Any) -> dict[str, tuple[tuple[Any, ...], Any]]:
+  return {"/".join(map(str, path)): (tuple(path), m) for path, m in nnx.iter_modules(model)
+          if isinstance(m, types)}
+
+
+def fold_nnx(model: Any, args: tuple[Any, ...], call_kwargs: dict[str, Any],
+             bn_type: Any) -> tuple[dict[str, str], dict[str, str]]:
+  """`jaxnorm.nnx.fold_model`: traces one call on a copy, folds the pairs in place."""
+  graphdef, state = nnx.split(model)
+  trace = _Trace()
+
+  def run(state: Any) -> Any:
+    copy = nnx.merge(graphdef, state)
+    for key, (path, m) in _nnx_modules(copy, (nnx.Linear, nnx.Conv, bn_type)).items():
+      recorder = _BatchNormRecorder if isinstance(m, bn_type) else _LayerRecorder
+      _set(copy, path, recorder(m, key, trace))
+    return copy(*args, **call_kwargs)
+
+  uses: dict[str, int] = {}
+  _mark_uses(jax.make_jaxpr(run)(state).jaxpr, uses)
+  folded, unfolded = _pairs(trace, uses)
+  modules = _nnx_modules(model, (nnx.Linear, nnx.Conv, bn_type))
+  for layer, bn in folded.items():
+    _fold_nnx_pair(modules[layer][1], modules[bn][1], trace.bn_info[bn][0])
+    _replace(model, modules[bn][0], FoldedBatchNorm(trace.bn_info[bn][1]))
+  return folded, unfolded
+
+
+def _replace(root: Any, path: tuple[Any, ...], value: Any) -> None:
+  """Puts the module `value` at `path` in the nnx model `root`, through nnx's own setattr."""
+  parent = root
+  for name in path[:-1]:
+    parent = getattr(parent, name) if isinstance(parent, nnx.Module) else parent[name]
+  if isinstance(parent, nnx.Module) and isinstance(path[-1], str):
+    setattr(parent, path[-1], value)
+  else:
+    parent[path[-1]] = value
+
+
+def _fold_nnx_pair(layer: Any, bn: Any, epsilon: float) -> None:
+  """Folds `bn` into `layer` in place; a layer without bias gets one."""
+  value = lambda v: None if v is None else v[...]
+  kernel, bias = fold_batch_norm(layer.kernel[...], value(layer.bias), mean=bn.mean[...],
+                                 var=bn.var[...], scale=value(bn.scale),
+                                 offset=value(bn.bias), epsilon=epsilon)
+  layer.kernel[...] = kernel
+  if layer.bias is None:
+    layer.bias = nnx.Param(bias)
+    layer.use_bias = True
+  else:
+    layer.bias[...] = bias

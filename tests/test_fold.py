@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from flax import nnx
 
 import jaxnorm as jn
 from jaxnorm import linen as jnn
+from jaxnorm import nnx as jnnx
 from tests.refs import U32, assert_within, f64
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -325,3 +327,83 @@ def test_fold_model_leaves_a_training_mode_model_unfolded():
   assert all("training mode" in why for why in folding.unfolded.values())
   assert len(folding.unfolded) == 7
   assert jax.tree.structure(folding.variables) == jax.tree.structure(variables)
+
+
+class _NNXBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.conv0 = nnx.Conv(4, 4, (3, 3), rngs=rngs)
+    self.bn0 = jnnx.BatchNorm(4, use_running_average=True, rngs=rngs)
+    self.conv1 = nnx.Conv(4, 4, (3, 3), use_bias=False, rngs=rngs)
+    self.bn1 = jnnx.BatchNorm(4, use_running_average=True, rngs=rngs)
+
+  def __call__(self, x):
+    y = nnx.relu(self.bn0(self.conv0(x)))
+    return nnx.relu(x + self.bn1(self.conv1(y)))
+
+
+class _NNXResNet(nnx.Module):
+  """`_ResNet` in nnx, written plainly."""
+
+  def __init__(self, rngs):
+    self.stem = nnx.Conv(2, 4, (3, 3), use_bias=False, rngs=rngs)
+    self.stem_bn = nnx.BatchNorm(4, use_running_average=True, rngs=rngs)
+    self.block = _NNXBlock(rngs)
+    self.conv = nnx.Conv(4, 4, (1, 1), rngs=rngs)
+    self.bn_twice = jnnx.BatchNorm(4, use_running_average=True, rngs=rngs)
+    self.bn_relu = jnnx.BatchNorm(4, use_running_average=True, rngs=rngs)
+    self.shared = nnx.Linear(4, 4, rngs=rngs)
+    self.bn_shared = jnnx.BatchNorm(4, use_running_average=True, rngs=rngs)
+    self.head = nnx.Linear(4, 3, rngs=rngs)
+    self.bn_head = jnnx.BatchNorm(3, use_running_average=True, use_scale=False, epsilon=0.5,
+                                  rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.stem_bn(self.stem(x)))
+    x = self.block(x)
+    z = self.conv(x)
+    x = self.bn_relu(nnx.relu(self.bn_twice(z) + z))
+    h = nnx.relu(self.shared(self.bn_shared(self.shared(x.mean(axis=(1, 2))))))
+    return self.bn_head(self.head(h))
+
+
+_NNX_NAMES = {"Conv_0": "stem", "BatchNorm_0": "stem_bn", "_ResBlock_0/Conv_0": "block/conv0",
+              "_ResBlock_0/BatchNorm_0": "block/bn0", "_ResBlock_0/Conv_1": "block/conv1",
+              "_ResBlock_0/BatchNorm_1": "block/bn1", "Conv_1": "conv",
+              "BatchNorm_1": "bn_twice", "BatchNorm_2": "bn_relu", "Dense_0": "shared",
+              "BatchNorm_3": "bn_shared", "Dense_1": "head", "BatchNorm_4": "bn_head"}
+
+
+def _nnx_with(variables):
+  """`_NNXResNet` holding the linen `_ResNet`'s variables."""
+  model = _NNXResNet(nnx.Rngs(0))
+  for linen_path, attr in _NNX_NAMES.items():
+    module = model
+    for name in attr.split("/"):
+      module = getattr(module, name)
+    for col in ("params", "batch_stats"):
+      node = variables[col]
+      for name in linen_path.split("/"):
+        node = node.get(name, {})
+      for key, value in node.items():
+        getattr(module, key)[...] = jnp.asarray(value)
+  return model
+
+
+def test_nnx_fold_model_folds_in_place():
+  x = jnp.asarray(np.random.RandomState(0).randn(4, 6, 6, 2), jnp.float32)
+  variables = _res_variables(_ResNet(), x)
+  model = _nnx_with(variables)
+  y = model(x)
+  assert np.array_equal(np.asarray(y), np.asarray(_ResNet().apply(variables, x)))
+  folded, unfolded = jnnx.fold_model(model, x)
+  assert folded == {_NNX_NAMES[k]: _NNX_NAMES[v] for k, v in _RES_FOLDED.items()}
+  assert {_NNX_NAMES[k]: v for k, v in _RES_UNFOLDED.items()}.keys() == unfolded.keys()
+  for bn, why in _RES_UNFOLDED.items():
+    assert why.replace("'Dense_0'", "'shared'") in unfolded[_NNX_NAMES[bn]]
+  assert isinstance(model.block.bn1, jnnx.FoldedBatchNorm)
+  assert isinstance(model.bn_relu, jnnx.BatchNorm)
+  assert model.block.conv1.bias is not None and model.block.conv1.bias[...].shape == (4,)
+  ref, bound = _res_bound(_ResNet(), variables, x)
+  yf = nnx.jit(lambda m, x: m(x))(model, x)
+  assert yf.dtype == y.dtype
+  assert_within(f64(yf), ref, bound, "folded nnx")
