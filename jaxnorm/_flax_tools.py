@@ -396,7 +396,7 @@ def _folded_apply(model: Any, folded: dict[str, str], trace: _Trace,
       return jnp.asarray(args[0]).astype(skip[path])
     y = next_fun(*args, **kwargs)
     if context.method_name == "__call__" and path in add_bias:
-      y = (y + mod.get_variable("params", "bias")).astype(y.dtype)
+      y = y + jnp.asarray(mod.get_variable("params", "bias")).astype(y.dtype)  # as flax casts
     return y
 
   def apply(variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:

@@ -407,3 +407,26 @@ def test_nnx_fold_model_folds_in_place():
   yf = nnx.jit(lambda m, x: m(x))(model, x)
   assert yf.dtype == y.dtype
   assert_within(f64(yf), ref, bound, "folded nnx")
+
+
+def test_fold_model_adds_the_bias_in_the_layer_dtype():
+  """A bfloat16 layer built without bias gets the folded bias rounded to bfloat16 and added as
+  flax adds a bias (strict promotion refuses bfloat16 + float32)."""
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Dense(3, use_bias=False, dtype=jnp.bfloat16)(x)
+      return jnn.BatchNorm(use_running_average=True, dtype=jnp.bfloat16)(h)
+
+  x = jnp.asarray(np.random.RandomState(0).randn(2, 4), jnp.float32)
+  variables = Net().init(jax.random.key(0), x)
+  folding = jnn.fold_model(Net(), variables, x)
+  assert folding.folded == {"Dense_0": "BatchNorm_0"}
+  y = folding.apply(folding.variables, x)
+  assert y.dtype == jnp.bfloat16
+  # Kernel, product and bias each rounded to bfloat16 (u = 2**-8), on terms of |x||W| + |b'|.
+  k, b = (f64(folding.variables["params"]["Dense_0"][n]) for n in ("kernel", "bias"))
+  ref = f64(x) @ k + b
+  bound = 6 * 2.0 ** -8 * (np.abs(f64(x)) @ np.abs(k) + np.abs(b))
+  assert_within(f64(y), ref, bound, "bfloat16 folded")
