@@ -9,7 +9,8 @@ come from a module passed in, which is the one-line swap a user makes:
 (and `from flax import nnx as norms` / `from jaxnorm import nnx as norms` for nnx). Each
 version is trained with optax from the same initial variables on the same batches, once with
 each set of layers, and the script prints both test accuracies, how far apart the running
-statistics (`batch_stats`) and the logits end up, and the wall time.
+statistics (`batch_stats`) and the logits end up, and the wall time. The trained jaxnorm linen
+model is then folded as it is written (`jaxnorm.linen.fold_model`) and its logits compared.
 
 Run:  python examples/flax_resnet.py            (about a minute on 2 CPU cores)
       python examples/flax_resnet.py --quick    (a few seconds of training; used by the tests)
@@ -55,7 +56,7 @@ class LinenBlock(nn.Module):
   norms: Any
   width: int
   group_norm: bool = False
-  folded: bool = False  # BatchNorms folded into the convolutions (jaxnorm.linen.fold_batch_norms)
+  folded: bool = False  # for jaxnorm.linen.fold_batch_norms (fold_model needs no flag)
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -79,7 +80,7 @@ class LinenResNet(nn.Module):
   norms: Any  # flax.linen or jaxnorm.linen
   width: int = 16
   blocks: tuple[str, ...] = ("batch", "group")
-  folded: bool = False  # for inference, with variables from jaxnorm.linen.fold_batch_norms
+  folded: bool = False  # for jaxnorm.linen.fold_batch_norms (fold_model needs no flag)
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -153,6 +154,17 @@ def linen_layer_difference(variables, x, width, blocks):
                                                         mutable=["batch_stats"]))
     out.append(run(variables, x))
   return _max_diff(out[0][1], out[1][1]), _max_diff(out[0][0], out[1][0])
+
+
+def fold_linen(variables, x, width, blocks):
+  """Folds the trained jaxnorm model as it is written (`jaxnorm.linen.fold_model`, no `folded`
+  flag needed); returns the `Folding` and the largest difference of its logits from the
+  unfolded model's."""
+  model = LinenResNet(jaxnorm.linen, width, blocks)
+  folding = jaxnorm.linen.fold_model(model, variables, x, train=False)
+  original = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  folded = jax.jit(lambda v, x: folding.apply(v, x, train=False))(folding.variables, x)
+  return folding, _max_diff(original, folded)
 
 
 # --- nnx --------------------------------------------------------------------------------------
@@ -272,6 +284,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"max |test logit difference| {d_logits:.2e}")
     print(f"{api:5s} same variables, one training pass: max |batch_stats difference| "
           f"{d_layer_stats:.2e}, max |logit difference| {d_layer_out:.2e}")
+    if api == "linen":
+      folding, d_fold = fold_linen(trained_o, x_probe, width, blocks)
+      print(f"linen jaxnorm.linen.fold_model: {len(folding.folded)} BatchNorms folded "
+            f"({', '.join(folding.folded.values())}), {len(folding.unfolded)} left; max |logit "
+            f"difference| {d_fold:.2e}")
+      results["linen_fold_logit_diff"] = d_fold
     results.update({f"{api}_flax_acc": acc_t, f"{api}_jaxnorm_acc": acc_o,
                     f"{api}_stats_diff": d_stats, f"{api}_logit_diff": d_logits,
                     f"{api}_layer_stats_diff": d_layer_stats,

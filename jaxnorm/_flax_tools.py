@@ -1,21 +1,27 @@
 """Model tools for flax: variable-tree surgery and the framework side of precise statistics.
 
-`fold_variables` folds (layer, BatchNorm) pairs of a linen variables tree
-(`jaxnorm.linen.fold_batch_norms`); `recompute_linen` and `recompute_nnx` run a model while
-capturing the input of each jaxnorm `BatchNorm` and hand the driver of `_recompute` what it
-needs (`jaxnorm.linen.recompute_batch_stats`, `jaxnorm.nnx.recompute_batch_stats`). The layer
-classes are passed in, so this module imports neither `linen` nor `nnx`.
+`fold_model` finds the (Dense/Conv, BatchNorm) pairs of a linen model as written by tracing one
+call under flax's method interceptor, and folds them (`jaxnorm.linen.fold_model`);
+`fold_variables` folds named pairs of a linen variables tree (`jaxnorm.linen.fold_batch_norms`);
+`recompute_linen` and `recompute_nnx` run a model while capturing the input of each jaxnorm
+`BatchNorm` and hand the driver of `_recompute` what it needs
+(`jaxnorm.linen.recompute_batch_stats`, `jaxnorm.nnx.recompute_batch_stats`). The layer classes
+are passed in, so this module imports neither `linen` nor `nnx`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.extend.core as jax_core
+import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 from flax.nnx.module import first_from
+from jax.ad_checkpoint import checkpoint_name
 
 from ._fold import fold_batch_norm
 from ._recompute import Sink, population_stats, recompute
@@ -217,3 +223,275 @@ def recompute_nnx(model: Any, batches: Any, batch_norm_type: Any, progress: bool
 
   recompute(type(model).__name__, batches, discover, capture, lambda: nnx.state(model), write,
             progress, cache_key=("nnx", graphdef, tuple(sorted(call_kwargs.items()))))
+
+
+_MARK = "jaxnorm.fold."  # prefix of the names that tag layer outputs while tracing a model
+
+
+@dataclasses.dataclass(frozen=True)
+class Folding:
+  """A linen model's BatchNorms folded into the layers before them (`linen.fold_model`).
+
+  Attributes:
+    variables: the folded variables (plain dicts): each folded layer's `kernel` and `bias` are
+      those of layer → BatchNorm, and the folded BatchNorms' `params` and `batch_stats` are gone.
+    folded: `{layer_path: batchnorm_path}` of the pairs folded.
+    unfolded: `{batchnorm_path: reason}` for each BatchNorm left as it was.
+    apply: `apply(variables, *args, **kwargs)`: `model.apply` with the folded BatchNorms
+      skipped (each returns its input, cast to the dtype it returned) and the folded bias added
+      after a layer built without one.
+  """
+
+  variables: dict[str, Any]
+  folded: dict[str, str]
+  unfolded: dict[str, str]
+  apply: Callable[..., Any]
+
+
+@dataclasses.dataclass
+class _Trace:
+  """What one traced evaluation-mode call of the model showed: the calls of each layer and
+  BatchNorm, which layer output each BatchNorm received, and the marks to count uses of."""
+
+  layer_calls: dict[str, int] = dataclasses.field(default_factory=dict)
+  layer_bias: dict[str, bool] = dataclasses.field(default_factory=dict)
+  outputs: dict[int, tuple[str, Any]] = dataclasses.field(default_factory=dict)
+  bn_calls: dict[str, list[tuple[str | None, str | None]]] = dataclasses.field(
+      default_factory=dict)
+  bn_info: dict[str, tuple[float, Any]] = dataclasses.field(default_factory=dict)
+
+
+def _why_not(axis: Any, training: bool, x: Any) -> str | None:
+  """Why a BatchNorm call (feature `axis`, on `x`) cannot be folded into a layer, from its own
+  settings; None if it can."""
+  if training:
+    return ("it runs in training mode (use_running_average=False): folding is for "
+            "evaluation; pass the model's evaluation-mode arguments (e.g. train=False)")
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  if tuple(a % x.ndim for a in axes) != (x.ndim - 1,):
+    return (f"its feature axis is {axis!r}, not the last axis, along which a Dense or Conv "
+            f"kernel holds its output features")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return f"its input has dtype {x.dtype}, not a real floating dtype"
+  return None
+
+
+def _layer_output(trace: _Trace, path: str, use_bias: bool, y: Any) -> Any:
+  """Records a call of the layer at `path` and returns its output `y` tagged with a named
+  identity, so that its uses can be counted in the jaxpr."""
+  trace.layer_calls[path] = trace.layer_calls.get(path, 0) + 1
+  trace.layer_bias[path] = bool(use_bias)
+  y = checkpoint_name(y, f"{_MARK}{len(trace.outputs)}")
+  trace.outputs[id(y)] = (path, y)  # y is kept alive, so its id stays unique
+  return y
+
+
+def _bn_input(trace: _Trace, path: str, x: Any, why: str | None) -> Any:
+  """Records a call of the BatchNorm at `path` on `x`; returns the input to call it with (a
+  layer's output passes through one named identity: one use, whatever the BatchNorm does)."""
+  source = trace.outputs.get(id(x), (None, None))
+  layer = source[0] if source[1] is x else None
+  trace.bn_calls.setdefault(path, []).append((layer, why))
+  return x if layer is None else checkpoint_name(x, _MARK + "bn")
+
+
+def _tracer(bn_type: Any, trace: _Trace) -> Callable[..., Any]:
+  """The linen interceptor of the tracing run (see `_layer_output` and `_bn_input`)."""
+
+  def intercept(next_fun, args, kwargs, context):
+    mod: Any = context.module
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    path = "/".join(mod.path)
+    if isinstance(mod, (nn.Dense, nn.Conv)):
+      return _layer_output(trace, path, mod.use_bias, next_fun(*args, **kwargs))
+    if not isinstance(mod, bn_type):
+      return next_fun(*args, **kwargs)
+    ura = args[1] if len(args) > 1 else kwargs.get("use_running_average")
+    ura = nn.merge_param("use_running_average", mod.use_running_average, ura)
+    x = _bn_input(trace, path, args[0], _why_not(mod.axis, not ura, jnp.asarray(args[0])))
+    y = next_fun(x, *args[1:], **kwargs)
+    trace.bn_info[path] = (float(mod.epsilon), y.dtype)
+    return y
+
+  return intercept
+
+
+def _mark_uses(jaxpr: Any, uses: dict[str, int]) -> None:
+  """Adds to `uses[name]` the number of uses of each tagged layer output in `jaxpr` and the
+  jaxprs nested in it."""
+  marks = {eqn.outvars[0]: eqn.params["name"] for eqn in jaxpr.eqns
+           if eqn.primitive.name == "name" and eqn.params["name"].startswith(_MARK)}
+  for var in [v for eqn in jaxpr.eqns for v in eqn.invars] + list(jaxpr.outvars):
+    if isinstance(var, jax_core.Var) and var in marks:
+      uses[marks[var]] = uses.get(marks[var], 0) + 1
+  for sub in jax_core.subjaxprs(jaxpr):
+    _mark_uses(sub, uses)
+
+
+def _pairs(trace: _Trace, uses: dict[str, int]) -> tuple[dict[str, str], dict[str, str]]:
+  """The foldable (layer, BatchNorm) pairs of a traced call, and why the others are not."""
+  marks: dict[str, list[str]] = {}
+  for i, (path, _) in enumerate(trace.outputs.values()):
+    marks.setdefault(path, []).append(f"{_MARK}{i}")
+  folded, unfolded = {}, {}
+  for bn, calls in trace.bn_calls.items():
+    layer, why = calls[0]
+    if why is None:
+      why = _pair_reason(trace, uses, marks, len(calls), layer)
+    if why is None and layer is not None:
+      folded[layer] = bn
+    else:
+      unfolded[bn] = why or ""
+  return folded, unfolded
+
+
+def _pair_reason(trace: _Trace, uses: dict[str, int], marks: dict[str, list[str]],
+                 n_calls: int, layer: str | None) -> str | None:
+  """Why a BatchNorm called `n_calls` times, first on the output of `layer` (None: not a layer
+  output), cannot be folded into it; None if it can."""
+  if n_calls > 1:
+    return f"it is called {n_calls} times; only a BatchNorm called once is folded"
+  if layer is None:
+    return ("its input is not exactly the output of a Dense or Conv layer (something is "
+            "computed in between)")
+  if trace.layer_calls[layer] > 1:
+    return (f"its layer {layer!r} is called {trace.layer_calls[layer]} times; folding would "
+            "change its other calls")
+  if any(uses.get(m, 0) > 1 for m in marks[layer]):
+    return f"the output of its layer {layer!r} is also used elsewhere, which needs it unnormalized"
+  return None
+
+
+def fold_model(model: Any, variables: Mapping[str, Any], args: tuple[Any, ...],
+               apply_kwargs: dict[str, Any], bn_type: Any) -> Folding:
+  """`jaxnorm.linen.fold_model`: finds the pairs by tracing one call, folds them."""
+  out = as_dict(variables)
+  trace = _Trace()
+
+  def run(v: Any) -> Any:
+    with nn.intercept_methods(_tracer(bn_type, trace)):
+      return model.apply(v, *args, **apply_kwargs)
+
+  uses: dict[str, int] = {}
+  _mark_uses(jax.make_jaxpr(run)(out).jaxpr, uses)
+  folded, unfolded = _pairs(trace, uses)
+  if folded:
+    out = fold_variables(out, folded, epsilon={bn: trace.bn_info[bn][0]
+                                               for bn in folded.values()})
+  return Folding(out, folded, unfolded, _folded_apply(model, folded, trace, bn_type))
+
+
+def _folded_apply(model: Any, folded: dict[str, str], trace: _Trace,
+                  bn_type: Any) -> Callable[..., Any]:
+  """`model.apply` with the folded BatchNorms skipped and the bias of a folded layer built
+  without one added after it."""
+  skip = {bn: trace.bn_info[bn][1] for bn in folded.values()}
+  add_bias = {layer for layer in folded if not trace.layer_bias[layer]}
+
+  def intercept(next_fun, args, kwargs, context):
+    mod: Any = context.module
+    path = "/".join(mod.path)
+    if context.method_name == "__call__" and isinstance(mod, bn_type) and path in skip:
+      return jnp.asarray(args[0]).astype(skip[path])
+    y = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and path in add_bias:
+      y = y + jnp.asarray(mod.get_variable("params", "bias")).astype(y.dtype)  # as flax casts
+    return y
+
+  def apply(variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+    with nn.intercept_methods(intercept):
+      return model.apply(variables, *args, **kwargs)
+
+  return apply
+
+
+class _LayerRecorder:
+  """Stands in for a Dense/Conv layer in a throw-away copy of an nnx model while tracing."""
+
+  def __init__(self, layer: Any, key: str, trace: _Trace):
+    self._layer, self._key, self._trace = layer, key, trace
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._layer, name)
+
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    y = self._layer(*args, **kwargs)
+    return _layer_output(self._trace, self._key, self._layer.bias is not None, y)
+
+
+class _BatchNormRecorder(_LayerRecorder):
+  """Stands in for a BatchNorm in a throw-away copy of an nnx model while tracing."""
+
+  def __call__(self, x, use_running_average: bool | None = None, **kwargs):
+    bn = self._layer
+    ura = first_from(use_running_average, bn.use_running_average,
+                     error_msg="No `use_running_average` argument was provided to BatchNorm.")
+    x_in = _bn_input(self._trace, self._key, x, _why_not(bn.axis, not ura, jnp.asarray(x)))
+    y = bn(x_in, use_running_average, **kwargs)
+    self._trace.bn_info[self._key] = (float(bn.epsilon), y.dtype)
+    return y
+
+
+class FoldedBatchNorm(nnx.Module):
+  """What `jaxnorm.nnx.fold_model` puts in place of a folded BatchNorm: returns its input, in
+  the dtype the BatchNorm returned (its affine map is in the layer before it)."""
+
+  def __init__(self, dtype: Any):
+    self.dtype = jnp.dtype(dtype)
+
+  def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+    return jnp.asarray(x).astype(self.dtype)
+
+
+def _nnx_modules(model: Any, types: Any) -> dict[str, tuple[tuple[Any, ...], Any]]:
+  return {"/".join(map(str, path)): (tuple(path), m) for path, m in nnx.iter_modules(model)
+          if isinstance(m, types)}
+
+
+def fold_nnx(model: Any, args: tuple[Any, ...], call_kwargs: dict[str, Any],
+             bn_type: Any) -> tuple[dict[str, str], dict[str, str]]:
+  """`jaxnorm.nnx.fold_model`: traces one call on a copy, folds the pairs in place."""
+  graphdef, state = nnx.split(model)
+  trace = _Trace()
+
+  def run(state: Any) -> Any:
+    copy = nnx.merge(graphdef, state)
+    for key, (path, m) in _nnx_modules(copy, (nnx.Linear, nnx.Conv, bn_type)).items():
+      recorder = _BatchNormRecorder if isinstance(m, bn_type) else _LayerRecorder
+      _set(copy, path, recorder(m, key, trace))
+    return copy(*args, **call_kwargs)
+
+  uses: dict[str, int] = {}
+  _mark_uses(jax.make_jaxpr(run)(state).jaxpr, uses)
+  folded, unfolded = _pairs(trace, uses)
+  modules = _nnx_modules(model, (nnx.Linear, nnx.Conv, bn_type))
+  for layer, bn in folded.items():
+    _fold_nnx_pair(modules[layer][1], modules[bn][1], trace.bn_info[bn][0])
+    _replace(model, modules[bn][0], FoldedBatchNorm(trace.bn_info[bn][1]))
+  return folded, unfolded
+
+
+def _replace(root: Any, path: tuple[Any, ...], value: Any) -> None:
+  """Puts the module `value` at `path` in the nnx model `root`, through nnx's own setattr."""
+  parent = root
+  for name in path[:-1]:
+    parent = getattr(parent, name) if isinstance(parent, nnx.Module) else parent[name]
+  if isinstance(parent, nnx.Module) and isinstance(path[-1], str):
+    setattr(parent, path[-1], value)
+  else:
+    parent[path[-1]] = value
+
+
+def _fold_nnx_pair(layer: Any, bn: Any, epsilon: float) -> None:
+  """Folds `bn` into `layer` in place; a layer without bias gets one."""
+  value = lambda v: None if v is None else v[...]
+  kernel, bias = fold_batch_norm(layer.kernel[...], value(layer.bias), mean=bn.mean[...],
+                                 var=bn.var[...], scale=value(bn.scale),
+                                 offset=value(bn.bias), epsilon=epsilon)
+  layer.kernel[...] = kernel
+  if layer.bias is None:
+    layer.bias = nnx.Param(bias)
+    layer.use_bias = True
+  else:
+    layer.bias[...] = bias

@@ -20,7 +20,8 @@ same numbers), returns flax's output dtype, and computes with the functional cor
   number of valid elements (flax averages the per-device means), and a device or a whole batch
   with no valid element gives finite output and leaves `batch_stats` unchanged (flax: NaN).
 
-`fold_batch_norms` folds BatchNorms into the layers before them and `recompute_batch_stats`
+`fold_model` folds the BatchNorms of a model as it is written into the layers before them
+(`fold_batch_norms` does it for named pairs of a variables tree) and `recompute_batch_stats`
 re-estimates population statistics (both in `_flax_tools`). Integer input is normalized in
 float32, as flax does (the functional core refuses it). Importing this module needs flax
 (`pip install -e ".[flax]"` from a clone); `import jaxnorm` never imports it.
@@ -41,8 +42,10 @@ from flax.typing import Axes, Initializer  # noqa: E402
 import jaxnorm as jn  # noqa: E402
 from jaxnorm import _checks, _dtypes, _flax, _flax_tools  # noqa: E402
 
-__all__ = ("BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "fold_batch_norms",
-           "recompute_batch_stats")
+__all__ = ("BatchNorm", "Folding", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
+           "fold_batch_norms", "fold_model", "recompute_batch_stats")
+
+Folding = _flax_tools.Folding
 
 
 def _feature_shape(x: jax.Array, axes: Axes, name: str) -> tuple[tuple[int, ...], list[int]]:
@@ -347,6 +350,56 @@ def fold_batch_norms(
     True
   """
   return _flax_tools.fold_variables(variables, pairs, epsilon=epsilon)
+
+
+def fold_model(model: nn.Module, variables: Mapping[str, Any], *args: Any,
+               **apply_kwargs: Any) -> Folding:
+  """Folds every BatchNorm that directly follows a Dense or Conv layer, in a model as written.
+
+  Runs `model.apply(variables, *args, **apply_kwargs)` once, traced (nothing is computed),
+  under `flax.linen.intercept_methods`, and pairs each `BatchNorm` (flax's or jaxnorm's) with
+  the `Dense` or `Conv` layer whose output it receives as is. A pair is folded
+  (`jaxnorm.fold_batch_norm`, with the BatchNorm's own epsilon) when the BatchNorm runs in
+  evaluation mode, normalizes the last axis and is called once, and its layer is called once
+  and its output used by nothing else. Every other BatchNorm is left as it was, with the reason
+  in `Folding.unfolded`. The model is not rewritten: `Folding.apply` runs it with the folded
+  BatchNorms returning their input, so a model with no `folded` flag folds as it is. A layer
+  built without bias gets its folded bias in `params` all the same, and `Folding.apply` adds
+  it after the layer.
+
+  Args:
+    model: the flax.linen model.
+    variables: its trained variables (`params`, `batch_stats`, other collections pass through).
+    *args: an example input: the positional arguments of an evaluation-mode call; only their
+      shapes and dtypes matter.
+    **apply_kwargs: the keyword arguments of that call (e.g. `train=False`); pass the same to
+      `Folding.apply`.
+
+  Returns:
+    A `Folding`: `variables` (the folded tree, plain dicts; the input is not modified),
+    `folded` (`{layer_path: batchnorm_path}`), `unfolded` (`{batchnorm_path: reason}`) and
+    `apply(variables, *args, **kwargs)`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> from jaxnorm import linen as jnn
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train: bool = False):
+    ...     x = jnn.BatchNorm(use_running_average=not train)(nn.Dense(3)(x))
+    ...     return jnn.BatchNorm(use_running_average=not train)(nn.relu(x))
+    >>> x = jnp.arange(8.0).reshape(4, 2)
+    >>> variables = Net().init(jax.random.key(0), x)
+    >>> f = jnn.fold_model(Net(), variables, x)
+    >>> f.folded, list(f.unfolded)  # BatchNorm_1 follows a relu
+    ({'Dense_0': 'BatchNorm_0'}, ['BatchNorm_1'])
+    >>> sorted(f.variables["batch_stats"])
+    ['BatchNorm_1']
+    >>> bool(jnp.abs(f.apply(f.variables, x) - Net().apply(variables, x)).max() < 1e-5)
+    True
+  """
+  return _flax_tools.fold_model(model, variables, args, apply_kwargs, nn.BatchNorm)
 
 
 def recompute_batch_stats(model: nn.Module, variables: Mapping[str, Any], batches: Any, *,
