@@ -69,7 +69,9 @@ def group_sum(a: jax.Array, reduction_axes: tuple[int, ...], groups: int | None,
     return jnp.sum(a, reduction_axes, **kwargs)
   last = a.ndim - 1
   per_channel = jnp.sum(a, tuple(i for i in reduction_axes if i != last), **kwargs)
-  return jnp.sum(per_channel.reshape(per_channel.shape[:-1] + (groups, -1)), -1)
+  # The group size is given, not -1, which an empty batch (size 0) leaves undetermined.
+  size = per_channel.shape[-1] // groups
+  return jnp.sum(per_channel.reshape(per_channel.shape[:-1] + (groups, size)), -1)
 
 
 def group_expand(s: jax.Array, reduction_axes: tuple[int, ...], groups: int | None,

@@ -188,3 +188,21 @@ def test_every_normalizer_has_jvp_and_hessian():
     # A Hessian is symmetric.
     h2 = np.asarray(h).reshape(x.size, x.size)
     np.testing.assert_allclose(h2, h2.T, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 4, 8), (0, 4, 8), (0, 8)])
+def test_group_norm_of_an_empty_batch_is_empty(shape):
+  """A batch of 0 (channels last, with or without spatial axes) gives an empty array and an
+  empty gradient, as flax's GroupNorm and the other normalizers do."""
+  import flax.linen as nn
+
+  from jaxnorm import linen as jnn
+  x = jnp.zeros(shape)
+  y = jn.group_norm(x, num_groups=2)
+  assert y.shape == shape and y.dtype == x.dtype
+  g = jax.grad(lambda v: jnp.sum(jn.group_norm(v, num_groups=2)))(x)
+  assert g.shape == shape
+  for cls in (nn.GroupNorm, jnn.GroupNorm):
+    layer = cls(num_groups=2)
+    out = layer.apply(layer.init(jax.random.key(0), x), x)
+    assert out.shape == shape
