@@ -98,7 +98,7 @@ class Reduction(NamedTuple):
     return group_sum(a, self.axes, self.groups)
 
   def expand(self, s: jax.Array) -> jax.Array:
-    return group_expand(s, self.axes, self.groups, self.shape[-1])
+    return group_expand(s, self.axes, self.groups, self.shape)
 
   def param(self, p: Any) -> jax.Array | None:
     return None if p is None else broadcast_param(p, self.features, self.shape, self.dtype)

@@ -75,15 +75,17 @@ def group_sum(a: jax.Array, reduction_axes: tuple[int, ...], groups: int | None,
 
 
 def group_expand(s: jax.Array, reduction_axes: tuple[int, ...], groups: int | None,
-                 channels: int) -> jax.Array:
+                 shape: tuple[int, ...]) -> jax.Array:
   """Broadcasts a statistic of `group_sum`'s shape back against the input.
 
   Without `groups` this is `jnp.expand_dims(s, reduction_axes)`; with it, each group's value is
-  repeated over the group's `channels // groups` channels of the last axis (a broadcast, not a
-  gather).
+  repeated over the group's `channels // groups` channels of the last axis of the input's
+  `shape` (a broadcast, not a gather). The shape is read only with groups: a scalar input has
+  no last axis.
   """
   if groups is None:
     return jnp.expand_dims(s, reduction_axes)
+  channels = shape[-1]
   last = s.ndim + len(reduction_axes) - 2  # the input's channel axis
   s = jnp.broadcast_to(s[..., None], (*s.shape, channels // groups))
   s = s.reshape((*s.shape[:-2], channels))

@@ -168,7 +168,7 @@ def two_pass(
   # The second pass converts x on its own: one conversion shared by both passes would be
   # written out as a float32 copy of narrow input on XLA:CPU (docs/guides/internals.md).
   x2 = xf if x.dtype == dtype else barrier(policy, x).astype(dtype)
-  centred = x2 - group_expand(mean, reduction_axes, groups, x.shape[-1])
+  centred = x2 - group_expand(mean, reduction_axes, groups, x.shape)
   if mask is not None:
     centred = jnp.where(mask, centred, jnp.zeros((), dtype))
   m2 = psum(total(abs2(centred)), axis_name, axis_index_groups)
@@ -230,7 +230,7 @@ def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any,
   lead = _leading_shift(xf, sample_axes, sample_apart)
   per_set = math.prod(lead.shape[a] for a in reduction_axes) // (groups or 1)
   shift = jax.lax.stop_gradient(group_sum(lead, reduction_axes, groups) / per_set)
-  d = xf - group_expand(shift, reduction_axes, groups, x.shape[-1])
+  d = xf - group_expand(shift, reduction_axes, groups, x.shape)
   if groups is not None or last not in reduction_axes:
     # Sums down columns (channels last) as one reduction of the pair: as two sibling
     # reductions of d, XLA:GPU writes d out at some shapes (docs/guides/internals.md, "One

@@ -206,3 +206,30 @@ def test_group_norm_of_an_empty_batch_is_empty(shape):
     layer = cls(num_groups=2)
     out = layer.apply(layer.init(jax.random.key(0), x), x)
     assert out.shape == shape
+
+
+def test_rank0_input_with_no_reduction_axes():
+  """A scalar with `reduction_axes=()`: one element, its own statistics (no IndexError)."""
+  x = jnp.float32(3.0)
+  m = jn.moments(x, ())
+  assert (m.count, m.mean, m.var) == (1.0, 3.0, 0.0)
+  y = jn.rms_norm(x, reduction_axes=(), feature_axes=(), epsilon=0.0)
+  np.testing.assert_array_equal(y, jnp.float32(1.0))
+  y = jn.layer_norm(x, jnp.float32(2.0), jnp.float32(0.5), reduction_axes=(), feature_axes=())
+  np.testing.assert_array_equal(y, jnp.float32(0.5))
+  # The default axes (-1) do not exist: the message says so and what to pass.
+  with pytest.raises(ValueError, match=r"has no axes.*reduction_axes=\(\)"):
+    jn.layer_norm(x)
+
+
+def test_numpy_integers_are_accepted_wherever_ints_are():
+  x = _x((4, 2, 6))
+  state = jn.batch_norm_init((np.int64(6),))
+  assert state.mean.shape == (6,)
+  assert jn.batch_norm_init(np.int32(6)).mean.shape == (6,)
+  np.testing.assert_array_equal(jn.group_norm(x, num_groups=2, channel_axis=np.int64(-1)),
+                                jn.group_norm(x, num_groups=2, channel_axis=-1))
+  got = jn.batch_norm(x, state, training=True, virtual_batch_size=np.int64(2))
+  want = jn.batch_norm(x, state, training=True, virtual_batch_size=2)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(a, b)
