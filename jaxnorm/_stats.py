@@ -304,6 +304,17 @@ def moments(
   A reduction with no valid element has count 0, mean 0 and variance 0 (no NaN). Masked
   elements never enter the arithmetic, so they may hold NaN or Inf.
 
+  Range: the variance squares the deviations :math:`x_i - \mu` in the accumulation dtype, so
+  in float32 it is exact where their squares and sums stay normal floats (between about
+  1.2e-38 and 3.4e38): deviations from about 1e-19 to 1e19 in magnitude (the top divided by
+  :math:`\sqrt n` for n elements). Above, the variance overflows to inf (or NaN where a path
+  subtracts sums of squares) and normalization gives 0 (β with a bias) or NaN; below, the
+  squares flush to 0 and, with `epsilon=0`, normalization gives ±inf or NaN (a positive
+  epsilon that dominates such a variance gives finite output). No rescaling is done here: it
+  would cost another pass over x on every call. For such data pass float64 input (with
+  `jax_enable_x64`; `dtype=jnp.float64` here), or scale x by a power of two first (exact, and
+  normalization with `epsilon=0` does not depend on the scale).
+
   With `axis_name`, the result is that of the concatenated batch of all devices, each weighted
   by its count of valid elements; it costs two `psum`s. Under plain `jax.jit` over sharded
   arrays no `axis_name` is needed: XLA inserts the collectives.

@@ -233,3 +233,46 @@ def test_numpy_integers_are_accepted_wherever_ints_are():
   want = jn.batch_norm(x, state, training=True, virtual_batch_size=2)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def _spread_rows(scale):
+  """Rows of ±[0.5, 1.5)·scale in pairs: mean about 0, every deviation at least scale / 2,
+  so every square lies within float32's normal range exactly when scale² does."""
+  v = np.random.RandomState(4).rand(4, 8) + 0.5
+  return np.concatenate([v, -v], axis=1) * scale
+
+
+@pytest.mark.parametrize("scale,epsilon", [(1e18, 1e-6), (1e-18, 0.0)])
+def test_float32_statistics_are_exact_at_the_edges_of_their_range(scale, epsilon):
+  """The documented range of float32 statistics (`jaxnorm.moments`): deviations whose squares
+  stay normal floats. At its edges layer and RMS norm match float64 NumPy within the bounds."""
+  x = _spread_rows(scale).astype(np.float32)
+  y = jn.layer_norm(x, epsilon=epsilon)
+  ref = refs.ref_layer_norm(x, epsilon=epsilon)
+  refs.assert_within(y, ref, refs.norm_bound(x, ref, epsilon=epsilon))
+  y = jn.rms_norm(x, epsilon=epsilon)
+  ref = refs.ref_rms_norm(x, epsilon=epsilon)
+  refs.assert_within(y, ref, refs.norm_bound(x, ref, epsilon=epsilon, centered=False))
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-20])
+def test_outside_float32_range_as_documented_and_the_remedies(scale):
+  """Beyond the range (1e20: the squares overflow; 1e-20 with epsilon=0: they underflow) no
+  float32 output is right, as `moments` documents: 0 or NaN above, ±inf or NaN below. Its
+  remedies match float64 NumPy: float64 input, or float32 input scaled by a power of two
+  first (normalization without epsilon does not depend on the scale)."""
+  x = _spread_rows(scale).astype(np.float32)
+  ref = refs.ref_layer_norm(x, epsilon=0.0)
+  y = np.asarray(jn.layer_norm(x, epsilon=0.0))
+  if scale > 1:
+    assert np.all((y == 0) | np.isnan(y))
+  else:
+    assert not np.isfinite(y).any()
+  with jax.enable_x64(True):
+    y64 = jn.layer_norm(jnp.asarray(x, jnp.float64), epsilon=0.0)
+    assert y64.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(y64), ref, rtol=0, atol=refs.atol(np.float64))
+  k = -int(np.round(np.log2(scale)))
+  x_scaled = (x * np.float32(2.0**k)).astype(np.float32)  # exact: a power of two
+  y = jn.layer_norm(x_scaled, epsilon=0.0)
+  refs.assert_within(y, ref, refs.norm_bound(x_scaled, ref, epsilon=0.0))
