@@ -78,8 +78,10 @@ def check_epsilon(epsilon: Any) -> None:
   """A scalar always (a traced one too: its shape is known); finite and non-negative when its
   value is known."""
   if jnp.ndim(epsilon) != 0:
+    got = f" {epsilon!r}" if is_concrete(epsilon) else " (traced)"
     raise ValueError(f"epsilon must be a scalar, the constant added to the variance; got an "
-                     f"array of shape {jnp.shape(epsilon)}. Pass one value, e.g. epsilon=1e-5.")
+                     f"array of shape {jnp.shape(epsilon)}{got}. Pass one value, e.g. "
+                     f"epsilon=1e-5.")
   if is_concrete(epsilon):
     eps = np.asarray(epsilon)
     if eps.ndim != 0 or not np.isfinite(eps) or eps < 0:
