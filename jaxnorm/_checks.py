@@ -233,7 +233,7 @@ def group_norm_spec(x: ArrayLike, scale: Any, bias: Any, *, num_groups: Any, gro
   check_rank2(x, "group_norm")
   if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
     raise TypeError(f"channel_axis must be an int; got {channel_axis!r}.")
-  (ch,) = canonicalize_axes(channel_axis, x.ndim, "channel_axis")
+  (ch,) = canonicalize_axes(int(channel_axis), x.ndim, "channel_axis")
   if ch == 0:
     raise ValueError(f"channel_axis={channel_axis!r} is the batch axis 0; group "
                      f"normalization normalizes each example on its own.")
