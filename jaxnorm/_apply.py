@@ -51,7 +51,7 @@ def apply(
   dtype = arithmetic_dtype(x.dtype, var.dtype)
 
   def expand(s: jax.Array) -> jax.Array:
-    return group_expand(s, reduction_axes, groups, x.shape[-1])
+    return group_expand(s, reduction_axes, groups, x.shape)
 
   def param(p: Any) -> jax.Array:
     return broadcast_param(p, feature_axes, x.shape, dtype)

@@ -37,6 +37,12 @@ def canonicalize_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
   for a in items:
     if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
       raise TypeError(f"{name} must be an int or a sequence of ints; got {axes!r}.")
+    if ndim == 0:
+      raise ValueError(
+          f"{name}={axes!r}, but the input is a scalar (rank 0) and has no axes: pass "
+          f"reduction_axes=() and feature_axes=() to normalize it as a set of one element, or "
+          f"give the input an axis first (x[None])."
+      )
     if not -ndim <= a < ndim:
       raise ValueError(
           f"{name}={axes!r} is out of range for an input of rank {ndim}: every axis must lie "
@@ -69,6 +75,13 @@ def is_concrete(value: Any) -> bool:
 
 
 def check_epsilon(epsilon: Any) -> None:
+  """A scalar always (a traced one too: its shape is known); finite and non-negative when its
+  value is known."""
+  if jnp.ndim(epsilon) != 0:
+    got = f" {epsilon!r}" if is_concrete(epsilon) else " (traced)"
+    raise ValueError(f"epsilon must be a scalar, the constant added to the variance; got an "
+                     f"array of shape {jnp.shape(epsilon)}{got}. Pass one value, e.g. "
+                     f"epsilon=1e-5.")
   if is_concrete(epsilon):
     eps = np.asarray(epsilon)
     if eps.ndim != 0 or not np.isfinite(eps) or eps < 0:
@@ -310,9 +323,9 @@ def group_norm_spec(x: ArrayLike, scale: Any, bias: Any, *, num_groups: Any, gro
   number of groups."""
   x = jnp.asarray(x)
   check_rank2(x, "group_norm")
-  if isinstance(channel_axis, bool) or not isinstance(channel_axis, int):
+  if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
     raise TypeError(f"channel_axis must be an int; got {channel_axis!r}.")
-  (ch,) = canonicalize_axes(channel_axis, x.ndim, "channel_axis")
+  (ch,) = canonicalize_axes(int(channel_axis), x.ndim, "channel_axis")
   if ch == 0:
     raise ValueError(f"channel_axis={channel_axis!r} is the batch axis 0; group "
                      f"normalization normalizes each example on its own.")
@@ -389,8 +402,8 @@ def batch_norm_spec(x: ArrayLike, state: Any, scale: Any, bias: Any, *, state_ty
   check_bool(unbiased_running_var, "unbiased_running_var")
   check_state(state, state_type, feature_shape(x.shape, spec.feature_axes),
               jnp.iscomplexobj(x), input_shape=x.shape, feature_axes=spec.feature_axes)
-  check_virtual_batch_size(virtual_batch_size, x.shape, spec.feature_axes, training)
-  return x, BatchNormSpec(spec, momentum, unbiased_running_var, virtual_batch_size)
+  ghost = check_virtual_batch_size(virtual_batch_size, x.shape, spec.feature_axes, training)
+  return x, BatchNormSpec(spec, momentum, unbiased_running_var, ghost)
 
 
 def check_state(state: Any, state_type: type[Any], feature_shape: tuple[int, ...],
@@ -498,10 +511,13 @@ def _broadcasts(*shapes: tuple[int, ...]) -> bool:
 
 def init_args(feature_shape: Any, dtype: Any) -> tuple[int, ...]:
   """The checks of `batch_norm_init`; returns the feature shape as a tuple."""
-  shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
-  if not all(isinstance(d, int) and d >= 0 for d in shape):
-    raise ValueError(f"feature_shape must be a sequence of non-negative ints; got "
+  one = isinstance(feature_shape, (int, np.integer))
+  shape = (feature_shape,) if one else tuple(feature_shape)
+  if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0
+             for d in shape):
+    raise ValueError(f"feature_shape must be a non-negative int or a sequence of them; got "
                      f"{feature_shape!r}.")
+  shape = tuple(int(d) for d in shape)
   if not jnp.issubdtype(dtype, jnp.inexact):
     raise TypeError(f"dtype must be a floating or complex dtype; got {dtype!r}.")
   return shape
@@ -638,15 +654,18 @@ def resolve_groups(channels: int, num_groups: Any, group_size: Any,
 
 
 def check_virtual_batch_size(virtual_batch_size: Any, shape: tuple[int, ...],
-                             feat: tuple[int, ...], training: bool) -> None:
-  """Its type always; its fit to the batch (axis 0) only in training (evaluation ignores it)."""
+                             feat: tuple[int, ...], training: bool) -> int | None:
+  """Its type always; its fit to the batch (axis 0) only in training (evaluation ignores it).
+  Returns it as a Python int (a NumPy integer is accepted, as for the axes), or None."""
   if virtual_batch_size is None:
-    return
-  if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
+    return None
+  if (isinstance(virtual_batch_size, bool)
+      or not isinstance(virtual_batch_size, (int, np.integer))):
     raise TypeError(f"virtual_batch_size must be a positive int or None; got "
                     f"{virtual_batch_size!r}.")
+  virtual_batch_size = int(virtual_batch_size)
   if not training:
-    return
+    return virtual_batch_size
   if 0 in feat:
     raise ValueError(
         f"virtual_batch_size splits axis 0 into ghost batches, but axis 0 is a feature axis "
@@ -658,6 +677,7 @@ def check_virtual_batch_size(virtual_batch_size: Any, shape: tuple[int, ...],
         f"virtual_batch_size={virtual_batch_size} must be a positive divisor of the batch "
         f"size (axis 0 of the input), {batch}."
     )
+  return virtual_batch_size
 
 
 def check_bound(value: Any, name: str, low: float) -> None:

@@ -98,7 +98,7 @@ class Reduction(NamedTuple):
     return group_sum(a, self.axes, self.groups)
 
   def expand(self, s: jax.Array) -> jax.Array:
-    return group_expand(s, self.axes, self.groups, self.shape[-1])
+    return group_expand(s, self.axes, self.groups, self.shape)
 
   def param(self, p: Any) -> jax.Array | None:
     return None if p is None else broadcast_param(p, self.features, self.shape, self.dtype)
@@ -431,12 +431,27 @@ def _fused_branch(policy: Policy, static: tuple[Any, ...]) -> Any:
 
 def _complex_branch(policy: Policy, static: tuple[Any, ...]) -> Any:
   """`fused_norm`'s branch for complex input: the two-pass moments and `apply`, differentiated
-  by JAX itself."""
+  by JAX itself.
+
+  With a mask, a non-finite x (at a masked position) is normalized apart, with the statistics
+  and parameters held constant, and the rest with it replaced by 0 (a double `where`): JAX's
+  derivative of `(x - μ) rstd γ` with respect to rstd and γ sums the cotangent against
+  `x - μ`, and a zero cotangent times NaN is NaN, so every gradient would be NaN. The output is
+  the same as without the split, bit for bit.
+  """
   reduction = Reduction._make((*static, policy))
+
+  def norm(x, mean, var, scale, bias, eps):
+    return apply(x, mean, var, scale, bias, reduction_axes=reduction.axes,
+                 feature_axes=reduction.features, epsilon=eps, groups=reduction.groups)
 
   def run(x, scale, bias, eps, mask):
     m = reduction.moments(x, mask)
-    return (apply(x, m.mean if reduction.centered else None, m.var, scale, bias,
-                  reduction_axes=reduction.axes, feature_axes=reduction.features, epsilon=eps,
-                  groups=reduction.groups), m)
+    mean = m.mean if reduction.centered else None
+    if mask is None:
+      return norm(x, mean, m.var, scale, bias, eps), m
+    finite = jnp.isfinite(x)
+    y = norm(jnp.where(finite, x, jnp.zeros((), x.dtype)), mean, m.var, scale, bias, eps)
+    held = jax.lax.stop_gradient((mean, m.var, scale, bias, eps))
+    return jnp.where(finite, y, norm(x, *held)), m
   return run

@@ -69,19 +69,23 @@ def group_sum(a: jax.Array, reduction_axes: tuple[int, ...], groups: int | None,
     return jnp.sum(a, reduction_axes, **kwargs)
   last = a.ndim - 1
   per_channel = jnp.sum(a, tuple(i for i in reduction_axes if i != last), **kwargs)
-  return jnp.sum(per_channel.reshape(per_channel.shape[:-1] + (groups, -1)), -1)
+  # The group size is given, not -1, which an empty batch (size 0) leaves undetermined.
+  size = per_channel.shape[-1] // groups
+  return jnp.sum(per_channel.reshape(per_channel.shape[:-1] + (groups, size)), -1)
 
 
 def group_expand(s: jax.Array, reduction_axes: tuple[int, ...], groups: int | None,
-                 channels: int) -> jax.Array:
+                 shape: tuple[int, ...]) -> jax.Array:
   """Broadcasts a statistic of `group_sum`'s shape back against the input.
 
   Without `groups` this is `jnp.expand_dims(s, reduction_axes)`; with it, each group's value is
-  repeated over the group's `channels // groups` channels of the last axis (a broadcast, not a
-  gather).
+  repeated over the group's `channels // groups` channels of the last axis of the input's
+  `shape` (a broadcast, not a gather). The shape is read only with groups: a scalar input has
+  no last axis.
   """
   if groups is None:
     return jnp.expand_dims(s, reduction_axes)
+  channels = shape[-1]
   last = s.ndim + len(reduction_axes) - 2  # the input's channel axis
   s = jnp.broadcast_to(s[..., None], (*s.shape, channels // groups))
   s = s.reshape((*s.shape[:-2], channels))

@@ -143,7 +143,8 @@ def layer_norm(
   The result does not depend on the other examples of the batch. With `mask`, only the valid
   elements enter the statistics and every element is normalized with them (as in flax). With
   `axis_name`, the reduction also runs over the named devices, for a feature axis sharded across
-  them (tensor parallelism).
+  them (tensor parallelism). In float32 the statistics hold for deviations from about 1e-19 to
+  1e19 in magnitude (see `moments`, "Range", for what happens outside and the remedies).
 
   Args:
     x: floating or complex input (complex mean, real variance; see `moments`).
@@ -214,7 +215,8 @@ def rms_norm(
   models' have one); it is added in the arithmetic dtype, before the one rounding to `x.dtype`.
 
   The mean square is accumulated in at least float32 over the valid elements (`mask`) and,
-  with `axis_name`, over the named devices.
+  with `axis_name`, over the named devices; in float32 it holds for magnitudes from about
+  1e-19 to 1e19 (see `moments`, "Range").
 
   Args:
     x: floating or complex input (complex mean, real variance; see `moments`).

@@ -182,7 +182,7 @@ def two_pass(
   # The second pass converts x on its own: one conversion shared by both passes would be
   # written out as a float32 copy of narrow input on XLA:CPU (docs/guides/internals.md).
   x2 = xf if x.dtype == dtype else barrier(policy, x).astype(dtype)
-  centred = x2 - group_expand(mean, reduction_axes, groups, x.shape[-1])
+  centred = x2 - group_expand(mean, reduction_axes, groups, x.shape)
   if mask is not None:
     centred = jnp.where(mask, centred, jnp.zeros((), dtype))
   m2 = psum(total(abs2(centred)), axis_name, axis_index_groups)
@@ -244,7 +244,7 @@ def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any,
   lead = _leading_shift(xf, sample_axes, sample_apart)
   per_set = math.prod(lead.shape[a] for a in reduction_axes) // (groups or 1)
   shift = jax.lax.stop_gradient(group_sum(lead, reduction_axes, groups) / per_set)
-  d = xf - group_expand(shift, reduction_axes, groups, x.shape[-1])
+  d = xf - group_expand(shift, reduction_axes, groups, x.shape)
   if groups is not None or last not in reduction_axes:
     # Sums down columns (channels last) as one reduction of the pair: as two sibling
     # reductions of d, XLA:GPU writes d out at some shapes (docs/guides/internals.md, "One
@@ -317,6 +317,17 @@ def moments(
 
   A reduction with no valid element has count 0, mean 0 and variance 0 (no NaN). Masked
   elements never enter the arithmetic, so they may hold NaN or Inf.
+
+  Range: the variance squares the deviations :math:`x_i - \mu` in the accumulation dtype, so
+  in float32 it is exact where their squares and sums stay normal floats (between about
+  1.2e-38 and 3.4e38): deviations from about 1e-19 to 1e19 in magnitude (the top divided by
+  :math:`\sqrt n` for n elements). Above, the variance overflows to inf (or NaN where a path
+  subtracts sums of squares) and normalization gives 0 (β with a bias) or NaN; below, the
+  squares flush to 0 and, with `epsilon=0`, normalization gives ±inf or NaN (a positive
+  epsilon that dominates such a variance gives finite output). No rescaling is done here: it
+  would cost another pass over x on every call. For such data pass float64 input (with
+  `jax_enable_x64`; `dtype=jnp.float64` here), or scale x by a power of two first (exact, and
+  normalization with `epsilon=0` does not depend on the scale).
 
   With `axis_name`, the result is that of the concatenated batch of all devices, each weighted
   by its count of valid elements; it costs two `psum`s. Under plain `jax.jit` over sharded

@@ -274,6 +274,16 @@ def _leaf(tree: Mapping[str, Any], key: str) -> np.ndarray:
   return np.array(value)  # a copy, writable (torch.from_numpy warns on read-only arrays)
 
 
+def _numpy_native(a: np.ndarray) -> np.ndarray:
+  """`a`, or in float32 where its dtype is not one of NumPy's own (bfloat16 and the float8
+  types come from ml_dtypes, which `torch.from_numpy` rejects); float32 holds their values
+  exactly, and `load_state_dict` casts them back to the layer's dtype."""
+  if a.dtype.kind == "V" or (jnp.issubdtype(a.dtype, jnp.floating)
+                             and a.dtype not in (np.float16, np.float32, np.float64)):
+    return a.astype(np.float32)
+  return a
+
+
 def to_torch(variables: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
   """PyTorch `state_dict` entries of one normalization layer, from its flax variables.
 
@@ -282,7 +292,9 @@ def to_torch(variables: Mapping[str, Any], prefix: str = "") -> dict[str, np.nda
   `{prefix}running_var`, together with `{prefix}num_batches_tracked`, an int64 scalar taken
   from `batch_stats/count` when present (the largest entry of a per-feature count), else 0.
   After `torch.from_numpy` on each value the dict loads into the PyTorch layer with
-  `load_state_dict(..., strict=True)`.
+  `load_state_dict(..., strict=True)`. Entries in a dtype that NumPy does not have itself
+  (bfloat16, the float8 types) come back in float32, which holds their values exactly;
+  `load_state_dict` casts them to the layer's dtype.
 
   Args:
     variables: the layer's variables, `{"params": ..., "batch_stats": ...}` (either may be
@@ -328,10 +340,10 @@ def to_torch(variables: Mapping[str, Any], prefix: str = "") -> dict[str, np.nda
   out: dict[str, np.ndarray] = {}
   for key, name in _PARAMS:
     if name in params:
-      out[prefix + key] = _leaf(params, name)
+      out[prefix + key] = _numpy_native(_leaf(params, name))
   for key, name in _STATS:
     if name in stats:
-      out[prefix + key] = _leaf(stats, name)
+      out[prefix + key] = _numpy_native(_leaf(stats, name))
   shapes = {k: v.shape for k, v in out.items()}
   if len(set(shapes.values())) > 1:
     raise ValueError(f"the layer's entries must all have its feature shape; got {shapes}.")

@@ -490,3 +490,13 @@ def test_count():
   print(f"\n{len(RESULTS)} bad inputs tried ({len(CASES)} cases, eager and under jax.jit): "
         f"{clear} raised a clear error, {len(RESULTS) - clear} not yet (xfail)")
   assert clear == expected - known
+
+
+def test_traced_epsilon_that_is_not_a_scalar_is_refused_by_name():
+  def f(eps):
+    return jn.layer_norm(jnp.ones((2, 3)), epsilon=eps)
+  with pytest.raises(ValueError, match=r"epsilon must be a scalar.*shape \(3,\)"):
+    jax.jit(f).lower(jnp.full((3,), 1e-5))
+  with pytest.raises(ValueError, match=r"epsilon must be a scalar.*shape \(2, 1\)"):
+    jax.jit(lambda e: jn.batch_norm(jnp.ones((2, 3)), jn.batch_norm_init(3), training=True,
+                                    epsilon=e)).lower(jnp.full((2, 1), 1e-5))

@@ -103,6 +103,21 @@ def test_from_torch_and_to_torch_round_trip_with_numpy():
   assert sorted(ln) == ["weight"]
 
 
+def test_to_torch_of_bfloat16_variables_loads_with_torch_from_numpy(torch):
+  """NumPy has no bfloat16 of its own (JAX's is ml_dtypes', which torch.from_numpy rejects):
+  the entries come back as float32, exactly, and load into a bfloat16 layer bit for bit."""
+  rs = np.random.RandomState(2)
+  v = {"params": {"scale": rs.randn(4), "bias": rs.randn(4)},
+       "batch_stats": {"mean": rs.randn(4), "var": rs.rand(4)}}
+  v = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), v)
+  sd = {k: torch.from_numpy(a) for k, a in interop.to_torch(v).items()}
+  layer = torch.nn.BatchNorm1d(4).to(torch.bfloat16)
+  layer.load_state_dict(sd, strict=True)
+  for key, tree, name in (("weight", "params", "scale"), ("running_var", "batch_stats", "var")):
+    got = layer.state_dict()[key].float().numpy()
+    np.testing.assert_array_equal(got, np.asarray(v[tree][name], np.float32))
+
+
 class _FakeTensor:
   """Duck-types a torch tensor: interop must only call .detach().cpu().numpy()."""
 

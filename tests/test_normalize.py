@@ -188,3 +188,91 @@ def test_every_normalizer_has_jvp_and_hessian():
     # A Hessian is symmetric.
     h2 = np.asarray(h).reshape(x.size, x.size)
     np.testing.assert_allclose(h2, h2.T, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 4, 8), (0, 4, 8), (0, 8)])
+def test_group_norm_of_an_empty_batch_is_empty(shape):
+  """A batch of 0 (channels last, with or without spatial axes) gives an empty array and an
+  empty gradient, as flax's GroupNorm and the other normalizers do."""
+  import flax.linen as nn
+
+  from jaxnorm import linen as jnn
+  x = jnp.zeros(shape)
+  y = jn.group_norm(x, num_groups=2)
+  assert y.shape == shape and y.dtype == x.dtype
+  g = jax.grad(lambda v: jnp.sum(jn.group_norm(v, num_groups=2)))(x)
+  assert g.shape == shape
+  for cls in (nn.GroupNorm, jnn.GroupNorm):
+    layer = cls(num_groups=2)
+    out = layer.apply(layer.init(jax.random.key(0), x), x)
+    assert out.shape == shape
+
+
+def test_rank0_input_with_no_reduction_axes():
+  """A scalar with `reduction_axes=()`: one element, its own statistics (no IndexError)."""
+  x = jnp.float32(3.0)
+  m = jn.moments(x, ())
+  assert (m.count, m.mean, m.var) == (1.0, 3.0, 0.0)
+  y = jn.rms_norm(x, reduction_axes=(), feature_axes=(), epsilon=0.0)
+  np.testing.assert_array_equal(y, jnp.float32(1.0))
+  y = jn.layer_norm(x, jnp.float32(2.0), jnp.float32(0.5), reduction_axes=(), feature_axes=())
+  np.testing.assert_array_equal(y, jnp.float32(0.5))
+  # The default axes (-1) do not exist: the message says so and what to pass.
+  with pytest.raises(ValueError, match=r"has no axes.*reduction_axes=\(\)"):
+    jn.layer_norm(x)
+
+
+def test_numpy_integers_are_accepted_wherever_ints_are():
+  x = _x((4, 2, 6))
+  state = jn.batch_norm_init((np.int64(6),))
+  assert state.mean.shape == (6,)
+  assert jn.batch_norm_init(np.int32(6)).mean.shape == (6,)
+  np.testing.assert_array_equal(jn.group_norm(x, num_groups=2, channel_axis=np.int64(-1)),
+                                jn.group_norm(x, num_groups=2, channel_axis=-1))
+  got = jn.batch_norm(x, state, training=True, virtual_batch_size=np.int64(2))
+  want = jn.batch_norm(x, state, training=True, virtual_batch_size=2)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def _spread_rows(scale):
+  """Rows of ±[0.5, 1.5)·scale in pairs: mean about 0, every deviation at least scale / 2,
+  so every square lies within float32's normal range exactly when scale² does."""
+  v = np.random.RandomState(4).rand(4, 8) + 0.5
+  return np.concatenate([v, -v], axis=1) * scale
+
+
+@pytest.mark.parametrize("scale,epsilon", [(1e18, 1e-6), (1e-18, 0.0)])
+def test_float32_statistics_are_exact_at_the_edges_of_their_range(scale, epsilon):
+  """The documented range of float32 statistics (`jaxnorm.moments`): deviations whose squares
+  stay normal floats. At its edges layer and RMS norm match float64 NumPy within the bounds."""
+  x = _spread_rows(scale).astype(np.float32)
+  y = jn.layer_norm(x, epsilon=epsilon)
+  ref = refs.ref_layer_norm(x, epsilon=epsilon)
+  refs.assert_within(y, ref, refs.norm_bound(x, ref, epsilon=epsilon))
+  y = jn.rms_norm(x, epsilon=epsilon)
+  ref = refs.ref_rms_norm(x, epsilon=epsilon)
+  refs.assert_within(y, ref, refs.norm_bound(x, ref, epsilon=epsilon, centered=False))
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-20])
+def test_outside_float32_range_as_documented_and_the_remedies(scale):
+  """Beyond the range (1e20: the squares overflow; 1e-20 with epsilon=0: they underflow) no
+  float32 output is right, as `moments` documents: 0 or NaN above, ±inf or NaN below. Its
+  remedies match float64 NumPy: float64 input, or float32 input scaled by a power of two
+  first (normalization without epsilon does not depend on the scale)."""
+  x = _spread_rows(scale).astype(np.float32)
+  ref = refs.ref_layer_norm(x, epsilon=0.0)
+  y = np.asarray(jn.layer_norm(x, epsilon=0.0))
+  if scale > 1:
+    assert np.all((y == 0) | np.isnan(y))
+  else:
+    assert not np.isfinite(y).any()
+  with jax.enable_x64(True):
+    y64 = jn.layer_norm(jnp.asarray(x, jnp.float64), epsilon=0.0)
+    assert y64.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(y64), ref, rtol=0, atol=refs.atol(np.float64))
+  k = -int(np.round(np.log2(scale)))
+  x_scaled = (x * np.float32(2.0**k)).astype(np.float32)  # exact: a power of two
+  y = jn.layer_norm(x_scaled, epsilon=0.0)
+  refs.assert_within(y, ref, refs.norm_bound(x_scaled, ref, epsilon=0.0))
