@@ -257,10 +257,10 @@ def collective_error(axis_name: Any, error: Exception) -> Exception | None:
   return None
 
 
-def check_bool(value: Any, name: str, why: str = "") -> None:
-  """Raises a TypeError unless `value` is a Python bool (`why`: what it decides)."""
+def check_bool(value: Any, name: str) -> None:
+  """Raises a TypeError unless `value` is a Python bool."""
   if not isinstance(value, bool):
-    raise TypeError(f"{name} must be a bool, Python's True or False{why}; got {value!r}.")
+    raise TypeError(f"{name} must be a bool, Python's True or False; got {value!r}.")
 
 
 def feature_shape(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tuple[int, ...]:

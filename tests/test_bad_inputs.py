@@ -56,15 +56,13 @@ class Case:
   accept: tuple[type[Exception], ...] = ()  # the framework's own clear errors, also accepted
 
 
-# Why a case is marked xfail: none today (the cases fixed since this test was written were
-# sync_running_stats' Python weights under jit, merge_moments' argument checks, integer
-# parameters and statistics, moments' integer dtype, the state's dtypes, update_running_stats'
-# batch type, nnx layers whose num_features does not match, nnx.InstanceNorm's feature axes and
-# equinox.RMSNorm's integer input). The flax layers accept integer and boolean input and
-# normalize it in float32, as flax does (the drop-in contract; tests/test_wrapper_errors.py), so
-# it is not a bad input for them; the functional core and the equinox layers refuse it.
-_INT_DTYPE = _MERGE = _PARAM_DTYPE = _STATE_DTYPE = _NOT_MOMENTS = _SYNC_WEIGHTS = None
-_EQX_INT_INPUT = _NUM_FEATURES = _NNX_INSTANCE_AXES = None
+# No case is marked xfail today (fixed since this test was written: sync_running_stats' Python
+# weights under jit, merge_moments' argument checks, integer parameters and statistics,
+# moments' integer dtype, the state's dtypes, update_running_stats' batch type, nnx layers
+# whose num_features does not match, nnx.InstanceNorm's feature axes and equinox.RMSNorm's
+# integer input). The flax layers accept integer and boolean input and normalize it in float32,
+# as flax does (the drop-in contract; tests/test_wrapper_errors.py), so it is not a bad input
+# for them; the functional core and the equinox layers refuse it.
 
 
 def _core_cases() -> list[Case]:
@@ -80,14 +78,11 @@ def _core_cases() -> list[Case]:
         "mask", "float32"),
       c("moments/int-input", lambda x: jn.moments(x, 0), "x", "int32", XI),
       c("moments/bool-input", lambda x: jn.moments(x, 0), "x", "bool", XB),
-      c("moments/int-dtype", lambda x: jn.moments(x, 0, dtype=jnp.int32), "dtype", "int32",
-        xfail=_INT_DTYPE),
+      c("moments/int-dtype", lambda x: jn.moments(x, 0, dtype=jnp.int32), "dtype", "int32"),
       # merge_moments
-      c("merge_moments/shapes", lambda x: jn.merge_moments(jn.moments(x, 0), m4), "b", "(4,)",
-        xfail=_MERGE),
+      c("merge_moments/shapes", lambda x: jn.merge_moments(jn.moments(x, 0), m4), "b", "(4,)"),
       c("merge_moments/not-moments", lambda x: jn.merge_moments(jn.moments(x, 0), (1.0, 2.0)),
-        "b", "tuple",
-        xfail=_MERGE),
+        "b", "tuple"),
       # layer_norm
       c("layer_norm/reduction-axes", lambda x: jn.layer_norm(x, reduction_axes=-3),
         "reduction_axes", "-3"),
@@ -97,11 +92,9 @@ def _core_cases() -> list[Case]:
       c("layer_norm/bias-shape", lambda x: jn.layer_norm(x, None, jnp.ones((2, 6))), "bias",
         "(2, 6)"),
       c("layer_norm/scale-int", lambda x: jn.layer_norm(x, jnp.ones(6, jnp.int32)), "scale",
-        "int32",
-        xfail=_PARAM_DTYPE),
+        "int32"),
       c("layer_norm/bias-bool", lambda x: jn.layer_norm(x, None, jnp.ones(6, bool)), "bias",
-        "bool",
-        xfail=_PARAM_DTYPE),
+        "bool"),
       c("layer_norm/mask-shape", lambda x: jn.layer_norm(x, mask=np.ones(5, bool)), "mask",
         "(5,)"),
       c("layer_norm/mask-dtype", lambda x: jn.layer_norm(x, mask=np.ones((4, 6), np.int32)),
@@ -162,8 +155,7 @@ def _core_cases() -> list[Case]:
         "var", "(4,)"),
       c("normalize/mean-int", lambda x: jn.normalize(x, jnp.zeros(6, jnp.int32), jnp.ones(6),
                                                      reduction_axes=0, epsilon=1e-5),
-        "mean", "int32",
-        xfail=_PARAM_DTYPE),
+        "mean", "int32"),
       c("normalize/reduction-axes", lambda x: jn.normalize(x, 0.0, 1.0, reduction_axes=3,
                                                            epsilon=1e-5),
         "reduction_axes", "3"),
@@ -192,12 +184,10 @@ def _core_cases() -> list[Case]:
         "state", "tuple"),
       c("batch_norm/state-int", lambda x: jn.batch_norm(
           x, jn.BatchNormState(jnp.zeros(6, jnp.int32), jnp.ones(6), jnp.zeros((), jnp.int32)),
-          training=True), "state", "int32",
-        xfail=_STATE_DTYPE),
+          training=True), "state", "int32"),
       c("batch_norm/state-count-float", lambda x: jn.batch_norm(
           x, jn.BatchNormState(jnp.zeros(6), jnp.ones(6), jnp.zeros(())), training=True),
-        "count", "float32",
-        xfail=_STATE_DTYPE),
+        "count", "float32"),
       c("batch_norm/momentum-1", lambda x: jn.batch_norm(x, STATE, training=True, momentum=1.01),
         "momentum", "1.01"),
       c("batch_norm/momentum-negative", lambda x: jn.batch_norm(x, STATE, training=True,
@@ -223,8 +213,7 @@ def _core_cases() -> list[Case]:
         "scale", "(5,)"),
       c("batch_norm/bias-int", lambda x: jn.batch_norm(x, STATE, None, jnp.ones(6, jnp.int32),
                                                        training=True),
-        "bias", "int32",
-        xfail=_PARAM_DTYPE),
+        "bias", "int32"),
       c("batch_norm/virtual-batch-size", lambda x: jn.batch_norm(x, STATE, training=True,
                                                                  virtual_batch_size=3),
         "virtual_batch_size", "3"),
@@ -262,8 +251,7 @@ def _core_cases() -> list[Case]:
       c("update_running_stats/momentum", lambda x: jn.update_running_stats(
           STATE, jn.moments(x, 0), momentum=1.01), "momentum", "1.01"),
       c("update_running_stats/batch-type", lambda x: jn.update_running_stats(
-          STATE, (jnp.ones(6), jnp.mean(x, 0), jnp.var(x, 0))), "batch", "tuple",
-        xfail=_NOT_MOMENTS),
+          STATE, (jnp.ones(6), jnp.mean(x, 0), jnp.var(x, 0))), "batch", "tuple"),
       c("update_running_stats/state-type", lambda x: jn.update_running_stats(
           {"mean": jnp.zeros(6)}, jn.moments(x, 0)), "state", "dict"),
       # batch_norm_init
@@ -303,7 +291,7 @@ def _core_cases() -> list[Case]:
         "state", "BatchTracer"),
       c("sync_running_stats/negative-weights", lambda x: jax.vmap(
           lambda s: jn.sync_running_stats(s, axis_name="r", weights=-1.0),
-          axis_name="r")(_replicated(x)), "weights", "-1.0", xfail_jit=_SYNC_WEIGHTS),
+          axis_name="r")(_replicated(x)), "weights", "-1.0"),
   ]
 
 
@@ -376,8 +364,7 @@ def _wrapper_cases() -> list[Case]:
       c("linen.InstanceNorm/feature-axes", _linen("InstanceNorm", feature_axes=0),
         "feature_axes", "0"),
       # nnx
-      c("nnx.BatchNorm/num-features", _nnx("BatchNorm", 3), "num_features", "3",
-        xfail=_NUM_FEATURES),
+      c("nnx.BatchNorm/num-features", _nnx("BatchNorm", 3), "num_features", "3"),
       c("nnx.BatchNorm/momentum", _nnx("BatchNorm", momentum=1.5), "momentum", "1.5"),
       c("nnx.BatchNorm/epsilon", _nnx("BatchNorm", epsilon=-1.0), "epsilon", "-1.0"),
       c("nnx.BatchNorm/axis", _nnx("BatchNorm", axis=5), "axis", "5"),
@@ -385,21 +372,17 @@ def _wrapper_cases() -> list[Case]:
         "virtual_batch_size", "3"),
       c("nnx.BatchNorm/mask-shape", _nnx("BatchNorm", mask=np.ones((3, 1), bool)), "mask",
         "(3, 1)"),
-      c("nnx.LayerNorm/num-features", _nnx("LayerNorm", 5), "num_features", "5",
-        xfail=_NUM_FEATURES),
+      c("nnx.LayerNorm/num-features", _nnx("LayerNorm", 5), "num_features", "5"),
       c("nnx.LayerNorm/reduction-axes", _nnx("LayerNorm", reduction_axes=(1, 1)),
         "reduction_axes", "(1, 1)"),
       c("nnx.LayerNorm/implementation", _nnx("LayerNorm", implementation="cuda"),
         "implementation", "cuda"),
-      c("nnx.RMSNorm/num-features", _nnx("RMSNorm", 5), "num_features", "5",
-        xfail=_NUM_FEATURES),
+      c("nnx.RMSNorm/num-features", _nnx("RMSNorm", 5), "num_features", "5"),
       c("nnx.RMSNorm/epsilon", _nnx("RMSNorm", epsilon=-1.0), "epsilon", "-1.0"),
       c("nnx.GroupNorm/num-groups", _nnx("GroupNorm", num_groups=4), "num_groups", "4"),
       c("nnx.InstanceNorm/feature-axes", _nnx("InstanceNorm", feature_axes=0), "feature_axes",
-        "0",
-        xfail=_NNX_INSTANCE_AXES),
-      c("nnx.InstanceNorm/num-features", _nnx("InstanceNorm", 5), "num_features", "5",
-        xfail=_NUM_FEATURES),
+        "0"),
+      c("nnx.InstanceNorm/num-features", _nnx("InstanceNorm", 5), "num_features", "5"),
       # equinox (per example, channels first, under vmap)
       c("equinox.BatchNorm/input-size", _eqx("BatchNorm", 3, "batch", mode="batch"),
         "input_size", "3"),
@@ -417,8 +400,7 @@ def _wrapper_cases() -> list[Case]:
         "(5,)"),
       c("equinox.GroupNorm/groups", _eqx("GroupNorm", 4, 6), "groups", "4"),
       c("equinox.RMSNorm/eps", _eqx("RMSNorm", (6,), eps=-1.0), "eps", "-1.0"),
-      c("equinox.RMSNorm/int-input", _eqx("RMSNorm", (6,)), "x", "int32", XI,
-        xfail=_EQX_INT_INPUT),
+      c("equinox.RMSNorm/int-input", _eqx("RMSNorm", (6,)), "x", "int32", XI),
   ]
 
 

@@ -258,3 +258,22 @@ def test_a_scalar_count_state_still_loads_and_updates_as_before():
   _, new = jn.batch_norm(jnp.float32([[1.0, 2.0], [3.0, 4.0]]), state, training=True,
                          momentum=None)
   assert new.count.shape == () and int(new.count) == 4
+
+
+def _normal(shape, seed=0, offset=0.0):
+  return (np.random.default_rng(seed).normal(size=shape) + offset).astype(np.float32)
+
+
+def test_batch_renorm_stores_the_unbiased_running_variance_as_batch_norm_does():
+  x = _normal((16, 4), offset=2.0)
+  state = jn.BatchNormState(jnp.full(4, 1.0), jnp.full(4, 2.0), jnp.array(3))
+  kw = dict(training=True, momentum=0.9, unbiased_running_var=True)
+  _, bn = jn.batch_norm(x, state, **kw)
+  _, rn = jn.batch_renorm(x, state, r_max=3.0, d_max=5.0, **kw)
+  for a, b in zip(bn, rn, strict=True):
+    np.testing.assert_array_equal(a, b)
+  _, biased = jn.batch_renorm(x, state, r_max=3.0, d_max=5.0, training=True, momentum=0.9)
+  # Bessel's factor n / (n - 1) on the batch's share of the update.
+  n = 16
+  batch_var = np.var(refs.f64(x), 0)
+  np.testing.assert_allclose(rn.var - biased.var, 0.1 * batch_var / (n - 1), rtol=1e-4)

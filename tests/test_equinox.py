@@ -309,7 +309,7 @@ def test_batch_mode_training_matches_equinox_and_inference_is_zero_debiased():
     np.testing.assert_allclose(
         y_theirs_inf, (refs.f64(x_inf) - mean_ref[:, None]) / np.sqrt(eqx_var[:, None] + 1e-5),
         atol=refs.atol(jnp.float32) * 4)
-    if t == 1:  # the figure of the issue: 9 + v after one step at momentum 0.9
+    if t == 1:  # equinox's excess after one step at momentum 0.9: 9 + v against v
       np.testing.assert_allclose(eqx_var - var_ref, 9.0, rtol=1e-12)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jaxnorm as jn
+import jaxnorm.equinox as jne
 from tests import refs
 
 # XLA:CPU (jax 0.10.2) cannot compile float16 arithmetic for a CPU without F16C (e.g.
@@ -276,3 +277,52 @@ def test_outside_float32_range_as_documented_and_the_remedies(scale):
   x_scaled = (x * np.float32(2.0**k)).astype(np.float32)  # exact: a power of two
   y = jn.layer_norm(x_scaled, epsilon=0.0)
   refs.assert_within(y, ref, refs.norm_bound(x_scaled, ref, epsilon=0.0))
+
+
+def _normal(shape, seed=0, offset=0.0):
+  return (np.random.default_rng(seed).normal(size=shape) + offset).astype(np.float32)
+
+
+def test_rms_norm_bias_is_added_before_the_one_rounding():
+  x, g, b = _normal((6, 8), offset=3.0), 1 + 0.1 * _normal((8,), 1), _normal((8,), 2)
+  y = jn.rms_norm(x, g, b)
+  y_nb = refs.ref_rms_norm(x, g)
+  # The unbiased part's bound, then one float32 addition: u·(|y| + |b|).
+  bound = (refs.norm_bound(x, y_nb, g, centered=False)
+           + refs.U32 * (np.abs(y_nb) + np.abs(refs.f64(b))))
+  refs.assert_within(y, y_nb + refs.f64(b), bound, "rms_norm with bias")
+  # bfloat16 input: the bias enters in float32, and the output is rounded once.
+  y16 = jn.rms_norm(x.astype(jnp.bfloat16), g, b)
+  wide = jn.rms_norm(x.astype(jnp.bfloat16).astype(np.float32), g, b)
+  np.testing.assert_array_equal(y16, wide.astype(jnp.bfloat16))
+  # Its gradient is the cotangent's sum, as for layer norm's bias.
+  db = jax.grad(lambda b: jnp.sum(jn.rms_norm(x, g, b) * x))(b)
+  np.testing.assert_allclose(db, x.sum(0), rtol=1e-6)
+  # jaxnorm.equinox.RMSNorm(use_bias=True) keeps complex input complex.
+  z = (x + 1j * _normal((6, 8), 3)).astype(np.complex64)
+  layer = jne.RMSNorm(8, dtype=jnp.complex64)
+  out = jax.vmap(layer)(z)
+  assert out.dtype == jnp.complex64
+  np.testing.assert_allclose(out, jax.vmap(lambda v: jn.rms_norm(
+      v, layer.weight, layer.bias, epsilon=layer.eps))(z), rtol=1e-6)
+  z64 = np.asarray(z, np.complex128)
+  ms = np.mean(np.abs(z64) ** 2, -1, keepdims=True)
+  np.testing.assert_allclose(out, z64 / np.sqrt(ms + layer.eps), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,groups", [((3, 8, 5, 4), 2), ((3, 8), 4), ((2, 6, 7), 3)])
+def test_group_norm_channels_first_equals_channels_last(shape, groups):
+  x = _normal(shape, offset=10.0)
+  c = shape[1]
+  g, b = 1 + 0.1 * _normal((c,), 1), _normal((c,), 2)
+  first = jn.group_norm(x, g, b, num_groups=groups, channel_axis=1)
+  last = jnp.moveaxis(jn.group_norm(np.moveaxis(x, 1, -1), g, b, num_groups=groups), -1, 1)
+  y_ref = np.moveaxis(refs.ref_group_norm(np.moveaxis(x, 1, -1), groups, g, b), -1, 1)
+  bound = np.moveaxis(refs.group_norm_bound(np.moveaxis(x, 1, -1), np.moveaxis(y_ref, 1, -1),
+                                            groups, g), -1, 1)
+  refs.assert_within(first, y_ref, bound, "channels first")
+  refs.assert_within(last, y_ref, bound, "channels last")
+  with pytest.raises(ValueError, match="channel_axis=0 is the batch axis"):
+    jn.group_norm(x, num_groups=1, channel_axis=0)
+  with pytest.raises(ValueError, match=r"num_groups=5 must be a positive divisor .* \(axis 1"):
+    jn.group_norm(x, num_groups=5, channel_axis=1)

@@ -1,6 +1,6 @@
-"""The 0.2.0 API: rms_norm's bias, channels-first group_norm, batch_renorm's unbiased running
-variance, keyword-only configuration, default epsilons, jax.export of the state, and arguments
-validated once per public call."""
+"""The public surface as a whole: configuration keyword-only, epsilons with defaults, the state
+through jax.export, equinox models of array leaves only, and each public call validating its
+arguments once."""
 
 from __future__ import annotations
 
@@ -14,71 +14,10 @@ from jax import export
 import jaxnorm as jn
 import jaxnorm.equinox as jne
 from jaxnorm import _checks
-from tests import refs
 
 
 def _x(shape, seed=0, offset=0.0):
   return (np.random.default_rng(seed).normal(size=shape) + offset).astype(np.float32)
-
-
-def test_rms_norm_bias_is_added_before_the_one_rounding():
-  x, g, b = _x((6, 8), offset=3.0), 1 + 0.1 * _x((8,), 1), _x((8,), 2)
-  y = jn.rms_norm(x, g, b)
-  y_nb = refs.ref_rms_norm(x, g)
-  # The unbiased part's bound, then one float32 addition: u·(|y| + |b|).
-  bound = (refs.norm_bound(x, y_nb, g, centered=False)
-           + refs.U32 * (np.abs(y_nb) + np.abs(refs.f64(b))))
-  refs.assert_within(y, y_nb + refs.f64(b), bound, "rms_norm with bias")
-  # bfloat16 input: the bias enters in float32, and the output is rounded once.
-  y16 = jn.rms_norm(x.astype(jnp.bfloat16), g, b)
-  wide = jn.rms_norm(x.astype(jnp.bfloat16).astype(np.float32), g, b)
-  np.testing.assert_array_equal(y16, wide.astype(jnp.bfloat16))
-  # Its gradient is the cotangent's sum, as for layer norm's bias.
-  db = jax.grad(lambda b: jnp.sum(jn.rms_norm(x, g, b) * x))(b)
-  np.testing.assert_allclose(db, x.sum(0), rtol=1e-6)
-  # jaxnorm.equinox.RMSNorm(use_bias=True) keeps complex input complex.
-  z = (x + 1j * _x((6, 8), 3)).astype(np.complex64)
-  layer = jne.RMSNorm(8, dtype=jnp.complex64)
-  out = jax.vmap(layer)(z)
-  assert out.dtype == jnp.complex64
-  np.testing.assert_allclose(out, jax.vmap(lambda v: jn.rms_norm(
-      v, layer.weight, layer.bias, epsilon=layer.eps))(z), rtol=1e-6)
-  z64 = np.asarray(z, np.complex128)
-  ms = np.mean(np.abs(z64) ** 2, -1, keepdims=True)
-  np.testing.assert_allclose(out, z64 / np.sqrt(ms + layer.eps), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("shape,groups", [((3, 8, 5, 4), 2), ((3, 8), 4), ((2, 6, 7), 3)])
-def test_group_norm_channels_first_equals_channels_last(shape, groups):
-  x = _x(shape, offset=10.0)
-  c = shape[1]
-  g, b = 1 + 0.1 * _x((c,), 1), _x((c,), 2)
-  first = jn.group_norm(x, g, b, num_groups=groups, channel_axis=1)
-  last = jnp.moveaxis(jn.group_norm(np.moveaxis(x, 1, -1), g, b, num_groups=groups), -1, 1)
-  y_ref = np.moveaxis(refs.ref_group_norm(np.moveaxis(x, 1, -1), groups, g, b), -1, 1)
-  bound = np.moveaxis(refs.group_norm_bound(np.moveaxis(x, 1, -1), np.moveaxis(y_ref, 1, -1),
-                                            groups, g), -1, 1)
-  refs.assert_within(first, y_ref, bound, "channels first")
-  refs.assert_within(last, y_ref, bound, "channels last")
-  with pytest.raises(ValueError, match="channel_axis=0 is the batch axis"):
-    jn.group_norm(x, num_groups=1, channel_axis=0)
-  with pytest.raises(ValueError, match=r"num_groups=5 must be a positive divisor .* \(axis 1"):
-    jn.group_norm(x, num_groups=5, channel_axis=1)
-
-
-def test_batch_renorm_stores_the_unbiased_running_variance_as_batch_norm_does():
-  x = _x((16, 4), offset=2.0)
-  state = jn.BatchNormState(jnp.full(4, 1.0), jnp.full(4, 2.0), jnp.array(3))
-  kw = dict(training=True, momentum=0.9, unbiased_running_var=True)
-  _, bn = jn.batch_norm(x, state, **kw)
-  _, rn = jn.batch_renorm(x, state, r_max=3.0, d_max=5.0, **kw)
-  for a, b in zip(bn, rn, strict=True):
-    np.testing.assert_array_equal(a, b)
-  _, biased = jn.batch_renorm(x, state, r_max=3.0, d_max=5.0, training=True, momentum=0.9)
-  # Bessel's factor n / (n - 1) on the batch's share of the update.
-  n = 16
-  batch_var = np.var(refs.f64(x), 0)
-  np.testing.assert_allclose(rn.var - biased.var, 0.1 * batch_var / (n - 1), rtol=1e-4)
 
 
 def test_configuration_is_keyword_only_and_epsilon_has_a_default():
