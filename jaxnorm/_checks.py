@@ -624,6 +624,13 @@ def fold_norm_args(kernel: ArrayLike, bias: ArrayLike | None, scale: ArrayLike,
   arrays = {"scale": scale, "offset": offset, "bias": bias}
   out = {k: None if v is None else jnp.asarray(v) for k, v in arrays.items()}
   features = (kernel.shape[0],)
+  scale_shape = tuple(jnp.shape(scale))
+  if len(scale_shape) >= 2 and scale_shape[-1:] == kernel.shape[1:2]:
+    raise ValueError(
+        f"scale has shape {scale_shape}, which fits kernel axis 1, not its first axis "
+        f"({kernel.shape}): the normalized features must be the kernel's first axis. A stack of "
+        f"kernels with leading batch axes (scanned layers) is not accepted; fold each slice, "
+        f"e.g. jax.vmap(lambda k, s: fold_norm_into_dense(k, scale=s))(kernels, scales).")
   for name in ("scale", "offset"):
     check_param(out[name], features, name, "kernel's input features (its first axis)")
   check_param(out["bias"], kernel.shape[1:], "bias", "kernel's output features (its axes "

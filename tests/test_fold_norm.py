@@ -106,6 +106,13 @@ def test_fold_norm_errors_name_the_argument():
     jn.fold_norm_into_dense(d["kernel"], np.ones(4, np.float32), scale=d["scale"])
   with pytest.raises(ValueError, match=r"kernel must be a Dense kernel .*got shape \(4,\)"):
     jn.fold_norm_into_dense(d["scale"], scale=d["scale"])
+  stacked = np.ones((2, 4, 3), np.float32)  # (layers, features, out): leading batch axis
+  with pytest.raises(ValueError, match=r"fits kernel axis 1.*jax\.vmap"):
+    jn.fold_norm_into_dense(stacked, scale=np.ones((2, 4), np.float32))
+  folded = jax.vmap(lambda k, s: jn.fold_norm_into_dense(k, scale=s))(
+      stacked, np.full((2, 4), 2.0, np.float32))
+  np.testing.assert_array_equal(folded[0], 2 * stacked)
+  assert folded[1].shape == (2, 3)
   with pytest.raises(ValueError, match="scale is required"):
     jn.fold_norm_into_dense(d["kernel"], scale=None)  # type: ignore[arg-type]
   with pytest.raises(TypeError, match="kernel must have a floating dtype"):
