@@ -4,9 +4,10 @@ Pure functions compute statistics (`moments`, `merge_moments`) and normalize wit
 (`normalize`, `layer_norm`, `rms_norm`, `group_norm`, `instance_norm`, `batch_norm`,
 `batch_renorm`); batch normalization's running statistics are an explicit `BatchNormState`
 pytree, and `fold_batch_norm` folds an evaluation-mode batch normalization into the layer before
-it. Flax wrappers live in `jaxnorm.linen` and `jaxnorm.nnx`, Equinox ones in `jaxnorm.equinox`,
-PyTorch checkpoint conversion in `jaxnorm.interop`; importing `jaxnorm` itself never imports
-flax, equinox or torch.
+it, and `fold_norm_into_dense` a layer or RMS norm's scale and offset into the Dense layer
+after it. Flax wrappers live in `jaxnorm.linen` and `jaxnorm.nnx`, Equinox ones in
+`jaxnorm.equinox`, PyTorch checkpoint conversion in `jaxnorm.interop`; importing `jaxnorm`
+itself never imports flax, equinox or torch.
 """
 
 from ._batch_norm import BatchNormState as BatchNormState
@@ -16,6 +17,7 @@ from ._batch_norm import batch_renorm as batch_renorm
 from ._batch_norm import momentum_from_torch as momentum_from_torch
 from ._batch_norm import update_running_stats as update_running_stats
 from ._fold import fold_batch_norm as fold_batch_norm
+from ._fold import fold_norm_into_dense as fold_norm_into_dense
 from ._normalize import group_norm as group_norm
 from ._normalize import instance_norm as instance_norm
 from ._normalize import layer_norm as layer_norm
@@ -34,6 +36,7 @@ __all__ = (
     "batch_norm_init",
     "batch_renorm",
     "fold_batch_norm",
+    "fold_norm_into_dense",
     "group_norm",
     "instance_norm",
     "layer_norm",

@@ -606,6 +606,41 @@ def fold_args(kernel: ArrayLike, epsilon: Any, given: dict[str, Any],
   return kernel, arrays
 
 
+def fold_norm_args(kernel: ArrayLike, bias: ArrayLike | None, scale: ArrayLike,
+                   offset: ArrayLike | None,
+                   ) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array | None]:
+  """The checks of `fold_norm_into_dense`: a floating kernel `(features, *out)`, `scale` and
+  `offset` of shape `(features,)`, `bias` of shape `out`; returns them as arrays."""
+  where = "fold_norm_into_dense"
+  kernel = jnp.asarray(kernel)
+  check_floating(kernel, "kernel", real_only=where)
+  if kernel.ndim < 2:
+    raise ValueError(
+        f"kernel must be a Dense kernel (features, out) or a DenseGeneral kernel "
+        f"(features, *out), the normalized features first; got shape {kernel.shape}.")
+  if scale is None:
+    raise ValueError("scale is required: fold_norm_into_dense folds the norm's scale "
+                     "(params/scale); pass jnp.ones(features) for a norm without one.")
+  arrays = {"scale": scale, "offset": offset, "bias": bias}
+  out = {k: None if v is None else jnp.asarray(v) for k, v in arrays.items()}
+  features = (kernel.shape[0],)
+  scale_shape = tuple(jnp.shape(scale))
+  if len(scale_shape) >= 2 and scale_shape[-1:] == kernel.shape[1:2]:
+    raise ValueError(
+        f"scale has shape {scale_shape}, which fits kernel axis 1, not its first axis "
+        f"({kernel.shape}): the normalized features must be the kernel's first axis. A stack of "
+        f"kernels with leading batch axes (scanned layers) is not accepted; fold each slice, "
+        f"e.g. jax.vmap(lambda k, s: fold_norm_into_dense(k, scale=s))(kernels, scales).")
+  for name in ("scale", "offset"):
+    check_param(out[name], features, name, "kernel's input features (its first axis)")
+  check_param(out["bias"], kernel.shape[1:], "bias", "kernel's output features (its axes "
+              "after the first)")
+  for name, value in out.items():
+    if value is not None:
+      check_floating(value, name, real_only=where)
+  return kernel, out["bias"], out["scale"], out["offset"]  # type: ignore[return-value]
+
+
 IMPLEMENTATIONS = (None, "xla", "pallas")
 
 

@@ -3,6 +3,8 @@
 `fold_model` finds the (Dense/Conv, BatchNorm) pairs of a linen model as written by tracing one
 call under flax's method interceptor, and folds them (`jaxnorm.linen.fold_model`);
 `fold_variables` folds named pairs of a linen variables tree (`jaxnorm.linen.fold_batch_norms`);
+`fold_norms` traces the same way to find each LayerNorm/RMSNorm whose output only Dense layers
+read, and folds its scale and offset into them (`jaxnorm.linen.fold_norms_into_dense`);
 `recompute_linen` and `recompute_nnx` run a model while capturing the input of each jaxnorm
 `BatchNorm` and hand the driver of `_recompute` what it needs
 (`jaxnorm.linen.recompute_batch_stats`, `jaxnorm.nnx.recompute_batch_stats`). The layer classes
@@ -23,7 +25,7 @@ from flax import nnx
 from flax.nnx.module import first_from
 from jax.ad_checkpoint import checkpoint_name
 
-from ._fold import fold_batch_norm
+from ._fold import fold_batch_norm, fold_norm_into_dense
 from ._recompute import Sink, population_stats, recompute
 from ._stats import Moments
 
@@ -404,6 +406,144 @@ def _folded_apply(model: Any, folded: dict[str, str], trace: _Trace,
       return model.apply(variables, *args, **kwargs)
 
   return apply
+
+
+@dataclasses.dataclass
+class _NormTrace:
+  """What one traced call showed of each norm: its calls (with why it cannot be folded, from
+  its own settings), its tagged output, and the Dense layers that read that output as is."""
+
+  norm_calls: dict[str, list[str | None]] = dataclasses.field(default_factory=dict)
+  outputs: dict[int, tuple[str, Any]] = dataclasses.field(default_factory=dict)
+  readers: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  dense_calls: dict[str, int] = dataclasses.field(default_factory=dict)
+  dense_bias: dict[str, bool] = dataclasses.field(default_factory=dict)
+  zero_centered: dict[str, bool] = dataclasses.field(default_factory=dict)
+
+
+def _norm_why_not(mod: Any, x: Any) -> str | None:
+  """Why a norm call on `x` cannot be folded into the Dense layers after it; None if it can."""
+  axes = mod.feature_axes
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  if tuple(a % x.ndim for a in axes) != (x.ndim - 1,):
+    return (f"its feature_axes is {mod.feature_axes!r}, not the last axis, which a Dense "
+            f"kernel contracts")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return f"its input has dtype {x.dtype}, not a real floating dtype"
+  return None
+
+
+def _norm_tracer(norm_types: Any, trace: _NormTrace) -> Callable[..., Any]:
+  """The linen interceptor of `fold_norms`' tracing run: tags each norm's output, and records
+  which Dense layers receive exactly that output (each through one named identity)."""
+
+  def intercept(next_fun, args, kwargs, context):
+    mod: Any = context.module
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    path = "/".join(mod.path)
+    if isinstance(mod, norm_types):
+      y = next_fun(*args, **kwargs)
+      trace.norm_calls.setdefault(path, []).append(_norm_why_not(mod, jnp.asarray(args[0])))
+      trace.zero_centered[path] = bool(getattr(mod, "zero_centered_scale", False))
+      y = checkpoint_name(y, f"{_MARK}norm{len(trace.outputs)}")
+      trace.outputs[id(y)] = (path, y)
+      return y
+    if isinstance(mod, nn.Dense):
+      trace.dense_calls[path] = trace.dense_calls.get(path, 0) + 1
+      trace.dense_bias[path] = bool(mod.use_bias)
+      x, rest = args[0], args[1:]
+      norm, y = trace.outputs.get(id(x), ("", None))
+      if y is x:
+        trace.readers.setdefault(norm, []).append(path)
+        x = checkpoint_name(x, _MARK + "dense")
+      return next_fun(x, *rest, **kwargs)
+    return next_fun(*args, **kwargs)
+
+  return intercept
+
+
+def _norm_reason(trace: _NormTrace, uses: dict[str, int], norm: str, mark: str,
+                 offset: bool) -> str | None:
+  """Why the norm at `norm` (its output tagged `mark`; `offset`: it has a bias) cannot be
+  folded into the Dense layers that read it; None if it can."""
+  calls = trace.norm_calls[norm]
+  if len(calls) > 1:
+    return f"it is called {len(calls)} times; only a norm called once is folded"
+  if calls[0] is not None:
+    return calls[0]
+  readers = trace.readers.get(norm, [])
+  if not readers:
+    return "no Dense layer reads its output as is"
+  if uses.get(mark, 0) != len(readers):
+    return ("its output is also used by something other than a Dense layer (a residual, an "
+            "activation...), which needs the scale and offset applied")
+  for dense in readers:
+    if trace.dense_calls[dense] > 1:
+      return (f"the Dense layer {dense!r} that reads it is called {trace.dense_calls[dense]} "
+              f"times; folding would change its other calls")
+    if offset and not trace.dense_bias[dense]:
+      return (f"it has an offset (bias) and the Dense layer {dense!r} that reads it has no "
+              f"bias to fold it into (use_bias=False)")
+  return None
+
+
+def fold_norms(model: Any, variables: Mapping[str, Any], args: tuple[Any, ...],
+               apply_kwargs: dict[str, Any], norm_types: Any) -> Folding:
+  """`jaxnorm.linen.fold_norms_into_dense`: finds the norm → Dense readers by tracing one call,
+  folds each norm's scale and offset into its readers and resets the norm to the identity
+  affine map (scale 1, or 0 when zero-centred; offset 0)."""
+  out = as_dict(variables)
+  trace = _NormTrace()
+
+  def run(v: Any) -> Any:
+    with nn.intercept_methods(_norm_tracer(norm_types, trace)):
+      return model.apply(v, *args, **apply_kwargs)
+
+  uses: dict[str, int] = {}
+  _mark_uses(jax.make_jaxpr(run)(out).jaxpr, uses)
+  marks = {path: f"{_MARK}norm{i}" for i, (path, _) in enumerate(trace.outputs.values())}
+  folded: dict[str, str] = {}
+  unfolded: dict[str, str] = {}
+  for norm in trace.norm_calls:
+    params = _norm_params(out, norm)
+    why = _norm_reason(trace, uses, norm, marks[norm], "bias" in params)
+    if why is not None:
+      unfolded[norm] = why
+      continue
+    _fold_norm_readers(out, params, trace.readers[norm], trace.zero_centered[norm])
+    folded.update({dense: norm for dense in trace.readers[norm]})
+  return Folding(out, folded, unfolded, model.apply)
+
+
+def _norm_params(tree: dict[str, Any], norm: str) -> dict[str, Any]:
+  try:
+    return _get(tree, "params", _split(norm), "norm")
+  except KeyError:  # use_scale=False and use_bias=False: no params
+    return {}
+
+
+def _fold_norm_readers(tree: dict[str, Any], params: dict[str, Any], readers: list[str],
+                       zero_centered: bool) -> None:
+  """Folds a norm's `params` into each Dense layer in `readers`, then resets them in place."""
+  scale, offset = params.get("scale"), params.get("bias")
+  if scale is None and offset is None:
+    return  # use_scale=False, use_bias=False: nothing to fold
+  if scale is None:
+    gamma = jnp.ones_like(jnp.asarray(offset))
+  else:
+    gamma = jnp.asarray(scale) + 1 if zero_centered else jnp.asarray(scale)
+  for dense in readers:
+    dparams = _get(tree, "params", _split(dense), "Dense")
+    kernel, bias = fold_norm_into_dense(dparams["kernel"], dparams.get("bias"), scale=gamma,
+                                        offset=offset)
+    dparams["kernel"] = kernel
+    if "bias" in dparams or offset is not None:  # no bias where the layer has none to hold it
+      dparams["bias"] = bias
+  if scale is not None:
+    params["scale"] = (jnp.zeros_like if zero_centered else jnp.ones_like)(scale)
+  if offset is not None:
+    params["bias"] = jnp.zeros_like(offset)
 
 
 class _LayerRecorder:

@@ -22,7 +22,9 @@ same numbers), returns flax's output dtype, and computes with the functional cor
 
 `fold_model` folds the BatchNorms of a model as it is written into the layers before them
 (`fold_batch_norms` does it for named pairs of a variables tree) and `recompute_batch_stats`
-re-estimates population statistics (both in `_flax_tools`). Integer input is normalized in
+re-estimates population statistics; `fold_norms_into_dense` folds the scale and offset of each
+LayerNorm/RMSNorm that only Dense layers read (a pre-LN transformer's) into them (all three in
+`_flax_tools`). Integer input is normalized in
 float32, as flax does (the functional core refuses it). Importing this module needs flax
 (`pip install -e ".[flax]"` from a clone); `import jaxnorm` never imports it.
 """
@@ -43,7 +45,7 @@ import jaxnorm as jn  # noqa: E402
 from jaxnorm import _checks, _dtypes, _flax, _flax_tools  # noqa: E402
 
 __all__ = ("BatchNorm", "Folding", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
-           "fold_batch_norms", "fold_model", "recompute_batch_stats")
+           "fold_batch_norms", "fold_model", "fold_norms_into_dense", "recompute_batch_stats")
 
 Folding = _flax_tools.Folding
 
@@ -400,6 +402,56 @@ def fold_model(model: nn.Module, variables: Mapping[str, Any], *args: Any,
     True
   """
   return _flax_tools.fold_model(model, variables, args, apply_kwargs, nn.BatchNorm)
+
+
+def fold_norms_into_dense(model: nn.Module, variables: Mapping[str, Any], *args: Any,
+                          **apply_kwargs: Any) -> Folding:
+  """Folds the scale and offset of each LayerNorm/RMSNorm that only Dense layers read into them.
+
+  In a pre-LN transformer each norm feeds Dense layers directly (q, k and v; the MLP's first
+  layer), so its affine part can live in their kernels and biases
+  (`jaxnorm.fold_norm_into_dense`) and the norm can run without one. Runs `model.apply(variables,
+  *args, **apply_kwargs)` once, traced (nothing is computed), under
+  `flax.linen.intercept_methods`, and finds each `LayerNorm` or `RMSNorm` (flax's or jaxnorm's)
+  whose output is used only as the input of `Dense` layers. Such a norm is folded when it is
+  called once, its features are the last axis, each of its Dense readers is called once, and
+  (for a norm with an offset) each reader has a bias. Its scale is then set to 1 (0 when
+  `zero_centered_scale`) and its offset to 0, so the model runs unchanged, as written, with the
+  folded variables: `Folding.apply` is `model.apply`. Every other norm is left as it was, with
+  the reason in `Folding.unfolded`. To gain speed, build the inference model with
+  `use_scale=False, use_bias=False` norms and drop their `params`.
+
+  Args:
+    model: the flax.linen model.
+    variables: its trained variables (other collections pass through).
+    *args: an example input: the positional arguments of an inference call; only their shapes
+      and dtypes matter.
+    **apply_kwargs: the keyword arguments of that call.
+
+  Returns:
+    A `Folding`: `variables` (the folded tree, plain dicts; the input is not modified),
+    `folded` (`{dense_path: norm_path}`, one entry per Dense reader), `unfolded`
+    (`{norm_path: reason}`) and `apply` (`model.apply`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> from jaxnorm import linen as jnn
+    >>> class Block(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     h = nn.LayerNorm()(x)
+    ...     x = x + nn.Dense(4)(h) * nn.Dense(4)(h)
+    ...     return x + nn.Dense(4)(jnn.RMSNorm()(x))
+    >>> x = jnp.arange(8.0).reshape(2, 4)
+    >>> variables = Block().init(jax.random.key(0), x)
+    >>> f = jnn.fold_norms_into_dense(Block(), variables, x)
+    >>> f.folded
+    {'Dense_0': 'LayerNorm_0', 'Dense_1': 'LayerNorm_0', 'Dense_2': 'RMSNorm_0'}
+    >>> bool(jnp.abs(f.apply(f.variables, x) - Block().apply(variables, x)).max() < 1e-4)
+    True
+  """
+  return _flax_tools.fold_norms(model, variables, args, apply_kwargs, (nn.LayerNorm, nn.RMSNorm))
 
 
 def recompute_batch_stats(model: nn.Module, variables: Mapping[str, Any], batches: Any, *,
