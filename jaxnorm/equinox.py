@@ -85,14 +85,14 @@ def _maybe_state(out: jax.Array, state: Any) -> Any:
 
 
 def _whole_shape(fn: Any, name: str, layer: Any, x: ArrayLike, state: Any,
-                 mask: ArrayLike | None) -> Any:
+                 mask: ArrayLike | None, **extra: Any) -> Any:
   """`fn` (layer or RMS norm) of one example over its whole shape, with the layer's `weight`,
-  `bias` and `eps`."""
+  `bias` and `eps` (and `extra`, the arguments only `fn` takes)."""
   x = jnp.asarray(x)
   _check_shape(name, layer.shape, x)
   axes = tuple(range(x.ndim))
   y = fn(x, layer.weight, layer.bias, reduction_axes=axes, feature_axes=axes,
-         epsilon=layer.eps, mask=mask)
+         epsilon=layer.eps, mask=mask, **extra)
   return _maybe_state(y, state)
 
 
@@ -356,10 +356,25 @@ class RMSNorm(eqx.nn.RMSNorm):
     >>> import jax, jax.numpy as jnp, jaxnorm.equinox as jne
     >>> jax.vmap(jne.RMSNorm(2, eps=0.0))(jnp.array([[1.0, 7.0]]))
     Array([[0.2, 1.4]], dtype=float32)
+
+  jaxnorm's field, after equinox's (a keyword of the constructor):
+    convention: None, `"llama"` or `"gemma"`: Hugging Face's rounding (see
+      `jaxnorm.rms_norm`); `"gemma"` stores the weight as γ - 1 and starts it at zeros.
   """
+
+  convention: str | None = field(static=True, default=None)
+
+  def __init__(self, *args: Any, convention: str | None = None, **kwargs: Any):
+    """equinox's, then `convention` (checked here, where a wrong value is made)."""
+    super().__init__(*args, **kwargs)
+    _checks.check_convention(convention, False, None)
+    self.convention = convention
+    if convention == "gemma" and self.weight is not None:
+      self.weight = jnp.zeros_like(self.weight)
 
   def __call__(self, x: ArrayLike, state: Any = _NO_STATE, *, key: Any = None,
                mask: ArrayLike | None = None) -> Any:
     """Normalizes `x` (of shape `self.shape`); returns `y`, or `(y, state)` given a state."""
     del key
-    return _whole_shape(jn.rms_norm, "RMSNorm", self, x, state, mask)
+    return _whole_shape(jn.rms_norm, "RMSNorm", self, x, state, mask,
+                        convention=self.convention)
