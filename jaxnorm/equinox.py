@@ -357,24 +357,14 @@ class RMSNorm(eqx.nn.RMSNorm):
     >>> jax.vmap(jne.RMSNorm(2, eps=0.0))(jnp.array([[1.0, 7.0]]))
     Array([[0.2, 1.4]], dtype=float32)
 
-  jaxnorm's field, after equinox's (a keyword of the constructor):
-    convention: None, `"llama"` or `"gemma"`: Hugging Face's rounding (see
-      `jaxnorm.rms_norm`); `"gemma"` stores the weight as γ - 1 and starts it at zeros.
+  For Hugging Face's roundings, `convention="llama"` or `"gemma"` is an argument of the call
+  (see `jaxnorm.rms_norm`), not a field: the fields stay equinox's. With `"gemma"` the weight
+  stores γ - 1, so start it at zeros (`eqx.tree_at`).
   """
 
-  convention: str | None = field(static=True, default=None)
-
-  def __init__(self, *args: Any, convention: str | None = None, **kwargs: Any):
-    """equinox's, then `convention` (checked here, where a wrong value is made)."""
-    super().__init__(*args, **kwargs)
-    _checks.check_convention(convention, False, None)
-    self.convention = convention
-    if convention == "gemma" and self.weight is not None:
-      self.weight = jnp.zeros_like(self.weight)
-
   def __call__(self, x: ArrayLike, state: Any = _NO_STATE, *, key: Any = None,
-               mask: ArrayLike | None = None) -> Any:
-    """Normalizes `x` (of shape `self.shape`); returns `y`, or `(y, state)` given a state."""
+               mask: ArrayLike | None = None, convention: str | None = None) -> Any:
+    """Normalizes `x` (of shape `self.shape`); returns `y`, or `(y, state)` given a state;
+    `convention` as in `jaxnorm.rms_norm`."""
     del key
-    return _whole_shape(jn.rms_norm, "RMSNorm", self, x, state, mask,
-                        convention=self.convention)
+    return _whole_shape(jn.rms_norm, "RMSNorm", self, x, state, mask, convention=convention)
