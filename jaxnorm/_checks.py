@@ -654,6 +654,26 @@ def check_implementation(implementation: Any) -> None:
     )
 
 
+CONVENTIONS = ("llama", "gemma")
+
+
+def check_convention(convention: Any, zero_centered_scale: bool, bias: Any) -> None:
+  """`rms_norm`'s `convention`: None or one of `CONVENTIONS`; `"llama"` has neither a bias nor
+  a zero-centred scale (HF's LlamaRMSNorm multiplies by the weight itself)."""
+  if not (convention is None or (isinstance(convention, str) and convention in CONVENTIONS)):
+    raise ValueError(
+        f"convention={convention!r} is not one of None (one rounding, at the end), 'llama' "
+        f"(HF's LlamaRMSNorm, Mistral, Qwen2, T5) and 'gemma' (HF's GemmaRMSNorm)."
+    )
+  if convention == "llama" and (zero_centered_scale or bias is not None):
+    raise ValueError(
+        f"convention='llama' takes no bias and no zero_centered_scale (HF's LlamaRMSNorm "
+        f"multiplies by its weight alone); got zero_centered_scale={zero_centered_scale}, "
+        f"bias {'given' if bias is not None else 'None'}. For a weight stored as w - 1 use "
+        f"convention='gemma'; for a bias use convention=None."
+    )
+
+
 def check_pallas_case(obstacle: str | None) -> None:
   """`implementation="pallas"` where `_pallas.obstacle` found what keeps the kernels out."""
   if obstacle is not None:

@@ -44,14 +44,16 @@ def normalize(fn: Callable[..., jax.Array], x: jax.Array, params: tuple[Any, ...
 
 
 def per_example(fn: Callable[..., jax.Array], layer: Any, x: jax.Array,
-                params: tuple[Any, ...], feat: tuple[int, ...], mask: Any) -> jax.Array:
+                params: tuple[Any, ...], feat: tuple[int, ...], mask: Any,
+                **extra: Any) -> jax.Array:
   """`fn` (`jaxnorm.layer_norm` or `rms_norm`) configured by a linen or nnx `LayerNorm` or
-  `RMSNorm` `layer` (both families name their attributes alike), under flax's dtype rule."""
+  `RMSNorm` `layer` (both families name their attributes alike), under flax's dtype rule;
+  `extra` holds the arguments only one of them takes (RMSNorm's `convention`)."""
   return normalize(fn, x, params, layer.dtype, reduction_axes=layer.reduction_axes,
                    feature_axes=feat, epsilon=layer.epsilon, mask=mask,
                    axis_name=layer.axis_name, axis_index_groups=layer.axis_index_groups,
                    zero_centered_scale=layer.zero_centered_scale,
-                   implementation=layer.implementation)
+                   implementation=layer.implementation, **extra)
 
 
 def zero_centered_init(scale_init: Any, zero_centered_scale: bool) -> Any:

@@ -21,7 +21,7 @@ from ._apply import apply_given
 from ._checks import Spec
 from ._dtypes import wide_dtype
 from ._fused import fused_norm
-from ._layout import split_axis
+from ._layout import broadcast_param, split_axis
 from ._stats import AxisName
 
 Axes = int | Sequence[int]
@@ -34,6 +34,15 @@ def _zero_centered(scale: Any, zero_centered_scale: bool) -> Any:
   scale = jnp.asarray(scale)
   dtype = wide_dtype(scale.dtype)
   return scale.astype(dtype) + jnp.ones((), dtype)
+
+
+def _llama_scale(y: jax.Array, scale: Any, spec: Spec) -> jax.Array:
+  """`scale * y` in the dtype the two promote to, one rounding of the product: the last line
+  of HF's LlamaRMSNorm, `weight * hidden.to(input_dtype)` (torch promotes as jnp does)."""
+  scale = jnp.asarray(scale)
+  with jax.numpy_dtype_promotion("standard"):
+    dtype = jnp.result_type(scale, y)
+  return broadcast_param(scale, spec.feature_axes, y.shape, dtype) * y.astype(dtype)
 
 
 def _norm(name: str, x: jax.Array, scale: Any, bias: Any, spec: Spec,
@@ -204,6 +213,7 @@ def rms_norm(
     axis_index_groups: Any = None,
     zero_centered_scale: bool = False,
     implementation: str | None = None,
+    convention: str | None = None,
 ) -> jax.Array:
   r"""Root-mean-square normalization (Zhang & Sennrich, 2019): no centring.
 
@@ -236,15 +246,25 @@ def rms_norm(
       not yet measured on a GPU), for the plain case only: reduction and parameters over the
       last axis, no mask, no axis_name, float32/bfloat16/float16. See
       docs/guides/gpu_kernels.md.
+    convention: where the roundings fall, for bit-for-bit parity with Hugging Face
+      transformers (docs/guides/transformers.md). None: one rounding, of the whole result, to
+      `x.dtype`. `"llama"` (LlamaRMSNorm, also Mistral's, Qwen2's, T5's): the normalized value
+      is rounded to `x.dtype` and then multiplied by `scale` in the dtype the two promote to,
+      which is the output's dtype (`x.dtype` when `scale` has it, as in a bfloat16 checkpoint);
+      no `bias` (HF's has none) and no `zero_centered_scale`. `"gemma"` (GemmaRMSNorm, Gemma
+      1/2/3, including their QK-norms and post-norms): the same as `zero_centered_scale=True`
+      (`1 + scale` in float32, one rounding at the end), which it implies. Derivatives pass
+      straight through the roundings, as autodiff of HF's formula written in JAX does.
 
   Returns:
-    The normalized array, of `x`'s shape and dtype.
+    The normalized array, of `x`'s shape and dtype (with `convention="llama"` and a `scale`,
+    the dtype of `scale * x`).
 
   Raises:
     TypeError: `x` is not floating or `mask` is not boolean.
     ValueError: bad axes, `scale` or `bias` of the wrong shape, a mask that does not
-      broadcast, a negative epsilon, an unknown `implementation`, or `"pallas"` outside the
-      plain case.
+      broadcast, a negative epsilon, an unknown `implementation` or `convention`, `"pallas"`
+      outside the plain case, or `convention="llama"` with a `bias` or `zero_centered_scale`.
 
   Example:
     >>> import jax.numpy as jnp, jaxnorm as jn
@@ -258,8 +278,13 @@ def rms_norm(
                                     axis_name=axis_name, axis_index_groups=axis_index_groups)
   _checks.check_implementation(implementation)
   _checks.check_bool(zero_centered_scale, "zero_centered_scale")
-  scale = _zero_centered(scale, zero_centered_scale)
-  return _norm("rms_norm", x, scale, bias, spec._replace(centered=False), implementation)
+  _checks.check_convention(convention, zero_centered_scale, bias)
+  spec = spec._replace(centered=False)
+  if convention == "llama":
+    y = _norm("rms_norm", x, None, None, spec, implementation)
+    return y if scale is None else _llama_scale(y, scale, spec)
+  scale = _zero_centered(scale, zero_centered_scale or convention == "gemma")
+  return _norm("rms_norm", x, scale, bias, spec, implementation)
 
 
 def group_norm(

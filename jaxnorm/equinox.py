@@ -85,14 +85,14 @@ def _maybe_state(out: jax.Array, state: Any) -> Any:
 
 
 def _whole_shape(fn: Any, name: str, layer: Any, x: ArrayLike, state: Any,
-                 mask: ArrayLike | None) -> Any:
+                 mask: ArrayLike | None, **extra: Any) -> Any:
   """`fn` (layer or RMS norm) of one example over its whole shape, with the layer's `weight`,
-  `bias` and `eps`."""
+  `bias` and `eps` (and `extra`, the arguments only `fn` takes)."""
   x = jnp.asarray(x)
   _check_shape(name, layer.shape, x)
   axes = tuple(range(x.ndim))
   y = fn(x, layer.weight, layer.bias, reduction_axes=axes, feature_axes=axes,
-         epsilon=layer.eps, mask=mask)
+         epsilon=layer.eps, mask=mask, **extra)
   return _maybe_state(y, state)
 
 
@@ -356,10 +356,15 @@ class RMSNorm(eqx.nn.RMSNorm):
     >>> import jax, jax.numpy as jnp, jaxnorm.equinox as jne
     >>> jax.vmap(jne.RMSNorm(2, eps=0.0))(jnp.array([[1.0, 7.0]]))
     Array([[0.2, 1.4]], dtype=float32)
+
+  For Hugging Face's roundings, `convention="llama"` or `"gemma"` is an argument of the call
+  (see `jaxnorm.rms_norm`), not a field: the fields stay equinox's. With `"gemma"` the weight
+  stores γ - 1, so start it at zeros (`eqx.tree_at`).
   """
 
   def __call__(self, x: ArrayLike, state: Any = _NO_STATE, *, key: Any = None,
-               mask: ArrayLike | None = None) -> Any:
-    """Normalizes `x` (of shape `self.shape`); returns `y`, or `(y, state)` given a state."""
+               mask: ArrayLike | None = None, convention: str | None = None) -> Any:
+    """Normalizes `x` (of shape `self.shape`); returns `y`, or `(y, state)` given a state;
+    `convention` as in `jaxnorm.rms_norm`."""
     del key
-    return _whole_shape(jn.rms_norm, "RMSNorm", self, x, state, mask)
+    return _whole_shape(jn.rms_norm, "RMSNorm", self, x, state, mask, convention=convention)

@@ -225,19 +225,26 @@ class RMSNorm(nn.RMSNorm):
       RMSNorm), and the default `scale_init` becomes zeros.
     implementation: None, `"xla"` or `"pallas"`: the choice of kernel (see
       `jaxnorm.layer_norm`).
+    convention: None, `"llama"` or `"gemma"`: Hugging Face's rounding (see
+      `jaxnorm.rms_norm`); under flax's dtype rule, so give bfloat16 parameters
+      (`param_dtype`) for a bfloat16 model's bits. `"gemma"` also makes the default
+      `scale_init` zeros, as `zero_centered_scale`.
   """
 
   zero_centered_scale: bool = False
   implementation: str | None = None
+  convention: str | None = None
 
   @nn.compact
   def __call__(self, x, *, mask: jax.Array | None = None):
     """flax's call; `mask` marks the elements that enter the mean square."""
     x = jnp.asarray(x)
     feat, shape = _feature_shape(x, self.feature_axes, "feature_axes")
-    scale_init = _flax.zero_centered_init(self.scale_init, self.zero_centered_scale)
+    scale_init = _flax.zero_centered_init(self.scale_init, self.zero_centered_scale
+                                          or self.convention == "gemma")
     scale, _ = _params(self, shape, scale_init, use_bias=False)
-    return _flax.per_example(jn.rms_norm, self, x, (scale,), feat, mask)
+    return _flax.per_example(jn.rms_norm, self, x, (scale,), feat, mask,
+                             convention=self.convention)
 
 
 class GroupNorm(nn.GroupNorm):

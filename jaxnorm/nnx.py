@@ -230,14 +230,21 @@ class RMSNorm(nnx.RMSNorm):
       RMSNorm), and the default `scale_init` becomes zeros.
     implementation: None, `"xla"` or `"pallas"`: the choice of kernel (see
       `jaxnorm.layer_norm`).
+    convention: None, `"llama"` or `"gemma"`: Hugging Face's rounding (see
+      `jaxnorm.rms_norm`); under flax's dtype rule, so give bfloat16 parameters
+      (`param_dtype`) for a bfloat16 model's bits. `"gemma"` also makes the default
+      `scale_init` zeros, as `zero_centered_scale`.
   """
 
   @_flax.extends(nnx.RMSNorm.__init__)
   def __init__(self, *args: Any, zero_centered_scale: bool = False,
-               implementation: str | None = None, **kwargs: Any):
-    super().__init__(*args, **_zero_centered(kwargs, zero_centered_scale))
+               implementation: str | None = None, convention: str | None = None,
+               **kwargs: Any):
+    super().__init__(*args, **_zero_centered(kwargs, zero_centered_scale
+                                             or convention == "gemma"))
     self.zero_centered_scale = zero_centered_scale
     self.implementation = implementation
+    self.convention = convention
 
   def __call__(self, x, mask: jax.Array | None = None):
     """flax's call; `mask` marks the elements that enter the mean square."""
@@ -246,7 +253,7 @@ class RMSNorm(nnx.RMSNorm):
     _flax.check_features("RMSNorm", self.num_features, x, feat, self.feature_axes,
                          "feature_axes")
     return _flax.per_example(jn.rms_norm, self, x, (_to_feature_shape(scale, x, feat),), feat,
-                             mask)
+                             mask, convention=self.convention)
 
 
 class GroupNorm(nnx.GroupNorm):

@@ -59,7 +59,7 @@ def test_api_reference_lists_every_public_module():
 # multi_device and then multi_host.
 READING_ORDER = ["bn_vs_ln", "flax", "training_loop", "running_stats", "small_batch",
                  "running_stats_tools", "multi_device", "multi_host", "equinox", "complex",
-                 "gpu_kernels", "performance", "internals"]
+                 "transformers", "gpu_kernels", "performance", "internals"]
 
 
 def _toctree_order() -> list[str]:

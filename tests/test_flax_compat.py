@@ -38,14 +38,14 @@ EXTRAS = {
     "BatchNorm": {"unbiased_running_var": False, "update_stats": True, "renorm": False,
                   "virtual_batch_size": None, "per_feature_count": False},
     "LayerNorm": {"zero_centered_scale": False, "implementation": None},
-    "RMSNorm": {"zero_centered_scale": False, "implementation": None},
+    "RMSNorm": {"zero_centered_scale": False, "implementation": None, "convention": None},
     "GroupNorm": {},
     "InstanceNorm": {},
 }
 # A value other than the default for each extra, to check that the constructor takes it.
 _EXTRA_VALUES = {"unbiased_running_var": True, "update_stats": False, "renorm": True,
                  "virtual_batch_size": 2, "zero_centered_scale": True, "implementation": "xla",
-                 "per_feature_count": True}
+                 "per_feature_count": True, "convention": "gemma"}
 
 
 def _parameters(cls_or_init):
