@@ -86,9 +86,11 @@ class BatchNorm(nnx.BatchNorm):
     >>> bn.use_running_average
     True
 
-  Args (jaxnorm's, after flax's; flax's `momentum` may also be None, the exact cumulative
-  average of every update, which adds an int32 `count` `BatchStat`: the number of updates,
-  one per feature with `per_feature_count=True`):
+  flax's `momentum` may also be None, the exact cumulative average of every update, which adds
+  an int32 `count` `BatchStat`: the number of updates, one per feature with
+  `per_feature_count=True`.
+
+  Args (jaxnorm's, after flax's):
     unbiased_running_var: store the Bessel-corrected batch variance `var * n / (n - 1)`, as
       PyTorch does (normalization still uses the biased one).
     update_stats: in training, update the `BatchStat`s (default). False uses the batch's
