@@ -365,18 +365,25 @@ def _pair_reason(trace: _Trace, uses: dict[str, int], marks: dict[str, list[str]
   return None
 
 
+def _traced_uses(model: Any, variables: dict[str, Any], args: tuple[Any, ...],
+                 apply_kwargs: dict[str, Any], interceptor: Any) -> dict[str, int]:
+  """Traces one `model.apply` (shapes only) under `interceptor`, which records the layers it
+  sees, and counts the uses of each marked output in the jaxpr (`_mark_uses`)."""
+  def run(v: Any) -> Any:
+    with nn.intercept_methods(interceptor):
+      return model.apply(v, *args, **apply_kwargs)
+
+  uses: dict[str, int] = {}
+  _mark_uses(jax.make_jaxpr(run)(variables).jaxpr, uses)
+  return uses
+
+
 def fold_model(model: Any, variables: Mapping[str, Any], args: tuple[Any, ...],
                apply_kwargs: dict[str, Any], bn_type: Any) -> Folding:
   """`jaxnorm.linen.fold_model`: finds the pairs by tracing one call, folds them."""
   out = as_dict(variables)
   trace = _Trace()
-
-  def run(v: Any) -> Any:
-    with nn.intercept_methods(_tracer(bn_type, trace)):
-      return model.apply(v, *args, **apply_kwargs)
-
-  uses: dict[str, int] = {}
-  _mark_uses(jax.make_jaxpr(run)(out).jaxpr, uses)
+  uses = _traced_uses(model, out, args, apply_kwargs, _tracer(bn_type, trace))
   folded, unfolded = _pairs(trace, uses)
   if folded:
     out = fold_variables(out, folded, epsilon={bn: trace.bn_info[bn][0]
@@ -495,13 +502,7 @@ def fold_norms(model: Any, variables: Mapping[str, Any], args: tuple[Any, ...],
   affine map (scale 1, or 0 when zero-centred; offset 0)."""
   out = as_dict(variables)
   trace = _NormTrace()
-
-  def run(v: Any) -> Any:
-    with nn.intercept_methods(_norm_tracer(norm_types, trace)):
-      return model.apply(v, *args, **apply_kwargs)
-
-  uses: dict[str, int] = {}
-  _mark_uses(jax.make_jaxpr(run)(out).jaxpr, uses)
+  uses = _traced_uses(model, out, args, apply_kwargs, _norm_tracer(norm_types, trace))
   marks = {path: f"{_MARK}norm{i}" for i, (path, _) in enumerate(trace.outputs.values())}
   folded: dict[str, str] = {}
   unfolded: dict[str, str] = {}
