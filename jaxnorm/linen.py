@@ -21,19 +21,19 @@ same numbers), returns flax's output dtype, and computes with the functional cor
   with no valid element gives finite output and leaves `batch_stats` unchanged (flax: NaN).
 
 `fold_model` folds the BatchNorms of a model as it is written into the layers before them
-(`fold_batch_norms` does it for named pairs of a variables tree) and `recompute_batch_stats`
-re-estimates population statistics; `fold_norms_into_dense` folds the scale and offset of each
-LayerNorm/RMSNorm that only Dense layers read (a pre-LN transformer's) into them (all three in
-`_flax_tools`). Integer input is normalized in
-float32, as flax does (the functional core refuses it). Importing this module needs flax
-(`pip install -e ".[flax]"` from a clone); `import jaxnorm` never imports it.
+(`fold_batch_norms` does it for named pairs of a variables tree; both, and
+`fold_norms_into_dense`, which folds the scale and offset of each LayerNorm/RMSNorm that only
+Dense layers read into them, are written in `_linen_fold`) and `recompute_batch_stats`
+re-estimates population statistics. Integer input is normalized in float32, as flax does (the
+functional core refuses it). Importing this module needs flax (`pip install -e ".[flax]"` from a
+clone); `import jaxnorm` never imports it.
 """
 
 from jaxnorm._flax import require_flax
 
 require_flax("jaxnorm.linen")
 
-from collections.abc import Mapping, Sequence  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
@@ -43,11 +43,15 @@ from flax.typing import Axes, Initializer  # noqa: E402
 
 import jaxnorm as jn  # noqa: E402
 from jaxnorm import _checks, _dtypes, _flax, _flax_tools  # noqa: E402
+from jaxnorm._linen_fold import (  # noqa: E402  (re-exported: the public folding tools)
+  Folding,
+  fold_batch_norms,
+  fold_model,
+  fold_norms_into_dense,
+)
 
 __all__ = ("BatchNorm", "Folding", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
            "fold_batch_norms", "fold_model", "fold_norms_into_dense", "recompute_batch_stats")
-
-Folding = _flax_tools.Folding
 
 
 def _feature_shape(x: jax.Array, axes: Axes, name: str) -> tuple[tuple[int, ...], list[int]]:
@@ -292,173 +296,6 @@ class InstanceNorm(nn.InstanceNorm):
     return _flax.normalize(jn.instance_norm, x, _params(self, shape), self.dtype,
                            feature_axes=feat, epsilon=self.epsilon, mask=mask,
                            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
-
-
-def fold_batch_norms(
-    variables: Mapping[str, Any],
-    pairs: Mapping[str, str] | Sequence[tuple[str, str]],
-    *,
-    epsilon: float | Mapping[str, float] = 1e-5,
-) -> dict[str, Any]:
-  """Folds named (layer, BatchNorm) pairs of a variables tree into the layers, for inference.
-
-  For each pair, the `Dense` or `Conv` layer's `kernel` and `bias` become those of the layer
-  followed by the BatchNorm in evaluation mode (`jaxnorm.fold_batch_norm`), and the
-  BatchNorm's `params` and `batch_stats` are removed (collections left empty are dropped). The
-  result is the variables of the same architecture built without those BatchNorms and with a
-  bias in each folded layer. The pattern is one flag in the model::
-
-      class Net(nn.Module):
-        folded: bool = False
-
-        @nn.compact
-        def __call__(self, x, train: bool = False):
-          x = nn.Conv(16, (3, 3), use_bias=self.folded)(x)
-          if not self.folded:
-            x = jnn.BatchNorm(use_running_average=not train)(x)
-          return nn.relu(x)
-
-      folded = jnn.fold_batch_norms(variables, {"Conv_0": "BatchNorm_0"})
-      Net(folded=True).apply(folded, x)   # == Net().apply(variables, x), to float32 rounding
-
-  flax names modules per class (`Conv_0`, `Conv_1`, ...), so leaving the BatchNorms out does not
-  rename the other layers.
-
-  Args:
-    variables: the trained model's variables (`params`, `batch_stats`, other collections are
-      passed through).
-    pairs: `{layer_path: batchnorm_path}` or `[(layer_path, batchnorm_path), ...]`, module
-      paths joined by "/" as in the variables tree (`"Block_0/Conv_1"`).
-    epsilon: the BatchNorms' epsilon, one float for all or `{batchnorm_path: epsilon}`.
-
-  Returns:
-    A new variables dict (plain dicts); the input is not modified.
-
-  Raises:
-    KeyError: a path that is not in the tree, with the keys found at that level.
-    ValueError: `pairs` is empty, or the shapes do not fit (see `jaxnorm.fold_batch_norm`).
-
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import linen as nn
-    >>> from jaxnorm import linen as jnn
-    >>> class Net(nn.Module):
-    ...   folded: bool = False
-    ...   @nn.compact
-    ...   def __call__(self, x):
-    ...     x = nn.Dense(3, use_bias=self.folded)(x)
-    ...     return x if self.folded else jnn.BatchNorm(use_running_average=True)(x)
-    >>> x = jnp.arange(8.0).reshape(4, 2)
-    >>> variables = Net().init(jax.random.key(0), x)
-    >>> variables["batch_stats"]["BatchNorm_0"]["var"] = jnp.full(3, 4.0)
-    >>> folded = jnn.fold_batch_norms(variables, {"Dense_0": "BatchNorm_0"})
-    >>> sorted(folded), sorted(folded["params"])
-    (['params'], ['Dense_0'])
-    >>> d = Net(folded=True).apply(folded, x) - Net().apply(variables, x)
-    >>> bool(jnp.abs(d).max() < 1e-5)
-    True
-  """
-  return _flax_tools.fold_variables(variables, pairs, epsilon=epsilon)
-
-
-def fold_model(model: nn.Module, variables: Mapping[str, Any], *args: Any,
-               **apply_kwargs: Any) -> Folding:
-  """Folds every BatchNorm that directly follows a Dense or Conv layer, in a model as written.
-
-  Runs `model.apply(variables, *args, **apply_kwargs)` once, traced (nothing is computed),
-  under `flax.linen.intercept_methods`, and pairs each `BatchNorm` (flax's or jaxnorm's) with
-  the `Dense` or `Conv` layer whose output it receives as is. A pair is folded
-  (`jaxnorm.fold_batch_norm`, with the BatchNorm's own epsilon) when the BatchNorm runs in
-  evaluation mode, normalizes the last axis and is called once, and its layer is called once
-  and its output used by nothing else. Every other BatchNorm is left as it was, with the reason
-  in `Folding.unfolded`. The model is not rewritten: `Folding.apply` runs it with the folded
-  BatchNorms returning their input, so a model with no `folded` flag folds as it is. A layer
-  built without bias gets its folded bias in `params` all the same, and `Folding.apply` adds
-  it after the layer.
-
-  Args:
-    model: the flax.linen model.
-    variables: its trained variables (`params`, `batch_stats`, other collections pass through).
-    *args: an example input: the positional arguments of an evaluation-mode call; only their
-      shapes and dtypes matter.
-    **apply_kwargs: the keyword arguments of that call (e.g. `train=False`); pass the same to
-      `Folding.apply`.
-
-  Returns:
-    A `Folding`: `variables` (the folded tree, plain dicts; the input is not modified),
-    `folded` (`{layer_path: batchnorm_path}`), `unfolded` (`{batchnorm_path: reason}`) and
-    `apply(variables, *args, **kwargs)`.
-
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import linen as nn
-    >>> from jaxnorm import linen as jnn
-    >>> class Net(nn.Module):
-    ...   @nn.compact
-    ...   def __call__(self, x, train: bool = False):
-    ...     x = jnn.BatchNorm(use_running_average=not train)(nn.Dense(3)(x))
-    ...     return jnn.BatchNorm(use_running_average=not train)(nn.relu(x))
-    >>> x = jnp.arange(8.0).reshape(4, 2)
-    >>> variables = Net().init(jax.random.key(0), x)
-    >>> f = jnn.fold_model(Net(), variables, x)
-    >>> f.folded, list(f.unfolded)  # BatchNorm_1 follows a relu
-    ({'Dense_0': 'BatchNorm_0'}, ['BatchNorm_1'])
-    >>> sorted(f.variables["batch_stats"])
-    ['BatchNorm_1']
-    >>> bool(jnp.abs(f.apply(f.variables, x) - Net().apply(variables, x)).max() < 1e-5)
-    True
-  """
-  return _flax_tools.fold_model(model, variables, args, apply_kwargs, nn.BatchNorm)
-
-
-def fold_norms_into_dense(model: nn.Module, variables: Mapping[str, Any], *args: Any,
-                          **apply_kwargs: Any) -> Folding:
-  """Folds the scale and offset of each LayerNorm/RMSNorm that only Dense layers read into them.
-
-  In a pre-LN transformer each norm feeds Dense layers directly (q, k and v; the MLP's first
-  layer), so its affine part can live in their kernels and biases
-  (`jaxnorm.fold_norm_into_dense`) and the norm can run without one. Runs `model.apply(variables,
-  *args, **apply_kwargs)` once, traced (nothing is computed), under
-  `flax.linen.intercept_methods`, and finds each `LayerNorm` or `RMSNorm` (flax's or jaxnorm's)
-  whose output is used only as the input of `Dense` layers. Such a norm is folded when it is
-  called once, its features are the last axis, each of its Dense readers is called once, and
-  (for a norm with an offset) each reader has a bias. Its scale is then set to 1 (0 when
-  `zero_centered_scale`) and its offset to 0, so the model runs unchanged, as written, with the
-  folded variables: `Folding.apply` is `model.apply`. Every other norm is left as it was, with
-  the reason in `Folding.unfolded`. To gain speed, build the inference model with
-  `use_scale=False, use_bias=False` norms and drop their `params`.
-
-  Args:
-    model: the flax.linen model.
-    variables: its trained variables (other collections pass through).
-    *args: an example input: the positional arguments of an inference call; only their shapes
-      and dtypes matter.
-    **apply_kwargs: the keyword arguments of that call.
-
-  Returns:
-    A `Folding`: `variables` (the folded tree, plain dicts; the input is not modified),
-    `folded` (`{dense_path: norm_path}`, one entry per Dense reader), `unfolded`
-    (`{norm_path: reason}`) and `apply` (`model.apply`).
-
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import linen as nn
-    >>> from jaxnorm import linen as jnn
-    >>> class Block(nn.Module):
-    ...   @nn.compact
-    ...   def __call__(self, x):
-    ...     h = nn.LayerNorm()(x)
-    ...     x = x + nn.Dense(4)(h) * nn.Dense(4)(h)
-    ...     return x + nn.Dense(4)(jnn.RMSNorm()(x))
-    >>> x = jnp.arange(8.0).reshape(2, 4)
-    >>> variables = Block().init(jax.random.key(0), x)
-    >>> f = jnn.fold_norms_into_dense(Block(), variables, x)
-    >>> f.folded
-    {'Dense_0': 'LayerNorm_0', 'Dense_1': 'LayerNorm_0', 'Dense_2': 'RMSNorm_0'}
-    >>> bool(jnp.abs(f.apply(f.variables, x) - Block().apply(variables, x)).max() < 1e-4)
-    True
-  """
-  return _flax_tools.fold_norms(model, variables, args, apply_kwargs, (nn.LayerNorm, nn.RMSNorm))
 
 
 def recompute_batch_stats(model: nn.Module, variables: Mapping[str, Any], batches: Any, *,
