@@ -76,7 +76,8 @@ def batch_norm_init(feature_shape: int | Sequence[int], *,
       and casts back); a complex dtype for complex input (the variance gets its real dtype).
     per_feature_count: make `count` of the feature shape, one count per feature, so that
       `momentum=None` averages each feature over the updates in which it had valid elements
-      (a mask that hides whole features in some batches needs it). Default: one int32 scalar
+      (`batch_norm` with `momentum=None` refuses, with one count, a mask that can differ
+      between features). Default: one int32 scalar
       for the state, the layout of earlier checkpoints, exact when every update that sees a
       valid element sees every feature.
 
@@ -146,6 +147,8 @@ def update_running_stats(
   element, so with `momentum=None` a feature that a mask hid in earlier updates would give its
   first batch less than its due and keep part of the initial values; a per-feature `count`
   (`batch_norm_init(shape, per_feature_count=True)`) advances per feature and is exact.
+  (`batch_norm` with `momentum=None` and a scalar count therefore refuses a mask that can
+  differ between features; this function sees only the moments and cannot tell.)
 
   A batch whose moments are not all finite (a NaN or Inf at a valid position, or squares that
   overflow) leaves the whole state unchanged: mean, variance and count. One bad batch then
@@ -398,10 +401,10 @@ def batch_norm(
     Array([11.], dtype=float32)
   """
   xa, spec = _checks.batch_norm_spec(
-      x, state, scale, bias, state_type=BatchNormState, training=training,
-      feature_axes=feature_axes, momentum=momentum, epsilon=epsilon, mask=mask,
-      axis_name=axis_name, axis_index_groups=axis_index_groups,
-      unbiased_running_var=unbiased_running_var, virtual_batch_size=virtual_batch_size)
+      x, state, scale, bias, state_type=BatchNormState, training=training, momentum=momentum,
+      unbiased_running_var=unbiased_running_var, virtual_batch_size=virtual_batch_size,
+      feature_axes=feature_axes, epsilon=epsilon, mask=mask, axis_name=axis_name,
+      axis_index_groups=axis_index_groups)
   with jax.named_scope("jaxnorm.batch_norm"):
     if not training:
       return apply_given(xa, state.mean, state.var, scale, bias, spec.norm), state
@@ -482,10 +485,10 @@ def batch_renorm(
            [1.]], dtype=float32)
   """
   xa, spec = _checks.batch_norm_spec(
-      x, state, scale, bias, state_type=BatchNormState, training=training,
-      feature_axes=feature_axes, momentum=momentum, epsilon=epsilon, mask=mask,
-      axis_name=axis_name, axis_index_groups=axis_index_groups,
+      x, state, scale, bias, state_type=BatchNormState, training=training, momentum=momentum,
       unbiased_running_var=unbiased_running_var, virtual_batch_size=virtual_batch_size,
+      feature_axes=feature_axes, epsilon=epsilon, mask=mask, axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
       real_only="batch_renorm (its clipped corrections r and d are real)")
   _checks.check_bound(r_max, "r_max", 1.0)
   _checks.check_bound(d_max, "d_max", 0.0)

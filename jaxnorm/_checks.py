@@ -317,10 +317,11 @@ def check_rank2(x: jax.Array, name: str) -> None:
 
 
 def group_norm_spec(x: ArrayLike, scale: Any, bias: Any, *, num_groups: Any, group_size: Any,
-                    epsilon: Any, reduction_axes: Axes | None, channel_axis: Any, mask: Any,
-                    axis_name: Any, axis_index_groups: Any) -> tuple[jax.Array, Spec]:
+                    reduction_axes: Axes | None, channel_axis: Any,
+                    **shared: Any) -> tuple[jax.Array, Spec]:
   """`group_norm`'s checks; the `Spec`'s feature axis is the channel axis and its `groups` the
-  number of groups."""
+  number of groups. `shared`: `normalizer_spec`'s `epsilon`, `mask`, `axis_name` and
+  `axis_index_groups`."""
   x = jnp.asarray(x)
   check_rank2(x, "group_norm")
   if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
@@ -332,8 +333,7 @@ def group_norm_spec(x: ArrayLike, scale: Any, bias: Any, *, num_groups: Any, gro
   if reduction_axes is None:
     reduction_axes = tuple(range(1, x.ndim))
   x, spec = normalizer_spec(x, scale, bias, reduction_axes=reduction_axes, feature_axes=ch,
-                            epsilon=epsilon, mask=mask, axis_name=axis_name,
-                            axis_index_groups=axis_index_groups)
+                            **shared)
   if ch not in spec.reduction_axes:
     what = "the last (channel) axis" if ch == x.ndim - 1 else "the channel axis"
     raise ValueError(f"reduction_axes={reduction_axes!r} must include {what}, {ch}.")
@@ -343,14 +343,13 @@ def group_norm_spec(x: ArrayLike, scale: Any, bias: Any, *, num_groups: Any, gro
 
 
 def instance_norm_spec(x: ArrayLike, scale: Any, bias: Any, *, feature_axes: Axes,
-                       epsilon: Any, mask: Any, axis_name: Any,
-                       axis_index_groups: Any) -> tuple[jax.Array, Spec]:
-  """`instance_norm`'s checks; the `Spec` reduces every axis but the batch and feature axes."""
+                       **shared: Any) -> tuple[jax.Array, Spec]:
+  """`instance_norm`'s checks; the `Spec` reduces every axis but the batch and feature axes.
+  `shared`: `normalizer_spec`'s `epsilon`, `mask`, `axis_name` and `axis_index_groups`."""
   x = jnp.asarray(x)
   check_rank2(x, "instance_norm")
   x, spec = normalizer_spec(x, scale, bias, reduction_axes=None, feature_axes=feature_axes,
-                            epsilon=epsilon, mask=mask, axis_name=axis_name,
-                            axis_index_groups=axis_index_groups)
+                            **shared)
   if 0 in spec.feature_axes:
     raise ValueError(
         f"feature_axes={feature_axes!r} includes the batch axis 0; instance normalization "
@@ -385,25 +384,51 @@ class BatchNormSpec(NamedTuple):
 
 
 def batch_norm_spec(x: ArrayLike, state: Any, scale: Any, bias: Any, *, state_type: type[Any],
-                    training: Any, feature_axes: Axes, momentum: Any, epsilon: Any, mask: Any,
-                    axis_name: Any, axis_index_groups: Any, unbiased_running_var: Any,
-                    virtual_batch_size: Any, real_only: str | None = None,
-                    ) -> tuple[jax.Array, BatchNormSpec]:
-  """The checks of `batch_norm` and `batch_renorm` (`state_type`: `BatchNormState`)."""
+                    training: Any, momentum: Any, unbiased_running_var: Any,
+                    virtual_batch_size: Any, **shared: Any) -> tuple[jax.Array, BatchNormSpec]:
+  """The checks of `batch_norm` and `batch_renorm` (`state_type`: `BatchNormState`); `shared`
+  holds `normalizer_spec`'s options (`feature_axes`, `epsilon`, `mask`, `axis_name`,
+  `axis_index_groups`, `real_only`), the statistics' axes being every other axis."""
   if not isinstance(training, bool):
     raise TypeError(
         f"training must be a Python bool (it selects the code path at trace time); got "
         f"{training!r}. Make it a static argument of your jitted function."
     )
-  x, spec = normalizer_spec(x, scale, bias, reduction_axes=None, feature_axes=feature_axes,
-                            epsilon=epsilon, mask=mask, axis_name=axis_name,
-                            axis_index_groups=axis_index_groups, real_only=real_only)
+  x, spec = normalizer_spec(x, scale, bias, reduction_axes=None, **shared)
   check_momentum(momentum)
   check_bool(unbiased_running_var, "unbiased_running_var")
   check_state(state, state_type, feature_shape(x.shape, spec.feature_axes),
               jnp.iscomplexobj(x), input_shape=x.shape, feature_axes=spec.feature_axes)
+  if training and momentum is None:
+    check_cumulative_count(shared.get("mask"), state.count, x.shape, spec.feature_axes,
+                           "momentum=None (the cumulative average)")
   ghost = check_virtual_batch_size(virtual_batch_size, x.shape, spec.feature_axes, training)
   return x, BatchNormSpec(spec, momentum, unbiased_running_var, ghost)
+
+
+def check_cumulative_count(mask: Any, count: Any, shape: tuple[int, ...],
+                           feature_axes: tuple[int, ...], average: str) -> None:
+  """An `average` that weighs a batch by the update count (`momentum=None`: `1 / (count + 1)`;
+  equinox's zero debiasing: `1 - m**count`). A mask that can differ between features can hide
+  one feature from a whole batch while the others advance one scalar count, and that
+  feature's first batch would then enter with the wrong weight, the initial mean and variance
+  keeping the rest: refused unless the count is per feature."""
+  if mask is None or jnp.ndim(count) != 0:
+    return
+  mshape = (1,) * (len(shape) - jnp.ndim(mask)) + tuple(jnp.shape(mask))
+  varying = [a for a in feature_axes if mshape[a] > 1 and shape[a] > 1]
+  if varying:
+    fshape = feature_shape(shape, feature_axes)
+    per_example = tuple(1 if a in feature_axes else d for a, d in enumerate(mshape))
+    raise ValueError(
+        f"{average} with a mask of shape {tuple(jnp.shape(mask))} "
+        f"that may differ between features (along axis {varying[0]}) needs one update count per "
+        f"feature: with the state's single count, a feature the mask hides from a whole batch "
+        f"would later enter the average with its initial mean 0 and variance 1 still weighing "
+        f"in. Create the state with batch_norm_init({fshape}, per_feature_count=True) (layers: "
+        f"per_feature_count=True), or pass a mask that is the same for every feature (shape "
+        f"{per_example})."
+    )
 
 
 def check_state(state: Any, state_type: type[Any], feature_shape: tuple[int, ...],

@@ -131,7 +131,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
     mode: `"batch"`, `"ema"` or `"legacy"`.
     per_feature_count: with `mode="batch"`, count the updates per channel (the state's counter
       gets shape `(input_size,)`), so that a `mask` that hides whole channels in some steps
-      leaves each channel's debiased average exact; equinox's scalar counter otherwise.
+      leaves each channel's debiased average exact; equinox's scalar counter otherwise (which
+      refuses a mask that can differ between channels).
 
   Example:
     >>> import equinox as eqx, jax, jax.numpy as jnp
@@ -266,6 +267,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         # Frozen statistics (momentum 1) are never updated: the initial ones, not debiased.
         debias = jnp.where((count == 0) | (self.momentum == 1.0), jnp.ones((), dtype), debias)
         return normalize(mean / debias, var / debias), state
+      _checks.check_cumulative_count(mask, count, x.shape, (0,), 'mode="batch" (its '
+                                     "zero-debiased average weighs a batch by the update count)")
       # The average starts at 0 (the initial variance 1 is what inference uses before step 1).
       hidden = jn.BatchNormState(mean, jnp.where(count == 0, jnp.zeros_like(var), var),
                                  count.astype(jnp.int32))

@@ -80,7 +80,8 @@ class BatchNorm(nn.BatchNorm):
 
   Differences from flax: `momentum=None` keeps the exact cumulative average of every update
   and adds `batch_stats/count` (int32 scalar: the number of updates; one per feature with
-  `per_feature_count=True`); with a numeric momentum
+  `per_feature_count=True`, which a mask that differs between features needs); with a numeric
+  momentum
   the variable tree is exactly flax's, so checkpoints move both ways. A complex batch (complex
   input, `dtype` or `param_dtype`) has a complex64 `batch_stats/mean` from `init` on (flax
   makes it complex at the first update, so a jitted step compiles twice and a `lax.scan`

@@ -87,7 +87,7 @@ class BatchNorm(nnx.BatchNorm):
 
   flax's `momentum` may also be None, the exact cumulative average of every update, which adds
   an int32 `count` `BatchStat`: the number of updates, one per feature with
-  `per_feature_count=True`.
+  `per_feature_count=True` (which a mask that differs between features needs).
 
   Args (jaxnorm's, after flax's):
     unbiased_running_var: store the Bessel-corrected batch variance `var * n / (n - 1)`, as

@@ -222,6 +222,8 @@ def _core_cases() -> list[Case]:
         "virtual_batch_size", "0"),
       c("batch_norm/training-int", lambda x: jn.batch_norm(x, STATE, training=1), "training",
         "1"),
+      c("batch_norm/cumulative-average-feature-mask", lambda x: jn.batch_norm(
+          x, STATE, training=True, momentum=None, mask=np.ones((4, 6), bool)), "mask", "(4, 6)"),
       # batch_renorm
       c("batch_renorm/r-max", lambda x: jn.batch_renorm(x, STATE, training=True, r_max=0.5,
                                                         d_max=1.0),
@@ -351,6 +353,8 @@ def _wrapper_cases() -> list[Case]:
         "virtual_batch_size", "3"),
       c("linen.BatchNorm/mask-shape", _linen("BatchNorm", True, mask=np.ones((3, 1), bool)),
         "mask", "(3, 1)"),
+      c("linen.BatchNorm/cumulative-average-feature-mask",
+        _linen("BatchNorm", True, mask=np.ones((4, 6), bool), momentum=None), "mask", "(4, 6)"),
       c("linen.BatchNorm/variables-shape", _linen_other_variables, "scale", "(5,)",
         accept=(flax.errors.ScopeParamShapeError,)),
       c("linen.LayerNorm/reduction-axes", _linen("LayerNorm", reduction_axes=(1, 1)),
@@ -366,6 +370,8 @@ def _wrapper_cases() -> list[Case]:
       # nnx
       c("nnx.BatchNorm/num-features", _nnx("BatchNorm", 3), "num_features", "3"),
       c("nnx.BatchNorm/momentum", _nnx("BatchNorm", momentum=1.5), "momentum", "1.5"),
+      c("nnx.BatchNorm/cumulative-average-feature-mask",
+        _nnx("BatchNorm", mask=np.ones((4, 6), bool), momentum=None), "mask", "(4, 6)"),
       c("nnx.BatchNorm/epsilon", _nnx("BatchNorm", epsilon=-1.0), "epsilon", "-1.0"),
       c("nnx.BatchNorm/axis", _nnx("BatchNorm", axis=5), "axis", "5"),
       c("nnx.BatchNorm/virtual-batch-size", _nnx("BatchNorm", virtual_batch_size=3),
@@ -390,6 +396,8 @@ def _wrapper_cases() -> list[Case]:
         "momentum", "1.5"),
       c("equinox.BatchNorm/eps", _eqx("BatchNorm", 6, "batch", mode="batch", eps=-1.0), "eps",
         "-1.0"),
+      c("equinox.BatchNorm/cumulative-average-feature-mask",
+        _eqx("BatchNorm", 6, "batch", mode="batch", mask=np.ones(6, bool)), "mask", "(6,)"),
       c("equinox.BatchNorm/mode", _eqx("BatchNorm", 6, "batch", mode="bogus"), "mode", "bogus"),
       c("equinox.BatchNorm/int-input", _eqx("BatchNorm", 6, "batch", mode="batch"), "x",
         "int32", XI),

@@ -252,6 +252,22 @@ def test_per_feature_count_keeps_hidden_features_out_of_the_cumulative_average()
   assert [a.shape for a in out] == [a.shape for a in s2]
 
 
+def test_a_scalar_count_refuses_a_mask_that_can_hide_one_feature():
+  """momentum=None, the default scalar count and a mask that differs between features: the
+  update whose next batch averaged in the initial statistics (mean 15, variance 50.5 where 30
+  and 100 are right) is refused, naming the fix; a mask that is the same for every feature
+  (here a row mask) keeps the scalar count exact and is accepted."""
+  x1 = jnp.float32([[1.0, 7.0], [3.0, 7.0]])
+  m1 = jnp.asarray([[True, False], [True, False]])
+  with pytest.raises(ValueError, match=r"per_feature_count=True.*\(2, 1\)"):
+    jn.batch_norm(x1, jn.batch_norm_init(2), training=True, momentum=None, mask=m1)
+  rows = jnp.asarray([[True], [False]])
+  _, s = jn.batch_norm(x1, jn.batch_norm_init(2), training=True, momentum=None, mask=rows)
+  np.testing.assert_array_equal(s.mean, [1.0, 7.0])
+  np.testing.assert_array_equal(s.var, [0.0, 0.0])
+  assert int(s.count) == 1
+
+
 def test_a_scalar_count_state_still_loads_and_updates_as_before():
   """A state of the layout without per-feature counts (old checkpoints) stays scalar."""
   state = jn.BatchNormState(jnp.zeros(2), jnp.ones(2), jnp.asarray(3, jnp.int32))
