@@ -142,3 +142,26 @@ def test_fold_norms_leaves_what_it_cannot_fold_with_the_reason():
   terms = ((np.sqrt(6) + np.abs(f64(old["offset_only"]["bias"]))) @ w
            + np.abs(f64(old["d6"]["bias"])))
   assert_within(y1, y0, 2 * (6 + 4) * U32 * terms, "d6 with the offset folded")
+
+
+class _Gemma(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(5, name="d")(jnn.RMSNorm(convention="gemma", name="norm")(x))
+
+
+def test_a_gemma_convention_norm_folds_its_scale_as_one_plus_the_stored_weight():
+  """`convention="gemma"` stores γ - 1 without `zero_centered_scale=True`: the fold must take
+  1 + scale (and reset the scale to 0), or the folded model computes another function."""
+  x = jnp.asarray(np.random.RandomState(4).randn(3, 6))
+  with jax.enable_x64(True), standard_promotion():
+    variables = _random(_Gemma(), x, seed=5)
+    variables = jax.tree.map(lambda a: jnp.asarray(f64(a)), variables)
+    folding = jnn.fold_norms_into_dense(_Gemma(), variables, x)
+    y0 = f64(_Gemma().apply(variables, x))
+    y1 = f64(_Gemma().apply(folding.variables, x))
+  assert folding.folded == {"d": "norm"}
+  np.testing.assert_array_equal(folding.variables["params"]["norm"]["scale"], np.zeros(6))
+  # Both are float64 evaluations of one function: a 6-term dot of normalized values (|n| <=
+  # sqrt(6)) against O(1) weights, off by far less than 2**-40 of its scale.
+  assert np.abs(y1 - y0).max() <= 2.0 ** -40 * np.abs(y0).max()
