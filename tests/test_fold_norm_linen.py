@@ -11,7 +11,8 @@ from flax import linen as nn
 
 from jaxnorm import linen as jnn
 from tests.flax_cases import standard_promotion
-from tests.refs import U32, assert_within, f64
+from tests.refs import U32, assert_within, f64, staged_error
+from tests.test_fold_norm_nnx import STAGES
 
 U64 = 2.0 ** -53
 
@@ -91,6 +92,9 @@ def test_pre_ln_transformer_folds_every_norm_and_keeps_its_logits():
     z1 = f64(jax.jit(folding.apply)(folding.variables, tokens))
   # float32: both are float32 evaluations of the float64 function y0; neither should be off
   # by more than a few hundred ulps of the logits' scale through 8 layers of fan-in <= 16.
+  bound = staged_error(STAGES, scale)  # its stages are those of the nnx test's model
+  assert_within(z0, y0, bound, "the original float32 logits")
+  assert_within(z1, y0, bound, "the folded float32 logits")
   print(f"\nfloat32 logits: max|folded - original| = {np.abs(z1 - z0).max():.3g}, "
         f"max|original - float64| = {np.abs(z0 - y0).max():.3g}, "
         f"max|folded - float64| = {np.abs(z1 - y0).max():.3g}, max|logits| = {scale:.3g}; "

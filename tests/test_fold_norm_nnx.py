@@ -11,9 +11,13 @@ from flax import nnx
 
 from jaxnorm import nnx as jnnx
 from tests.flax_cases import standard_promotion
-from tests.refs import U32, assert_within, f64
+from tests.refs import U32, assert_within, f64, staged_error
 
 D, HEADS, VOCAB = 8, 2, 11
+# The float32 evaluation's stages (their fan-ins), per block: the norm (8), q·k (4 per head),
+# the softmax-weighted sum (5 keys), each projection (8; the MLP's down: 16), the MLP's norm and
+# up (8); then the final norm and the logits (8). tests/test_fold_norm_linen.py's model too.
+STAGES = 2 * [8, 4, 5, 8, 8, 8, 8, 8, 16] + [8, 8]
 
 
 class _Block(nnx.Module):
@@ -67,13 +71,6 @@ def _to64(model):
   return copy
 
 
-def _sum_stages(fan_ins):
-  """Σ (n + 2) over a float32 evaluation's stages of fan-in n: a stage's rounding error is at
-  most γ_n ≈ n·u of the sum of its terms' magnitudes (Higham 3.1), plus its own rounding and
-  that of what it feeds (an activation, a residual add)."""
-  return sum(n + 2 for n in fan_ins)
-
-
 def test_pre_ln_transformer_folds_every_norm_in_place_and_keeps_its_logits():
   tokens = jnp.asarray(np.random.RandomState(1).randint(0, VOCAB, (2, 5)))
   model = _randomize(_Transformer(nnx.Rngs(0)))
@@ -105,13 +102,10 @@ def test_pre_ln_transformer_folds_every_norm_in_place_and_keeps_its_logits():
   scale = np.abs(y0).max()
   assert np.abs(y1 - y0).max() <= U32 * 2.0 ** -6 * scale
 
-  # float32: both are float32 evaluations of the float64 function y0. Stages, per block: the
-  # norm (fan-in 8), q·k (4 per head) and the softmax-weighted sum (5 keys), each projection
-  # (8; the MLP's down: 16), the MLP's norm and up (8); then the final norm and the logits (8).
-  # The parameters are O(1) and the activations normalized before every Linear, so the sums of
-  # magnitudes stay within a small factor of the logits' scale: bound = 4·Σ(n + 2)·u·max|y|.
-  stages = 2 * [8, 4, 5, 8, 8, 8, 8, 8, 16] + [8, 8]
-  bound = 4 * _sum_stages(stages) * U32 * scale
+  # float32: both are float32 evaluations of the float64 function y0, of the stages STAGES.
+  # The parameters are O(1) and the activations normalized before every Linear (see
+  # `staged_error` for the bound and what it assumes).
+  bound = staged_error(STAGES, scale)
   assert_within(z0, y0, bound, "the original float32 logits")
   assert_within(z1, y0, bound, "the folded float32 logits")
   print(f"\nfloat32 logits: max|folded - original| = {np.abs(z1 - z0).max():.3g}, "
