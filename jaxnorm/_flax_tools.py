@@ -5,6 +5,9 @@ call under flax's method interceptor, and folds them (`jaxnorm.linen.fold_model`
 `fold_variables` folds named pairs of a linen variables tree (`jaxnorm.linen.fold_batch_norms`);
 `fold_norms` traces the same way to find each LayerNorm/RMSNorm whose output only Dense layers
 read, and folds its scale and offset into them (`jaxnorm.linen.fold_norms_into_dense`);
+`fold_nnx` and `fold_norms_nnx` apply the same rules to an nnx model, traced on a throw-away
+copy whose layers record what they receive, and fold in place (`jaxnorm.nnx.fold_model`,
+`jaxnorm.nnx.fold_norms_into_dense`);
 `recompute_linen` and `recompute_nnx` run a model while capturing the input of each jaxnorm
 `BatchNorm` and hand the driver of `_recompute` what it needs
 (`jaxnorm.linen.recompute_batch_stats`, `jaxnorm.nnx.recompute_batch_stats`). The layer classes
@@ -180,12 +183,20 @@ class _Recorder:
     return self._bn(x, use_running_average, **{**kwargs, "update_stats": False})
 
 
+def _parent(root: Any, path: tuple[Any, ...]) -> Any:
+  """The module, list or dict that holds the last element of `path` in the nnx model `root`
+  (a name is an attribute, an index an item: of a list, a dict or an `nnx.List`)."""
+  parent = root
+  for name in path[:-1]:
+    parent = (getattr(parent, name) if isinstance(parent, nnx.Module) and isinstance(name, str)
+              else parent[name])
+  return parent
+
+
 def _set(root: Any, path: tuple[Any, ...], value: Any) -> None:
   """Puts `value` at `path` in the (throw-away) model `root`: attributes of modules, items of
   lists and dicts."""
-  parent = root
-  for name in path[:-1]:
-    parent = getattr(parent, name) if isinstance(parent, nnx.Module) else parent[name]
+  parent = _parent(root, path)
   if isinstance(parent, nnx.Module) and isinstance(path[-1], str):
     object.__setattr__(parent, path[-1], value)
   else:
@@ -440,9 +451,36 @@ def _norm_why_not(mod: Any, x: Any) -> str | None:
   return None
 
 
+def _zero_centered(mod: Any) -> bool:
+  """Whether a norm's `scale` stores γ - 1 (`zero_centered_scale`, or Gemma's convention)."""
+  return bool(getattr(mod, "zero_centered_scale", False)
+              or getattr(mod, "convention", None) == "gemma")
+
+
+def _norm_output(trace: _NormTrace, path: str, mod: Any, x: Any, y: Any) -> Any:
+  """Records a call of the norm `mod` at `path` on `x`; returns its output `y` tagged with a
+  named identity, so that its uses can be counted in the jaxpr."""
+  trace.norm_calls.setdefault(path, []).append(_norm_why_not(mod, jnp.asarray(x)))
+  trace.zero_centered[path] = _zero_centered(mod)
+  y = checkpoint_name(y, f"{_MARK}norm{len(trace.outputs)}")
+  trace.outputs[id(y)] = (path, y)  # y is kept alive, so its id stays unique
+  return y
+
+
+def _dense_input(trace: _NormTrace, path: str, use_bias: bool, x: Any) -> Any:
+  """Records a call of the Dense layer at `path` on `x`; returns the input to call it with (a
+  norm's output passes through one named identity: one use, whatever the layer does)."""
+  trace.dense_calls[path] = trace.dense_calls.get(path, 0) + 1
+  trace.dense_bias[path] = bool(use_bias)
+  norm, y = trace.outputs.get(id(x), ("", None))
+  if y is not x:
+    return x
+  trace.readers.setdefault(norm, []).append(path)
+  return checkpoint_name(x, _MARK + "dense")
+
+
 def _norm_tracer(norm_types: Any, trace: _NormTrace) -> Callable[..., Any]:
-  """The linen interceptor of `fold_norms`' tracing run: tags each norm's output, and records
-  which Dense layers receive exactly that output (each through one named identity)."""
+  """The linen interceptor of `fold_norms`' tracing run (see `_norm_output`, `_dense_input`)."""
 
   def intercept(next_fun, args, kwargs, context):
     mod: Any = context.module
@@ -450,21 +488,9 @@ def _norm_tracer(norm_types: Any, trace: _NormTrace) -> Callable[..., Any]:
       return next_fun(*args, **kwargs)
     path = "/".join(mod.path)
     if isinstance(mod, norm_types):
-      y = next_fun(*args, **kwargs)
-      trace.norm_calls.setdefault(path, []).append(_norm_why_not(mod, jnp.asarray(args[0])))
-      trace.zero_centered[path] = bool(getattr(mod, "zero_centered_scale", False))
-      y = checkpoint_name(y, f"{_MARK}norm{len(trace.outputs)}")
-      trace.outputs[id(y)] = (path, y)
-      return y
+      return _norm_output(trace, path, mod, args[0], next_fun(*args, **kwargs))
     if isinstance(mod, nn.Dense):
-      trace.dense_calls[path] = trace.dense_calls.get(path, 0) + 1
-      trace.dense_bias[path] = bool(mod.use_bias)
-      x, rest = args[0], args[1:]
-      norm, y = trace.outputs.get(id(x), ("", None))
-      if y is x:
-        trace.readers.setdefault(norm, []).append(path)
-        x = checkpoint_name(x, _MARK + "dense")
-      return next_fun(x, *rest, **kwargs)
+      return next_fun(_dense_input(trace, path, mod.use_bias, args[0]), *args[1:], **kwargs)
     return next_fun(*args, **kwargs)
 
   return intercept
@@ -495,6 +521,26 @@ def _norm_reason(trace: _NormTrace, uses: dict[str, int], norm: str, mark: str,
   return None
 
 
+def _norm_plan(trace: _NormTrace, uses: dict[str, int],
+               has_offset: Callable[[str], bool]) -> tuple[dict[str, list[str]], dict[str, str]]:
+  """`{norm: its Dense readers}` for the norms that fold, and `{norm: reason}` for the others
+  (`has_offset(norm)`: the norm has a bias)."""
+  marks = {path: f"{_MARK}norm{i}" for i, (path, _) in enumerate(trace.outputs.values())}
+  plan: dict[str, list[str]] = {}
+  unfolded: dict[str, str] = {}
+  for norm in trace.norm_calls:
+    why = _norm_reason(trace, uses, norm, marks[norm], has_offset(norm))
+    if why is None:
+      plan[norm] = trace.readers[norm]
+    else:
+      unfolded[norm] = why
+  return plan, unfolded
+
+
+def _readers_of(plan: dict[str, list[str]]) -> dict[str, str]:
+  return {dense: norm for norm, readers in plan.items() for dense in readers}
+
+
 def fold_norms(model: Any, variables: Mapping[str, Any], args: tuple[Any, ...],
                apply_kwargs: dict[str, Any], norm_types: Any) -> Folding:
   """`jaxnorm.linen.fold_norms_into_dense`: finds the norm → Dense readers by tracing one call,
@@ -503,18 +549,11 @@ def fold_norms(model: Any, variables: Mapping[str, Any], args: tuple[Any, ...],
   out = as_dict(variables)
   trace = _NormTrace()
   uses = _traced_uses(model, out, args, apply_kwargs, _norm_tracer(norm_types, trace))
-  marks = {path: f"{_MARK}norm{i}" for i, (path, _) in enumerate(trace.outputs.values())}
-  folded: dict[str, str] = {}
-  unfolded: dict[str, str] = {}
-  for norm in trace.norm_calls:
-    params = _norm_params(out, norm)
-    why = _norm_reason(trace, uses, norm, marks[norm], "bias" in params)
-    if why is not None:
-      unfolded[norm] = why
-      continue
-    _fold_norm_readers(out, params, trace.readers[norm], trace.zero_centered[norm])
-    folded.update({dense: norm for dense in trace.readers[norm]})
-  return Folding(out, folded, unfolded, model.apply)
+  plan, unfolded = _norm_plan(trace, uses, lambda norm: "bias" in _norm_params(out, norm))
+  for norm, readers in plan.items():
+    dense = [_get(out, "params", _split(d), "Dense") for d in readers]
+    _fold_norm_readers(_norm_params(out, norm), dense, trace.zero_centered[norm])
+  return Folding(out, _readers_of(plan), unfolded, model.apply)
 
 
 def _norm_params(tree: dict[str, Any], norm: str) -> dict[str, Any]:
@@ -524,9 +563,10 @@ def _norm_params(tree: dict[str, Any], norm: str) -> dict[str, Any]:
     return {}
 
 
-def _fold_norm_readers(tree: dict[str, Any], params: dict[str, Any], readers: list[str],
+def _fold_norm_readers(params: dict[str, Any], readers: list[dict[str, Any]],
                        zero_centered: bool) -> None:
-  """Folds a norm's `params` into each Dense layer in `readers`, then resets them in place."""
+  """Folds a norm's `params` (`scale`, `bias`) into each Dense layer's params in `readers`
+  (`kernel`, `bias`), then resets them: all in place."""
   scale, offset = params.get("scale"), params.get("bias")
   if scale is None and offset is None:
     return  # use_scale=False, use_bias=False: nothing to fold
@@ -534,8 +574,7 @@ def _fold_norm_readers(tree: dict[str, Any], params: dict[str, Any], readers: li
     gamma = jnp.ones_like(jnp.asarray(offset))
   else:
     gamma = jnp.asarray(scale) + 1 if zero_centered else jnp.asarray(scale)
-  for dense in readers:
-    dparams = _get(tree, "params", _split(dense), "Dense")
+  for dparams in readers:
     kernel, bias = fold_norm_into_dense(dparams["kernel"], dparams.get("bias"), scale=gamma,
                                         offset=offset)
     dparams["kernel"] = kernel
@@ -550,7 +589,7 @@ def _fold_norm_readers(tree: dict[str, Any], params: dict[str, Any], readers: li
 class _LayerRecorder:
   """Stands in for a Dense/Conv layer in a throw-away copy of an nnx model while tracing."""
 
-  def __init__(self, layer: Any, key: str, trace: _Trace):
+  def __init__(self, layer: Any, key: str, trace: Any):
     self._layer, self._key, self._trace = layer, key, trace
 
   def __getattr__(self, name: str) -> Any:
@@ -559,6 +598,22 @@ class _LayerRecorder:
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
     y = self._layer(*args, **kwargs)
     return _layer_output(self._trace, self._key, self._layer.bias is not None, y)
+
+
+class _NormRecorder(_LayerRecorder):
+  """Stands in for a LayerNorm/RMSNorm in a throw-away copy of an nnx model while tracing."""
+
+  def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+    return _norm_output(self._trace, self._key, self._layer, x, self._layer(x, *args, **kwargs))
+
+
+class _LinearRecorder(_LayerRecorder):
+  """Stands in for a Linear layer in a throw-away copy of an nnx model while `fold_norms_nnx`
+  traces it."""
+
+  def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+    x = _dense_input(self._trace, self._key, self._layer.bias is not None, x)
+    return self._layer(x, *args, **kwargs)
 
 
 class _BatchNormRecorder(_LayerRecorder):
@@ -590,34 +645,75 @@ def _nnx_modules(model: Any, types: Any) -> dict[str, tuple[tuple[Any, ...], Any
           if isinstance(m, types)}
 
 
-def fold_nnx(model: Any, args: tuple[Any, ...], call_kwargs: dict[str, Any],
-             bn_type: Any) -> tuple[dict[str, str], dict[str, str]]:
-  """`jaxnorm.nnx.fold_model`: traces one call on a copy, folds the pairs in place."""
+def _nnx_traced_uses(model: Any, args: tuple[Any, ...], call_kwargs: dict[str, Any],
+                     types: Any, recorder: Callable[[Any, str], Any]) -> dict[str, int]:
+  """Traces one call `model(*args, **call_kwargs)` (shapes only) on a throw-away copy whose
+  modules of `types` are replaced by `recorder(module, path)`, and counts the uses of each
+  marked output in the jaxpr (`_mark_uses`)."""
   graphdef, state = nnx.split(model)
-  trace = _Trace()
 
   def run(state: Any) -> Any:
     copy = nnx.merge(graphdef, state)
-    for key, (path, m) in _nnx_modules(copy, (nnx.Linear, nnx.Conv, bn_type)).items():
-      recorder = _BatchNormRecorder if isinstance(m, bn_type) else _LayerRecorder
-      _set(copy, path, recorder(m, key, trace))
+    for key, (path, m) in _nnx_modules(copy, types).items():
+      _set(copy, path, recorder(m, key))
     return copy(*args, **call_kwargs)
 
   uses: dict[str, int] = {}
   _mark_uses(jax.make_jaxpr(run)(state).jaxpr, uses)
+  return uses
+
+
+def fold_nnx(model: Any, args: tuple[Any, ...], call_kwargs: dict[str, Any],
+             bn_type: Any) -> tuple[dict[str, str], dict[str, str]]:
+  """`jaxnorm.nnx.fold_model`: traces one call on a copy, folds the pairs in place."""
+  trace = _Trace()
+  types = (nnx.Linear, nnx.Conv, bn_type)
+
+  def recorder(m: Any, key: str) -> Any:
+    return (_BatchNormRecorder if isinstance(m, bn_type) else _LayerRecorder)(m, key, trace)
+
+  uses = _nnx_traced_uses(model, args, call_kwargs, types, recorder)
   folded, unfolded = _pairs(trace, uses)
-  modules = _nnx_modules(model, (nnx.Linear, nnx.Conv, bn_type))
+  modules = _nnx_modules(model, types)
   for layer, bn in folded.items():
     _fold_nnx_pair(modules[layer][1], modules[bn][1], trace.bn_info[bn][0])
     _replace(model, modules[bn][0], FoldedBatchNorm(trace.bn_info[bn][1]))
   return folded, unfolded
 
 
+def _nnx_params(module: Any, names: tuple[str, ...]) -> dict[str, Any]:
+  """The values of `module`'s variables `names` that it has (a missing bias is None)."""
+  return {n: getattr(module, n)[...] for n in names if getattr(module, n, None) is not None}
+
+
+def fold_norms_nnx(model: Any, args: tuple[Any, ...], call_kwargs: dict[str, Any],
+                   norm_types: Any) -> tuple[dict[str, str], dict[str, str]]:
+  """`jaxnorm.nnx.fold_norms_into_dense`: the rules of `fold_norms` on one call traced on a
+  copy; folds in place."""
+  trace = _NormTrace()
+  types = (nnx.Linear, *norm_types)
+
+  def recorder(m: Any, key: str) -> Any:
+    return (_NormRecorder if isinstance(m, norm_types) else _LinearRecorder)(m, key, trace)
+
+  uses = _nnx_traced_uses(model, args, call_kwargs, types, recorder)
+  modules = {key: m for key, (_, m) in _nnx_modules(model, types).items()}
+  has_offset = lambda norm: getattr(modules[norm], "bias", None) is not None
+  plan, unfolded = _norm_plan(trace, uses, has_offset)
+  for norm, readers in plan.items():
+    params = _nnx_params(modules[norm], ("scale", "bias"))
+    dense = [_nnx_params(modules[d], ("kernel", "bias")) for d in readers]
+    _fold_norm_readers(params, dense, trace.zero_centered[norm])
+    for m, values in zip([modules[norm], *(modules[d] for d in readers)], [params, *dense],
+                         strict=True):
+      for name, value in values.items():
+        getattr(m, name)[...] = value
+  return _readers_of(plan), unfolded
+
+
 def _replace(root: Any, path: tuple[Any, ...], value: Any) -> None:
   """Puts the module `value` at `path` in the nnx model `root`, through nnx's own setattr."""
-  parent = root
-  for name in path[:-1]:
-    parent = getattr(parent, name) if isinstance(parent, nnx.Module) else parent[name]
+  parent = _parent(root, path)
   if isinstance(parent, nnx.Module) and isinstance(path[-1], str):
     setattr(parent, path[-1], value)
   else:

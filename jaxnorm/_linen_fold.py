@@ -144,7 +144,9 @@ def fold_norms_into_dense(model: nn.Module, variables: Mapping[str, Any], *args:
   `zero_centered_scale`) and its offset to 0, so the model runs unchanged, as written, with the
   folded variables: `Folding.apply` is `model.apply`. Every other norm is left as it was, with
   the reason in `Folding.unfolded`. To gain speed, build the inference model with
-  `use_scale=False, use_bias=False` norms and drop their `params`.
+  `use_scale=False, use_bias=False` norms and drop their `params`. The nnx counterpart is
+  `jaxnorm.nnx.fold_norms_into_dense` (docs/guides/transformers.md, "Folding the norms into the
+  next Dense").
 
   Args:
     model: the flax.linen model.

@@ -43,10 +43,10 @@ from flax.nnx.module import first_from  # noqa: E402
 
 import jaxnorm as jn  # noqa: E402
 from jaxnorm import _checks, _dtypes, _flax, _flax_tools  # noqa: E402
-from jaxnorm._nnx_fold import FoldedBatchNorm, fold_model  # noqa: E402
+from jaxnorm._nnx_fold import FoldedBatchNorm, fold_model, fold_norms_into_dense  # noqa: E402
 
 __all__ = ("BatchNorm", "FoldedBatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
-           "fold_model", "recompute_batch_stats")
+           "fold_model", "fold_norms_into_dense", "recompute_batch_stats")
 
 
 def _value(v: Any) -> jax.Array | None:

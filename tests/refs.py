@@ -393,6 +393,21 @@ def merge_error(a, a_err, b, b_err) -> tuple[np.ndarray, np.ndarray]:
   return mean_err, var_err
 
 
+def staged_error(fan_ins, magnitude, growth=4.0, dtype=np.float32) -> float:
+  """A bound on the rounding error of a float evaluation of a network, as a sequence of
+  stages (a dot product, a norm's sums, a softmax-weighted sum) of the given fan-ins.
+
+  A stage of fan-in n is off by at most (γ_{n-1} + 2u)·Σ|terms| (its sum, `sum_factor(worst=
+  True)`, then its own rounding and that of what it feeds: an activation, a residual add); to
+  first order the errors of successive stages add. The bound takes every stage's Σ|terms| to
+  be at most `growth` times the output's `magnitude`, and every later stage to pass an error
+  on unamplified: true of a transformer whose parameters are O(1) and whose activations are
+  normalized before each layer, not of a network in general.
+  """
+  u = unit_roundoff(dtype)
+  return growth * magnitude * sum(sum_factor(n, dtype, worst=True) + 2 * u for n in fan_ins)
+
+
 def assert_within(actual, desired, bound, what="") -> None:
   """|actual - desired| <= bound elementwise (NaN nowhere), with the worst offender reported."""
   a, d = np.asarray(actual, np.float64), np.asarray(desired, np.float64)

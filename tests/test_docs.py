@@ -26,7 +26,7 @@ def test_the_guides_have_examples():
   assert {"docs/guides/flax.md", "docs/guides/multi_device.md", "docs/guides/running_stats.md",
           "docs/guides/running_stats_tools.md", "docs/guides/small_batch.md",
           "docs/guides/equinox.md", "docs/guides/complex.md",
-          "docs/guides/gpu_kernels.md"} <= set(PAGES)
+          "docs/guides/gpu_kernels.md", "docs/guides/transformers.md"} <= set(PAGES)
 
 
 # Pages that run a peer library's own layers, which are written for JAX's standard dtype

@@ -11,7 +11,8 @@ from flax import linen as nn
 
 from jaxnorm import linen as jnn
 from tests.flax_cases import standard_promotion
-from tests.refs import U32, assert_within, f64
+from tests.refs import U32, assert_within, f64, staged_error
+from tests.test_fold_norm_nnx import STAGES
 
 U64 = 2.0 ** -53
 
@@ -91,6 +92,9 @@ def test_pre_ln_transformer_folds_every_norm_and_keeps_its_logits():
     z1 = f64(jax.jit(folding.apply)(folding.variables, tokens))
   # float32: both are float32 evaluations of the float64 function y0; neither should be off
   # by more than a few hundred ulps of the logits' scale through 8 layers of fan-in <= 16.
+  bound = staged_error(STAGES, scale)  # its stages are those of the nnx test's model
+  assert_within(z0, y0, bound, "the original float32 logits")
+  assert_within(z1, y0, bound, "the folded float32 logits")
   print(f"\nfloat32 logits: max|folded - original| = {np.abs(z1 - z0).max():.3g}, "
         f"max|original - float64| = {np.abs(z0 - y0).max():.3g}, "
         f"max|folded - float64| = {np.abs(z1 - y0).max():.3g}, max|logits| = {scale:.3g}; "
@@ -142,3 +146,26 @@ def test_fold_norms_leaves_what_it_cannot_fold_with_the_reason():
   terms = ((np.sqrt(6) + np.abs(f64(old["offset_only"]["bias"]))) @ w
            + np.abs(f64(old["d6"]["bias"])))
   assert_within(y1, y0, 2 * (6 + 4) * U32 * terms, "d6 with the offset folded")
+
+
+class _Gemma(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(5, name="d")(jnn.RMSNorm(convention="gemma", name="norm")(x))
+
+
+def test_a_gemma_convention_norm_folds_its_scale_as_one_plus_the_stored_weight():
+  """`convention="gemma"` stores γ - 1 without `zero_centered_scale=True`: the fold must take
+  1 + scale (and reset the scale to 0), or the folded model computes another function."""
+  x = jnp.asarray(np.random.RandomState(4).randn(3, 6))
+  with jax.enable_x64(True), standard_promotion():
+    variables = _random(_Gemma(), x, seed=5)
+    variables = jax.tree.map(lambda a: jnp.asarray(f64(a)), variables)
+    folding = jnn.fold_norms_into_dense(_Gemma(), variables, x)
+    y0 = f64(_Gemma().apply(variables, x))
+    y1 = f64(_Gemma().apply(folding.variables, x))
+  assert folding.folded == {"d": "norm"}
+  np.testing.assert_array_equal(folding.variables["params"]["norm"]["scale"], np.zeros(6))
+  # Both are float64 evaluations of one function: a 6-term dot of normalized values (|n| <=
+  # sqrt(6)) against O(1) weights, off by far less than 2**-40 of its scale.
+  assert np.abs(y1 - y0).max() <= 2.0 ** -40 * np.abs(y0).max()
