@@ -145,28 +145,6 @@ def test_from_torch_duck_types_tensors():
   assert "batch_stats" not in v
 
 
-def test_interop_errors():
-  with pytest.raises(KeyError, match=r"prefix 'bn\.'.*'bn\.weight'.*'bn\.running_var'"):
-    interop.from_torch({"conv.weight": np.ones(3)}, "bn.")
-  with pytest.raises(KeyError, match="'running_var'"):
-    interop.from_torch({"running_mean": np.ones(3)})
-  with pytest.raises(KeyError, match="num_batches_tracked"):
-    interop.from_torch({"running_mean": np.ones(3), "running_var": np.ones(3)},
-                       with_count=True)
-  with pytest.raises(ValueError, match="feature shape"):
-    interop.from_torch({"weight": np.ones(3), "bias": np.ones(4)})
-  with pytest.raises(ValueError, match="must be a vector"):
-    interop.from_torch({"running_mean": np.ones((3, 1)), "running_var": np.ones((3, 1))})
-  with pytest.raises(ValueError, match="params/kernel"):
-    interop.to_torch({"params": {"kernel": np.ones((2, 2)), "scale": np.ones(2)}})
-  with pytest.raises(KeyError, match="no normalization-layer entries"):
-    interop.to_torch({"params": {}})
-  with pytest.raises(KeyError, match="both 'mean' and 'var'"):
-    interop.to_torch({"batch_stats": {"mean": np.ones(2)}})
-  with pytest.raises(ValueError, match="feature shape"):
-    interop.to_torch({"params": {"scale": np.ones(2), "bias": np.ones(3)}})
-
-
 # --------------------------------------------------------------------------- against torch
 
 
