@@ -649,7 +649,7 @@ def test_recompute_errors():
     jnn.recompute_batch_stats(model, variables, empty, train=True)
 
 
-# --- interop: from_torch, to_torch --------------------------------------------------------------
+# --- interop: from_torch, to_torch, from_torch_model ------------------------------------------
 
 _INTEROP_ROWS = [
     (lambda: interop.from_torch({"conv.weight": np.ones(3)}, "bn."), KeyError,
@@ -669,7 +669,59 @@ _INTEROP_ROWS = [
      "both 'mean' and 'var'"),
     (lambda: interop.to_torch({"params": {"scale": np.ones(2), "bias": np.ones(3)}}),
      ValueError, "feature shape"),
+    (lambda: interop.from_torch(_resnet_state_dict()), KeyError,
+     "under prefix ''"),  # a whole model: from_torch converts one layer at a time
 ]
+
+
+def _resnet_state_dict():
+  """The state_dict of test_interop's small PyTorch ResNet in NumPy: a stem, two basic blocks
+  (one with a downsampling shortcut), GroupNorm, LayerNorm and a Linear layer."""
+  sd = {"conv1.weight": np.ones((8, 3, 3, 3), np.float32), "fc.weight": np.ones((5, 16)),
+        "fc.bias": np.zeros(5), "layer2.0.downsample.0.weight": np.ones((16, 8, 1, 1))}
+  for block, cin, cout in (("layer1.0", 8, 8), ("layer2.0", 8, 16)):
+    sd[f"{block}.conv1.weight"] = np.ones((cout, cin, 3, 3), np.float32)
+    sd[f"{block}.conv2.weight"] = np.ones((cout, cout, 3, 3), np.float32)
+  norms = {"bn1": 8, "layer1.0.bn1": 8, "layer1.0.bn2": 8, "layer2.0.bn1": 16,
+           "layer2.0.bn2": 16, "layer2.0.downsample.1": 16, "gn": 16, "head_ln": 16}
+  for module, n in norms.items():
+    sd[f"{module}.weight"], sd[f"{module}.bias"] = np.ones(n), np.zeros(n)
+    if "bn" in module or "downsample" in module:  # BatchNorm2d: running statistics
+      sd[f"{module}.running_mean"], sd[f"{module}.running_var"] = np.zeros(n), np.ones(n)
+      sd[f"{module}.num_batches_tracked"] = np.asarray(3, np.int64)
+  return sd
+
+
+RESNET_NAME_MAP = {"bn1": "bn1", "layer1.0.bn1": "layer1_0/bn1", "layer1.0.bn2": "layer1_0/bn2",
+                   "layer2.0.bn1": "layer2_0/bn1", "layer2.0.bn2": "layer2_0/bn2",
+                   "layer2.0.downsample.1": "layer2_0/down_bn", "gn": "gn", "head_ln": "head_ln"}
+
+
+def test_from_torch_model_errors():
+  sd = _resnet_state_dict()
+  partial = {k: v for k, v in RESNET_NAME_MAP.items() if k != "layer2.0.downsample.1"}
+  with pytest.raises(KeyError, match=r"does not map: \['layer2\.0\.downsample\.1'\].*skip="):
+    interop.from_torch_model(sd, partial)
+  v = interop.from_torch_model(sd, partial, skip=["layer2.0.downsample.1"])
+  assert "down_bn" not in v["batch_stats"]["layer2_0"]
+  with pytest.raises(KeyError, match=r"does not have: \['layer1\.1\.bn1'\]"):
+    interop.from_torch_model(sd, {**RESNET_NAME_MAP, "layer1.1.bn1": "x"})
+  with pytest.raises(KeyError, match=r"skip names modules.*\['nope'\]"):
+    interop.from_torch_model(sd, RESNET_NAME_MAP, skip=["nope"])
+  with pytest.raises(ValueError, match="both 'bn1' and 'gn'"):
+    interop.from_torch_model(sd, {**RESNET_NAME_MAP, "gn": "bn1"})
+  with pytest.raises(ValueError, match="non-empty"):
+    interop.from_torch_model(sd, {**RESNET_NAME_MAP, "gn": ""})
+  with pytest.raises(ValueError, match=r"'params/layer1_0/bn1/scale' has shape \(8,\).*\(16,\)"):
+    interop.from_torch_model(sd, RESNET_NAME_MAP, variables={
+        "params": {"layer1_0": {"bn1": {"scale": jnp.ones(16)}}}})
+  with pytest.raises(ValueError, match="variables hold a"):
+    interop.from_torch_model(sd, RESNET_NAME_MAP,
+                             variables={"params": {"layer1_0": jnp.ones(3)}})
+  init = {"params": {"layer1_0": {"conv1": {"kernel": jnp.zeros((3, 3, 8, 8))}}}}
+  with pytest.raises(ValueError, match=r"no 'params/layer1_0/conv1/scale'.*\['kernel'\]"):
+    interop.from_torch_model(sd, {**RESNET_NAME_MAP, "layer1.0.conv1": "layer1_0/conv1"},
+                             variables=init)  # a convolution mapped by mistake
 
 
 # --- the kernels and `implementation` -----------------------------------------------------------
