@@ -304,15 +304,6 @@ def test_messages_say_what_was_passed_what_is_expected_and_the_fix(call, error, 
   assert "Cannot determine dtype" not in msg
 
 
-def test_a_channels_first_scale_points_to_feature_axes():
-  with pytest.raises(ValueError) as info:
-    jn.batch_norm(Z_NCHW, jn.batch_norm_init(6), jnp.ones(4), training=True)
-  msg = str(info.value)
-  for word in ["scale must have the shape", "along feature_axes=(3,)", "got shape (4,)",
-               "feature_axes=1"]:
-    assert word in msg, (word, msg)
-
-
 # --- batch norm and its state: batch_norm, batch_renorm, update_running_stats, batch_norm_init,
 # momentum_from_torch ---------------------------------------------------------------------------
 
@@ -475,6 +466,15 @@ _BATCH_NORM_ROWS = [
     (lambda: jn.batch_renorm(XC, jn.batch_norm_init(3, dtype=jnp.complex64), training=True,
                              r_max=3.0, d_max=5.0), TypeError, "batch_renorm"),
 ]
+
+
+def test_a_channels_first_scale_points_to_feature_axes():
+  with pytest.raises(ValueError) as info:
+    jn.batch_norm(Z_NCHW, jn.batch_norm_init(6), jnp.ones(4), training=True)
+  msg = str(info.value)
+  for word in ["scale must have the shape", "along feature_axes=(3,)", "got shape (4,)",
+               "feature_axes=1"]:
+    assert word in msg, (word, msg)
 
 
 def test_momentum_from_torch_rejects_out_of_range():
