@@ -123,12 +123,6 @@ def test_unbiased_running_var_is_pytorch_convention():
   refs.assert_within(y, ref_y, refs.norm_bound(x, ref_y, None, 0, -1, 1e-5), "y")
 
 
-def test_momentum_from_torch_rejects_out_of_range():
-  assert jn.momentum_from_torch(None) is None
-  with pytest.raises(ValueError, match="PyTorch's momentum"):
-    jn.momentum_from_torch(-0.1)
-
-
 def test_ema_runs_in_float32_for_bfloat16_input_and_state():
   x = jnp.asarray(_x((32, 2), offset=20.0), jnp.bfloat16)
   state = jn.batch_norm_init(2)

@@ -156,19 +156,6 @@ def test_merge_moments_of_complex_sets_is_exact():
   np.testing.assert_allclose(np.asarray(m.var), var[0], atol=TOL)
 
 
-def test_batch_norm_complex_errors_name_the_fix():
-  x = _data((4, 3))
-  with pytest.raises(TypeError, match=r"batch_norm_init\(\(3,\), dtype=jnp.complex64\)"):
-    jn.batch_norm(x, jn.batch_norm_init(3), training=True)
-  with pytest.raises(TypeError, match="a real batch a real one"):
-    jn.batch_norm(np.real(x), jn.batch_norm_init(3, dtype=jnp.complex64), training=True)
-  with pytest.raises(TypeError, match="batch_renorm"):
-    jn.batch_renorm(x, jn.batch_norm_init(3, dtype=jnp.complex64), training=True, r_max=3.0,
-                    d_max=5.0)
-  with pytest.raises(TypeError, match="fold_batch_norm"):
-    jn.fold_batch_norm(jnp.ones((2, 3)), None, mean=jnp.zeros(3, jnp.complex64), var=jnp.ones(3))
-
-
 def _ref_norm_jnp(axis):
   """Plain jnp complex normalization over `axis`, for JAX's own derivative."""
   def norm(x, s, b):
@@ -347,8 +334,3 @@ def test_nnx_batch_norm_keeps_the_imaginary_part_of_the_running_mean():
   np.testing.assert_allclose(np.asarray(ours(x)), ref, atol=TOL)
   assert err_theirs > 0.5
 
-
-def test_nnx_batch_norm_with_a_real_dtype_rejects_complex_input():
-  bn = jnnx.BatchNorm(3, rngs=nnx.Rngs(0))
-  with pytest.raises(TypeError, match=r"dtype=jnp\.complex64"):
-    bn(jnp.asarray(_data((4, 3))))

@@ -120,25 +120,6 @@ def test_fold_keeps_the_kernel_dtype():
   assert k.dtype == jnp.float32 and b.dtype == jnp.bfloat16
 
 
-def test_fold_errors_name_the_argument():
-  d = _data((4, 3))
-  with pytest.raises(ValueError, match=r"mean must have the shape .*\(3,\).*\(2,\)"):
-    jn.fold_batch_norm(d["kernel"], None, mean=d["mean"][:2], var=d["var"], scale=None,
-                       offset=None, epsilon=1e-5)
-  with pytest.raises(ValueError, match="offset must have the shape"):
-    jn.fold_batch_norm(d["kernel"], None, mean=d["mean"], var=d["var"], scale=None,
-                       offset=np.ones(4), epsilon=1e-5)
-  with pytest.raises(TypeError, match="kernel must have a floating dtype"):
-    jn.fold_batch_norm(np.ones((4, 3), np.int32), None, mean=d["mean"], var=d["var"],
-                       scale=None, offset=None, epsilon=1e-5)
-  with pytest.raises(ValueError, match="epsilon"):
-    jn.fold_batch_norm(d["kernel"], None, mean=d["mean"], var=d["var"], scale=None,
-                       offset=None, epsilon=-1.0)
-  with pytest.raises(ValueError, match="at least one axis"):
-    jn.fold_batch_norm(np.float32(1.0), None, mean=d["mean"][:1], var=d["var"][:1], scale=None,
-                       offset=None, epsilon=1e-5)
-
-
 class _Block(nn.Module):
   folded: bool = False
 
@@ -194,18 +175,6 @@ def test_linen_fold_batch_norms_gives_the_folded_architecture():
   # Two 3x3x4 convolutions deep: float32 rounding of sums of ~36 terms of order 1 per layer.
   scale = float(jnp.abs(y).max()) + 1.0
   np.testing.assert_allclose(np.asarray(yf), np.asarray(y), rtol=0, atol=200 * EPS32 * scale)
-
-
-def test_linen_fold_batch_norms_errors():
-  variables = _random_variables(_Net(), jnp.ones((2, 4, 4, 2)))
-  with pytest.raises(KeyError, match=r"'_Block_0/Conv_9'.*keys at that level"):
-    jnn.fold_batch_norms(variables, [("_Block_0/Conv_9", "_Block_0/BatchNorm_0")])
-  with pytest.raises(KeyError, match="BatchNorm '_Block_0/BatchNorm_7'"):
-    jnn.fold_batch_norms(variables, [("_Block_0/Conv_0", "_Block_0/BatchNorm_7")])
-  with pytest.raises(KeyError, match="no 'kernel'"):
-    jnn.fold_batch_norms(variables, {"_Block_0/BatchNorm_0": "_Block_0/BatchNorm_0"})
-  with pytest.raises(ValueError, match="pairs is empty"):
-    jnn.fold_batch_norms(variables, {})
 
 
 class _ResBlock(nn.Module):

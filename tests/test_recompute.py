@@ -182,21 +182,3 @@ def test_nnx_recompute_finds_batch_norms_in_lists():
   assert np.all(np.abs(f64(model.layers[1].mean[...]) - h.mean(0)) <= bound)
   assert np.all(np.abs(f64(model.layers[1].var[...]) - h.var(0)) <= bound)
 
-
-def test_recompute_errors():
-  variables = _variables()
-  with pytest.raises(ValueError, match="batches is empty"):
-    jnn.recompute_batch_stats(Net(), variables, [], train=False)
-  with pytest.raises(ValueError, match="batches is empty"):
-    jnnx.recompute_batch_stats(NNXNet(nnx.Rngs(0)), iter([]))
-  dense = nn.Dense(3)
-  dv = jax.eval_shape(dense.init, jax.random.key(0), jnp.ones((2, 4)))
-  dv = jax.tree.map(lambda a: np.ones(a.shape, a.dtype), dict(dv))
-  with pytest.raises(ValueError, match="Dense calls no jaxnorm BatchNorm"):
-    jnn.recompute_batch_stats(dense, dv, [np.ones((2, 4), np.float32)])
-  with pytest.raises(ValueError, match="Linear calls no jaxnorm BatchNorm"):
-    jnnx.recompute_batch_stats(nnx.Linear(4, 3, rngs=nnx.Rngs(0)),
-                               [np.ones((2, 4), np.float32)])
-  empty = [{**b, "mask": np.zeros_like(b["mask"])} for b in _batches()[:1]]
-  with pytest.raises(ValueError, match="saw no valid element"):
-    jnn.recompute_batch_stats(Net(), variables, empty, train=True)

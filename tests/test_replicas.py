@@ -229,23 +229,6 @@ def test_unsynchronized_replicas_diverge_and_sync_running_stats_reunites_them():
   refs.assert_within(out.var, var, var_err, "var")
 
 
-def test_bad_arguments_raise_clear_errors():
-  state = jn.batch_norm_init(3)
-  with pytest.raises(ValueError, match="axis_name must name"):
-    jn.sync_running_stats(state, axis_name=None)
-  with pytest.raises(TypeError, match="found a leaf of type"):
-    jax.vmap(lambda s: jn.sync_running_stats({"bn": s, "w": s.mean}, axis_name="r"),
-             axis_name="r")(_stacked_states([1] * R))
-  with pytest.raises(ValueError, match="weights must be a scalar"):
-    jn.sync_running_stats(state, axis_name="r", weights=np.ones(3))
-  with pytest.raises(ValueError, match="non-negative"):
-    jn.sync_running_stats(state, axis_name="r", weights=-1.0)
-  with pytest.raises(NotImplementedError, match="split the mesh axis"):
-    jax.vmap(lambda s: jn.sync_running_stats(s, axis_name="r", axis_index_groups=[[0, 1, 2, 3],
-                                                                        [4, 5, 6, 7]]),
-             axis_name="r")(_stacked_states([1] * R))
-
-
 def test_a_replica_that_saw_data_keeps_the_merged_count_positive():
   """Counts [0, 1]: the merge keeps the one replica's statistics, so its count must stay
   positive, or the next momentum=None update would replace them with the new batch."""

@@ -66,15 +66,6 @@ def test_batch_norm_options_equal_the_core_in_linen_and_nnx(renorm, vbs):
   _eq(m(x1), jn.batch_norm(x1, state, jnp.ones(C), jnp.zeros(C), training=False)[0])
 
 
-def test_renorm_needs_its_bounds_in_training():
-  for call in (lambda: jnnx.BatchNorm(C, renorm=True, rngs=nnx.Rngs(0))(_x()),
-               lambda: jnn.BatchNorm(use_running_average=False, renorm=True).apply(
-                   jnn.BatchNorm(renorm=True, use_running_average=False).init(
-                       jax.random.key(0), _x()), _x(), mutable=["batch_stats"])):
-    with pytest.raises(ValueError, match=r"renorm=True needs r_max and d_max"):
-      call()
-
-
 def test_a_non_finite_batch_leaves_batch_stats_unchanged_in_the_wrappers():
   x = np.array(_x())
   x[0, 0, 1] = np.nan
