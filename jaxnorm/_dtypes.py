@@ -71,6 +71,16 @@ def stats_dtypes(*dtypes: Any, complex_mean: bool) -> tuple[Any, Any]:
   return dtype, dtype
 
 
+def residual_sum_dtype(x_dtype: Any, residual_dtype: Any) -> Any:
+  """The dtype of `x + residual` in the fused residual add (`add_rms_norm`, `add_layer_norm`):
+  the two promoted under standard promotion, so that a residual stream kept in float32 for
+  bfloat16 or float16 `x` (flash-attention's `residual_in_fp32`) stays float32, and equal
+  dtypes add in their own dtype, as `x + residual` does. The normalized output keeps `x`'s
+  dtype: it feeds the next layer, which runs in the activations' dtype."""
+  with jax.numpy_dtype_promotion("standard"):
+    return jnp.dtype(jnp.promote_types(x_dtype, residual_dtype))
+
+
 def default_float() -> Any:
   """JAX's default floating dtype: float64 with `jax_enable_x64`, else float32."""
   return jax.dtypes.canonicalize_dtype(jnp.float64)

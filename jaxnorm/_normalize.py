@@ -196,6 +196,12 @@ def layer_norm(
                                     axis_name=axis_name, axis_index_groups=axis_index_groups)
   _checks.check_implementation(implementation)
   _checks.check_bool(zero_centered_scale, "zero_centered_scale")
+  return layer(x, scale, bias, spec, zero_centered_scale, implementation)
+
+
+def layer(x: jax.Array, scale: Any, bias: Any, spec: Spec, zero_centered_scale: bool,
+          implementation: str | None) -> jax.Array:
+  """`layer_norm` of validated arguments (also `add_layer_norm`'s)."""
   scale = _zero_centered(scale, zero_centered_scale)
   return _norm("layer_norm", x, scale, bias, spec, implementation)
 
@@ -279,12 +285,22 @@ def rms_norm(
   _checks.check_implementation(implementation)
   _checks.check_bool(zero_centered_scale, "zero_centered_scale")
   _checks.check_convention(convention, zero_centered_scale, bias)
+  return rms(x, scale, bias, spec, zero_centered_scale, implementation, convention)
+
+
+def rms(x: jax.Array, scale: Any, bias: Any, spec: Spec, zero_centered_scale: bool,
+        implementation: str | None, convention: str | None, dtype: Any = None) -> jax.Array:
+  """`rms_norm` of validated arguments (also `add_rms_norm`'s); `dtype`: the activations'
+  dtype when it is narrower than x's (`add_rms_norm` of a float32 residual stream), to which
+  `"llama"` rounds the normalized value and every other convention the result."""
   spec = spec._replace(centered=False)
   if convention == "llama":
     y = _norm("rms_norm", x, None, None, spec, implementation)
+    y = y if dtype is None else y.astype(dtype)
     return y if scale is None else _llama_scale(y, scale, spec)
   scale = _zero_centered(scale, zero_centered_scale or convention == "gemma")
-  return _norm("rms_norm", x, scale, bias, spec, implementation)
+  y = _norm("rms_norm", x, scale, bias, spec, implementation)
+  return y if dtype is None else y.astype(dtype)
 
 
 def group_norm(
