@@ -44,8 +44,9 @@ from flax.typing import Axes, Initializer  # noqa: E402
 import jaxnorm as jn  # noqa: E402
 from jaxnorm import _checks, _dtypes, _flax, _flax_tools  # noqa: E402
 
-__all__ = ("BatchNorm", "Folding", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
-           "fold_batch_norms", "fold_model", "fold_norms_into_dense", "recompute_batch_stats")
+__all__ = ("AddLayerNorm", "AddRMSNorm", "BatchNorm", "Folding", "GroupNorm", "InstanceNorm",
+           "LayerNorm", "RMSNorm", "fold_batch_norms", "fold_model", "fold_norms_into_dense",
+           "recompute_batch_stats")
 
 Folding = _flax_tools.Folding
 
@@ -245,6 +246,41 @@ class RMSNorm(nn.RMSNorm):
     scale, _ = _params(self, shape, scale_init, use_bias=False)
     return _flax.per_example(jn.rms_norm, self, x, (scale,), feat, mask,
                              convention=self.convention)
+
+
+class AddLayerNorm(LayerNorm):
+  """`LayerNorm` of `x + residual`, returning `(y, x + residual)`: a pre-norm block's residual
+  add and the next norm (`jaxnorm.add_layer_norm`), with `LayerNorm`'s fields and parameters.
+  The sum has the promoted dtype (a float32 residual stream stays float32), `y` flax's dtype
+  for the sum (the unfused layer's).
+
+  Example, a pre-norm block whose stream `r` enters and leaves with each sublayer's output:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from jaxnorm import linen as jnn
+    >>> class Block(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, r):  # x: the previous sublayer's output
+    ...     y, r = jnn.AddLayerNorm()(x, r)
+    ...     return nn.Dense(x.shape[-1])(y), r
+    >>> x, r = jnp.ones((2, 4)), jnp.arange(8.0).reshape(2, 4)
+    >>> out, r = Block().apply(Block().init(jax.random.key(0), x, r), x, r)
+    >>> r
+    Array([[1., 2., 3., 4.],
+           [5., 6., 7., 8.]], dtype=float32)
+  """
+
+  def __call__(self, x, residual, *, mask: jax.Array | None = None):  # type: ignore[override]
+    h = _flax.residual_sum("AddLayerNorm", x, residual)
+    return super().__call__(h, mask=mask), h
+
+
+class AddRMSNorm(RMSNorm):
+  """`RMSNorm` of `x + residual`, returning `(y, x + residual)` (`jaxnorm.add_rms_norm`), with
+  `RMSNorm`'s fields and parameters; as `AddLayerNorm` otherwise."""
+
+  def __call__(self, x, residual, *, mask: jax.Array | None = None):  # type: ignore[override]
+    h = _flax.residual_sum("AddRMSNorm", x, residual)
+    return super().__call__(h, mask=mask), h
 
 
 class GroupNorm(nn.GroupNorm):

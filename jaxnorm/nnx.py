@@ -44,8 +44,8 @@ from flax.nnx.module import first_from  # noqa: E402
 import jaxnorm as jn  # noqa: E402
 from jaxnorm import _checks, _dtypes, _flax, _flax_tools  # noqa: E402
 
-__all__ = ("BatchNorm", "FoldedBatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
-           "fold_model", "recompute_batch_stats")
+__all__ = ("AddLayerNorm", "AddRMSNorm", "BatchNorm", "FoldedBatchNorm", "GroupNorm",
+           "InstanceNorm", "LayerNorm", "RMSNorm", "fold_model", "recompute_batch_stats")
 
 FoldedBatchNorm = _flax_tools.FoldedBatchNorm
 
@@ -256,6 +256,35 @@ class RMSNorm(nnx.RMSNorm):
                          "feature_axes")
     return _flax.per_example(jn.rms_norm, self, x, (_to_feature_shape(scale, x, feat),), feat,
                              mask, convention=self.convention)
+
+
+class AddLayerNorm(LayerNorm):
+  """`LayerNorm` of `x + residual`, returning `(y, x + residual)` (`jaxnorm.add_layer_norm`):
+  `LayerNorm`'s constructor and parameters; the sum in the promoted dtype, `y` as the unfused
+  layer's of the sum.
+
+  Example, a pre-norm block's residual add and its next norm:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxnorm import nnx as jnnx
+    >>> norm = jnnx.AddLayerNorm(2, epsilon=0.0, rngs=nnx.Rngs(0))
+    >>> y, r = norm(jnp.array([[1.0, 2.0]]), jnp.array([[0.0, 3.0]]))  # sublayer out, stream
+    >>> y, r
+    (Array([[-1.,  1.]], dtype=float32), Array([[1., 5.]], dtype=float32))
+  """
+
+  def __call__(self, x, residual, *, mask: jax.Array | None = None):  # type: ignore[override]
+    h = _flax.residual_sum("AddLayerNorm", x, residual)
+    return super().__call__(h, mask=mask), h
+
+
+class AddRMSNorm(RMSNorm):
+  """`RMSNorm` of `x + residual`, returning `(y, x + residual)` (`jaxnorm.add_rms_norm`); as
+  `AddLayerNorm` otherwise."""
+
+  def __call__(self, x, residual, mask: jax.Array | None = None):  # type: ignore[override]
+    h = _flax.residual_sum("AddRMSNorm", x, residual)
+    return super().__call__(h, mask=mask), h
 
 
 class GroupNorm(nnx.GroupNorm):

@@ -280,3 +280,94 @@ def test_the_residual_keyword_order_is_the_issues():
   np.testing.assert_array_equal(y1, y2)
   with pytest.raises(TypeError):
     jn.add_rms_norm(x, r, scale, bias)  # type: ignore[misc]  # bias is keyword-only
+
+
+# --- the layers: the unfused layers of the sum, bit for bit ----------------------------------
+
+LAYER_DTYPES = [("float32", "float32"), ("bfloat16", "bfloat16"), ("bfloat16", "float32")]
+
+
+def _pair(dtypes, shape=(3, 5, 16)):
+  x, r = _inputs("offset", shape=shape, seed=13)
+  return jnp.asarray(x, dtypes[0]), jnp.asarray(r, dtypes[1])
+
+
+@pytest.mark.parametrize("dtypes", LAYER_DTYPES)
+@pytest.mark.parametrize("kind", ["LayerNorm", "RMSNorm"])
+def test_linen_layers_equal_the_unfused_layer_of_the_sum(kind, dtypes):
+  from jaxnorm import linen as jnn
+  x, r = _pair(dtypes)
+  fused, plain = getattr(jnn, "Add" + kind)(), getattr(jnn, kind)()
+  h0 = x.astype(jnp.float32) + r.astype(jnp.float32) if x.dtype != r.dtype else x + r
+  variables = fused.init(jax.random.key(0), x, r)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+      jnp.shape, plain.init(jax.random.key(0), h0))
+  variables = jax.tree.map(lambda p: p + 0.25, variables)  # away from the identity
+
+  def both(x, r, variables):
+    y, h = fused.apply(variables, x, r)
+    return y, h, plain.apply(variables, x + r if x.dtype == r.dtype else h0)
+  y, h, y0 = both(x, r, variables)
+  np.testing.assert_array_equal(h, h0)
+  assert y.dtype == y0.dtype
+  np.testing.assert_array_equal(y, y0)
+  loss = lambda f: lambda x, r, v: sum(jnp.sum(a.astype(jnp.float32)) for a in f(x, r, v))
+  got = jax.grad(loss(lambda x, r, v: fused.apply(v, x, r)), (0, 1, 2))(x, r, variables)
+  def unfused(x, r, v):
+    h = (x.astype(r.dtype) if x.dtype != r.dtype else x) + r
+    return plain.apply(v, h), h
+  want = jax.grad(loss(unfused), (0, 1, 2))(x, r, variables)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("dtypes", LAYER_DTYPES)
+@pytest.mark.parametrize("kind", ["LayerNorm", "RMSNorm"])
+def test_nnx_layers_equal_the_unfused_layer_of_the_sum(kind, dtypes):
+  from flax import nnx
+
+  from jaxnorm import nnx as jnnx
+  x, r = _pair(dtypes)
+  fused = getattr(jnnx, "Add" + kind)(16, rngs=nnx.Rngs(0))
+  plain = getattr(jnnx, kind)(16, rngs=nnx.Rngs(0))
+  fused.scale[...] = plain.scale[...] = 1 + jnp.linspace(-0.5, 0.5, 16)
+  y, h = fused(x, r)
+  h0 = x.astype(r.dtype) + r if x.dtype != r.dtype else x + r
+  np.testing.assert_array_equal(h, h0)
+  y0 = plain(h0)
+  assert y.dtype == y0.dtype
+  np.testing.assert_array_equal(y, y0)
+
+
+@pytest.mark.parametrize("dtypes", LAYER_DTYPES)
+@pytest.mark.parametrize("kind", ["LayerNorm", "RMSNorm"])
+def test_equinox_layers_equal_the_unfused_layer_of_the_sum(kind, dtypes):
+  import jaxnorm.equinox as jne
+  x, r = _pair(dtypes, shape=(6, 16))
+  fused, plain = getattr(jne, "Add" + kind)(16), getattr(jne, kind)(16)
+  y, h = jax.vmap(fused)(x, r)
+  h0 = x.astype(r.dtype) + r if x.dtype != r.dtype else x + r
+  np.testing.assert_array_equal(h, h0)
+  assert y.dtype == x.dtype
+  np.testing.assert_array_equal(y, jax.vmap(plain)(h0).astype(x.dtype))
+  (y, h), state = jax.vmap(fused, in_axes=(0, 0, None), out_axes=((0, 0), None))(x, r, None)
+  assert state is None and y.shape == x.shape
+
+
+@pytest.mark.parametrize("family", ["linen", "nnx", "equinox"])
+def test_layers_refuse_a_residual_of_another_shape(family):
+  x, r = jnp.ones((4, 16)), jnp.ones((4, 8))
+  # (per example under equinox's vmap: (16,) and (8,))
+  with pytest.raises(ValueError, match=r"residual must have x's shape \((4, )?16,?\).*got "
+                                       r"shape \((4, )?8,?\)"):
+    if family == "linen":
+      from jaxnorm import linen as jnn
+      jnn.AddLayerNorm().init(jax.random.key(0), x, r)
+    elif family == "nnx":
+      from flax import nnx
+
+      from jaxnorm import nnx as jnnx
+      jnnx.AddRMSNorm(16, rngs=nnx.Rngs(0))(x, r)
+    else:
+      import jaxnorm.equinox as jne
+      jax.vmap(jne.AddLayerNorm(16))(x, r)
