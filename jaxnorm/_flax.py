@@ -20,7 +20,7 @@ import jax
 
 import jaxnorm as jn
 
-from . import _checks, _residual
+from . import _checks, _stats
 from ._dtypes import flax_output
 
 INSTALL_HINT = ('pip install -e ".[flax]" (from a clone of the repository), or '
@@ -61,7 +61,7 @@ def residual_sum(layer: str, x: Any, residual: Any) -> jax.Array:
   """`x + residual` for an `Add*` layer: checked and summed as `jaxnorm.add_layer_norm` does
   (x's shape, the dtypes promoted: a float32 residual stream stays float32)."""
   x = jax.numpy.asarray(x)
-  return _residual.sum_of(x, _checks.check_residual(residual, x, layer))
+  return _stats.residual_sum(x, _checks.check_residual(residual, x, layer))
 
 
 def zero_centered_init(scale_init: Any, zero_centered_scale: bool) -> Any:

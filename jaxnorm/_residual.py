@@ -14,14 +14,8 @@ import jax
 from jax.typing import ArrayLike
 
 from . import _checks
-from ._dtypes import residual_sum_dtype
 from ._normalize import Axes, layer, rms
-
-
-def sum_of(x: jax.Array, residual: jax.Array) -> jax.Array:
-  """`x + residual` in `_dtypes.residual_sum_dtype` (explicit casts: strict promotion too)."""
-  dtype = residual_sum_dtype(x.dtype, residual.dtype)
-  return x.astype(dtype) + residual.astype(dtype)
+from ._stats import residual_sum
 
 
 def add_rms_norm(
@@ -96,7 +90,7 @@ def add_rms_norm(
   _checks.check_bool(zero_centered_scale, "zero_centered_scale")
   _checks.check_convention(convention, zero_centered_scale, bias)
   with jax.named_scope(f"jaxnorm.{where}"):
-    h = sum_of(x, residual)
+    h = residual_sum(x, residual)
     narrow = None if h.dtype == x.dtype else x.dtype
     y = rms(h, scale, bias, spec, zero_centered_scale, implementation, convention, narrow)
   return y, h
@@ -161,6 +155,6 @@ def add_layer_norm(
   _checks.check_implementation(implementation)
   _checks.check_bool(zero_centered_scale, "zero_centered_scale")
   with jax.named_scope(f"jaxnorm.{where}"):
-    h = sum_of(x, residual)
-    y = layer(h, scale, bias, spec, zero_centered_scale, implementation)
+    h = residual_sum(x, residual)
+    y = layer(h, scale, bias, spec, zero_centered_scale, implementation, (x, residual))
   return (y if y.dtype == x.dtype else y.astype(x.dtype)), h

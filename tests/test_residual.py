@@ -4,6 +4,7 @@ its derivative with cotangents on both outputs, the dtype rule, and every transf
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 import jaxnorm as jn
+from jaxnorm import _platform, _stats
 from tests import refs
 
 F64 = jnp.float64
@@ -155,9 +157,37 @@ def _loss(fn, wy, wh):
   return loss
 
 
+# The one-read moments of GPUs and TPUs (shift sampled from x and the residual), run here.
+ONE_READ = {"cpu": None, "gpu": _platform.GPU,
+            "tpu": _platform.TPU._replace(row_moments_from=0, sample_apart_from=0)}
+
+
+@pytest.mark.parametrize("policy", sorted(ONE_READ))
 @pytest.mark.parametrize("kind", ["plain", "outlier", "offset", "cancel"])
 @pytest.mark.parametrize("name", sorted(NORMS))
-def test_grad_matches_float64_autodiff_of_the_composition(name, kind):
+def test_grad_matches_float64_autodiff_of_the_composition(name, kind, policy):
+  if policy != "cpu" and name == "add_rms_norm":
+    pytest.skip("RMS normalization has no shift")
+  forced = (_platform.forced(ONE_READ[policy]) if ONE_READ[policy] is not None
+            else contextlib.nullcontext())
+  with forced:
+    _check_grad(name, kind)
+
+
+def test_the_shift_sampled_from_the_parts_is_the_sums():
+  # The offset in one part: a shift from either part alone would lose the variance's digits.
+  r, x = _inputs("offset", seed=14)
+  xb = jnp.asarray(x, jnp.bfloat16)
+  for parts in ((x, r), (r, x), (xb, r), (xb, jnp.asarray(r, jnp.bfloat16))):
+    h = _stats.residual_sum(*parts)
+    for apart in (False, True):
+      got = _stats.shifted_moments(h, (1,), jnp.float32, sample_apart=apart, parts=parts)
+      want = _stats.shifted_moments(h, (1,), jnp.float32, sample_apart=apart)
+      for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _check_grad(name, kind):
   x, r = _inputs(kind, seed=5)
   c = x.shape[-1]
   scale, bias = _params(c)
