@@ -221,11 +221,11 @@ def measure(platforms, norms, shapes, dtypes, passes, libs, log=print) -> list[d
 def residual_floor(kind: str, dtypes: tuple[Any, Any]) -> float:
   """The residual add's floor in passes of x: forward, read x and r and write h and y (4 of
   one dtype; a float32 r and h count twice for bfloat16 x); forward+backward also reads dy and
-  dh and writes dx, and dr where its dtype differs (else dr is dx, one array)."""
+  dh and writes dx and dr (equal in value for one dtype, but two outputs, two buffers)."""
   x, r = (jnp.dtype(d).itemsize for d in dtypes)
   h = max(x, r)
   fwd = x + r + h + x
-  return (fwd if kind == "fwd" else fwd + x + h + x + (r if r != x else 0)) / x
+  return (fwd if kind == "fwd" else fwd + x + h + x + r) / x
 
 
 def measure_residual(platforms, norms, shapes, dtypes, passes, libs, log=print) -> list[dict]:

@@ -128,7 +128,7 @@ def test_the_residual_floor_counts_each_array_in_its_dtype():
 
   f32, bf16 = np.dtype("float32"), jax.numpy.dtype("bfloat16")
   assert compiled.residual_floor("fwd", (f32, f32)) == 4
-  assert compiled.residual_floor("fwd+bwd", (f32, f32)) == 7
+  assert compiled.residual_floor("fwd+bwd", (f32, f32)) == 8
   assert compiled.residual_floor("fwd", (bf16, f32)) == 6
   assert compiled.residual_floor("fwd+bwd", (bf16, f32)) == 12
 
