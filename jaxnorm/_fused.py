@@ -75,7 +75,9 @@ class Reduction(NamedTuple):
     axis shift each block of it by its own leading elements, so that a batch split across
     devices finds its shifts where its data is. Masks, `axis_name`, complex input and input
     split across devices along a reduced axis keep the two-pass variance everywhere.
-    `parts`: x is their sum (the fused residual add), for the one-read shift's sample.
+    `parts`: x is their sum (the fused residual add), for the one-read shift's sample; its
+    forward pass takes the moments of differentiation where the policy says so
+    (`residual_rows_forward`).
     """
     policy = self.policy
     if (not self.centered or mask is not None or self.axis_name is not None or x.size == 0
@@ -83,7 +85,8 @@ class Reduction(NamedTuple):
       algorithm = "two_pass"
     elif self.per_example:
       n = math.prod(x.shape[a] for a in self.axes)
-      algorithm = policy.rows_take(n, x.dtype) if differentiated else "two_pass"
+      rows = differentiated or (bool(parts) and policy.residual_rows_forward)
+      algorithm = policy.rows_take(n, x.dtype) if rows else "two_pass"
     else:
       algorithm = policy.column_moments
     if algorithm == "shifted":

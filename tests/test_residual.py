@@ -187,6 +187,28 @@ def test_the_shift_sampled_from_the_parts_is_the_sums():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["plain", "outlier", "offset", "cancel"])
+@pytest.mark.parametrize("rows_forward", [False, True])
+def test_a_tpus_forward_pass_takes_the_one_read_moments(rows_forward, kind):
+  """`Policy.residual_rows_forward`: the forward pass of `add_layer_norm` alone takes the
+  one-read moments (a TPU's) or the two-pass ones, within the bound of either."""
+  x, r = _inputs(kind, seed=15)
+  scale, bias = _params(x.shape[-1])
+  policy = ONE_READ["tpu"]._replace(residual_rows_forward=rows_forward)
+  with _platform.forced(policy):
+    f = jax.jit(lambda x, r: jn.add_layer_norm(x, r, scale, bias))
+    text = f.lower(x, r).as_text(debug_info=True)
+    y, h = f(x, r)
+  assert ("shifted_moments" in text) == rows_forward
+  h64 = refs.f64(h)
+  _, mean, var = refs.ref_moments(h64, -1)
+  merr, verr = (refs.shifted_errors(h64, (1,)) if rows_forward else
+                (refs.mean_error(h64, -1), refs.var_error(h64, -1)))
+  want = refs.ref_layer_norm(h64, scale, bias)
+  bound = refs.output_error(h64, mean, var, merr, verr, scale, want, -1, -1, 1e-6)
+  refs.assert_within(y, want, bound, f"rows_forward={rows_forward}")
+
+
 def _check_grad(name, kind):
   x, r = _inputs(kind, seed=5)
   c = x.shape[-1]
