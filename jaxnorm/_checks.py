@@ -332,6 +332,20 @@ def check_residual(residual: Any, x: jax.Array, where: str) -> jax.Array:
   return residual
 
 
+def output_dtype(dtype: Any, x: jax.Array) -> Any:
+  """The fused residual add's `dtype`: None (x's) or a real floating dtype; returns it."""
+  if dtype is None:
+    return x.dtype
+  try:
+    out = jnp.dtype(dtype)
+  except TypeError as e:
+    raise TypeError(f"dtype must be a floating dtype or None (x's); got {dtype!r}.") from e
+  if not jnp.issubdtype(out, jnp.floating):
+    raise TypeError(f"dtype must be a real floating dtype (the normalized output's) or None "
+                    f"(x's); got {dtype!r}.")
+  return out
+
+
 def check_rank2(x: jax.Array, name: str) -> None:
   """Group and instance normalization: x has a batch axis first and at least one more."""
   if x.ndim < 2:

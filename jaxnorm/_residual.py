@@ -10,12 +10,22 @@ cotangent is the new residual's plus the normalizer's).
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks
+from ._dtypes import residual_norm_dtype
 from ._normalize import Axes, layer, rms
-from ._stats import residual_sum
+from ._stats import AxisName, residual_sum
+
+
+def _sum(x: jax.Array, residual: jax.Array, out: DTypeLike) -> tuple[jax.Array, jax.Array]:
+  """`(h, the normalization's input)`: the sum, converted to `out` where that is wider."""
+  h = residual_sum(x, residual)
+  wide = residual_norm_dtype(h.dtype, out)
+  return h, (h if wide == h.dtype else h.astype(wide))
 
 
 def add_rms_norm(
@@ -28,9 +38,12 @@ def add_rms_norm(
     feature_axes: Axes = -1,
     epsilon: float = 1e-6,
     mask: ArrayLike | None = None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Any = None,
     zero_centered_scale: bool = False,
     implementation: str | None = None,
     convention: str | None = None,
+    dtype: DTypeLike | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   r"""Adds `x` to the residual stream and RMS-normalizes the sum: one step of a pre-norm block.
 
@@ -56,14 +69,19 @@ def add_rms_norm(
     epsilon: non-negative constant added to the mean square.
     mask: optional boolean array broadcastable to `x`: the elements that enter the statistics
       (every element of `h` is returned).
+    axis_name: mapped axis (or axes) to reduce over as well, as in `rms_norm`.
+    axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
     zero_centered_scale: `scale` stores γ - 1, as in `rms_norm`.
     implementation: None, `"xla"` or `"pallas"`, as in `rms_norm` (the kernel normalizes `h`).
     convention: None, `"llama"` or `"gemma"`, as in `rms_norm`; with a wider residual,
-      `"llama"` rounds the normalized value to `x`'s dtype before the scale.
+      `"llama"` rounds the normalized value to `x`'s dtype (or `dtype`) before the scale.
+    dtype: `y`'s dtype (None: `x`'s); a wider one than the sum's normalizes the sum converted
+      to it, one rounding (flax's layers return float32 for bfloat16 input so).
 
   Returns:
-    `(y, h)`: `y` of `x`'s shape and dtype (with `convention="llama"` and a `scale`, the dtype
-    of `scale * x`), `h` of `x`'s shape in `x` and `residual`'s promoted dtype.
+    `(y, h)`: `y` of `x`'s shape and dtype, or `dtype` (with `convention="llama"` and a
+    `scale`, the dtype of `scale * y`), `h` of `x`'s shape in `x` and `residual`'s promoted
+    dtype.
 
   Raises:
     TypeError: `x` or `residual` is not real floating, or `mask` is not boolean.
@@ -84,15 +102,17 @@ def add_rms_norm(
   where = "add_rms_norm"
   x, spec = _checks.normalizer_spec(x, scale, bias, reduction_axes=reduction_axes,
                                     feature_axes=feature_axes, epsilon=epsilon, mask=mask,
+                                    axis_name=axis_name, axis_index_groups=axis_index_groups,
                                     real_only=where)
   residual = _checks.check_residual(residual, x, where)
   _checks.check_implementation(implementation)
   _checks.check_bool(zero_centered_scale, "zero_centered_scale")
   _checks.check_convention(convention, zero_centered_scale, bias)
+  out = _checks.output_dtype(dtype, x)
   with jax.named_scope(f"jaxnorm.{where}"):
-    h = residual_sum(x, residual)
-    narrow = None if h.dtype == x.dtype else x.dtype
-    y = rms(h, scale, bias, spec, zero_centered_scale, implementation, convention, narrow)
+    h, hn = _sum(x, residual, out)
+    narrow = None if hn.dtype == out else out
+    y = rms(hn, scale, bias, spec, zero_centered_scale, implementation, convention, narrow)
   return y, h
 
 
@@ -106,8 +126,11 @@ def add_layer_norm(
     feature_axes: Axes = -1,
     epsilon: float = 1e-6,
     mask: ArrayLike | None = None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Any = None,
     zero_centered_scale: bool = False,
     implementation: str | None = None,
+    dtype: DTypeLike | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   r"""Adds `x` to the residual stream and layer-normalizes the sum: one step of a pre-norm
   block.
@@ -128,11 +151,15 @@ def add_layer_norm(
     feature_axes: axes `scale` and `bias` run along (default: the last).
     epsilon: non-negative constant added to the variance.
     mask: optional boolean array broadcastable to `x`: the elements that enter the statistics.
+    axis_name: mapped axis (or axes) to reduce over as well, as in `layer_norm`.
+    axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
     zero_centered_scale: `scale` stores γ - 1, as in `layer_norm`.
     implementation: None, `"xla"` or `"pallas"`, as in `layer_norm`.
+    dtype: `y`'s dtype (None: `x`'s), as in `add_rms_norm`.
 
   Returns:
-    `(y, h)`: `y` of `x`'s shape and dtype, `h` in `x` and `residual`'s promoted dtype.
+    `(y, h)`: `y` of `x`'s shape and dtype (or `dtype`), `h` in `x` and `residual`'s promoted
+    dtype.
 
   Raises:
     TypeError: `x` or `residual` is not real floating, or `mask` is not boolean.
@@ -150,11 +177,13 @@ def add_layer_norm(
   where = "add_layer_norm"
   x, spec = _checks.normalizer_spec(x, scale, bias, reduction_axes=reduction_axes,
                                     feature_axes=feature_axes, epsilon=epsilon, mask=mask,
+                                    axis_name=axis_name, axis_index_groups=axis_index_groups,
                                     real_only=where)
   residual = _checks.check_residual(residual, x, where)
   _checks.check_implementation(implementation)
   _checks.check_bool(zero_centered_scale, "zero_centered_scale")
+  out = _checks.output_dtype(dtype, x)
   with jax.named_scope(f"jaxnorm.{where}"):
-    h = residual_sum(x, residual)
-    y = layer(h, scale, bias, spec, zero_centered_scale, implementation, (x, residual))
-  return (y if y.dtype == x.dtype else y.astype(x.dtype)), h
+    h, hn = _sum(x, residual, out)
+    y = layer(hn, scale, bias, spec, zero_centered_scale, implementation, (x, residual))
+  return (y if y.dtype == out else y.astype(out)), h

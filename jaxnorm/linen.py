@@ -252,7 +252,7 @@ class AddLayerNorm(LayerNorm):
   """`LayerNorm` of `x + residual`, returning `(y, x + residual)`: a pre-norm block's residual
   add and the next norm (`jaxnorm.add_layer_norm`), with `LayerNorm`'s fields and parameters.
   The sum has the promoted dtype (a float32 residual stream stays float32), `y` flax's dtype
-  for the sum (the unfused layer's).
+  for the sum: the unfused layer's output, bit for bit.
 
   Example, a pre-norm block whose stream `r` enters and leaves with each sublayer's output:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -269,18 +269,28 @@ class AddLayerNorm(LayerNorm):
            [5., 6., 7., 8.]], dtype=float32)
   """
 
+  @nn.compact
   def __call__(self, x, residual, *, mask: jax.Array | None = None):  # type: ignore[override]
-    h = _flax.residual_sum("AddLayerNorm", x, residual)
-    return super().__call__(h, mask=mask), h
+    x = jnp.asarray(x)
+    feat, shape = _feature_shape(x, self.feature_axes, "feature_axes")
+    scale_init = _flax.zero_centered_init(self.scale_init, self.zero_centered_scale)
+    params = _params(self, shape, scale_init)
+    return _flax.add_per_example(jn.add_layer_norm, self, x, residual, params, feat, mask)
 
 
 class AddRMSNorm(RMSNorm):
   """`RMSNorm` of `x + residual`, returning `(y, x + residual)` (`jaxnorm.add_rms_norm`), with
   `RMSNorm`'s fields and parameters; as `AddLayerNorm` otherwise."""
 
+  @nn.compact
   def __call__(self, x, residual, *, mask: jax.Array | None = None):  # type: ignore[override]
-    h = _flax.residual_sum("AddRMSNorm", x, residual)
-    return super().__call__(h, mask=mask), h
+    x = jnp.asarray(x)
+    feat, shape = _feature_shape(x, self.feature_axes, "feature_axes")
+    scale_init = _flax.zero_centered_init(self.scale_init, self.zero_centered_scale
+                                          or self.convention == "gemma")
+    scale, _ = _params(self, shape, scale_init, use_bias=False)
+    return _flax.add_per_example(jn.add_rms_norm, self, x, residual, (scale,), feat, mask,
+                                 convention=self.convention)
 
 
 class GroupNorm(nn.GroupNorm):

@@ -274,8 +274,8 @@ class AddLayerNorm(LayerNorm):
   """
 
   def __call__(self, x, residual, *, mask: jax.Array | None = None):  # type: ignore[override]
-    h = _flax.residual_sum("AddLayerNorm", x, residual)
-    return super().__call__(h, mask=mask), h
+    x, feat, params = _add_params(self, x, residual, self.scale, self.bias)
+    return _flax.add_per_example(jn.add_layer_norm, self, x, residual, params, feat, mask)
 
 
 class AddRMSNorm(RMSNorm):
@@ -283,8 +283,22 @@ class AddRMSNorm(RMSNorm):
   `AddLayerNorm` otherwise."""
 
   def __call__(self, x, residual, mask: jax.Array | None = None):  # type: ignore[override]
-    h = _flax.residual_sum("AddRMSNorm", x, residual)
-    return super().__call__(h, mask=mask), h
+    x, feat, params = _add_params(self, x, residual, self.scale)
+    return _flax.add_per_example(jn.add_rms_norm, self, x, residual, params, feat, mask,
+                                 convention=self.convention)
+
+
+def _add_params(layer: Any, x: Any, residual: Any, *params: Any) -> tuple[Any, ...]:
+  """`(x, feature axes, parameters)` of an `Add*` layer: the parameters promoted with the sum
+  as the unfused layer promotes them with its input (`flax_promote`), in the feature shape."""
+  x = jnp.asarray(x)
+  r_dtype = _checks.check_residual(residual, x, type(layer).__name__).dtype
+  h = jnp.zeros((), _dtypes.residual_sum_dtype(x.dtype, r_dtype))
+  _, *ps = _dtypes.flax_promote(layer.promote_dtype, layer.dtype, h, *map(_value, params))
+  feat = _checks.canonicalize_axes(layer.feature_axes, x.ndim, "feature_axes")
+  _flax.check_features(type(layer).__name__, layer.num_features, x, feat, layer.feature_axes,
+                       "feature_axes")
+  return x, feat, tuple(_to_feature_shape(p, x, feat) for p in ps)
 
 
 class GroupNorm(nnx.GroupNorm):

@@ -136,6 +136,8 @@ def _core_cases() -> list[Case]:
         "convention", "hf"),
       c("add_rms_norm/llama-bias", lambda x: jn.add_rms_norm(
           x, X, bias=jnp.ones(6), convention="llama"), "convention", "llama"),
+      c("add_rms_norm/dtype", lambda x: jn.add_rms_norm(x, X, dtype=jnp.int32), "dtype",
+        "int32"),
       c("add_rms_norm/implementation", lambda x: jn.add_rms_norm(x, X, implementation="cuda"),
         "implementation", "cuda"),
       # group_norm

@@ -344,12 +344,17 @@ def _pair(dtypes, shape=(3, 5, 16)):
   return jnp.asarray(x, dtypes[0]), jnp.asarray(r, dtypes[1])
 
 
+FLAX_OPTIONS = [{}, {"dtype": jnp.bfloat16}, {"param_dtype": jnp.bfloat16},
+                {"zero_centered_scale": True}]
+
+
+@pytest.mark.parametrize("options", FLAX_OPTIONS)
 @pytest.mark.parametrize("dtypes", LAYER_DTYPES)
 @pytest.mark.parametrize("kind", ["LayerNorm", "RMSNorm"])
-def test_linen_layers_equal_the_unfused_layer_of_the_sum(kind, dtypes):
+def test_linen_layers_equal_the_unfused_layer_of_the_sum(kind, dtypes, options):
   from jaxnorm import linen as jnn
   x, r = _pair(dtypes)
-  fused, plain = getattr(jnn, "Add" + kind)(), getattr(jnn, kind)()
+  fused, plain = getattr(jnn, "Add" + kind)(**options), getattr(jnn, kind)(**options)
   h0 = x.astype(jnp.float32) + r.astype(jnp.float32) if x.dtype != r.dtype else x + r
   variables = fused.init(jax.random.key(0), x, r)
   assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
@@ -373,16 +378,18 @@ def test_linen_layers_equal_the_unfused_layer_of_the_sum(kind, dtypes):
     np.testing.assert_array_equal(g, w)
 
 
+@pytest.mark.parametrize("options", FLAX_OPTIONS)
 @pytest.mark.parametrize("dtypes", LAYER_DTYPES)
 @pytest.mark.parametrize("kind", ["LayerNorm", "RMSNorm"])
-def test_nnx_layers_equal_the_unfused_layer_of_the_sum(kind, dtypes):
+def test_nnx_layers_equal_the_unfused_layer_of_the_sum(kind, dtypes, options):
   from flax import nnx
 
   from jaxnorm import nnx as jnnx
   x, r = _pair(dtypes)
-  fused = getattr(jnnx, "Add" + kind)(16, rngs=nnx.Rngs(0))
-  plain = getattr(jnnx, kind)(16, rngs=nnx.Rngs(0))
-  fused.scale[...] = plain.scale[...] = 1 + jnp.linspace(-0.5, 0.5, 16)
+  fused = getattr(jnnx, "Add" + kind)(16, rngs=nnx.Rngs(0), **options)
+  plain = getattr(jnnx, kind)(16, rngs=nnx.Rngs(0), **options)
+  fused.scale[...] = plain.scale[...] = (1 + jnp.linspace(-0.5, 0.5, 16)).astype(
+      plain.scale[...].dtype)
   y, h = fused(x, r)
   h0 = x.astype(r.dtype) + r if x.dtype != r.dtype else x + r
   np.testing.assert_array_equal(h, h0)
@@ -423,3 +430,53 @@ def test_layers_refuse_a_residual_of_another_shape(family):
     else:
       import jaxnorm.equinox as jne
       jax.vmap(jne.AddLayerNorm(16))(x, r)
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_features_split_across_devices_with_axis_name(name):
+  """Tensor parallelism: the feature axis split over 8 devices (`shard_map`), the statistics
+  reduced across them by `axis_name`; the sum and output are the unsplit call's, within the
+  bound, and so are the gradients."""
+  from jax.sharding import PartitionSpec as P
+  x, r = _inputs("offset", shape=(4, 64), seed=16)
+  scale, bias = _params(64)
+  b = bias if NORMS[name][2] else None
+  mesh = jax.make_mesh((8,), ("d",))
+  spec = P(None, "d")
+  split = jax.jit(jax.shard_map(
+      lambda x, r, s, *b: _call(name, x, r, s, b[0] if b else None, axis_name="d"), mesh=mesh,
+      in_specs=(spec, spec, P("d")) + ((P("d"),) if b is not None else ()),
+      out_specs=(spec, spec)))
+  from jax.sharding import NamedSharding
+  args = tuple(jax.device_put(a, NamedSharding(mesh, spec if a.ndim == 2 else P("d")))
+               for a in (x, r, scale) + ((b,) if b is not None else ()))
+  y, h = split(*args)
+  np.testing.assert_array_equal(h, x + r)
+  h64 = refs.f64(h)
+  want = refs.ref_layer_norm(h64, scale, b) if b is not None else refs.ref_rms_norm(h64, scale)
+  refs.assert_within(y, want, refs.norm_bound(h64, want, scale, centered=b is not None),
+                     "split")
+  loss = lambda f: lambda *a: sum(jnp.sum(o * o) for o in f(*a))
+  with jax.set_mesh(mesh):
+    got = jax.jit(jax.grad(loss(split), (0, 1)))(*args)
+  want_g = jax.grad(loss(lambda x, r, s, *b: _call(name, x, r, s, b[0] if b else None)),
+                    (0, 1))(x, r, scale, *(() if b is None else (b,)))
+  # Both within the derivative's bound of the exact one (cotangent 2y of y, plus 2h on h).
+  nb = refs.norm_bound(h64, want, scale, centered=b is not None)
+  bx, _, _ = refs.derivative_bounds(h64, -1, -1, scale, 2 * want,
+                                    2 * nb + 2 * refs.U32 * np.abs(2 * want),
+                                    centered=b is not None)
+  for g, w in zip(got, want_g, strict=True):
+    refs.assert_within(g, w, 2 * (bx + refs.U32 * np.abs(refs.f64(w))), "gradient")
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_a_wider_dtype_normalizes_the_sum_with_one_rounding(name):
+  x, r = (jnp.asarray(a, jnp.bfloat16) for a in _inputs("plain", seed=17))
+  scale, bias = (jnp.asarray(p) for p in _params(x.shape[-1]))
+  b = bias if NORMS[name][2] else None
+  y, h = _call(name, x, r, scale, b, dtype=jnp.float32)
+  assert (y.dtype, h.dtype) == (jnp.float32, jnp.bfloat16)
+  np.testing.assert_array_equal(y, NORMS[name][1](h.astype(jnp.float32), scale, b))
+  y16, _ = _call(name, x, r, scale, b, dtype=jnp.bfloat16)
+  np.testing.assert_array_equal(y16, _call(name, x, r, scale, b)[0])
