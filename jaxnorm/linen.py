@@ -249,10 +249,8 @@ class RMSNorm(nn.RMSNorm):
 
 
 class AddLayerNorm(LayerNorm):
-  """`LayerNorm` of `x + residual`, returning `(y, x + residual)`: a pre-norm block's residual
-  add and the next norm (`jaxnorm.add_layer_norm`), with `LayerNorm`'s fields and parameters.
-  The sum has the promoted dtype (a float32 residual stream stays float32), `y` flax's dtype
-  for the sum: the unfused layer's output, bit for bit.
+  """`LayerNorm` of `x + residual`, returning `(y, x + residual)` (`jaxnorm.add_layer_norm`):
+  `LayerNorm`'s fields and parameters, the unfused layer of the sum bit for bit.
 
   Example, a pre-norm block whose stream `r` enters and leaves with each sublayer's output:
     >>> import jax, jax.numpy as jnp, flax.linen as nn

@@ -260,17 +260,11 @@ class RMSNorm(nnx.RMSNorm):
 
 class AddLayerNorm(LayerNorm):
   """`LayerNorm` of `x + residual`, returning `(y, x + residual)` (`jaxnorm.add_layer_norm`):
-  `LayerNorm`'s constructor and parameters; the sum in the promoted dtype, `y` as the unfused
-  layer's of the sum.
+  the unfused layer of the sum, bit for bit (a pre-norm block: `jaxnorm.linen.AddLayerNorm`).
 
-  Example, a pre-norm block's residual add and its next norm:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> from jaxnorm import nnx as jnnx
-    >>> norm = jnnx.AddLayerNorm(2, epsilon=0.0, rngs=nnx.Rngs(0))
-    >>> y, r = norm(jnp.array([[1.0, 2.0]]), jnp.array([[0.0, 3.0]]))  # sublayer out, stream
-    >>> y, r
-    (Array([[-1.,  1.]], dtype=float32), Array([[1., 5.]], dtype=float32))
+    >>> import jax.numpy as jnp, flax.nnx as nnx, jaxnorm.nnx as jnnx
+    >>> jnnx.AddLayerNorm(2, epsilon=0.0, rngs=nnx.Rngs(0))(jnp.ones((1, 2)), jnp.eye(1, 2))
+    (Array([[ 1., -1.]], dtype=float32), Array([[2., 1.]], dtype=float32))
   """
 
   def __call__(self, x, residual, *, mask: jax.Array | None = None):  # type: ignore[override]
