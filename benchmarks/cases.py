@@ -257,6 +257,42 @@ def build_equinox(norm, shape, dtype, values=TIMED):
   return fn, params
 
 
+# The fused residual add (`add_layer_norm`, `add_rms_norm`): x and the residual stream r in,
+# (y, h = x + r) out, against flax's unfused `LayerNorm()(x + r)`. The shapes: lm1b's 4096x512
+# and a large model's 16384x4096; the dtypes name x's, then r's where it differs (a float32
+# residual stream for bfloat16 x, flash-attention's `residual_in_fp32`).
+RESIDUAL_NORMS = ("add_layer_norm", "add_rms_norm")
+RESIDUAL_SHAPES = ((4096, 512), (16384, 4096))
+RESIDUAL_DTYPES = ("float32", "bfloat16", "bfloat16+float32")
+RESIDUAL_LIBS = ("jaxnorm", "flax.linen", "flax.linen dtype=x")
+
+
+def residual_dtypes(name: str) -> tuple[Any, Any]:
+  """`(x's dtype, r's dtype)` of a `RESIDUAL_DTYPES` name."""
+  x, _, r = name.partition("+")
+  return jnp.dtype(x), jnp.dtype(r or x)
+
+
+def build_residual(lib, norm, shape, dtype, values=TIMED):
+  """`(fn, params)` of a residual case, `fn(params, (x, r)) -> ((y, h), None)`: jaxnorm's
+  fused call, or flax.linen's norm of `h = x + r` (`dtype`: x's, for `"flax.linen dtype=x"`)."""
+  c = shape[-1]
+  p = values.affine(c)
+  if lib == "jaxnorm":
+    if norm == "add_layer_norm":
+      return lambda p, xr: (jn.add_layer_norm(*xr, p["scale"], p["bias"]), None), p
+    return lambda p, xr: (jn.add_rms_norm(*xr, p["scale"]), None), {"scale": p["scale"]}
+  import flax.linen as nn
+  kw = {"dtype": dtype} if lib == "flax.linen dtype=x" else {}
+  m = (nn.LayerNorm if norm == "add_layer_norm" else nn.RMSNorm)(epsilon=1e-6, **kw)
+  params = m.init(jax.random.key(0), jnp.zeros((2, c), dtype))["params"]
+
+  def fn(p, xr):
+    h = xr[0] + xr[1]
+    return (m.apply({"params": p}, h), h), None
+  return fn, params
+
+
 @dataclasses.dataclass(frozen=True)
 class Library:
   """A library's builder and the module it needs (a library not installed is skipped)."""

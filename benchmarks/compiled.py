@@ -139,14 +139,17 @@ def _spec(a: Any, sharding) -> jax.ShapeDtypeStruct:
 
 
 def compile_case(fn: Callable, params: Any, shape, dtype, kind: str, device) -> Any:
-  """The compiled program of one case on `device` (deviceless)."""
+  """The compiled program of one case on `device` (deviceless); `dtype` a tuple of dtypes:
+  x is a tuple of arrays of `shape`, one per dtype (the residual cases' `(x, r)`)."""
   sh = SingleDeviceSharding(device)
-  x = jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+  dtypes = dtype if isinstance(dtype, tuple) else None
+  x = (jax.ShapeDtypeStruct(shape, dtype, sharding=sh) if dtypes is None else
+       tuple(jax.ShapeDtypeStruct(shape, d, sharding=sh) for d in dtypes))
   p = jax.tree.map(lambda a: _spec(a, sh), params)
   if kind == "fwd":
     return jax.jit(cases.with_pass(fn, kind)).lower(p, x).compile()
   y = jax.eval_shape(fn, p, x)[0]
-  dy = jax.ShapeDtypeStruct(y.shape, y.dtype, sharding=sh)
+  dy = jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=sh), y)
   return jax.jit(cases.with_pass(fn, kind)).lower(p, x, dy).compile()
 
 
@@ -212,6 +215,51 @@ def measure(platforms, norms, shapes, dtypes, passes, libs, log=print) -> list[d
                 r["ratio_to_flax_dtype_x"] = r["bytes"] / same["bytes"]
             records += group
             log(line(group))
+  return records
+
+
+def residual_floor(kind: str, dtypes: tuple[Any, Any]) -> float:
+  """The residual add's floor in passes of x: forward, read x and r and write h and y (4 of
+  one dtype; a float32 r and h count twice for bfloat16 x); forward+backward also reads dy and
+  dh and writes dx and dr (equal in value for one dtype, but two outputs, two buffers)."""
+  x, r = (jnp.dtype(d).itemsize for d in dtypes)
+  h = max(x, r)
+  fwd = x + r + h + x
+  return (fwd if kind == "fwd" else fwd + x + h + x + r) / x
+
+
+def measure_residual(platforms, norms, shapes, dtypes, passes, libs, log=print) -> list[dict]:
+  """The fused residual add against flax.linen's unfused norm of `x + r` (`cases`'s residual
+  cases): one record per (platform, norm, shape, dtypes, pass, library), passes of x counted
+  in bytes of x; the goal is the floor forward and at most flax.linen's bytes forward and
+  backward."""
+  records = []
+  for plat in _compilable(platforms, log):
+    device = topology(plat).devices[0]
+    for shape in shapes:
+      for name in dtypes:
+        pair = cases.residual_dtypes(name)
+        xbytes = pair[0].itemsize * shape[0] * shape[1]
+        for norm in norms:
+          for kind in passes:
+            group = []
+            for lib in libs:
+              if lib == "flax.linen dtype=x" and name == "float32":
+                continue
+              built = cases.build_residual(lib, norm, shape, pair[0], cases.COUNTED)
+              a = _hlo_bytes.analyze(compile_case(*built, shape, pair, kind, device).as_text())
+              group.append({"platform": plat, "norm": norm, "shape": list(shape),
+                            "dtype": name, "pass": kind, "lib": lib, "status": "ok",
+                            "kernels": a["kernels"], "bytes": a["bytes"],
+                            "passes": a["bytes"] / xbytes, "x_bytes": xbytes})
+            ref = next(r for r in group if r["lib"] == REF)
+            floor = residual_floor(kind, pair)
+            for r in group:
+              r["ratio_to_floor"] = r["passes"] / floor
+              r["ratio_to_flax"] = r["bytes"] / ref["bytes"]
+              r["within_allowance"] = r["bytes"] <= ref["bytes"] + TOLERANCE * xbytes
+            records += group
+            log(line(group) + f" | floor {floor:.2f}p")
   return records
 
 
@@ -394,6 +442,10 @@ def main(argv=None) -> None:
   ap.add_argument("--budget", default=BUDGET, help="the recorded known excesses for --check")
   ap.add_argument("--collectives", action="store_true",
                   help="batch norm across 4 devices: print the collectives instead")
+  ap.add_argument("--residual", action="store_true",
+                  help="the fused residual add (add_layer_norm, add_rms_norm) against "
+                       "flax.linen's norm of x + r, at cases.RESIDUAL_SHAPES and "
+                       "RESIDUAL_DTYPES (--shapes, --dtypes to narrow; --cases, --libs ignored)")
   args = ap.parse_args(argv)
   platforms = [p for p in args.platforms.split(",") if p]
   bad = [p for p in platforms if p not in PLATFORMS]
@@ -412,6 +464,19 @@ def main(argv=None) -> None:
     sys.exit(check(platforms, args.budget))
   if args.collectives:
     result = {"meta": meta, "collectives": collectives(platforms)}
+  elif args.residual:
+    shapes = ([tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+              if args.shapes != ap.get_default("shapes") else cases.RESIDUAL_SHAPES)
+    dtypes = (args.dtypes.split(",") if args.dtypes != ap.get_default("dtypes")
+              else cases.RESIDUAL_DTYPES)
+    records = measure_residual(platforms, cases.RESIDUAL_NORMS, shapes, dtypes,
+                               args.passes.split(","), cases.RESIDUAL_LIBS)
+    result = {"meta": meta, "records": records}
+    text = markdown(records, cases.RESIDUAL_LIBS)
+    print(text)
+    if args.markdown:
+      with open(args.markdown, "w") as f:
+        f.write(text)
   else:
     norms = [n for n in args.cases.split(",") if n]
     if any(n not in NORMS for n in norms):

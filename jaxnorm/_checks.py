@@ -310,6 +310,42 @@ def normalizer_spec(x: ArrayLike, scale: Any, bias: Any, *, reduction_axes: Axes
   return x, Spec(red, feat, epsilon, valid, axis_name, axis_index_groups)
 
 
+def check_residual(residual: Any, x: jax.Array, where: str) -> jax.Array:
+  """The residual stream of `add_rms_norm` / `add_layer_norm` (`where`): a real floating array
+  of `x`'s shape exactly (the sum is the new residual stream, which keeps its shape); returns
+  it as an array."""
+  try:
+    residual = jnp.asarray(residual)
+  except (TypeError, ValueError) as e:  # JAX's words name neither the argument nor the fix
+    raise TypeError(_not_an_array(residual, "residual")) from e
+  if not jnp.issubdtype(residual.dtype, jnp.floating):  # x's check_floating, for the residual
+    raise TypeError(f"residual must have a real floating dtype (float16, bfloat16, float32, "
+                    f"float64) for {where}; got {residual.dtype}. Cast it first, e.g. "
+                    f"residual.astype(jnp.float32).")
+  if residual.shape != x.shape:
+    fix = (f" Broadcast it explicitly if that is meant, e.g. residual=jnp.broadcast_to("
+           f"residual, {x.shape})." if _broadcasts_to(residual.shape, x.shape) else
+           " Pass the residual stream that x (the sublayer's output) is added to.")
+    raise ValueError(
+        f"residual must have x's shape {x.shape} (the new residual x + residual keeps it); "
+        f"got shape {residual.shape}.{fix}")
+  return residual
+
+
+def output_dtype(dtype: Any, x: jax.Array) -> Any:
+  """The fused residual add's `dtype`: None (x's) or a real floating dtype; returns it."""
+  if dtype is None:
+    return x.dtype
+  try:
+    out = jnp.dtype(dtype)
+  except TypeError as e:
+    raise TypeError(f"dtype must be a floating dtype or None (x's); got {dtype!r}.") from e
+  if not jnp.issubdtype(out, jnp.floating):
+    raise TypeError(f"dtype must be a real floating dtype (the normalized output's) or None "
+                    f"(x's); got {dtype!r}.")
+  return out
+
+
 def check_rank2(x: jax.Array, name: str) -> None:
   """Group and instance normalization: x has a batch axis first and at least one more."""
   if x.ndim < 2:

@@ -71,6 +71,24 @@ def stats_dtypes(*dtypes: Any, complex_mean: bool) -> tuple[Any, Any]:
   return dtype, dtype
 
 
+def residual_sum_dtype(x_dtype: Any, residual_dtype: Any) -> Any:
+  """The dtype of `x + residual` in the fused residual add (`add_rms_norm`, `add_layer_norm`):
+  the two promoted under standard promotion, so that a residual stream kept in float32 for
+  bfloat16 or float16 `x` (flash-attention's `residual_in_fp32`) stays float32, and equal
+  dtypes add in their own dtype, as `x + residual` does. The normalized output keeps `x`'s
+  dtype: it feeds the next layer, which runs in the activations' dtype."""
+  with jax.numpy_dtype_promotion("standard"):
+    return jnp.dtype(jnp.promote_types(x_dtype, residual_dtype))
+
+
+def residual_norm_dtype(sum_dtype: Any, out_dtype: Any) -> Any:
+  """The dtype in which the fused residual add normalizes its sum for an output of `out_dtype`:
+  the wider of the two (the sum converted exactly), so that a wider output (flax's layers:
+  float32 out of bfloat16 input and float32 parameters) is rounded once."""
+  with jax.numpy_dtype_promotion("standard"):
+    return jnp.dtype(jnp.promote_types(sum_dtype, out_dtype))
+
+
 def default_float() -> Any:
   """JAX's default floating dtype: float64 with `jax_enable_x64`, else float32."""
   return jax.dtypes.canonicalize_dtype(jnp.float64)
@@ -91,20 +109,26 @@ def flax_output(x: jax.Array, params: tuple[Any, ...], dtype: Any) -> tuple[jax.
   the output is wider than the input (bfloat16 input, float32 parameters). Complex input (or
   `dtype=jnp.complex64`) reaches the core complex, as in flax; integer input float32.
   """
+  wide, out = flax_dtypes(x.dtype, params, dtype)
+  return (x if x.dtype == wide else x.astype(wide)), out
+
+
+def flax_dtypes(x_dtype: Any, params: tuple[Any, ...], dtype: Any) -> tuple[Any, Any]:
+  """`flax_output`'s dtypes for input of `x_dtype`: `(the core's input dtype, the output's)`."""
   params = tuple(p for p in params if p is not None)
   with jax.numpy_dtype_promotion("standard"):
     out = dtype
     if out is None:
-      out = jnp.result_type(x, *params)
+      out = jnp.result_type(x_dtype, *params)
       if not jnp.issubdtype(out, jnp.inexact):
         out = jnp.promote_types(jnp.float32, out)
     if not jnp.issubdtype(out, jnp.inexact):
       raise ValueError(f"Dtype must be inexact: {out}")
     out = jnp.dtype(out)
-    wide = jnp.dtype(jnp.promote_types(x.dtype, out))
+    wide = jnp.dtype(jnp.promote_types(x_dtype, out))
   if not jnp.issubdtype(wide, jnp.inexact):  # integer input: flax computes in float32 too
     wide = jnp.dtype(jnp.float32)
-  return (x if x.dtype == wide else x.astype(wide)), out
+  return wide, out
 
 
 def flax_promote(promote_dtype: Any, dtype: Any, x: Any, *arrays: Any) -> tuple[Any, ...]:

@@ -20,7 +20,8 @@ import jax
 
 import jaxnorm as jn
 
-from ._dtypes import flax_output
+from . import _checks
+from ._dtypes import flax_dtypes, flax_output, residual_sum_dtype
 
 INSTALL_HINT = ('pip install -e ".[flax]" (from a clone of the repository), or '
                 'pip install "jaxnorm[flax]" (from a package index)')
@@ -54,6 +55,22 @@ def per_example(fn: Callable[..., jax.Array], layer: Any, x: jax.Array,
                    axis_name=layer.axis_name, axis_index_groups=layer.axis_index_groups,
                    zero_centered_scale=layer.zero_centered_scale,
                    implementation=layer.implementation, **extra)
+
+
+def add_per_example(fn: Callable[..., Any], layer: Any, x: jax.Array, residual: Any,
+                    params: tuple[Any, ...], feat: tuple[int, ...], mask: Any,
+                    **extra: Any) -> tuple[jax.Array, jax.Array]:
+  """`per_example` of an `Add*` layer: `fn` (`jaxnorm.add_layer_norm` or `add_rms_norm`)
+  returns `(y, x + residual)`, `y` in flax's output dtype for the sum, as the unfused layer of
+  the sum returns it."""
+  residual = _checks.check_residual(residual, x, type(layer).__name__)
+  h_dtype = residual_sum_dtype(x.dtype, residual.dtype)
+  _, out = flax_dtypes(h_dtype, params, layer.dtype)
+  return fn(x, residual, *params, reduction_axes=layer.reduction_axes, feature_axes=feat,
+            epsilon=layer.epsilon, mask=mask, axis_name=layer.axis_name,
+            axis_index_groups=layer.axis_index_groups,
+            zero_centered_scale=layer.zero_centered_scale,
+            implementation=layer.implementation, dtype=out, **extra)
 
 
 def zero_centered_init(scale_init: Any, zero_centered_scale: bool) -> Any:

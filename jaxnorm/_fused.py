@@ -64,7 +64,7 @@ class Reduction(NamedTuple):
   policy: Policy  # the platform's choices (`_platform`): each branch has its own
 
   def moments(self, x: jax.Array, mask: jax.Array | None, *,
-              differentiated: bool = False) -> Moments:
+              differentiated: bool = False, parts: tuple[jax.Array, ...] = ()) -> Moments:
     """The moments of `_stats.two_pass`, or, where the policy says so, moments that read x once
     where the two-pass variance reads it twice (docs/guides/internals.md, "One read on GPUs").
 
@@ -75,6 +75,9 @@ class Reduction(NamedTuple):
     axis shift each block of it by its own leading elements, so that a batch split across
     devices finds its shifts where its data is. Masks, `axis_name`, complex input and input
     split across devices along a reduced axis keep the two-pass variance everywhere.
+    `parts`: x is their sum (the fused residual add), for the one-read shift's sample; its
+    forward pass takes the moments of differentiation where the policy says so
+    (`residual_rows_forward`).
     """
     policy = self.policy
     if (not self.centered or mask is not None or self.axis_name is not None or x.size == 0
@@ -82,14 +85,16 @@ class Reduction(NamedTuple):
       algorithm = "two_pass"
     elif self.per_example:
       n = math.prod(x.shape[a] for a in self.axes)
-      algorithm = policy.rows_take(n, x.dtype) if differentiated else "two_pass"
+      rows = differentiated or (bool(parts) and policy.residual_rows_forward)
+      algorithm = policy.rows_take(n, x.dtype) if rows else "two_pass"
     else:
       algorithm = policy.column_moments
     if algorithm == "shifted":
       # The batch axis (0) is the one split across devices: blocks of it keep shifts local.
       blocked = not self.per_example and 0 in self.axes
       return shifted_moments(x, self.axes, self.dtype, blocked=blocked, groups=self.groups,
-                             sample_apart=policy.sample_apart(x.size * x.dtype.itemsize))
+                             sample_apart=policy.sample_apart(x.size * x.dtype.itemsize),
+                             parts=parts)
     return two_pass(x, mask, reduction_axes=self.axes, dtype=self.dtype, policy=policy,
                     centered=self.centered, groups=self.groups, axis_name=self.axis_name,
                     axis_index_groups=self.axis_index_groups)
@@ -176,8 +181,8 @@ def _output(reduction: Reduction, x: jax.Array, m: Moments, affine: _Affine,
                feature_axes=reduction.features, epsilon=eps, groups=reduction.groups)
 
 
-def _forward(reduction: Reduction, x, scale, bias, eps, mask, ref):
-  m = reduction.moments(x, mask)
+def _forward(reduction: Reduction, x, scale, bias, eps, mask, ref, parts):
+  m = reduction.moments(x, mask, parts=parts)
   affine = _affine(reduction, m, eps, _Affine(scale, bias), ref)
   return _output(reduction, x, m, affine, eps), m
 
@@ -342,9 +347,9 @@ def _tangent_per_feature(reduction: Reduction, at: _Point, d: _Tangents,
 
 def _jvp(reduction: Reduction, primals, tangents):
   """The tangent of `_forward` (docs/guides/internals.md, "The derivative")."""
-  x, scale, bias, eps, mask, ref = primals
-  dx, dscale, dbias, deps, _, _ = tangents
-  m = reduction.moments(x, mask, differentiated=True)
+  x, scale, bias, eps, mask, ref, parts = primals  # parts only sample the shift: held constant
+  dx, dscale, dbias, deps, _, _, _ = tangents
+  m = reduction.moments(x, mask, differentiated=True, parts=parts)
   count = checkpoint_name(m.count, _COUNT)
   mean = checkpoint_name(m.mean, _MEAN)
   var = checkpoint_name(m.var, _VAR)
@@ -381,7 +386,7 @@ def _jvp(reduction: Reduction, primals, tangents):
 
 def fused_norm(x: jax.Array, scale: ArrayLike | None, bias: ArrayLike | None, spec: Spec,
                renorm: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
-               ) -> tuple[jax.Array, Moments]:
+               parts: tuple[jax.Array, ...] = ()) -> tuple[jax.Array, Moments]:
   r"""Normalizes `x` by its own moments; returns `(y, moments)` (arguments validated).
 
   :math:`y = (x - \mu)\,\mathrm{rstd}\,\gamma + \beta` with the moments of `_stats.two_pass`
@@ -394,7 +399,9 @@ def fused_norm(x: jax.Array, scale: ArrayLike | None, bias: ArrayLike | None, sp
   same forward pass.
 
   `renorm = (ref_mean, ref_var, r_max, d_max)`: batch renormalization's corrections toward
-  the reference statistics, held constant (`_renorm_affine`).
+  the reference statistics, held constant (`_renorm_affine`). `parts`: `x` is
+  `_stats.residual_sum(*parts)` (the fused residual add), whose one-read moments then sample
+  their shift from the parts, so that XLA can compute x in the statistics' kernel.
 
   Returns:
     `y` (of `x`'s shape and dtype) and the batch's `Moments` (whose mean and variance are
@@ -412,7 +419,7 @@ def fused_norm(x: jax.Array, scale: ArrayLike | None, bias: ArrayLike | None, sp
       return by_platform(_complex_branch, static, x, scale, bias, eps, spec.mask)
     eps = jnp.asarray(spec.epsilon, dtype)
     ref = None if renorm is None else tuple(jnp.asarray(a, dtype) for a in renorm)
-    return by_platform(_fused_branch, static, x, scale, bias, eps, spec.mask, ref)
+    return by_platform(_fused_branch, static, x, scale, bias, eps, spec.mask, ref, parts)
 
 
 def _fused_branch(policy: Policy, static: tuple[Any, ...]) -> Any:

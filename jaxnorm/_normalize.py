@@ -46,17 +46,18 @@ def _llama_scale(y: jax.Array, scale: Any, spec: Spec) -> jax.Array:
 
 
 def _norm(name: str, x: jax.Array, scale: Any, bias: Any, spec: Spec,
-          implementation: str | None = None) -> jax.Array:
+          implementation: str | None = None, parts: tuple[jax.Array, ...] = ()) -> jax.Array:
   """Normalizes validated arguments by their own statistics, on the path `implementation`
   picks: the fused XLA normalizer, or (`"pallas"`, layer and RMS norm) the kernels.
 
   `None` takes the XLA path (the kernels are not yet measured on a device, so nothing chooses
   them by itself). `"pallas"` outside the kernels' plain case is a ValueError; inputs with
-  more than `_pallas.MAX_FEATURES` features, or no element, take the XLA path.
+  more than `_pallas.MAX_FEATURES` features, or no element, take the XLA path. `parts`: x is
+  their sum (`add_layer_norm`; see `fused_norm`).
   """
 
-  def xla(x, scale, bias, spec=spec):
-    return fused_norm(x, scale, bias, spec)[0]
+  def xla(x, scale, bias, spec=spec, parts=parts):
+    return fused_norm(x, scale, bias, spec, parts=parts)[0]
 
   with jax.named_scope(f"jaxnorm.{name}"):
     if implementation != "pallas":
@@ -71,7 +72,7 @@ def _norm(name: str, x: jax.Array, scale: Any, bias: Any, spec: Spec,
     rows = spec._replace(reduction_axes=(1,), feature_axes=(1,), mask=None)
     return _pallas.normalize_rows(
         x, scale, bias, float(spec.epsilon), centered=spec.centered,
-        xla=lambda x2, s, b: xla(x2, s, b, spec=rows))
+        xla=lambda x2, s, b: xla(x2, s, b, spec=rows, parts=()))
 
 
 def normalize(
@@ -196,8 +197,15 @@ def layer_norm(
                                     axis_name=axis_name, axis_index_groups=axis_index_groups)
   _checks.check_implementation(implementation)
   _checks.check_bool(zero_centered_scale, "zero_centered_scale")
+  return layer(x, scale, bias, spec, zero_centered_scale, implementation)
+
+
+def layer(x: jax.Array, scale: Any, bias: Any, spec: Spec, zero_centered_scale: bool,
+          implementation: str | None, parts: tuple[jax.Array, ...] = ()) -> jax.Array:
+  """`layer_norm` of validated arguments (also `add_layer_norm`'s, whose x is the sum of
+  `parts`)."""
   scale = _zero_centered(scale, zero_centered_scale)
-  return _norm("layer_norm", x, scale, bias, spec, implementation)
+  return _norm("layer_norm", x, scale, bias, spec, implementation, parts)
 
 
 def rms_norm(
@@ -279,12 +287,22 @@ def rms_norm(
   _checks.check_implementation(implementation)
   _checks.check_bool(zero_centered_scale, "zero_centered_scale")
   _checks.check_convention(convention, zero_centered_scale, bias)
+  return rms(x, scale, bias, spec, zero_centered_scale, implementation, convention)
+
+
+def rms(x: jax.Array, scale: Any, bias: Any, spec: Spec, zero_centered_scale: bool,
+        implementation: str | None, convention: str | None, dtype: Any = None) -> jax.Array:
+  """`rms_norm` of validated arguments (also `add_rms_norm`'s); `dtype`: the activations'
+  dtype when it is narrower than x's (`add_rms_norm` of a float32 residual stream), to which
+  `"llama"` rounds the normalized value and every other convention the result."""
   spec = spec._replace(centered=False)
   if convention == "llama":
     y = _norm("rms_norm", x, None, None, spec, implementation)
+    y = y if dtype is None else y.astype(dtype)
     return y if scale is None else _llama_scale(y, scale, spec)
   scale = _zero_centered(scale, zero_centered_scale or convention == "gemma")
-  return _norm("rms_norm", x, scale, bias, spec, implementation)
+  y = _norm("rms_norm", x, scale, bias, spec, implementation)
+  return y if dtype is None else y.astype(dtype)
 
 
 def group_norm(

@@ -47,6 +47,10 @@ class Policy(NamedTuple):
   # of its own, for x of at least `sample_apart_from` bytes (None: never). Fused into its
   # consumers, XLA:TPU lays a large x out again, column-major, to read three columns of it.
   sample_apart_from: int | None
+  # The fused residual add's layer norm (`add_layer_norm`) takes the rows' moments of
+  # differentiation (`rows_take`) in its forward pass too: with the one-read moments XLA:TPU
+  # computes the sum in the statistics' kernel, where the two-pass variance reads it back.
+  residual_rows_forward: bool
   # Layer and RMS norm's tangent sums: against x̂ ("normalized") or against x - μ, multiplied
   # by the reciprocal standard deviation afterwards ("centred").
   tangent_sums: str
@@ -72,7 +76,8 @@ class Policy(NamedTuple):
 # say where they differ from it.
 OTHER = Policy("other", barriers=False, prevent_cse=False, recompute_given=False,
                column_moments="two_pass", row_moments="two_pass", row_moments_from=0,
-               row_moments_narrow=True, sample_apart_from=None, tangent_sums="centred",
+               row_moments_narrow=True, sample_apart_from=None, residual_rows_forward=False,
+               tangent_sums="centred",
                blocked_param_grads=False, kernels="triton", interpret_kernels=False)
 CPU = OTHER._replace(name="cpu", barriers=True, prevent_cse=True, recompute_given=True,
                      tangent_sums="normalized", interpret_kernels=True)
@@ -80,7 +85,7 @@ GPU = OTHER._replace(name="gpu", column_moments="shifted", row_moments="shifted"
                      blocked_param_grads=True)
 TPU = OTHER._replace(name="tpu", row_moments="shifted", row_moments_from=4096,
                      row_moments_narrow=False, sample_apart_from=48 * 2**20,
-                     kernels="mosaic")
+                     residual_rows_forward=True, kernels="mosaic")
 
 # `platform_dependent`'s platform names; branches of one policy are one branch.
 _BY_PLATFORM = {"cpu": CPU, "cuda": GPU, "rocm": GPU, "tpu": TPU, "default": OTHER}

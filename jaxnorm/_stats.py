@@ -32,7 +32,14 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks
-from ._dtypes import COUNT_DTYPE, compute_dtype, count_sum_dtype, stats_dtypes, wide_dtype
+from ._dtypes import (
+  COUNT_DTYPE,
+  compute_dtype,
+  count_sum_dtype,
+  residual_sum_dtype,
+  stats_dtypes,
+  wide_dtype,
+)
 from ._layout import group_expand, group_sum
 from ._platform import Policy, barrier, by_platform, hashable
 
@@ -205,17 +212,29 @@ def _median3(a: jax.Array, axis: int) -> jax.Array:
   return jnp.maximum(jnp.minimum(a0, a1), jnp.minimum(jnp.maximum(a0, a1), a2))
 
 
+def residual_sum(x: jax.Array, residual: jax.Array) -> jax.Array:
+  """`x + residual` in `_dtypes.residual_sum_dtype`, explicit casts (strict promotion too):
+  the fused residual add's sum (`add_layer_norm`), and the sum of its parts' samples."""
+  dtype = residual_sum_dtype(x.dtype, residual.dtype)
+  return x.astype(dtype) + residual.astype(dtype)
+
+
 def _leading_shift(xf: jax.Array, sample_axes: tuple[int, ...],
-                   sample_apart: bool = False) -> jax.Array:
+                   sample_apart: bool = False, parts: tuple[jax.Array, ...] = ()) -> jax.Array:
   """The shift of `shifted_moments` per set of `xf` over `sample_axes` (the other axes kept,
   at size 1): the median of the set's first three elements along the last of those axes that
   has three, the others at position 0 (a set of fewer elements: its first). No single element
   can spoil it: the median of three lies between the other two. `sample_apart`: the elements
-  are sliced in a kernel of their own (`Policy.sample_apart`)."""
+  are sliced in a kernel of their own (`Policy.sample_apart`). `parts`: x is
+  `residual_sum(*parts)` and the elements are summed from theirs (the same values), so that
+  no kernel has to read x before the one that computes it."""
   axis = next((a for a in sorted(sample_axes, reverse=True) if xf.shape[a] >= 3), None)
-  lead = xf
-  for a in sample_axes:
-    lead = jax.lax.slice_in_dim(lead, 0, 3 if a == axis else 1, axis=a)
+
+  def sample(a: jax.Array) -> jax.Array:
+    for ax in sample_axes:
+      a = jax.lax.slice_in_dim(a, 0, 3 if ax == axis else 1, axis=ax)
+    return a
+  lead = sample(xf) if not parts else residual_sum(*map(sample, parts)).astype(xf.dtype)
   if sample_apart:
     lead = jax.lax.optimization_barrier(lead)
   if axis is None:  # sets of fewer than three elements: a shift among them suffices
@@ -233,7 +252,8 @@ def from_shifted_sums(shift: jax.Array, s1: jax.Array, s2: jax.Array, n: int) ->
 
 
 def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any,
-                  groups: int | None = None, sample_apart: bool = False) -> Moments:
+                  groups: int | None = None, sample_apart: bool = False,
+                  parts: tuple[jax.Array, ...] = ()) -> Moments:
   xf = x.astype(dtype)
   n = math.prod(x.shape[a] for a in reduction_axes) // (groups or 1)
   # With groups, the sample is taken along the other reduction (spatial) axes, every channel,
@@ -241,7 +261,7 @@ def _shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any,
   last = x.ndim - 1
   sample_axes = reduction_axes if groups is None else tuple(a for a in reduction_axes
                                                             if a != last)
-  lead = _leading_shift(xf, sample_axes, sample_apart)
+  lead = _leading_shift(xf, sample_axes, sample_apart, parts)
   per_set = math.prod(lead.shape[a] for a in reduction_axes) // (groups or 1)
   shift = jax.lax.stop_gradient(group_sum(lead, reduction_axes, groups) / per_set)
   d = xf - group_expand(shift, reduction_axes, groups, x.shape)
@@ -262,7 +282,7 @@ def shift_blocks(n: int) -> int:
 
 def shifted_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, *,
                     blocked: bool = False, groups: int | None = None,
-                    sample_apart: bool = False) -> Moments:
+                    sample_apart: bool = False, parts: tuple[jax.Array, ...] = ()) -> Moments:
   r"""Moments of real `x` in one read: sums of `d = x - K` about a shift `K` (local: no mask,
   no `axis_name`; arguments validated). `groups`: as in `two_pass`, with spatial axes.
 
@@ -282,12 +302,15 @@ def shifted_moments(x: jax.Array, reduction_axes: tuple[int, ...], dtype: Any, *
   are merged exactly (`merge_axis`). A batch split across devices along that axis then finds
   each block's shift on the device that holds the block, where one shift for the whole batch
   would have to be sent from the first device to the others.
+
+  `parts`: x is the residual add `residual_sum(*parts)`, whose shift sample is summed from
+  theirs (`_leading_shift`; without blocks).
   """
   with jax.named_scope("jaxnorm.shifted_moments"):
     a0 = min(reduction_axes)
     blocks = shift_blocks(x.shape[a0]) if blocked and groups is None else 1
     if blocks == 1:
-      return _shifted_sums(x, reduction_axes, dtype, groups, sample_apart)
+      return _shifted_sums(x, reduction_axes, dtype, groups, sample_apart, parts)
     xb = x.reshape(x.shape[:a0] + (blocks, x.shape[a0] // blocks) + x.shape[a0 + 1:])
     per_block = _shifted_sums(xb, tuple(a + 1 for a in reduction_axes), dtype,
                               sample_apart=sample_apart)

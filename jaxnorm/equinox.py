@@ -53,7 +53,7 @@ import jaxnorm as jn
 from . import _checks
 from ._dtypes import default_float
 
-__all__ = ("BatchNorm", "GroupNorm", "LayerNorm", "RMSNorm")
+__all__ = ("AddLayerNorm", "AddRMSNorm", "BatchNorm", "GroupNorm", "LayerNorm", "RMSNorm")
 
 _NO_STATE: Any = object()
 
@@ -313,6 +313,38 @@ class LayerNorm(eqx.nn.LayerNorm):
     return _whole_shape(jn.layer_norm, "LayerNorm", self, x, state, mask)
 
 
+def _add_whole_shape(fn: Any, name: str, layer: Any, x: ArrayLike, residual: ArrayLike,
+                     state: Any, mask: ArrayLike | None, **extra: Any) -> Any:
+  """`_whole_shape` of the fused residual add `fn` (`jaxnorm.add_layer_norm` or
+  `add_rms_norm`): `(y, x + residual)`, or `((y, x + residual), state)` given a state."""
+  x = jnp.asarray(x)
+  _check_shape(name, layer.shape, x)
+  axes = tuple(range(x.ndim))
+  out = fn(x, residual, layer.weight, bias=layer.bias, reduction_axes=axes, feature_axes=axes,
+           epsilon=layer.eps, mask=mask, **extra)
+  return _maybe_state(out, state)
+
+
+class AddLayerNorm(LayerNorm):
+  r"""`LayerNorm` of `x + residual`, returning `(y, x + residual)` (`jaxnorm.add_layer_norm`):
+  a pre-norm block's residual add and its next norm, with `LayerNorm`'s fields; `y` has `x`'s
+  dtype, the sum the promoted one (a float32 residual stream stays float32).
+
+  Example, in a pre-norm block (`r` the residual stream, `x` a sublayer's output):
+    >>> import jax, jax.numpy as jnp, jaxnorm.equinox as jne
+    >>> x, r = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[1.0, 1.0, 1.0]])
+    >>> y, r = jax.vmap(jne.AddLayerNorm(3, eps=0.0))(x, r)
+    >>> y.round(4), r
+    (Array([[-1.2247,  0.    ,  1.2247]], dtype=float32), Array([[2., 3., 4.]], dtype=float32))
+  """
+
+  def __call__(self, x: ArrayLike, residual: ArrayLike, state: Any = _NO_STATE, *,  # type: ignore[override]
+               key: Any = None, mask: ArrayLike | None = None) -> Any:
+    """Returns `(y, x + residual)` for `x` of shape `self.shape`, with the state if given."""
+    del key
+    return _add_whole_shape(jn.add_layer_norm, "AddLayerNorm", self, x, residual, state, mask)
+
+
 class GroupNorm(eqx.nn.GroupNorm):
   r"""`equinox.nn.GroupNorm` (its fields and constructor) on one example of shape
   `(channels, *spatial)`, with the statistics of `jaxnorm.group_norm` (`channel_axis=1` on a
@@ -371,3 +403,24 @@ class RMSNorm(eqx.nn.RMSNorm):
     `convention` as in `jaxnorm.rms_norm`."""
     del key
     return _whole_shape(jn.rms_norm, "RMSNorm", self, x, state, mask, convention=convention)
+
+
+class AddRMSNorm(RMSNorm):
+  r"""`RMSNorm` of `x + residual`, returning `(y, x + residual)` (`jaxnorm.add_rms_norm`);
+  as `AddLayerNorm` otherwise, with `convention` an argument of the call as in `RMSNorm`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxnorm.equinox as jne
+    >>> y, r = jax.vmap(jne.AddRMSNorm(2, eps=0.0))(jnp.array([[2.0, 4.0]]),
+    ...                                             jnp.array([[-1.0, 3.0]]))
+    >>> y, r
+    (Array([[0.2, 1.4]], dtype=float32), Array([[1., 7.]], dtype=float32))
+  """
+
+  def __call__(self, x: ArrayLike, residual: ArrayLike, state: Any = _NO_STATE, *,  # type: ignore[override]
+               key: Any = None, mask: ArrayLike | None = None,
+               convention: str | None = None) -> Any:
+    """Returns `(y, x + residual)`, with the state if given; `convention` as in `RMSNorm`."""
+    del key
+    return _add_whole_shape(jn.add_rms_norm, "AddRMSNorm", self, x, residual, state, mask,
+                            convention=convention)

@@ -50,8 +50,9 @@ from jaxnorm._linen_fold import (  # noqa: E402  (re-exported: the public foldin
   fold_norms_into_dense,
 )
 
-__all__ = ("BatchNorm", "Folding", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
-           "fold_batch_norms", "fold_model", "fold_norms_into_dense", "recompute_batch_stats")
+__all__ = ("AddLayerNorm", "AddRMSNorm", "BatchNorm", "Folding", "GroupNorm", "InstanceNorm",
+           "LayerNorm", "RMSNorm", "fold_batch_norms", "fold_model", "fold_norms_into_dense",
+           "recompute_batch_stats")
 
 
 def _feature_shape(x: jax.Array, axes: Axes, name: str) -> tuple[tuple[int, ...], list[int]]:
@@ -250,6 +251,49 @@ class RMSNorm(nn.RMSNorm):
     scale, _ = _params(self, shape, scale_init, use_bias=False)
     return _flax.per_example(jn.rms_norm, self, x, (scale,), feat, mask,
                              convention=self.convention)
+
+
+class AddLayerNorm(LayerNorm):
+  """`LayerNorm` of `x + residual`, returning `(y, x + residual)` (`jaxnorm.add_layer_norm`):
+  `LayerNorm`'s fields and parameters, the unfused layer of the sum bit for bit.
+
+  Example, a pre-norm block whose stream `r` enters and leaves with each sublayer's output:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from jaxnorm import linen as jnn
+    >>> class Block(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, r):  # x: the previous sublayer's output
+    ...     y, r = jnn.AddLayerNorm()(x, r)
+    ...     return nn.Dense(x.shape[-1])(y), r
+    >>> x, r = jnp.ones((2, 4)), jnp.arange(8.0).reshape(2, 4)
+    >>> out, r = Block().apply(Block().init(jax.random.key(0), x, r), x, r)
+    >>> r
+    Array([[1., 2., 3., 4.],
+           [5., 6., 7., 8.]], dtype=float32)
+  """
+
+  @nn.compact
+  def __call__(self, x, residual, *, mask: jax.Array | None = None):  # type: ignore[override]
+    x = jnp.asarray(x)
+    feat, shape = _feature_shape(x, self.feature_axes, "feature_axes")
+    scale_init = _flax.zero_centered_init(self.scale_init, self.zero_centered_scale)
+    params = _params(self, shape, scale_init)
+    return _flax.add_per_example(jn.add_layer_norm, self, x, residual, params, feat, mask)
+
+
+class AddRMSNorm(RMSNorm):
+  """`RMSNorm` of `x + residual`, returning `(y, x + residual)` (`jaxnorm.add_rms_norm`), with
+  `RMSNorm`'s fields and parameters; as `AddLayerNorm` otherwise."""
+
+  @nn.compact
+  def __call__(self, x, residual, *, mask: jax.Array | None = None):  # type: ignore[override]
+    x = jnp.asarray(x)
+    feat, shape = _feature_shape(x, self.feature_axes, "feature_axes")
+    scale_init = _flax.zero_centered_init(self.scale_init, self.zero_centered_scale
+                                          or self.convention == "gemma")
+    scale, _ = _params(self, shape, scale_init, use_bias=False)
+    return _flax.add_per_example(jn.add_rms_norm, self, x, residual, (scale,), feat, mask,
+                                 convention=self.convention)
 
 
 class GroupNorm(nn.GroupNorm):

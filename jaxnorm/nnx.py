@@ -45,8 +45,9 @@ import jaxnorm as jn  # noqa: E402
 from jaxnorm import _checks, _dtypes, _flax, _flax_tools  # noqa: E402
 from jaxnorm._nnx_fold import FoldedBatchNorm, fold_model, fold_norms_into_dense  # noqa: E402
 
-__all__ = ("BatchNorm", "FoldedBatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
-           "fold_model", "fold_norms_into_dense", "recompute_batch_stats")
+__all__ = ("AddLayerNorm", "AddRMSNorm", "BatchNorm", "FoldedBatchNorm", "GroupNorm",
+           "InstanceNorm", "LayerNorm", "RMSNorm", "fold_model", "fold_norms_into_dense",
+           "recompute_batch_stats")
 
 
 def _value(v: Any) -> jax.Array | None:
@@ -255,6 +256,43 @@ class RMSNorm(nnx.RMSNorm):
                          "feature_axes")
     return _flax.per_example(jn.rms_norm, self, x, (_to_feature_shape(scale, x, feat),), feat,
                              mask, convention=self.convention)
+
+
+class AddLayerNorm(LayerNorm):
+  """`LayerNorm` of `x + residual`, returning `(y, x + residual)` (`jaxnorm.add_layer_norm`):
+  the unfused layer of the sum, bit for bit (a pre-norm block: `jaxnorm.linen.AddLayerNorm`).
+
+    >>> import jax.numpy as jnp, flax.nnx as nnx, jaxnorm.nnx as jnnx
+    >>> jnnx.AddLayerNorm(2, epsilon=0.0, rngs=nnx.Rngs(0))(jnp.ones((1, 2)), jnp.eye(1, 2))
+    (Array([[ 1., -1.]], dtype=float32), Array([[2., 1.]], dtype=float32))
+  """
+
+  def __call__(self, x, residual, *, mask: jax.Array | None = None):  # type: ignore[override]
+    x, feat, params = _add_params(self, x, residual, self.scale, self.bias)
+    return _flax.add_per_example(jn.add_layer_norm, self, x, residual, params, feat, mask)
+
+
+class AddRMSNorm(RMSNorm):
+  """`RMSNorm` of `x + residual`, returning `(y, x + residual)` (`jaxnorm.add_rms_norm`); as
+  `AddLayerNorm` otherwise."""
+
+  def __call__(self, x, residual, mask: jax.Array | None = None):  # type: ignore[override]
+    x, feat, params = _add_params(self, x, residual, self.scale)
+    return _flax.add_per_example(jn.add_rms_norm, self, x, residual, params, feat, mask,
+                                 convention=self.convention)
+
+
+def _add_params(layer: Any, x: Any, residual: Any, *params: Any) -> tuple[Any, ...]:
+  """`(x, feature axes, parameters)` of an `Add*` layer: the parameters promoted with the sum
+  as the unfused layer promotes them with its input (`flax_promote`), in the feature shape."""
+  x = jnp.asarray(x)
+  r_dtype = _checks.check_residual(residual, x, type(layer).__name__).dtype
+  h = jnp.zeros((), _dtypes.residual_sum_dtype(x.dtype, r_dtype))
+  _, *ps = _dtypes.flax_promote(layer.promote_dtype, layer.dtype, h, *map(_value, params))
+  feat = _checks.canonicalize_axes(layer.feature_axes, x.ndim, "feature_axes")
+  _flax.check_features(type(layer).__name__, layer.num_features, x, feat, layer.feature_axes,
+                       "feature_axes")
+  return x, feat, tuple(_to_feature_shape(p, x, feat) for p in ps)
 
 
 class GroupNorm(nnx.GroupNorm):

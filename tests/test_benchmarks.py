@@ -93,6 +93,46 @@ def test_registry_builds_every_case_of_every_library():
     assert (y.shape, y.dtype) == (x.shape, want), (lib, norm, dtype, y)
 
 
+def test_registry_builds_every_residual_case():
+  """cases.py's fused residual add: every library's call takes (x, r) and returns (y, h) with
+  h = x + r in the promoted dtype and y the norm of h (flax.linen's, jaxnorm's, the same within
+  the bound of two float32 evaluations); forward+backward has gradients for x and r."""
+  _load_run_module()
+  import cases
+
+  from jaxnorm import _stats
+  rng = np.random.default_rng(0)
+  for norm, name, lib in itertools.product(cases.RESIDUAL_NORMS, cases.RESIDUAL_DTYPES,
+                                           cases.RESIDUAL_LIBS):
+    xd, rd = cases.residual_dtypes(name)
+    x = jax.numpy.asarray(rng.normal(size=(4, 64)), xd)
+    r = jax.numpy.asarray(rng.normal(size=(4, 64)) + 3, rd)
+    with jax.numpy_dtype_promotion("standard"):
+      fn, params = cases.build_residual(lib, norm, x.shape, xd, cases.COUNTED)
+      (y, h), _ = fn(params, (x, r))
+      (_, _), _, (_, (dx, dr)) = cases.with_pass(fn, "fwd+bwd")(params, (x, r), (y, h))
+    np.testing.assert_array_equal(h, _stats.residual_sum(x, r))
+    assert (dx.dtype, dr.dtype) == (xd, rd)
+    if lib == "flax.linen":
+      assert y.dtype == "float32"
+    h64 = refs.f64(h)
+    want = (refs.ref_layer_norm(h64) if norm == "add_layer_norm" else refs.ref_rms_norm(h64))
+    bound = refs.norm_bound(h64, want, centered=norm == "add_layer_norm",
+                            out_dtype=y.dtype)
+    refs.assert_within(y, want, bound, f"{lib} {norm} {name}")
+
+
+def test_the_residual_floor_counts_each_array_in_its_dtype():
+  _load_run_module()
+  import compiled
+
+  f32, bf16 = np.dtype("float32"), jax.numpy.dtype("bfloat16")
+  assert compiled.residual_floor("fwd", (f32, f32)) == 4
+  assert compiled.residual_floor("fwd+bwd", (f32, f32)) == 8
+  assert compiled.residual_floor("fwd", (bf16, f32)) == 6
+  assert compiled.residual_floor("fwd+bwd", (bf16, f32)) == 12
+
+
 def test_unknown_library_is_a_clear_error():
   bench = _load_run_module()
   with pytest.raises(SystemExit):

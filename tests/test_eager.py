@@ -79,6 +79,13 @@ CASES = {
     "grad(rms_norm)": lambda: lambda: jax.grad(lambda x: (jn.rms_norm(x) ** 2).sum())(_X),
     "grad(batch_norm)": lambda: lambda: jax.grad(lambda x: (jn.batch_norm(
         x, jn.batch_norm_init(16), training=True)[0] ** 2).sum())(_X),
+    "add_layer_norm": lambda: lambda: jn.add_layer_norm(_X, _X, _G, _B),
+    "add_rms_norm (float32 residual)": lambda: lambda: jn.add_rms_norm(
+        _X.astype(jnp.bfloat16), _X, _G),
+    "grad(add_rms_norm)": lambda: lambda: jax.grad(
+        lambda x, r: sum(a.sum() for a in jn.add_rms_norm(x, r, _G)), (0, 1))(_X, _X),
+    "linen AddLayerNorm.apply": lambda: (lambda layer, v: lambda: layer.apply(v, _X, _X))(
+        jlinen.AddLayerNorm(), jlinen.AddLayerNorm().init(jax.random.key(0), _X, _X)),
     "linen BatchNorm.apply": lambda: _linen_apply(jlinen),
     "linen LayerNorm.init": lambda: lambda: jlinen.LayerNorm().init(jax.random.key(0), _X),
     "nnx BatchNorm.__call__": _nnx_call,

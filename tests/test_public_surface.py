@@ -79,6 +79,9 @@ PUBLIC_CALLS = {
                                               r_max=2.0, d_max=1.0),
     "normalize": lambda x: jn.normalize(x, jnp.zeros(4), jnp.ones(4), reduction_axes=0),
     "moments": lambda x: jn.moments(x, 0, mask=jnp.ones((6, 4), bool)),
+    "add_layer_norm": lambda x: jn.add_layer_norm(x, x, jnp.ones(4), jnp.zeros(4)),
+    "add_rms_norm": lambda x: jn.add_rms_norm(x, x, jnp.ones(4), bias=jnp.zeros(4),
+                                              mask=jnp.ones((6, 4), bool)),
 }
 
 
