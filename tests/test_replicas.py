@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnorm as jn
-from tests import refs
+from tests import jaxcompat, refs
 
 R = 8  # replicas, one per fake CPU device
 
@@ -44,7 +44,7 @@ def _sync_everywhere(states: jn.BatchNormState, kind: str, **kw) -> jn.BatchNorm
     mesh = _mesh()
     placed = jax.device_put(states, NamedSharding(mesh, P("r")))
     # out_specs=P() with check_vma on: the result is known to be replicated.
-    f = jax.shard_map(lambda s: sync(jax.tree.map(lambda a: a[0], s)), mesh=mesh,
+    f = jaxcompat.shard_map(lambda s: sync(jax.tree.map(lambda a: a[0], s)), mesh=mesh,
                       in_specs=P("r"), out_specs=P(), check_vma=True)
     return jax.tree.map(np.asarray, jax.jit(f)(placed))
   if kind == "pmap":
@@ -190,7 +190,7 @@ def _train(synced: bool, steps: int = 48):
 
   mesh = _mesh()
   spec = P(None, "r")
-  f = jax.shard_map(per_replica, mesh=mesh, in_specs=(spec, spec), out_specs=P("r"),
+  f = jaxcompat.shard_map(per_replica, mesh=mesh, in_specs=(spec, spec), out_specs=P("r"),
                     check_vma=True)
   per_device = jax.jit(f)(*(jax.device_put(a, NamedSharding(mesh, spec)) for a in (xs, masks)))
   whole = jax.jit(run, static_argnums=2)(xs, masks, None, init)
