@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from ._compat import axis_size
+from ._compat import axis_size, check_pallas
 
 Axes = int | Sequence[int]
 
@@ -656,6 +656,8 @@ def check_implementation(implementation: Any) -> None:
         f"implementation={implementation!r} is not one of None (choose), 'xla' (the XLA path) "
         f"and 'pallas' (the fused Pallas kernels)."
     )
+  if implementation == "pallas":
+    check_pallas()
 
 
 CONVENTIONS = ("llama", "gemma")

@@ -57,6 +57,19 @@ def needs_jax(feature: str, release: str) -> RuntimeError:
       f"pip install -U 'jax>={release}' (jaxlib moves with it).")
 
 
+# JAX 0.7.2's `platform_dependent` lowers only the branch of the platform compiled for; JAX 0.6
+# lowers every branch for every platform (XLA drops the others when it compiles), so a Pallas
+# kernel, whose lowering exists on its own platform only, fails to lower elsewhere.
+PRUNES_PLATFORM_BRANCHES = JAX_VERSION >= (0, 7, 2)
+
+
+def check_pallas() -> None:
+  """Raises where the installed JAX cannot hold the Pallas kernels in a per-platform program."""
+  if not PRUNES_PLATFORM_BRANCHES:
+    raise needs_jax("implementation='pallas' (a Pallas kernel per platform in one program)",
+                    "0.7.2")
+
+
 def axis_size(name: Any) -> Any:
   """The size of the named axis `name`; a NameError where no enclosing transform binds it."""
   if hasattr(jax.lax, "axis_size"):  # JAX 0.6.1

@@ -8,11 +8,14 @@ run (`.ci/run`, `-m floor`) uses them on the oldest declared JAX and flax.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from jaxnorm import _compat, _platform
 
@@ -48,7 +51,41 @@ def set_mesh(mesh: Any) -> contextlib.AbstractContextManager:
 
 # Whether `jax.lax.platform_dependent` lowers only the target platform's branch (JAX 0.7.2 does;
 # 0.6 lowers every branch into one `case`, and XLA prunes the others when it compiles).
-PRUNES_PLATFORM_BRANCHES = _compat.JAX_VERSION >= (0, 7, 2)
+PRUNES_PLATFORM_BRANCHES = _compat.PRUNES_PLATFORM_BRANCHES
+# The all-reduces that XLA's SPMD partitioner inserts for plain `jax.jit` over sharded input,
+# beyond those of `jax.shard_map`: JAX 0.7.2's XLA merges the count's with the sums' (at most the
+# shard_map's count); JAX 0.6's does not (one more). jaxnorm's own collectives are unchanged.
+PARTITIONER_EXTRA = 0 if PRUNES_PLATFORM_BRANCHES else 1
+NEEDS_PALLAS = pytest.mark.skipif(
+    not PRUNES_PLATFORM_BRANCHES,
+    reason=f"implementation='pallas' needs JAX 0.7.2 (jaxnorm._compat.check_pallas); installed: "
+           f"JAX {jax.__version__}")
+
+
+@functools.cache
+def grad_in_checked_shard_map() -> bool:
+  """Whether `jax.grad` of a varying scalar works inside `jax.shard_map` with its checks on.
+
+  JAX 0.6.0 seeds the cotangent without the output's varying axes and fails on JAX code alone
+  (`jax.grad(lambda v: jnp.sum(2 * v))`: "got float32[], but expected float32[]{d}"); 0.7.2
+  does not. Without the checks (`check_rep=False` there) the gradient is right."""
+  mesh = jax.make_mesh((2,), ("d",), devices=jax.devices()[:2])
+  f = shard_map(jax.grad(lambda v: jnp.sum(2.0 * v)), mesh=mesh, in_specs=P("d"),
+                out_specs=P("d"))
+  try:
+    f(jnp.zeros(2))
+  except ValueError:
+    return False
+  return True
+
+
+def pmap_names_mesh_axes() -> bool:
+  """Whether, inside `jax.pmap`, the abstract mesh's manual axes name the pmap's axis (a JAX
+  that runs pmap as a shard_map; JAX 0.6 does not)."""
+  seen = []
+  jax.pmap(lambda x: seen.append(jax.sharding.get_abstract_mesh().manual_axes) or x,
+           axis_name="p")(jax.numpy.zeros(1))
+  return "p" in seen[0]
 
 
 def one_platform_lowering() -> contextlib.AbstractContextManager:

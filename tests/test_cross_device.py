@@ -303,8 +303,10 @@ def test_each_reduction_costs_at_most_two_all_reduces_and_nothing_else(case):
     assert 1 <= _compiled_collectives(lowered.compile().as_text()) <= expected
   # Plain jit over the sharded arrays, no axis_name: XLA's partitioner inserts the collectives,
   # and the count's all-reduce can merge with the sum's (an int32 count could not).
-  sj = jax.jit(lambda x, m: fn(x, m, None)).lower(*placed).compile().as_text()
-  assert 1 <= _compiled_collectives(sj) <= expected
+  with jaxcompat.one_platform_lowering():
+    sj = jax.jit(lambda x, m: fn(x, m, None)).lower(*placed).compile().as_text()
+  # (JAX 0.6's XLA partitioner inserts one all-reduce more: jaxcompat.PARTITIONER_EXTRA.)
+  assert 1 <= _compiled_collectives(sj) <= expected + jaxcompat.PARTITIONER_EXTRA
 
 
 # --- axis names that are not bound, and a jax.vmap axis inside jax.shard_map (issue 33) ------
@@ -336,7 +338,9 @@ def test_an_unbound_axis_name_is_named_with_the_axes_that_are_bound(kind, call):
   msg = str(info.value)
   assert re.search(r"axis_name=(\('data', )?'batch'\)?", msg), msg
   assert "'batch' is not bound" in msg, msg
-  if kind == "vmap":  # JAX lists no jax.vmap axis names; the fix says where names come from
+  if kind == "vmap" or (kind == "pmap" and not jaxcompat.pmap_names_mesh_axes()):
+    # JAX lists no jax.vmap axis names (nor, before it ran pmap as a shard_map, pmap's); the
+    # fix says where names come from.
     assert "mesh axes bound here: none" in msg and "jax.vmap(axis_name=" in msg, msg
   else:
     assert "mesh axes bound here: ('data',)" in msg, msg

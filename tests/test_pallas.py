@@ -30,6 +30,8 @@ from jaxnorm import _pallas
 from jaxnorm._pallas import _triton
 from tests import jaxcompat
 
+pytestmark = jaxcompat.NEEDS_PALLAS
+
 F64 = jnp.float64
 EPS32 = float(np.finfo(np.float32).eps)
 EPS_OUT = {"float32": 0.0, "bfloat16": 2.0**-7, "float16": 2.0**-10}  # one ulp, relative
