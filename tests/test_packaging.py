@@ -61,7 +61,7 @@ def _source(to: pathlib.Path) -> pathlib.Path:
   caches, build outputs): setuptools writes `build/` and `*.egg-info` beside its input, which
   stay out of the checkout this way."""
   shutil.copytree(ROOT, to, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
-      ".git", ".venv", "venv", "__pycache__", "build", "dist", "*.egg-info", "results",
+      ".git", ".venv", ".venv-*", "venv", "__pycache__", "build", "dist", "*.egg-info", "results",
       ".pytest_cache", ".hypothesis", "bench-results", "_build", "generated"))
   return to
 
