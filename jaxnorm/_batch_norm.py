@@ -55,8 +55,9 @@ class BatchNormState(NamedTuple):
 
 
 # A training step that takes or returns the state can be serialized with `jax.export`.
-export.register_namedtuple_serialization(BatchNormState,
-                                         serialized_name="jaxnorm.BatchNormState")
+if export is not None:
+  export.register_namedtuple_serialization(BatchNormState,
+                                           serialized_name="jaxnorm.BatchNormState")
 
 
 def batch_norm_init(feature_shape: int | Sequence[int], *,

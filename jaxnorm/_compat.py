@@ -19,9 +19,13 @@ from typing import Any
 
 import jax
 
-# `jax.export` is an attribute of `jax` after a bare `import jax` only from JAX 0.8.0; the
-# module exists since 0.4.30, and importing it by name works on every supported release.
-from jax import export as export
+# `jax.export` is an attribute of `jax` after a bare `import jax` only from JAX 0.8.0; before it
+# the module is imported by name, and it imports absl, which those releases do not require:
+# without absl-py there is no `jax.export` to register jaxnorm's types with (None then).
+try:
+  from jax import export as export
+except ImportError:  # pragma: no cover - JAX < 0.8 without absl-py
+  export = None  # type: ignore[assignment]
 
 
 def version(text: str) -> tuple[int, ...]:
@@ -105,7 +109,7 @@ def mosaic_params(**params: Any) -> Any:
   from jax.experimental.pallas import tpu as pltpu
 
   # JAX 0.6.2 renamed `TPUCompilerParams` to `CompilerParams`.
-  cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
+  cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams  # type: ignore[attr-defined]
   return cls(**params)
 
 
@@ -114,7 +118,7 @@ def triton_params(**params: Any) -> Any:
   from jax.experimental.pallas import triton as plgpu
 
   # JAX 0.6.2 renamed `TritonCompilerParams` to `CompilerParams`.
-  cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
+  cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams  # type: ignore[attr-defined]
   return cls(**params)
 
 
@@ -126,7 +130,7 @@ def triton_load(ref: Any, mask: Any = None, other: Any = None) -> jax.Array:
   kw = {} if mask is None else {"mask": mask, "other": other}
   if hasattr(plgpu, "load"):  # JAX 0.7.1; `pl.load` is gone by 0.10
     return plgpu.load(ref, **kw)
-  return pl.load(ref, _whole(ref), **kw)  # before 0.7.1 the index is required
+  return pl.load(ref, _whole(ref), **kw)  # type: ignore[attr-defined]  # index required
 
 
 def triton_store(ref: Any, value: jax.Array, mask: Any = None) -> None:
@@ -137,7 +141,7 @@ def triton_store(ref: Any, value: jax.Array, mask: Any = None) -> None:
   if hasattr(plgpu, "store"):  # JAX 0.7.1, as `triton_load`
     plgpu.store(ref, value, mask=mask)
   else:
-    pl.store(ref, _whole(ref), value, mask=mask)
+    pl.store(ref, _whole(ref), value, mask=mask)  # type: ignore[attr-defined]
 
 
 def _whole(ref: Any) -> tuple[slice, ...]:

@@ -58,7 +58,8 @@ class Moments(NamedTuple):
 
 
 # Functions that take or return moments can be serialized with `jax.export`.
-export.register_namedtuple_serialization(Moments, serialized_name="jaxnorm.Moments")
+if export is not None:
+  export.register_namedtuple_serialization(Moments, serialized_name="jaxnorm.Moments")
 
 
 def abs2(z: jax.Array) -> jax.Array:

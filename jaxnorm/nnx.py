@@ -44,8 +44,9 @@ from flax.nnx.module import first_from  # noqa: E402
 import jaxnorm as jn  # noqa: E402
 from jaxnorm import _checks, _compat, _dtypes, _flax, _flax_tools  # noqa: E402
 
-__all__ = ("BatchNorm", "FoldedBatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
-           "fold_model", "recompute_batch_stats")
+__all__: tuple[str, ...] = (
+    "BatchNorm", "FoldedBatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
+    "fold_model", "recompute_batch_stats")
 
 FoldedBatchNorm = _flax_tools.FoldedBatchNorm
 
