@@ -17,16 +17,18 @@ later) and its updates work inside `nnx.jit`. Deliberate differences from flax.n
 * a `dtype` narrower than the input (`dtype=jnp.float16` on float32 input) is the output's
   dtype only: the input and the parameters are normalized at their own precision and the
   result is rounded once, as flax.linen does (`_dtypes.flax_promote`), so `jaxnorm.nnx` and
-  `jaxnorm.linen` agree bit for bit in every configuration;
-* `BatchNorm` in evaluation uses the running statistics as stored (float32), where flax first
-  rounds them to `dtype`;
+  `jaxnorm.linen` agree bit for bit in every configuration (flax 0.11's nnx layers round
+  nothing before they normalize either: with flax 0.11 this is no difference);
+* `BatchNorm` in evaluation uses the running statistics as stored (float32), where flax 0.12
+  first rounds them to `dtype`;
 * `BatchNorm` made with a complex `dtype` or `param_dtype` keeps a complex64 running mean,
   where flax.nnx stores it in float32 and drops its imaginary part; one made with a real
   `dtype` raises a TypeError on complex input;
 * `GroupNorm` with custom `reduction_axes` is correct (flax.nnx spreads the group statistics
   along axis 1).
 
-Integer input is normalized in float32, as flax does. Importing this module needs flax
+`InstanceNorm` exists where flax.nnx has one (flax 0.12.0 and later). Integer input is
+normalized in float32, as flax does. Importing this module needs flax
 (`pip install -e ".[flax]"` from a clone); `import jaxnorm` never imports it.
 """
 
