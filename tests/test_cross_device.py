@@ -71,8 +71,8 @@ def run(kind: str, fn: Callable[..., tuple], args: tuple, in_axes: tuple, out_ax
     placed = [jax.device_put(a, NamedSharding(mesh, _spec(ax)))
               for a, ax in zip(args, in_axes, strict=True)]
     f = jaxcompat.shard_map(lambda *a: fn(*a, "d"), mesh=mesh, check_vma=True,
-                      in_specs=tuple(_spec(ax) for ax in in_axes),
-                      out_specs=tuple(_spec(ax) for ax in out_axes))
+                            in_specs=tuple(_spec(ax) for ax in in_axes),
+                            out_specs=tuple(_spec(ax) for ax in out_axes))
     return jax.tree.map(np.asarray, jax.jit(f)(*placed))
   if kind.startswith("sharded_jit"):  # no axis_name: XLA's partitioner inserts collectives
     mesh = _mesh(auto=kind.endswith("auto"))
@@ -291,8 +291,9 @@ def test_each_reduction_costs_at_most_two_all_reduces_and_nothing_else(case):
   x = np.ones((16, 3), np.float32)
   mask = np.ones((16, 1), bool)
   mesh = _mesh()
-  sm = jax.jit(jaxcompat.shard_map(lambda x, m: fn(x, m, "d"), mesh=mesh, in_specs=(P("d"), P("d")),
-                             out_specs=out_specs, check_vma=True))
+  sm = jax.jit(jaxcompat.shard_map(lambda x, m: fn(x, m, "d"), mesh=mesh,
+                                   in_specs=(P("d"), P("d")), out_specs=out_specs,
+                                   check_vma=True))
   pm = jax.pmap(lambda x, m: fn(x, m, "d"), axis_name="d")
   placed = [jax.device_put(a, NamedSharding(mesh, P("d"))) for a in (x, mask)]
   with jaxcompat.one_platform_lowering():
@@ -360,7 +361,7 @@ def test_a_vmap_axis_inside_shard_map_works_without_check_vma_and_says_so_with_i
                     axis_name="batch", out_axes=(0, None))(xs)
 
   f = jaxcompat.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P()),
-                    out_specs=(P("data"), P()), check_vma=check_vma)
+                          out_specs=(P("data"), P()), check_vma=check_vma)
   xs = jax.device_put(x, NamedSharding(mesh, P("data")))
   if check_vma:
     with pytest.raises(ValueError, match=r"axis_name=\('data', 'batch'\).*'batch'.*jax\.vmap.*"

@@ -46,7 +46,7 @@ def _sync_everywhere(states: jn.BatchNormState, kind: str, **kw) -> jn.BatchNorm
     placed = jax.device_put(states, NamedSharding(mesh, P("r")))
     # out_specs=P() with check_vma on: the result is known to be replicated.
     f = jaxcompat.shard_map(lambda s: sync(jax.tree.map(lambda a: a[0], s)), mesh=mesh,
-                      in_specs=P("r"), out_specs=P(), check_vma=True)
+                            in_specs=P("r"), out_specs=P(), check_vma=True)
     return jax.tree.map(np.asarray, jax.jit(f)(placed))
   if kind == "pmap":
     out = jax.pmap(sync, axis_name="r")(states)
@@ -193,7 +193,7 @@ def _train(synced: bool, steps: int = 48):
   mesh = _mesh()
   spec = P(None, "r")
   f = jaxcompat.shard_map(per_replica, mesh=mesh, in_specs=(spec, spec), out_specs=P("r"),
-                    check_vma=True)
+                          check_vma=True)
   per_device = jax.jit(f)(*(jax.device_put(a, NamedSharding(mesh, spec)) for a in (xs, masks)))
   whole = jax.jit(run, static_argnums=2)(xs, masks, None, init)
   return jax.tree.map(np.asarray, per_device), whole

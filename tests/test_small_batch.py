@@ -234,7 +234,7 @@ def test_ghost_batches_across_devices(transform):
 
     args = [jax.device_put(a, jax.NamedSharding(mesh, P("d"))) for a in (x, m_full)]
     y, st = jax.jit(jaxcompat.shard_map(body, mesh=mesh, in_specs=(P("d"), P("d")),
-                                  out_specs=(P("d"), P())))(*args)
+                                        out_specs=(P("d"), P())))(*args)
   want, mean, var = _across_devices_reference(x, mask, vbs)
   _close(np.where(m_full, y, 0), np.where(m_full, want, 0))
   _close(st.mean, mean)
