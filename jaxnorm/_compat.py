@@ -68,7 +68,10 @@ PRUNES_PLATFORM_BRANCHES = JAX_VERSION >= (0, 7, 2)
 
 
 def check_pallas() -> None:
-  """Raises where the installed JAX cannot hold the Pallas kernels in a per-platform program."""
+  """Raises where the installed JAX cannot hold the Pallas kernels in a per-platform program.
+
+  From JAX 0.7.2 the kernels' Pallas spellings are the current ones (`CompilerParams` since
+  0.6.2, `plgpu.load`/`store` since 0.7.1), so `_pallas` needs no shim of its own."""
   if not PRUNES_PLATFORM_BRANCHES:
     raise needs_jax("implementation='pallas' (a Pallas kernel per platform in one program)",
                     "0.7.2")
@@ -102,50 +105,6 @@ def pcast_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
   if hasattr(jax.lax, "pvary"):  # JAX 0.6.1 to 0.8.1 (deprecated from 0.8.2)
     return jax.lax.pvary(x, axes)
   raise needs_jax("Varying-axes types under jax.shard_map (jax.lax.pvary)", "0.6.1")
-
-
-def mosaic_params(**params: Any) -> Any:
-  """Pallas TPU (Mosaic) compiler parameters."""
-  from jax.experimental.pallas import tpu as pltpu
-
-  # JAX 0.6.2 renamed `TPUCompilerParams` to `CompilerParams`.
-  cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams  # type: ignore[attr-defined]
-  return cls(**params)
-
-
-def triton_params(**params: Any) -> Any:
-  """Pallas GPU (Triton) compiler parameters."""
-  from jax.experimental.pallas import triton as plgpu
-
-  # JAX 0.6.2 renamed `TritonCompilerParams` to `CompilerParams`.
-  cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams  # type: ignore[attr-defined]
-  return cls(**params)
-
-
-def triton_load(ref: Any, mask: Any = None, other: Any = None) -> jax.Array:
-  """The whole block of `ref` in a Pallas Triton kernel, `other` where `mask` is False."""
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas import triton as plgpu
-
-  kw = {} if mask is None else {"mask": mask, "other": other}
-  if hasattr(plgpu, "load"):  # JAX 0.7.1; `pl.load` is gone by 0.10
-    return plgpu.load(ref, **kw)
-  return pl.load(ref, _whole(ref), **kw)  # type: ignore[attr-defined]  # index required
-
-
-def triton_store(ref: Any, value: jax.Array, mask: Any = None) -> None:
-  """`value` into the whole block of `ref` in a Pallas Triton kernel, where `mask` is True."""
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas import triton as plgpu
-
-  if hasattr(plgpu, "store"):  # JAX 0.7.1, as `triton_load`
-    plgpu.store(ref, value, mask=mask)
-  else:
-    pl.store(ref, _whole(ref), value, mask=mask)  # type: ignore[attr-defined]
-
-
-def _whole(ref: Any) -> tuple[slice, ...]:
-  return (slice(None),) * len(ref.shape)
 
 
 def can_update(variable: Any) -> bool:

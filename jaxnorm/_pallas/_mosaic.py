@@ -53,8 +53,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
-from .._compat import mosaic_params
 from ._math import backward_math, backward_refs, forward_math, forward_refs
 
 SCOPED_VMEM = {"v5e": 16 << 20, "v5p": 16 << 20, "v6e": 32 << 20}
@@ -258,7 +258,7 @@ def forward_call(x2: jax.Array, params: Sequence[jax.Array], *, eps: float, cent
       grid=(nblocks,),
       in_specs=[row_spec] + [vec_spec] * len(params),
       out_specs=[row_spec] + [stat_spec] * nstats,
-      compiler_params=mosaic_params(dimension_semantics=("parallel",)),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       interpret=interpret,
       name=f"jaxnorm_{'layer' if centered else 'rms'}_norm_fwd",
   )(x2, *(p.reshape(1, features) for p in params))
@@ -295,7 +295,7 @@ def backward_call(x2: jax.Array, dy2: jax.Array, stats: Sequence[jax.Array],
       in_specs=[row_spec, row_spec] + [stat_spec] * len(stats3) + [vec_spec] * len(params),
       out_specs=[row_spec] + [vec_spec] * nsums,
       # The sums accumulate across the grid: its steps run in order on one core.
-      compiler_params=mosaic_params(dimension_semantics=("arbitrary",)),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
       interpret=interpret,
       name=f"jaxnorm_{'layer' if centered else 'rms'}_norm_bwd",
   )(x2, dy2, *stats3, *params)

@@ -21,8 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
-from .._compat import triton_load, triton_params, triton_store
 from ._math import backward_math, backward_refs, forward_math, forward_refs
 
 # Blocking (not yet tuned on a GPU: tune with benchmarks/gpu.py).
@@ -68,12 +68,12 @@ def _masks(row0, nrows: int, f_pad: int, rows: int, features: int, ragged: bool)
 def _load(ref, mask):
   f32 = jnp.float32
   if mask is None:
-    return triton_load(ref).astype(f32)
-  return triton_load(ref, mask, 0).astype(f32)
+    return plgpu.load(ref).astype(f32)
+  return plgpu.load(ref, mask=mask, other=0).astype(f32)
 
 
 def _store(ref, value, mask):
-  triton_store(ref, value.astype(ref.dtype), mask)
+  plgpu.store(ref, value.astype(ref.dtype), mask=mask)
 
 
 def _forward_kernel(*all_refs, rows: int, features: int, eps: float, centered: bool,
@@ -143,7 +143,7 @@ def forward_call(x2: jax.Array, params: Sequence[jax.Array], *, eps: float, cent
       grid=(pl.cdiv(rows, nrows),),
       in_specs=[row_spec] + [vec_spec] * len(params),
       out_specs=[row_spec] + [stat_spec] * nstats,
-      compiler_params=triton_params(num_warps=blk["warps_f"], num_stages=1),
+      compiler_params=plgpu.CompilerParams(num_warps=blk["warps_f"], num_stages=1),
       interpret=interpret,
       name=f"jaxnorm_{'layer' if centered else 'rms'}_norm_fwd",
   )(x2, *params)
@@ -172,7 +172,7 @@ def backward_call(x2, dy2, stats, scale, *, has_bias: bool, bias_dtype: Any,
       grid=(programs,),
       in_specs=[row_spec, row_spec] + [stat_spec] * len(stats) + [vec_spec] * len(params),
       out_specs=[row_spec] + [part_spec] * nparts,
-      compiler_params=triton_params(num_warps=blk["warps_b"], num_stages=1),
+      compiler_params=plgpu.CompilerParams(num_warps=blk["warps_b"], num_stages=1),
       interpret=interpret,
       name=f"jaxnorm_{'layer' if centered else 'rms'}_norm_bwd",
   )(x2, dy2, *stats, *params)
