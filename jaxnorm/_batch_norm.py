@@ -27,6 +27,7 @@ from jax.typing import ArrayLike, DTypeLike
 from . import _checks
 from ._apply import apply_given
 from ._checks import BatchNormSpec
+from ._compat import export
 from ._dtypes import real_of, stats_dtypes
 from ._fused import fused_norm
 from ._layout import split_axis
@@ -54,8 +55,9 @@ class BatchNormState(NamedTuple):
 
 
 # A training step that takes or returns the state can be serialized with `jax.export`.
-jax.export.register_namedtuple_serialization(BatchNormState,
-                                             serialized_name="jaxnorm.BatchNormState")
+if export is not None:
+  export.register_namedtuple_serialization(BatchNormState,
+                                           serialized_name="jaxnorm.BatchNormState")
 
 
 def batch_norm_init(feature_shape: int | Sequence[int], *,

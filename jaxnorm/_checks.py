@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from ._compat import axis_size, check_pallas
+
 Axes = int | Sequence[int]
 
 
@@ -210,7 +212,7 @@ def is_bound(name: Any) -> bool:
   """Whether an enclosing `jax.shard_map`, `jax.pmap` or `jax.vmap` binds the axis `name`
   (`jax.lax.axis_size` raises a NameError for one that none binds)."""
   try:
-    jax.lax.axis_size(name)
+    axis_size(name)
   except NameError:
     return False
   return True
@@ -245,13 +247,15 @@ def collective_error(axis_name: Any, error: Exception) -> Exception | None:
         f"or jax.vmap(axis_name=...) around this call."
     )
   vmapped = tuple(n for n in names if n not in mesh)
-  vma_error = isinstance(error, AssertionError) or "can only accept axis_name" in str(error)
+  vma_error = (isinstance(error, AssertionError | KeyError)
+               or "can only accept axis_name" in str(error))
   if mesh and vmapped and vma_error:
     return ValueError(
         f"axis_name={axis_name!r} reduces over {', '.join(map(repr, vmapped))}, a jax.vmap "
         f"axis, inside jax.shard_map over mesh axes {mesh}: with shard_map's check_vma=True "
         f"(its default) JAX {jax.__version__} accepts no collective over a jax.vmap axis. Pass "
-        f"check_vma=False to jax.shard_map, or map the devices with jax.pmap(axis_name=...) "
+        f"check_vma=False to jax.shard_map (before JAX 0.6.1: check_rep=False to "
+        f"jax.experimental.shard_map.shard_map), or map the devices with jax.pmap(axis_name=...) "
         f"around the jax.vmap; both give the statistics of the whole batch."
     )
   return None
@@ -713,6 +717,8 @@ def check_implementation(implementation: Any) -> None:
         f"implementation={implementation!r} is not one of None (choose), 'xla' (the XLA path) "
         f"and 'pallas' (the fused Pallas kernels)."
     )
+  if implementation == "pallas":
+    check_pallas()
 
 
 CONVENTIONS = ("llama", "gemma")

@@ -142,8 +142,14 @@ def flax_promote(promote_dtype: Any, dtype: Any, x: Any, *arrays: Any) -> tuple[
   values (float32 -> float16, bfloat16 -> float16) keeps its own dtype, and the output alone is
   cast to `dtype` (`flax_output`): flax.linen's rule, so jaxnorm's two families agree bit for
   bit.
+
+  `promote_dtype` is None with flax 0.11, whose nnx layers have none and cast nothing (the
+  installed flax's rule, `_compat.nnx_promote_dtype`): the arrays are returned as they are,
+  which is again flax.linen's rule, so the two families agree with either flax.
   """
   originals = (x, *arrays)
+  if promote_dtype is None:  # flax 0.11's nnx layers promote nothing: linen's rule as it is
+    return originals
   with jax.numpy_dtype_promotion("standard"):
     promoted = tuple(promote_dtype(originals, dtype=dtype))
     return tuple(_unless_narrower(a, p) for a, p in zip(originals, promoted, strict=True))

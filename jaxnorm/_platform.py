@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ._compat import pcast_varying, varying_axes
+
 
 class Policy(NamedTuple):
   """How a program compiled for one platform computes (static, hashable)."""
@@ -146,9 +148,7 @@ def hashable(value: Any) -> Any:
 
 def _varying_axes(a: Any) -> frozenset:
   """The mesh axes over which `a` varies inside `jax.shard_map` (empty elsewhere)."""
-  aval = jax.typeof(a)
-  mat = getattr(aval, "manual_axis_type", None)  # JAX 0.10; earlier versions call it `vma`
-  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+  return varying_axes(jax.typeof(a))
 
 
 def _as_barrier_types(x: Any) -> Any:
@@ -157,7 +157,7 @@ def _as_barrier_types(x: Any) -> Any:
   leaves, tree = jax.tree.flatten(x)
   axes = frozenset().union(*(_varying_axes(a) for a in leaves))
   return jax.tree.unflatten(tree, [
-      jax.lax.pcast(a, tuple(sorted(axes - _varying_axes(a))), to="varying")
+      pcast_varying(a, tuple(sorted(axes - _varying_axes(a))))
       if axes - _varying_axes(a) else a for a in leaves])
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks
+from ._compat import VMAP_AXIS_IN_SHARD_MAP_ERRORS, export
 from ._dtypes import (
   COUNT_DTYPE,
   compute_dtype,
@@ -64,7 +65,8 @@ class Moments(NamedTuple):
 
 
 # Functions that take or return moments can be serialized with `jax.export`.
-jax.export.register_namedtuple_serialization(Moments, serialized_name="jaxnorm.Moments")
+if export is not None:
+  export.register_namedtuple_serialization(Moments, serialized_name="jaxnorm.Moments")
 
 
 def abs2(z: jax.Array) -> jax.Array:
@@ -100,7 +102,7 @@ def named_axes(axis_name: AxisName) -> Iterator[None]:
   one that names the axes passed and those bound (`_checks.collective_error`)."""
   try:
     yield
-  except (AssertionError, NameError, ValueError) as e:
+  except (NameError, *VMAP_AXIS_IN_SHARD_MAP_ERRORS) as e:
     better = _checks.collective_error(axis_name, e)
     if better is None:
       raise

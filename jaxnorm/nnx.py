@@ -11,22 +11,24 @@ Change one import line and keep the model and its state::
 into ours with `nnx.update` and back, and `rngs` draws the same numbers), and its arguments are
 jaxnorm's too, with jaxnorm's extra keywords after them. `__call__` is jaxnorm's: the
 statistics are those of `jaxnorm.linen` (read its module docstring), and `BatchNorm` follows
-`model.train()`, `model.eval()`, `nnx.view(model, use_running_average=...)` and its updates
-work inside `nnx.jit`. Deliberate differences from flax.nnx:
+`model.train()`, `model.eval()`, `nnx.view(model, use_running_average=...)` (flax 0.12.4 and
+later) and its updates work inside `nnx.jit`. Deliberate differences from flax.nnx:
 
 * a `dtype` narrower than the input (`dtype=jnp.float16` on float32 input) is the output's
   dtype only: the input and the parameters are normalized at their own precision and the
   result is rounded once, as flax.linen does (`_dtypes.flax_promote`), so `jaxnorm.nnx` and
-  `jaxnorm.linen` agree bit for bit in every configuration;
-* `BatchNorm` in evaluation uses the running statistics as stored (float32), where flax first
-  rounds them to `dtype`;
+  `jaxnorm.linen` agree bit for bit in every configuration (flax 0.11's nnx layers round
+  nothing before they normalize either: with flax 0.11 this is no difference);
+* `BatchNorm` in evaluation uses the running statistics as stored (float32), where flax 0.12
+  first rounds them to `dtype`;
 * `BatchNorm` made with a complex `dtype` or `param_dtype` keeps a complex64 running mean,
   where flax.nnx stores it in float32 and drops its imaginary part; one made with a real
   `dtype` raises a TypeError on complex input;
 * `GroupNorm` with custom `reduction_axes` is correct (flax.nnx spreads the group statistics
   along axis 1).
 
-Integer input is normalized in float32, as flax does. Importing this module needs flax
+`InstanceNorm` exists where flax.nnx has one (flax 0.12.0 and later). Integer input is
+normalized in float32, as flax does. Importing this module needs flax
 (`pip install -e ".[flax]"` from a clone); `import jaxnorm` never imports it.
 """
 
@@ -42,12 +44,20 @@ from flax import nnx  # noqa: E402
 from flax.nnx.module import first_from  # noqa: E402
 
 import jaxnorm as jn  # noqa: E402
-from jaxnorm import _checks, _dtypes, _flax, _flax_tools  # noqa: E402
+from jaxnorm import _checks, _compat, _dtypes, _flax, _flax_tools  # noqa: E402
 from jaxnorm._nnx_fold import FoldedBatchNorm, fold_model, fold_norms_into_dense  # noqa: E402
 
-__all__ = ("AddLayerNorm", "AddRMSNorm", "BatchNorm", "FoldedBatchNorm", "GroupNorm",
-           "InstanceNorm", "LayerNorm", "RMSNorm", "fold_model", "fold_norms_into_dense",
-           "recompute_batch_stats")
+__all__: tuple[str, ...] = (
+    "AddLayerNorm", "AddRMSNorm", "BatchNorm", "FoldedBatchNorm", "GroupNorm", "InstanceNorm",
+    "LayerNorm", "RMSNorm", "fold_model", "fold_norms_into_dense", "recompute_batch_stats")
+
+
+def _no_mode_message() -> str:
+  """BatchNorm's error without a mode, naming the switch the installed flax has."""
+  switch = ("nnx.view(model, use_running_average=...)" if _compat.flax_has_view()
+            else "model.eval() / model.train() (flax < 0.12.4 has no nnx.view)")
+  return ("No `use_running_average` argument was provided to BatchNorm. Pass it to the "
+          f"constructor, to the call, or use {switch}.")
 
 
 def _value(v: Any) -> jax.Array | None:
@@ -132,14 +142,11 @@ class BatchNorm(nnx.BatchNorm):
     `update_stats` (overrides the attribute for this call) and, with `renorm=True`, `r_max`
     (>= 1) and `d_max` (>= 0)."""
     use_running_average = first_from(
-        use_running_average, self.use_running_average,
-        error_msg=(
-            "No `use_running_average` argument was provided to BatchNorm. Pass it to the "
-            "constructor, to the call, or use nnx.view(model, use_running_average=...)."))
+        use_running_average, self.use_running_average, error_msg=_no_mode_message())
     update = first_from(update_stats, self.update_stats, error_msg="update_stats is None.")
     x, _, _, scale, bias = _dtypes.flax_promote(
-        self.promote_dtype, self.dtype, x, self.mean[...], self.var[...], _value(self.scale),
-        _value(self.bias))
+        _compat.nnx_promote_dtype(self), self.dtype, x, self.mean[...], self.var[...],
+        _value(self.scale), _value(self.bias))
     feat = _checks.canonicalize_axes(self.axis, x.ndim, "axis")
     fshape = _flax.check_features("BatchNorm", self.num_features, x, feat, self.axis)
     if (_dtypes.flax_complex(x.dtype, self.dtype, self.param_dtype)
@@ -164,7 +171,7 @@ class BatchNorm(nnx.BatchNorm):
         d_max=d_max)
     if training and update:
       # As flax: stop_gradient only where variables are array refs.
-      can_update = self.mean._can_update or self.var._can_update
+      can_update = _compat.can_update(self.mean) or _compat.can_update(self.var)
       stop = jax.lax.stop_gradient if can_update else (lambda v: v)
       self.mean[...] = stop(jnp.reshape(new_state.mean, self.mean[...].shape))
       self.var[...] = stop(jnp.reshape(new_state.var, self.var[...].shape))
@@ -174,7 +181,8 @@ class BatchNorm(nnx.BatchNorm):
 
   def set_view(self, use_running_average: bool | None = None,
                update_stats: bool | None = None):
-    """flax's hook for `nnx.view`, plus `update_stats` (each changed where not None)."""
+    """flax's hook for `nnx.view` (flax 0.12.4 and later), plus `update_stats` (each changed
+    where not None)."""
     if use_running_average is not None:
       self.use_running_average = use_running_average
     if update_stats is not None:
@@ -208,7 +216,7 @@ class LayerNorm(nnx.LayerNorm):
 
   def __call__(self, x, *, mask: jax.Array | None = None):
     """flax's call; `mask` marks the elements that enter the statistics (all are normalized)."""
-    x, scale, bias = _dtypes.flax_promote(self.promote_dtype, self.dtype, x,
+    x, scale, bias = _dtypes.flax_promote(_compat.nnx_promote_dtype(self), self.dtype, x,
                                           _value(self.scale), _value(self.bias))
     feat = _checks.canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
     _flax.check_features("LayerNorm", self.num_features, x, feat, self.feature_axes,
@@ -250,7 +258,8 @@ class RMSNorm(nnx.RMSNorm):
 
   def __call__(self, x, mask: jax.Array | None = None):
     """flax's call; `mask` marks the elements that enter the mean square."""
-    x, scale = _dtypes.flax_promote(self.promote_dtype, self.dtype, x, _value(self.scale))
+    x, scale = _dtypes.flax_promote(_compat.nnx_promote_dtype(self), self.dtype, x,
+                                    _value(self.scale))
     feat = _checks.canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
     _flax.check_features("RMSNorm", self.num_features, x, feat, self.feature_axes,
                          "feature_axes")
@@ -288,7 +297,8 @@ def _add_params(layer: Any, x: Any, residual: Any, *params: Any) -> tuple[Any, .
   x = jnp.asarray(x)
   r_dtype = _checks.check_residual(residual, x, type(layer).__name__).dtype
   h = jnp.zeros((), _dtypes.residual_sum_dtype(x.dtype, r_dtype))
-  _, *ps = _dtypes.flax_promote(layer.promote_dtype, layer.dtype, h, *map(_value, params))
+  _, *ps = _dtypes.flax_promote(_compat.nnx_promote_dtype(layer), layer.dtype, h,
+                                *map(_value, params))
   feat = _checks.canonicalize_axes(layer.feature_axes, x.ndim, "feature_axes")
   _flax.check_features(type(layer).__name__, layer.num_features, x, feat, layer.feature_axes,
                        "feature_axes")
@@ -318,7 +328,7 @@ class GroupNorm(nnx.GroupNorm):
 
   def __call__(self, x, *, mask: jax.Array | None = None):
     """flax's call; `mask` marks the elements that enter the statistics."""
-    x, scale, bias = _dtypes.flax_promote(self.promote_dtype, self.dtype, x,
+    x, scale, bias = _dtypes.flax_promote(_compat.nnx_promote_dtype(self), self.dtype, x,
                                           _value(self.scale), _value(self.bias))
     _flax.check_features("GroupNorm", self.num_groups * self.group_size, x, (x.ndim - 1,), -1,
                          "channel axis")
@@ -328,31 +338,45 @@ class GroupNorm(nnx.GroupNorm):
                            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
 
 
-class InstanceNorm(nnx.InstanceNorm):
-  """`flax.nnx.InstanceNorm` with jaxnorm's statistics (`jaxnorm.instance_norm`).
+# flax 0.12.0 added `nnx.InstanceNorm`. With an older flax, jaxnorm.nnx has none either (the
+# layers are drop-ins for the installed flax's), and the name says what to use instead.
+if hasattr(nnx, "InstanceNorm"):
+  class InstanceNorm(nnx.InstanceNorm):
+    """`flax.nnx.InstanceNorm` with jaxnorm's statistics (`jaxnorm.instance_norm`).
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> from jaxnorm import nnx as jnnx
-    >>> inorm = jnnx.InstanceNorm(2, epsilon=0.0, rngs=nnx.Rngs(0))
-    >>> inorm(jnp.array([[[1.0, 10.0], [3.0, 30.0]]]))
-    Array([[[-1., -1.],
-            [ 1.,  1.]]], dtype=float32)
-  """
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxnorm import nnx as jnnx
+      >>> inorm = jnnx.InstanceNorm(2, epsilon=0.0, rngs=nnx.Rngs(0))
+      >>> inorm(jnp.array([[[1.0, 10.0], [3.0, 30.0]]]))
+      Array([[[-1., -1.],
+              [ 1.,  1.]]], dtype=float32)
+    """
 
-  def __call__(self, x, *, mask: jax.Array | None = None):
-    """flax's call; `mask` marks the elements that enter the statistics."""
-    x, scale, bias = _dtypes.flax_promote(self.promote_dtype, self.dtype, x,
-                                          _value(self.scale), _value(self.bias))
-    feat = _checks.canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
-    _flax.check_instance_axes(feat, self.feature_axes)
-    _flax.check_features("InstanceNorm", self.num_features, x, feat, self.feature_axes,
-                         "feature_axes")
-    params = (_to_feature_shape(scale, x, feat), _to_feature_shape(bias, x, feat))
-    return _flax.normalize(jn.instance_norm, x, params, self.dtype, feature_axes=feat,
-                           epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-                           axis_index_groups=self.axis_index_groups)
+    def __call__(self, x, *, mask: jax.Array | None = None):
+      """flax's call; `mask` marks the elements that enter the statistics."""
+      x, scale, bias = _dtypes.flax_promote(_compat.nnx_promote_dtype(self), self.dtype, x,
+                                            _value(self.scale), _value(self.bias))
+      feat = _checks.canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
+      _flax.check_instance_axes(feat, self.feature_axes)
+      _flax.check_features("InstanceNorm", self.num_features, x, feat, self.feature_axes,
+                           "feature_axes")
+      params = (_to_feature_shape(scale, x, feat), _to_feature_shape(bias, x, feat))
+      return _flax.normalize(jn.instance_norm, x, params, self.dtype, feature_axes=feat,
+                             epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+                             axis_index_groups=self.axis_index_groups)
+else:
+  __all__ = tuple(n for n in __all__ if n != "InstanceNorm")
+
+  def __getattr__(name: str) -> Any:
+    if name == "InstanceNorm":
+      raise AttributeError(
+          f"jaxnorm.nnx.InstanceNorm subclasses flax.nnx.InstanceNorm, which flax "
+          f"{_compat.installed('flax')} lacks (flax 0.12.0 added it; that flax needs "
+          f"jax>=0.7.1). Use jaxnorm.linen.InstanceNorm or jaxnorm.instance_norm, or upgrade "
+          f"with pip install -U 'flax>=0.12.0'.")
+    raise AttributeError(f"module 'jaxnorm.nnx' has no attribute {name!r}")
 
 
 def recompute_batch_stats(model: nnx.Module, batches: Any, *, progress: bool = False,

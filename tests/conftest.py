@@ -7,6 +7,10 @@ run and report, not numerical bounds, and are marked `slow`. Every other test is
 contract test, which `.ci/run` runs a second time under `XLA_FLAGS=--xla_cpu_max_isa=SSE4_2`
 with `-m "not slow"`, so that no tolerance that holds for only one XLA:CPU reduction kernel can
 land. A new example or benchmark test is slow by its name.
+
+The floor modules (`FLOOR_MODULES`, marked `floor`) are the part of the suite that `.ci/floor`
+runs on the oldest declared releases (`.ci/constraints-floor.txt`): the core, the linen, nnx and
+equinox drop-ins against that flax and equinox, and the statistics across devices.
 """
 
 import os
@@ -36,11 +40,23 @@ SLOW_PREFIXES = ("test_example", "test_benchmark")
 SLOW_MODULES = frozenset({"test_distributed.py", "test_multihost.py"})
 
 
+FLOOR_MODULES = frozenset({
+    "test_compat.py", "test_normalize.py", "test_batch_norm.py", "test_stats.py",
+    "test_gradients.py", "test_eager.py", "test_platform_branches.py",
+    "test_cross_device.py", "test_replicas.py", "test_shard_map_narrow.py",
+    "test_linen.py", "test_nnx.py", "test_flax_compat.py", "test_equinox.py",
+    "test_packaging.py",
+})
+
+
 def is_slow(module: str) -> bool:
   return module.startswith(SLOW_PREFIXES) or module in SLOW_MODULES
 
 
 def pytest_collection_modifyitems(config, items):
   for item in items:
-    if is_slow(pathlib.Path(str(item.fspath)).name):
+    module = pathlib.Path(str(item.fspath)).name
+    if is_slow(module):
       item.add_marker(pytest.mark.slow)
+    if module in FLOOR_MODULES:
+      item.add_marker(pytest.mark.floor)

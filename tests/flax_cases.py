@@ -5,8 +5,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+
+from tests import jaxcompat
 
 NAMES = ("BatchNorm", "LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm")
+# NAMES for the tests of flax.nnx's layers: flax.nnx.InstanceNorm, and jaxnorm.nnx's with it,
+# exist from flax 0.12.0 (skipped, with that reason, on an older flax).
+NNX_NAMES = (*NAMES[:-1], pytest.param("InstanceNorm", marks=jaxcompat.NEEDS_FLAX_INSTANCE_NORM))
 SHAPE = (8, 5, 6)  # (batch, length, channels)
 CHANNELS = SHAPE[-1]
 

@@ -13,6 +13,7 @@ import jaxnorm as jn
 from jaxnorm import linen as jnn
 from jaxnorm import nnx as jnnx
 from tests import flax_cases as fc
+from tests import jaxcompat
 
 EPS32 = float(jnp.finfo(jnp.float32).eps)
 OFFSET = 3.0 - 2.0j
@@ -180,7 +181,7 @@ def _assert_gradients_match_complex128(ours_fn, ref_fn, x, s, b):
   complex128; `ours_fn` in complex128 must agree with that reference to 1e-10."""
   ours = jax.grad(_loss(ours_fn), argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(s),
                                                      jnp.asarray(b))
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     args = (jnp.asarray(x, jnp.complex128), jnp.asarray(s, jnp.float64),
             jnp.asarray(b, jnp.float64))
     ref = [np.asarray(a) for a in jax.grad(_loss(ref_fn), argnums=(0, 1, 2))(*args)]

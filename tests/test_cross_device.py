@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnorm as jn
-from tests import refs
+from tests import jaxcompat, refs
 
 N_DEV = 8
 # sharded_jit: plain jax.jit over global arrays, no axis_name; on a mesh of Explicit axes
@@ -70,9 +70,9 @@ def run(kind: str, fn: Callable[..., tuple], args: tuple, in_axes: tuple, out_ax
     mesh = _mesh()
     placed = [jax.device_put(a, NamedSharding(mesh, _spec(ax)))
               for a, ax in zip(args, in_axes, strict=True)]
-    f = jax.shard_map(lambda *a: fn(*a, "d"), mesh=mesh, check_vma=True,
-                      in_specs=tuple(_spec(ax) for ax in in_axes),
-                      out_specs=tuple(_spec(ax) for ax in out_axes))
+    f = jaxcompat.shard_map(lambda *a: fn(*a, "d"), mesh=mesh, check_vma=True,
+                            in_specs=tuple(_spec(ax) for ax in in_axes),
+                            out_specs=tuple(_spec(ax) for ax in out_axes))
     return jax.tree.map(np.asarray, jax.jit(f)(*placed))
   if kind.startswith("sharded_jit"):  # no axis_name: XLA's partitioner inserts collectives
     mesh = _mesh(auto=kind.endswith("auto"))
@@ -230,7 +230,7 @@ def test_a_tuple_of_axis_names_reduces_over_both_and_one_name_over_its_groups():
     inner = jn.moments(x, 0, mask=m, axis_name="r")  # one group per value of 'g'
     return both, jax.tree.map(lambda a: a[None], inner)
 
-  both, inner = jax.tree.map(np.asarray, jax.jit(jax.shard_map(
+  both, inner = jax.tree.map(np.asarray, jax.jit(jaxcompat.shard_map(
       f, mesh=mesh, in_specs=(spec, spec), out_specs=(P(), P("g"))))(*placed))
   n, mean, var = refs.ref_moments(x, 0, mask)
   np.testing.assert_array_equal(both.count, n)
@@ -291,18 +291,23 @@ def test_each_reduction_costs_at_most_two_all_reduces_and_nothing_else(case):
   x = np.ones((16, 3), np.float32)
   mask = np.ones((16, 1), bool)
   mesh = _mesh()
-  sm = jax.jit(jax.shard_map(lambda x, m: fn(x, m, "d"), mesh=mesh, in_specs=(P("d"), P("d")),
-                             out_specs=out_specs, check_vma=True))
+  sm = jax.jit(jaxcompat.shard_map(lambda x, m: fn(x, m, "d"), mesh=mesh,
+                                   in_specs=(P("d"), P("d")), out_specs=out_specs,
+                                   check_vma=True))
   pm = jax.pmap(lambda x, m: fn(x, m, "d"), axis_name="d")
   placed = [jax.device_put(a, NamedSharding(mesh, P("d"))) for a in (x, mask)]
-  for lowered in (sm.lower(*placed), pm.lower(_split(x, 0), _split(mask, 0))):
+  with jaxcompat.one_platform_lowering():
+    lowerings = (sm.lower(*placed), pm.lower(_split(x, 0), _split(mask, 0)))
+  for lowered in lowerings:
     counts = _count_collectives(lowered.as_text())
     assert counts == {**dict.fromkeys(COLLECTIVES, 0), "all_reduce": expected}, counts
     assert 1 <= _compiled_collectives(lowered.compile().as_text()) <= expected
   # Plain jit over the sharded arrays, no axis_name: XLA's partitioner inserts the collectives,
   # and the count's all-reduce can merge with the sum's (an int32 count could not).
-  sj = jax.jit(lambda x, m: fn(x, m, None)).lower(*placed).compile().as_text()
-  assert 1 <= _compiled_collectives(sj) <= expected
+  with jaxcompat.one_platform_lowering():
+    sj = jax.jit(lambda x, m: fn(x, m, None)).lower(*placed).compile().as_text()
+  # (JAX 0.6's XLA partitioner inserts one all-reduce more: jaxcompat.PARTITIONER_EXTRA.)
+  assert 1 <= _compiled_collectives(sj) <= expected + jaxcompat.PARTITIONER_EXTRA
 
 
 # --- axis names that are not bound, and a jax.vmap axis inside jax.shard_map (issue 33) ------
@@ -314,7 +319,7 @@ def _mapped(kind: str, f: Callable[[jax.Array], Any]) -> Callable[[], Any]:
   x = np.arange(64, dtype=np.float32).reshape(16, 4)
   if kind == "shard_map":
     mesh = jax.make_mesh((N_DEV,), ("data",))
-    g = jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+    g = jaxcompat.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data"))
     return lambda: g(jax.device_put(x, NamedSharding(mesh, P("data"))))
   xs = x.reshape(N_DEV, 2, 4)
   if kind == "pmap":
@@ -334,7 +339,9 @@ def test_an_unbound_axis_name_is_named_with_the_axes_that_are_bound(kind, call):
   msg = str(info.value)
   assert re.search(r"axis_name=(\('data', )?'batch'\)?", msg), msg
   assert "'batch' is not bound" in msg, msg
-  if kind == "vmap":  # JAX lists no jax.vmap axis names; the fix says where names come from
+  if kind == "vmap" or (kind == "pmap" and not jaxcompat.pmap_names_mesh_axes()):
+    # JAX lists no jax.vmap axis names (nor, before it ran pmap as a shard_map, pmap's); the
+    # fix says where names come from.
     assert "mesh axes bound here: none" in msg and "jax.vmap(axis_name=" in msg, msg
   else:
     assert "mesh axes bound here: ('data',)" in msg, msg
@@ -353,8 +360,8 @@ def test_a_vmap_axis_inside_shard_map_works_without_check_vma_and_says_so_with_i
     return jax.vmap(lambda xi: jn.batch_norm(xi, s, training=True, axis_name=("data", "batch")),
                     axis_name="batch", out_axes=(0, None))(xs)
 
-  f = jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P()),
-                    out_specs=(P("data"), P()), check_vma=check_vma)
+  f = jaxcompat.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P()),
+                          out_specs=(P("data"), P()), check_vma=check_vma)
   xs = jax.device_put(x, NamedSharding(mesh, P("data")))
   if check_vma:
     with pytest.raises(ValueError, match=r"axis_name=\('data', 'batch'\).*'batch'.*jax\.vmap.*"

@@ -21,6 +21,7 @@ import jaxnorm as jn
 import jaxnorm.equinox as jeqx
 import jaxnorm.linen as jlinen
 import jaxnorm.nnx as jnnx
+from tests import jaxcompat
 
 _EVENT = "/jax/core/compile/backend_compile_duration"
 _count = [0]
@@ -93,7 +94,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=jaxcompat.NEEDS_PALLAS) if "pallas" in n else n for n in sorted(CASES)])
 def test_identical_eager_calls_compile_once(name):
   call = CASES[name]()
   jax.block_until_ready(call())  # the first call compiles what it needs

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import jaxnorm.equinox as jne
-from tests import refs
+from tests import jaxcompat, refs
 
 KEY = jax.random.key(0)
 M = 0.9  # momentum of the BatchNorm tests
@@ -353,7 +353,7 @@ def test_shard_map_around_the_per_example_vmap_as_the_guide_says(check_vma):
                                                     momentum=M)
   x = _data((6, 3, 5))
   mesh = jax.make_mesh((2,), ("dev",), devices=jax.devices()[:2])
-  step = jax.shard_map(
+  step = jaxcompat.shard_map(
       jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None)), mesh=mesh,
       in_specs=(P("dev"), P()), out_specs=(P("dev"), P()), check_vma=check_vma)
   xs = jax.device_put(x, NamedSharding(mesh, P("dev")))

@@ -14,6 +14,7 @@ from flax import nnx
 import jaxnorm as jn
 from jaxnorm import linen as jnn
 from jaxnorm import nnx as jnnx
+from tests import jaxcompat
 from tests.refs import U32, assert_within, f64
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -94,7 +95,7 @@ def test_folded_layer_equals_layer_then_batch_norm(kernel_shape, spatial):
   y0, y1 = jax.jit(original)(x), jax.jit(folded)(x)
   # float64 reference of layer -> BN, and a bound from the magnitudes of the summed terms:
   # a float32 sum of n products is off by at most n·eps·Σ|terms| (here n <= 72).
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     x64 = jnp.asarray(f64(x))
     ref = np.asarray(layer(x64, jnp.asarray(f64(d["kernel"])), f64(d["bias"])))
     mag = np.asarray(layer(jnp.abs(x64), jnp.abs(jnp.asarray(f64(d["kernel"]))), 0.0))
@@ -251,7 +252,7 @@ def _res_bound(model, variables, x):
   c = (max(biases) + max(float(np.abs(f64(b["mean"])).max()) for b in bns)) * max(s, 1.0)
   c += max(biases)
   n = max(int(np.prod(k.shape[:-1])) for k in kernels)
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     v64 = jax.tree.map(lambda a: jnp.asarray(f64(a)), variables)
     y64, state = model.apply(v64, jnp.asarray(f64(x)), capture_intermediates=True,
                              mutable=["intermediates"])

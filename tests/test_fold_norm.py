@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import jaxnorm as jn
+from tests import jaxcompat
 from tests.refs import U32, assert_within, f64, sum_factor
 
 U64 = 2.0 ** -53
@@ -72,7 +73,7 @@ def _norm_then_dense(kind, x, d, folded):
 def test_folded_dense_equals_norm_then_dense_in_float64(kind):
   d32 = _data((8, 5), seed=1)
   x32 = (np.random.RandomState(2).randn(4, 8) * 3 + 1).astype(np.float32)
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     d = {n: jnp.asarray(f64(a)) for n, a in d32.items()}
     x = jnp.asarray(f64(x32))
     z0 = _norm_then_dense(kind, x, d, folded=False)

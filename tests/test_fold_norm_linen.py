@@ -10,6 +10,7 @@ import numpy as np
 from flax import linen as nn
 
 from jaxnorm import linen as jnn
+from tests import jaxcompat
 from tests.flax_cases import standard_promotion
 from tests.refs import U32, assert_within, f64, staged_error
 from tests.test_fold_norm_nnx import STAGES
@@ -79,7 +80,7 @@ def test_pre_ln_transformer_folds_every_norm_and_keeps_its_logits():
   # float64: the folded model is the same function, so the logits agree to float64 rounding.
   # A missing or wrong term (or a float32 rounding anywhere) would show at >= u32 = 2**-24
   # relative; float64 rounding through these 8 layers stays far below u32·2**-6 = 2**-30.
-  with jax.enable_x64(True), standard_promotion():
+  with jaxcompat.enable_x64(True), standard_promotion():
     to64 = lambda v: jax.tree.map(lambda a: jnp.asarray(f64(a)), v)
     f64_folded = jnn.fold_norms_into_dense(model, to64(variables), tokens).variables
     y0 = f64(model.apply(to64(variables), tokens))

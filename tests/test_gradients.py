@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jaxnorm as jn
-from tests import refs
+from tests import jaxcompat, refs
 
 F64 = jnp.float64
 
@@ -122,7 +122,7 @@ def _grads(norm, ref, x, scale, bias, w, mask, with_scale, with_bias):
   got = jax.jit(jax.grad(_loss(norm, jnp.asarray(w)), argnums), static_argnums=())(
       jnp.asarray(x), None if s is None else jnp.asarray(s),
       None if b is None else jnp.asarray(b), None if mask is None else jnp.asarray(mask))
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     want = jax.grad(_loss(ref, jnp.asarray(w, F64)), argnums)(
         jnp.asarray(x, F64), None if s is None else jnp.asarray(s, F64),
         None if b is None else jnp.asarray(b, F64),
@@ -220,7 +220,7 @@ def test_grad_in_bfloat16_matches_float64_of_the_rounded_input():
   got = jax.grad(lambda v: jnp.sum(jnp.asarray(w) * jn.layer_norm(v, scale, bias)
                                    .astype(jnp.float32)))(xb)
   assert got.dtype == jnp.bfloat16
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     s64, b64 = jnp.asarray(scale, F64), jnp.asarray(bias, F64)
     want = jax.grad(lambda v: jnp.sum(jnp.asarray(w, F64) * ref_layer_norm(v, s64, b64, None)))(
         jnp.asarray(np.asarray(xb.astype(jnp.float32)), F64))
@@ -258,7 +258,7 @@ def test_jvp_matches_float64(name, masked):
   r = np.random.RandomState(3)
   tx, ts, tb = (r.randn(*a.shape).astype(np.float32) for a in (x, scale, bias))
   y, t = jax.jvp(lambda v, s, b: norm(v, s, b, m), (x, scale, bias), (tx, ts, tb))
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     y64, t64 = jax.jvp(lambda v, s, b: ref(v, s, b, m),
                        tuple(jnp.asarray(a, F64) for a in (x, scale, bias)),
                        tuple(jnp.asarray(a, F64) for a in (tx, ts, tb)))
@@ -281,7 +281,7 @@ def test_hessian_matches_float64(name, masked):
   x, scale, bias, w, mask = _inputs(shape)
   m = mask if masked else None
   h = jax.hessian(lambda v: _loss(norm, jnp.asarray(w))(v, scale, bias, m))(x)
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     h64 = jax.hessian(lambda v: _loss(ref, jnp.asarray(w, F64))(
         v, jnp.asarray(scale, F64), jnp.asarray(bias, F64), m))(jnp.asarray(x, F64))
   _assert_close([np.asarray(h)], [np.asarray(h64)], 1e-3)
@@ -290,7 +290,7 @@ def test_hessian_matches_float64(name, masked):
 def test_epsilon_is_differentiable():
   x, scale, bias, w, _ = _inputs((4, 16))
   got = jax.grad(lambda e: jnp.sum(w * jn.layer_norm(x, scale, bias, epsilon=e)))(0.5)
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     want = jax.grad(lambda e: jnp.sum(jnp.asarray(w, F64) * _ref_norm(
         jnp.asarray(x, F64), jnp.asarray(scale, F64), jnp.asarray(bias, F64), (-1,), None,
         e)))(jnp.asarray(0.5, F64))
@@ -311,7 +311,7 @@ def test_batch_norm_running_statistics_are_differentiable():
   x, *_ = _inputs((6, 8))
   f = lambda v: jn.batch_norm(v, jn.batch_norm_init(8), training=True, momentum=0.0)[1].var
   got = jax.jacrev(f)(x)
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     want = jax.jacrev(lambda v: _ref_stats(v, (0,), None)[1][0])(jnp.asarray(x, F64))
   # d var_j / d x_ij = 2 (x_ij - μ_j) / n: off by 2 (|μ̂ - μ| + 2u |x - μ|) / n.
   _, mean, _ = refs.ref_moments(x, 0)
@@ -364,14 +364,20 @@ def test_cross_device_gradient_equals_single_device(transform):
   else:
     mesh = jax.make_mesh((n_dev,), ("d",), devices=jax.devices()[:n_dev])
 
+    # JAX 0.6.0's own jax.grad fails inside a checked shard_map (jaxcompat says why).
+    checked = jaxcompat.grad_in_checked_shard_map()
+
     def body(v, m, wv):
-      # scale and bias are replicated: shard_map already sums their cotangents over devices.
+      # scale and bias are replicated: shard_map already sums their cotangents over devices
+      # where it types values as varying (its checks on); without them, the sum is written.
       gx, gs, gb = per_device(v[0], m[0], wv[0])
+      if not checked:
+        gs, gb = jax.lax.psum((gs, gb), "d")
       return gx[None], gs, gb
 
     args = [jax.device_put(split(a), jax.NamedSharding(mesh, P("d"))) for a in (x, mask, w)]
-    gx, gs, gb = jax.shard_map(body, mesh=mesh, in_specs=(P("d"),) * 3,
-                               out_specs=(P("d"), P(), P()))(*args)
+    gx, gs, gb = jaxcompat.shard_map(body, mesh=mesh, in_specs=(P("d"),) * 3,
+                                     out_specs=(P("d"), P(), P()), check_vma=checked)(*args)
   # Both are within the derivative bounds of the exact gradient (cotangent w, exact, where
   # valid) plus that of the statistics' own term, d(mean + var)/dx = (1 + 2 (x - μ)) / n.
   bx, bs, bb = refs.derivative_bounds(x, (0,), (1,), scale, np.where(mask, w, 0.0),

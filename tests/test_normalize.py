@@ -7,7 +7,7 @@ import pytest
 
 import jaxnorm as jn
 import jaxnorm.equinox as jne
-from tests import refs
+from tests import jaxcompat, refs
 
 # XLA:CPU (jax 0.10.2) cannot compile float16 arithmetic for a CPU without F16C (e.g.
 # XLA_FLAGS=--xla_cpu_max_isa=SSE4_2: "Symbols not found: __extendhfsf2"): a limit of XLA
@@ -269,7 +269,7 @@ def test_outside_float32_range_as_documented_and_the_remedies(scale):
     assert np.all((y == 0) | np.isnan(y))
   else:
     assert not np.isfinite(y).any()
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     y64 = jn.layer_norm(jnp.asarray(x, jnp.float64), epsilon=0.0)
     assert y64.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(y64), ref, rtol=0, atol=refs.atol(np.float64))

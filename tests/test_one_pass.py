@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxnorm as jn
 from jaxnorm import _fused, _platform, _stats
-from tests import refs
+from tests import jaxcompat, refs
 
 
 @pytest.fixture
@@ -303,7 +303,7 @@ def test_which_normalizations_read_once_on_a_gpu():
   mesh = jax.make_mesh((4,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
   split = jax.ShapeDtypeStruct((8, 16), jnp.float32,
                                sharding=jax.sharding.NamedSharding(mesh, P("batch")))
-  with jax.set_mesh(mesh):
+  with jaxcompat.set_mesh(mesh):
     assert not has_shift(bn, split)
 
 

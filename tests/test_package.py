@@ -36,7 +36,7 @@ def test_version_lives_in_one_place_and_py_typed_ships():
   meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
   assert "version" in meta["project"]["dynamic"]
   assert meta["tool"]["setuptools"]["dynamic"]["version"]["attr"] == "jaxnorm._version.__version__"
-  assert meta["project"]["dependencies"] == ["jax>=0.10.2"]
+  assert meta["project"]["dependencies"] == ["jax>=0.6.0", "absl-py"]
   assert (ROOT / "jaxnorm" / "py.typed").is_file()
   assert "py.typed" in meta["tool"]["setuptools"]["package-data"]["jaxnorm"]
   assert jaxnorm.__version__.count(".") == 2

@@ -8,6 +8,7 @@ floor tests read files only.
 """
 
 import email.parser
+import os
 import pathlib
 import re
 import shutil
@@ -47,7 +48,10 @@ print(jn.__version__)
 
 
 def _run(*args: str, cwd: pathlib.Path, timeout: int = 600) -> str:
-  result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+  # Without PYTHONPATH: a checkout on it would be imported instead of what was installed.
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=env)
   assert result.returncode == 0, f"{' '.join(args)}\n{result.stdout}\n{result.stderr}"
   return result.stdout
 
@@ -61,7 +65,7 @@ def _source(to: pathlib.Path) -> pathlib.Path:
   caches, build outputs): setuptools writes `build/` and `*.egg-info` beside its input, which
   stay out of the checkout this way."""
   shutil.copytree(ROOT, to, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
-      ".git", ".venv", "venv", "__pycache__", "build", "dist", "*.egg-info", "results",
+      ".git", ".venv", ".venv-*", "venv", "__pycache__", "build", "dist", "*.egg-info", "results",
       ".pytest_cache", ".hypothesis", "bench-results", "_build", "generated"))
   return to
 
@@ -106,15 +110,26 @@ def test_wheel_carries_license_metadata_and_version(wheel):
   assert meta.get_payload().strip().startswith("# jaxnorm")  # the README, as the description
 
 
+def _floor_pins() -> dict[str, str]:
+  lines = (ROOT / ".ci" / "constraints-floor.txt").read_text().splitlines()
+  return dict(line.split("==") for line in lines if line and not line.startswith("#"))
+
+
 @pytest.mark.slow
-def test_wheel_installs_with_nothing_but_jax_and_normalizes(wheel, tmp_path):
+@pytest.mark.parametrize("end", ["floor", "running"])
+def test_wheel_installs_with_nothing_but_jax_and_normalizes(wheel, tmp_path, end):
+  """At the declared floor (jax and jaxlib pinned from the constraints file) and at the running
+  JAX (the newest release in CI's main run; pip finds it in its cache)."""
   env = tmp_path / "venv"
   venv.create(env, with_pip=True)
   python = str(env / "bin" / "python")
-  # The running JAX's version, so that pip finds it in its cache rather than resolving afresh.
-  _run(python, "-m", "pip", "install", "-q", str(wheel), f"jax=={jax.__version__}",
-       cwd=tmp_path)
+  pins = _floor_pins()
+  jax_pins = ([f"jax=={pins['jax']}", f"jaxlib=={pins['jaxlib']}"] if end == "floor"
+              else [f"jax=={jax.__version__}"])
+  _run(python, "-m", "pip", "install", "-q", str(wheel), *jax_pins, cwd=tmp_path)
   assert _run(python, "-c", _SMOKE, cwd=tmp_path).strip() == jaxnorm.__version__
+  want = pins["jax"] if end == "floor" else jax.__version__
+  assert _run(python, "-c", "import jax; print(jax.__version__)", cwd=tmp_path).strip() == want
 
 
 @pytest.mark.slow
@@ -151,8 +166,7 @@ def test_floor_constraints_pin_the_declared_floors():
   for spec in specs:
     if match := re.fullmatch(r"([A-Za-z0-9_.-]+)>=([\w.]+)", spec.split(";")[0].strip()):
       floors.setdefault(match[1].lower(), set()).add(match[2])
-  lines = (ROOT / ".ci" / "constraints-floor.txt").read_text().splitlines()
-  pins = dict(line.split("==") for line in lines if line and not line.startswith("#"))
+  pins = _floor_pins()
   assert pins.pop("jaxlib") == pins["jax"]
   for name, version in pins.items():
     assert floors.get(name) == {version}, (name, version, floors.get(name))

@@ -28,6 +28,9 @@ import pytest
 import jaxnorm as jn
 from jaxnorm import _pallas
 from jaxnorm._pallas import _triton
+from tests import jaxcompat
+
+pytestmark = jaxcompat.NEEDS_PALLAS
 
 F64 = jnp.float64
 EPS32 = float(np.finfo(np.float32).eps)
@@ -87,7 +90,7 @@ def _value_and_grads(norm, x, params, w, implementation):
 
 
 def _float64(norm, x, params, w):
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     args = [jnp.asarray(np.asarray(a, np.float64)) for a in (x, *params)]
     y, pullback = jax.vjp(lambda x, *p: _ref(NORMS[norm], x, *_split(p)), *args)
     return np.asarray(y), [np.asarray(g) for g in pullback(jnp.asarray(w, F64))]
@@ -269,7 +272,7 @@ def test_forward_mode_and_hessian_work_under_pallas():
 
   v, s = x[:2, :8].reshape(-1), scale[:8]
   h_p = jax.jit(jax.hessian(scalar))(v, s)
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     h64 = jax.hessian(lambda v, s: jnp.sum(jnp.sin(_ref(False, v.reshape(2, 8), s, None))))(
         jnp.asarray(v, F64), jnp.asarray(s, F64))
   np.testing.assert_allclose(np.asarray(h_p), np.asarray(h64), atol=1e-4 * np.abs(h64).max())
@@ -312,7 +315,7 @@ def test_pallas_outside_the_plain_case_is_a_clear_error_and_none_takes_xla():
       jax.vmap(functools.partial(fn, axis_name="i", implementation="pallas"),
                axis_name="i")(x)
     jax.vmap(functools.partial(fn, axis_name="i"), axis_name="i")(x)  # None: XLA
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     with pytest.raises(ValueError, match="dtype float64"):
       jn.layer_norm(jnp.ones((2, 4), F64), implementation="pallas")
     with pytest.raises(ValueError, match="scale of dtype float64"):

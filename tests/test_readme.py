@@ -39,6 +39,18 @@ def test_ci_installs_once_with_the_readme_command():
     assert installs[0] <= min(i for i, line in enumerate(steps) if step in line), step
 
 
+def test_ci_ends_with_the_floor_run_from_the_constraints_file():
+  """After every step on the newest releases, .ci/run runs .ci/floor: the pinned floors in an
+  environment of their own, on the tests marked `floor` (tests/conftest.py)."""
+  ci = (ROOT / ".ci" / "run").read_text()
+  steps = [line for line in ci.splitlines() if line.strip() and not line.startswith("#")]
+  assert steps[-1] == "bash .ci/floor"
+  floor = (ROOT / ".ci" / "floor").read_text()
+  assert 'pip install -e ".[test]" -c .ci/constraints-floor.txt' in floor
+  assert '-m pytest -q -n 2 -m "floor and not slow"' in floor
+  assert "compiled.py" not in floor, "the compiled check runs on the newest JAX only"
+
+
 def test_readme_links_into_the_site_exist():
   readme = (ROOT / "README.md").read_text()
   links = re.findall(r"\]\(([^)#]+)\)", readme)

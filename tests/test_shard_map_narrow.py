@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnorm as jn
-from tests import refs
+from tests import jaxcompat, refs
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -33,7 +33,7 @@ def test_batch_norm_under_shard_map_with_axis_name(dtype):
     y, new = jn.batch_norm(x, state, training=True, axis_name="d")
     return y, new.mean
 
-  f = jax.shard_map(step, mesh=mesh, check_vma=True, in_specs=P("d"), out_specs=(P("d"), P()))
+  f = jaxcompat.shard_map(step, mesh=mesh, check_vma=True, in_specs=P("d"), out_specs=(P("d"), P()))
   y, mean = jax.jit(f)(jax.device_put(x, NamedSharding(mesh, P("d"))))
   assert y.dtype == x.dtype
   xr = np.asarray(x.astype(jnp.float32))  # the values the normalizer received

@@ -22,7 +22,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jaxnorm as jn
-from tests import refs
+from tests import jaxcompat, refs
 
 F64 = jnp.float64
 TOL = refs.atol(jnp.float32)
@@ -79,7 +79,7 @@ def _grad_check(f, ref, args, w, argnums):
   """jax.grad of sum(w*y + y²/4) through jaxnorm (float32) and the float64 reference."""
   loss = lambda fn, w: lambda *a: jnp.sum(w * fn(*a) + 0.25 * fn(*a) ** 2)
   got = jax.jit(jax.grad(loss(f, jnp.asarray(w)), argnums))(*args)
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     want = jax.grad(loss(ref, jnp.asarray(w, F64)), argnums)(
         *(jnp.asarray(a, F64) for a in args))
   for g, r, i in zip(got, want, argnums, strict=True):
@@ -104,7 +104,7 @@ def test_batch_renorm_matches_float64_with_gradients(vbs, masked):
   # r_max=1.5 and d_max=0.5 clip some features and leave others inside the bounds.
   y, new = jn.batch_renorm(x, STATE, gamma, beta, training=True, r_max=1.5, d_max=0.5,
                            mask=mask, momentum=0.9, virtual_batch_size=vbs)
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     want = ref_batch_renorm(jnp.asarray(x, F64), jnp.asarray(gamma, F64),
                             jnp.asarray(beta, F64), jnp.asarray(STATE.mean, F64),
                             jnp.asarray(STATE.var, F64), 1.5, 0.5, mask=mask, vbs=vbs)
@@ -233,8 +233,8 @@ def test_ghost_batches_across_devices(transform):
       return y[None], st
 
     args = [jax.device_put(a, jax.NamedSharding(mesh, P("d"))) for a in (x, m_full)]
-    y, st = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("d"), P("d")),
-                                  out_specs=(P("d"), P())))(*args)
+    y, st = jax.jit(jaxcompat.shard_map(body, mesh=mesh, in_specs=(P("d"), P("d")),
+                                        out_specs=(P("d"), P())))(*args)
   want, mean, var = _across_devices_reference(x, mask, vbs)
   _close(np.where(m_full, y, 0), np.where(m_full, want, 0))
   _close(st.mean, mean)
@@ -304,7 +304,7 @@ def test_zero_centered_scale_is_one_plus_gamma(norm):
   else:
     f = lambda v, g, b: jn.rms_norm(v, g, zero_centered_scale=True) + 0 * b
     ref = lambda v, g, b: ref_ln(v, 1 + g, None, centered=False) + 0 * b
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     want = ref(*(jnp.asarray(a, F64) for a in (x, gamma, beta)))
   _close(f(x, gamma, beta), want)
   _grad_check(f, ref, (x, gamma, beta), w, (0, 1))
@@ -355,7 +355,7 @@ def test_per_example_scale_and_bias_match_float64(name, shape):
   g, b = (r.rand(*shape) + 0.5).astype(np.float32), r.randn(*shape).astype(np.float32)
   f = PER_EXAMPLE[name]
   ref = lambda v, g_, b_: _ref_per_example(name, v, g_, b_)
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     want = ref(*(jnp.asarray(a, F64) for a in (x, g, b)))
   _close(f(x, g, b), want)
   argnums = (0, 1) if name == "rms_norm" else (0, 1, 2)  # rms_norm has no bias
@@ -379,7 +379,7 @@ def test_per_example_scale_channels_first_and_feature_shape_precedence():
   x = _data((4, 8, 5))  # channels first
   g = (np.random.RandomState(0).rand(4, 8, 1) + 0.5).astype(np.float32)
   y, _ = jn.batch_norm(x, jn.batch_norm_init(8), g, training=True, feature_axes=1)
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     x64 = jnp.asarray(x, F64)
     mean, var = _stats(x64, (0, 2), None)
     want = (x64 - mean) / jnp.sqrt(var + 1e-5) * jnp.asarray(g, F64)

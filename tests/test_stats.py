@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxnorm as jn
-from tests import refs
+from tests import jaxcompat, refs
 
 
 def _x(shape, offset=0.0, seed=0):
@@ -80,7 +80,7 @@ def test_low_precision_input_accumulates_in_float32():
 
 
 def test_dtype_argument_raises_accumulation_precision():
-  with jax.enable_x64(True):
+  with jaxcompat.enable_x64(True):
     x = jnp.asarray(_x((16, 3), offset=1e4))
     m = jn.moments(x, 0, dtype=jnp.float64)
     assert m.mean.dtype == jnp.float64 and m.count.dtype == jnp.float32
