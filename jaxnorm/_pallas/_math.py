@@ -58,6 +58,15 @@ def forward_math(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
   return y, mean, rstd
 
 
+def add_math(x: jax.Array, residual: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """`(h, h32)`: the residual add's sum `x + residual` rounded to `dtype` (what the kernel
+  stores, as `_stats.residual_sum` rounds it) and that rounded sum in float32 (what the
+  statistics and the output are computed from, as the norm of the stored `h`). Adding in
+  float32 and rounding once is the correctly rounded sum for every dtype the kernels take."""
+  h = (x.astype(jnp.float32) + residual.astype(jnp.float32)).astype(dtype)
+  return h, h.astype(jnp.float32)
+
+
 def backward_math(x: jax.Array, dy: jax.Array, mean: jax.Array | None, rstd: jax.Array,
                   scale: jax.Array | None, valid: jax.Array | None, n: int, centered: bool, *,
                   keepdims: bool = False, mask_dy: bool = False):
@@ -98,6 +107,17 @@ def forward_refs(refs, has_scale: bool, has_bias: bool):
   bias = refs.pop(0) if has_bias else None
   y, *stats = refs
   return x, scale, bias, y, stats
+
+
+def add_forward_refs(refs, has_scale: bool, has_bias: bool):
+  """`(x, residual, scale, bias, y, h, stats)` of a residual forward kernel's refs, laid out
+  `x, residual, [scale], [bias], y, h, [mean], rstd` by every kernel's `add_forward_call`."""
+  refs = list(refs)
+  x, residual = refs.pop(0), refs.pop(0)
+  scale = refs.pop(0) if has_scale else None
+  bias = refs.pop(0) if has_bias else None
+  y, h, *stats = refs
+  return x, residual, scale, bias, y, h, stats
 
 
 def backward_refs(refs, centered: bool, has_scale: bool, has_bias: bool):
