@@ -143,6 +143,18 @@ def _backward_kernel(module: Any, k: _Rows, x2, dy2, *rest, interpret: bool):
   return tuple(o for o in out if o is not None)
 
 
+def _add_backward_kernel(module: Any, k: _Rows, h2, dy2, dh2, *rest, interpret: bool):
+  stats, s = k.split_rest(rest)
+  out = module.backward_call(h2, dy2, stats, s, has_bias=k.has_bias, bias_dtype=k.bias_dtype,
+                             centered=k.centered, interpret=interpret, dh2=dh2)
+  return tuple(o for o in out if o is not None)
+
+
+def _add_backward_ref(k: _Rows, h2, dy2, dh2, *rest):
+  dx, *dparams = _backward_ref(k, h2, dy2, *rest)
+  return ((dx.astype(jnp.float32) + dh2.astype(jnp.float32)).astype(h2.dtype), *dparams)
+
+
 def _backward_ref(k: _Rows, x2, dy2, *rest):
   f32 = jnp.float32
   stats, s = k.split_rest(rest)
@@ -164,6 +176,10 @@ def _forward_branch(policy: Policy, k: _Rows) -> Callable[..., Any]:
 
 def _add_forward_branch(policy: Policy, k: _Rows) -> Callable[..., Any]:
   return _kernel_for(policy, _add_forward_kernel, _add_forward_ref, k)
+
+
+def _add_backward_branch(policy: Policy, k: _Rows) -> Callable[..., Any]:
+  return _kernel_for(policy, _add_backward_kernel, _add_backward_ref, k)
 
 
 def _backward_branch(policy: Policy, k: _Rows) -> Callable[..., Any]:
@@ -203,6 +219,18 @@ def _backward(k: _Rows):
   return backward
 
 
+def _add_backward(k: _Rows):
+  """The backward kernel of the residual add, `dh + norm'(h)ᵀ dy` in `h`'s dtype (and the
+  parameters' cotangents), with a forward-mode derivative from `_add_backward_ref`."""
+
+  @jax.custom_jvp
+  def add_backward(h2, dy2, dh2, *rest):
+    return by_platform(_add_backward_branch, k, h2, dy2, dh2, *rest)
+
+  add_backward.defjvp(lambda p, t: jax.jvp(functools.partial(_add_backward_ref, k), p, t))
+  return add_backward
+
+
 def _kernels(k: _Rows):
   """The forward kernel whose reverse-mode derivative is the backward kernel."""
   forward, backward = _forward(k), _backward(k)
@@ -226,8 +254,8 @@ def _kernels(k: _Rows):
 
 def _add_kernels(k: _Rows, x_dtype: Any, r_dtype: Any):
   """The residual forward kernel, `(y, h)`, whose reverse-mode derivative is the backward
-  kernel run on `h` plus `h`'s own cotangent: both inputs' cotangent is `dh + norm'(h)ᵀ dy`."""
-  forward, backward = _add_forward(k), _backward(k)
+  kernel run on `h` that adds `h`'s own cotangent: both inputs' is `dh + norm'(h)ᵀ dy`."""
+  forward, backward = _add_forward(k), _add_backward(k)
 
   @jax.custom_vjp
   def kernels(x2, r2, *params):
@@ -242,8 +270,7 @@ def _add_kernels(k: _Rows, x_dtype: Any, r_dtype: Any):
     h, stats, params = res
     dy2, dh2 = cotangents
     s, _ = k.split(params)
-    dh, *dparams = backward(h, dy2, *stats, *(() if s is None else (s,)))
-    dh = dh + dh2.astype(dh.dtype)
+    dh, *dparams = backward(h, dy2, dh2.astype(h.dtype), *stats, *(() if s is None else (s,)))
     return (dh.astype(x_dtype), dh.astype(r_dtype), *dparams)
 
   kernels.defvjp(kernels_fwd, kernels_bwd)
@@ -319,8 +346,8 @@ def add_normalize_rows(x: jax.Array, residual: jax.Array, scale: jax.Array | Non
   As `normalize_rows` (same plain case, same differentiation), with `residual` of `x`'s shape
   in a dtype the kernels take and `h_dtype` their promoted dtype; the statistics are those of
   the rounded `h` in float32, `y` rounded once to `y_dtype`. Reverse mode runs the backward
-  kernel on `h` and adds `h`'s cotangent. `xla(x, residual, scale, bias)` is the same on the
-  XLA path.
+  kernel on `h` with `h`'s own cotangent as an extra input, added on chip.
+  `xla(x, residual, scale, bias)` is the same on the XLA path.
   """
   lead, features = x.shape[:-1], x.shape[-1]
   x2 = x.reshape(math.prod(lead), features)

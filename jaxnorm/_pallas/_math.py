@@ -120,16 +120,17 @@ def add_forward_refs(refs, has_scale: bool, has_bias: bool):
   return x, residual, scale, bias, y, h, stats
 
 
-def backward_refs(refs, centered: bool, has_scale: bool, has_bias: bool):
-  """`(x, dy, mean, rstd, scale, dx, dscale, dbias)` of a backward kernel's refs, laid out
-  `x, dy, [mean], rstd, [scale], dx, [dscale], [dbias]` by every kernel's `backward_call`
-  (absent ones None)."""
+def backward_refs(refs, centered: bool, has_scale: bool, has_bias: bool, has_dh: bool = False):
+  """`(x, dy, dh, mean, rstd, scale, dx, dscale, dbias)` of a backward kernel's refs, laid out
+  `x, dy, [dh], [mean], rstd, [scale], dx, [dscale], [dbias]` by every kernel's
+  `backward_call` (absent ones None; `dh`, a cotangent added to `dx`, in the residual add's)."""
   refs = list(refs)
   x, dy = refs.pop(0), refs.pop(0)
+  dh = refs.pop(0) if has_dh else None
   mean = refs.pop(0) if centered else None
   rstd = refs.pop(0)
   scale = refs.pop(0) if has_scale else None
   dx = refs.pop(0)
   dscale = refs.pop(0) if has_scale else None
   dbias = refs.pop(0) if has_bias else None
-  return x, dy, mean, rstd, scale, dx, dscale, dbias
+  return x, dy, dh, mean, rstd, scale, dx, dscale, dbias

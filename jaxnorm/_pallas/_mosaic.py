@@ -117,16 +117,18 @@ def _sublanes(dtype: Any) -> int:
 def _vmem_bytes(block_rows: int, features: int, dtype: Any, backward: bool,
                 wide: Any = None) -> int:
   """VMEM a step needs: double-buffered blocks of the row arrays in `dtype` (x, y; or x, dy,
-  dx; with a residual dtype `wide`, the residual forward's x, residual, y and h, each counted
-  in the wider dtype), the float32 temporaries and columns, double-buffered parameter and
-  float32 sum rows (a row of a tile is padded to a whole tile) and the statistics blocks."""
+  dx; with a residual dtype `wide`, the residual kernels' x, residual, y and h, or h, dy, dh
+  and dx, each counted in the wider dtype), the float32 temporaries and columns,
+  double-buffered parameter and float32 sum rows (a row of a tile is padded to a whole tile)
+  and the statistics blocks."""
   f = _round_up(features, 128)
   rows = _round_up(block_rows, _sublanes(dtype))
   size = jnp.dtype(dtype).itemsize
   arrays, temps, columns, vectors = ((3, _BWD_TEMPS, _BWD_COLUMNS, 4) if backward
                                      else (2, _FWD_TEMPS, _FWD_COLUMNS, 2))
-  if wide is not None and not backward:
-    arrays, temps, size = 4, _ADD_FWD_TEMPS, max(size, jnp.dtype(wide).itemsize)
+  if wide is not None:  # the residual kernels: x, r, y, h; or h, dy, dh, dx
+    arrays, size = 4, max(size, jnp.dtype(wide).itemsize)
+    temps = temps if backward else _ADD_FWD_TEMPS
   per_row = 2 * arrays * f * size + temps * f * 4 + columns * 128 * 4
   fixed = 2 * vectors * 8 * f * 4 + 2 * 2 * 8 * _round_up(block_rows, 128) * 4
   return int(rows * per_row) + fixed
@@ -147,7 +149,8 @@ def blocking(rows: int, features: int, dtype: Any, generation: str | None = None
   (`SCOPED_VMEM`, `_vmem_bytes`; without a generation, of every generation: see `_budget`), at
   most `_MAX_BLOCK_ROWS` and `_MAX_BLOCK_BYTES` of `x` (but at least one tile): a multiple of
   the dtype's tile rows (8 for float32, 16 for bfloat16), or all `rows` when they fit in one
-  block. With a residual dtype `wide`, `"fwd"` is the residual forward's (`add_forward_call`).
+  block. With a residual dtype `wide`, both are the residual kernels' (`add_forward_call`,
+  `backward_call` with `dh2`).
 
   Raises:
     ValueError: `rows` or `features` below 1, a generation not in `SCOPED_VMEM`, or a row too
@@ -207,9 +210,9 @@ def _add_forward_kernel(*refs, features: int, eps: float, centered: bool, has_sc
 
 
 def _backward_kernel(*refs, rows: int, features: int, centered: bool, has_scale: bool,
-                     has_bias: bool):
-  x_ref, dy_ref, mean_ref, rstd_ref, g_ref, dx_ref, dg_ref, db_ref = backward_refs(
-      refs, centered, has_scale, has_bias)
+                     has_bias: bool, has_dh: bool = False):
+  x_ref, dy_ref, dh_ref, mean_ref, rstd_ref, g_ref, dx_ref, dg_ref, db_ref = backward_refs(
+      refs, centered, has_scale, has_bias, has_dh)
   # dγ and dβ, each (1, F) float32, resident across the grid
   sum_refs = [r for r in (dg_ref, db_ref) if r is not None]
   block = x_ref.shape[0]
@@ -223,6 +226,8 @@ def _backward_kernel(*refs, rows: int, features: int, centered: bool, has_scale:
   dx, dg, db = backward_math(x_ref[...].astype(f32), dy_ref[...].astype(f32), mean, rstd,
                              None if g_ref is None else g_ref[...].astype(f32), valid,
                              features, centered, keepdims=True, mask_dy=True)
+  if dh_ref is not None:  # the residual add's: the sum's own cotangent
+    dx = dx + dh_ref[...].astype(f32)
   dx_ref[...] = dx.astype(dx_ref.dtype)
   sums = [s for s, on in ((dg, has_scale), (db, has_bias)) if on]
 
@@ -239,7 +244,7 @@ def supports(features: int, dtype: Any, generation: str | None = None,
              wide: Any = None) -> bool:
   """Whether the kernels take rows of `features` in `dtype` on `generation` (by default, on
   every generation in `SCOPED_VMEM`): a dtype in `DTYPES`, a generation in `SCOPED_VMEM`, and a
-  row that `blocking` fits in VMEM (with `wide`, the residual forward's rows of a residual of
+  row that `blocking` fits in VMEM (with `wide`, the residual kernels' rows of a residual of
   that dtype). A dispatch should give the XLA path wherever this is False."""
   if any(jnp.dtype(d).name not in DTYPES for d in (dtype, wide) if d is not None):
     return False
@@ -298,7 +303,7 @@ def forward_call(x2: jax.Array, params: Sequence[jax.Array], *, eps: float, cent
 
 
 def add_dtypes(x_dtype: Any, residual_dtype: Any) -> tuple[Any, Any]:
-  """`(dtype, wide)` for `blocking` and `supports` of the residual forward: the narrower of
+  """`(dtype, wide)` for `blocking` and `supports` of the residual kernels: the narrower of
   the two, whose tiles have the most rows, and the wider, whose blocks take the most bytes."""
   narrow, wide = sorted((jnp.dtype(x_dtype), jnp.dtype(residual_dtype)),
                         key=lambda d: d.itemsize)
@@ -343,20 +348,29 @@ def add_forward_call(x2: jax.Array, r2: jax.Array, params: Sequence[jax.Array], 
 
 def backward_call(x2: jax.Array, dy2: jax.Array, stats: Sequence[jax.Array],
                   scale: jax.Array | None, *, has_bias: bool, bias_dtype: Any, centered: bool,
-                  interpret: Any, generation: str | None = None):
+                  interpret: Any, generation: str | None = None,
+                  dh2: jax.Array | None = None):
   """`(dx, dscale, dbias)` of the normalization of rows `x2` for the cotangent `dy2`.
 
   `stats` are `forward_call`'s (`([mean,] rstd)`, float32 `(R,)`); `dscale` (if `scale` is
   given) and `dbias` (if `has_bias`, in `bias_dtype`) are the float32 sums over all rows cast to
   the parameter's dtype, None otherwise. `interpret` and `generation` as in `forward_call`.
+  With `dh2` (the residual add's, of `x2`'s shape and dtype: `x2` is the sum `h`), `dx` is the
+  sum's whole cotangent `dh2 + dx`, added on chip, in blocks sized for four row arrays.
   """
-  _check_dtypes(x2, dy2, *(() if scale is None else (scale,)))
+  dh = [] if dh2 is None else [dh2]
+  _check_dtypes(x2, dy2, *dh, *(() if scale is None else (scale,)))
   rows, features = x2.shape
-  block = blocking(rows, features, x2.dtype, generation)["bwd"]
+  if dh2 is None:
+    block = blocking(rows, features, x2.dtype, generation)["bwd"]
+  else:
+    narrow, wide = add_dtypes(dy2.dtype, x2.dtype)
+    block = blocking(rows, features, narrow, generation, wide)["bwd"]
   nblocks = pl.cdiv(rows, block)
   has_scale = scale is not None
   kernel = functools.partial(_backward_kernel, rows=rows, features=features, centered=centered,
-                             has_scale=has_scale, has_bias=has_bias)
+                             has_scale=has_scale, has_bias=has_bias,
+                             **({} if dh2 is None else {"has_dh": True}))
   row_spec = pl.BlockSpec((block, features), lambda i: (i, 0))
   stat_spec = pl.BlockSpec((1, 1, block), lambda i: (i, 0, 0))
   vec_spec = pl.BlockSpec((1, features), lambda i: (0, 0))  # also the resident sums
@@ -368,13 +382,14 @@ def backward_call(x2: jax.Array, dy2: jax.Array, stats: Sequence[jax.Array],
       out_shape=([jax.ShapeDtypeStruct(x2.shape, x2.dtype)]
                  + [jax.ShapeDtypeStruct((1, features), jnp.float32)] * nsums),
       grid=(nblocks,),
-      in_specs=[row_spec, row_spec] + [stat_spec] * len(stats3) + [vec_spec] * len(params),
+      in_specs=([row_spec, row_spec] + [row_spec] * len(dh) + [stat_spec] * len(stats3)
+                + [vec_spec] * len(params)),
       out_specs=[row_spec] + [vec_spec] * nsums,
       # The sums accumulate across the grid: its steps run in order on one core.
       compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
       interpret=interpret,
-      name=f"jaxnorm_{'layer' if centered else 'rms'}_norm_bwd",
-  )(x2, dy2, *stats3, *params)
+      name=f"jaxnorm_{'add_' if dh else ''}{'layer' if centered else 'rms'}_norm_bwd",
+  )(x2, dy2, *dh, *stats3, *params)
   it = iter(sums)
   dscale = next(it).reshape(features).astype(scale.dtype) if scale is not None else None
   dbias = next(it).reshape(features).astype(bias_dtype) if has_bias else None

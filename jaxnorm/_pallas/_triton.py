@@ -117,9 +117,9 @@ def _add_forward_kernel(*all_refs, rows: int, features: int, eps: float, centere
 
 
 def _backward_kernel(*all_refs, rows: int, features: int, chunk: int, steps: int,
-                     centered: bool, has_scale: bool, has_bias: bool):
-  x_ref, dy_ref, mean_ref, rstd_ref, g_ref, dx_ref, dg_ref, db_ref = backward_refs(
-      all_refs, centered, has_scale, has_bias)
+                     centered: bool, has_scale: bool, has_bias: bool, has_dh: bool = False):
+  x_ref, dy_ref, dh_ref, mean_ref, rstd_ref, g_ref, dx_ref, dg_ref, db_ref = backward_refs(
+      all_refs, centered, has_scale, has_bias, has_dh)
   f_pad = x_ref.shape[1]
   block0 = pl.program_id(0) * (chunk * steps)
   ragged = rows % (chunk * steps) != 0
@@ -135,6 +135,8 @@ def _backward_kernel(*all_refs, rows: int, features: int, chunk: int, steps: int
     mean = None if mean_ref is None else _load(mean_ref.at[rs], row_ok)
     rstd = _load(rstd_ref.at[rs], row_ok)
     dx, dg, db = backward_math(x, dy, mean, rstd, g, valid, features, centered)
+    if dh_ref is not None:  # the residual add's: the sum's own cotangent
+      dx = dx + _load(dh_ref.at[rs, :], valid)
     _store(dx_ref.at[rs, :], dx, valid)
     return acc[0] + dg, acc[1] + db
 
@@ -204,7 +206,9 @@ def add_forward_call(x2: jax.Array, r2: jax.Array, params: Sequence[jax.Array], 
 
 
 def backward_call(x2, dy2, stats, scale, *, has_bias: bool, bias_dtype: Any,
-                   centered: bool, interpret: bool):
+                   centered: bool, interpret: bool, dh2: jax.Array | None = None):
+  """`(dx, dscale, dbias)` (see `_mosaic.backward_call`); with `dh2` (the residual add's, of
+  `x2`'s shape), `dx` is the sum's whole cotangent `dh2 + dx`, added on chip."""
   rows, features = x2.shape
   blk = blocking(rows, features)
   f_pad, chunk, steps = blk["f_pad"], blk["chunk"], blk["steps"]
@@ -212,7 +216,7 @@ def backward_call(x2, dy2, stats, scale, *, has_bias: bool, bias_dtype: Any,
   programs = pl.cdiv(rows, block)
   kernel = functools.partial(_backward_kernel, rows=rows, features=features, chunk=chunk,
                              steps=steps, centered=centered, has_scale=scale is not None,
-                             has_bias=has_bias)
+                             has_bias=has_bias, **({} if dh2 is None else {"has_dh": True}))
   row_spec = pl.BlockSpec((block, f_pad), lambda i: (i, 0))
   stat_spec = pl.BlockSpec((block,), lambda i: (i,))
   vec_spec = pl.BlockSpec((f_pad,), lambda i: (0,))
@@ -220,16 +224,18 @@ def backward_call(x2, dy2, stats, scale, *, has_bias: bool, bias_dtype: Any,
   part = jax.ShapeDtypeStruct((programs, features), jnp.float32)
   params = [] if scale is None else [scale]
   nparts = (scale is not None) + has_bias
+  dh = [] if dh2 is None else [dh2]
   outs = pl.pallas_call(
       kernel,
       out_shape=[jax.ShapeDtypeStruct(x2.shape, x2.dtype)] + [part] * nparts,
       grid=(programs,),
-      in_specs=[row_spec, row_spec] + [stat_spec] * len(stats) + [vec_spec] * len(params),
+      in_specs=([row_spec, row_spec] + [row_spec] * len(dh) + [stat_spec] * len(stats)
+                + [vec_spec] * len(params)),
       out_specs=[row_spec] + [part_spec] * nparts,
       compiler_params=plgpu.CompilerParams(num_warps=blk["warps_b"], num_stages=1),
       interpret=interpret,
-      name=f"jaxnorm_{'layer' if centered else 'rms'}_norm_bwd",
-  )(x2, dy2, *stats, *params)
+      name=f"jaxnorm_{'add_' if dh else ''}{'layer' if centered else 'rms'}_norm_bwd",
+  )(x2, dy2, *dh, *stats, *params)
   dx, parts = outs[0], iter(outs[1:])
   dscale = None if scale is None else jnp.sum(next(parts), axis=0).astype(scale.dtype)
   dbias = jnp.sum(next(parts), axis=0).astype(bias_dtype) if has_bias else None
