@@ -91,8 +91,9 @@ class _Rows(NamedTuple):
   has_bias: bool
   bias_dtype: Any
   mosaic: bool  # the Mosaic kernels take these rows on TPU (else XLA there)
-  y_dtype: Any = None  # the residual forward's output dtypes (`add_normalize_rows`)
+  y_dtype: Any = None  # the residual kernels' dtypes (`add_normalize_rows`): y's, h's,
   h_dtype: Any = None
+  in_dtypes: tuple[Any, ...] = ()  # and x's and the residual's (their cotangents')
 
   def split(self, params):
     """`(scale, bias)` from the parameters given (None where absent)."""
@@ -145,14 +146,16 @@ def _backward_kernel(module: Any, k: _Rows, x2, dy2, *rest, interpret: bool):
 
 def _add_backward_kernel(module: Any, k: _Rows, h2, dy2, dh2, *rest, interpret: bool):
   stats, s = k.split_rest(rest)
-  out = module.backward_call(h2, dy2, stats, s, has_bias=k.has_bias, bias_dtype=k.bias_dtype,
-                             centered=k.centered, interpret=interpret, dh2=dh2)
-  return tuple(o for o in out if o is not None)
+  dxs, *dparams = module.backward_call(h2, dy2, stats, s, has_bias=k.has_bias,
+                                      bias_dtype=k.bias_dtype, centered=k.centered,
+                                      interpret=interpret, dh2=dh2, out_dtypes=k.in_dtypes)
+  return (*dxs, *(o for o in dparams if o is not None))
 
 
 def _add_backward_ref(k: _Rows, h2, dy2, dh2, *rest):
   dx, *dparams = _backward_ref(k, h2, dy2, *rest)
-  return ((dx.astype(jnp.float32) + dh2.astype(jnp.float32)).astype(h2.dtype), *dparams)
+  dx = dx.astype(jnp.float32) + dh2.astype(jnp.float32)
+  return (*(dx.astype(d) for d in k.in_dtypes), *dparams)
 
 
 def _backward_ref(k: _Rows, x2, dy2, *rest):
@@ -220,8 +223,9 @@ def _backward(k: _Rows):
 
 
 def _add_backward(k: _Rows):
-  """The backward kernel of the residual add, `dh + norm'(h)ᵀ dy` in `h`'s dtype (and the
-  parameters' cotangents), with a forward-mode derivative from `_add_backward_ref`."""
+  """The backward kernel of the residual add: `dh + norm'(h)ᵀ dy` in x's dtype and in the
+  residual's (both inputs' cotangents) and the parameters', with a forward-mode derivative
+  from `_add_backward_ref`."""
 
   @jax.custom_jvp
   def add_backward(h2, dy2, dh2, *rest):
@@ -252,7 +256,7 @@ def _kernels(k: _Rows):
   return kernels
 
 
-def _add_kernels(k: _Rows, x_dtype: Any, r_dtype: Any):
+def _add_kernels(k: _Rows):
   """The residual forward kernel, `(y, h)`, whose reverse-mode derivative is the backward
   kernel run on `h` that adds `h`'s own cotangent: both inputs' is `dh + norm'(h)ᵀ dy`."""
   forward, backward = _add_forward(k), _add_backward(k)
@@ -270,8 +274,7 @@ def _add_kernels(k: _Rows, x_dtype: Any, r_dtype: Any):
     h, stats, params = res
     dy2, dh2 = cotangents
     s, _ = k.split(params)
-    dh, *dparams = backward(h, dy2, dh2.astype(h.dtype), *stats, *(() if s is None else (s,)))
-    return (dh.astype(x_dtype), dh.astype(r_dtype), *dparams)
+    return tuple(backward(h, dy2, dh2.astype(h.dtype), *stats, *(() if s is None else (s,))))
 
   kernels.defvjp(kernels_fwd, kernels_bwd)
   return kernels
@@ -346,7 +349,8 @@ def add_normalize_rows(x: jax.Array, residual: jax.Array, scale: jax.Array | Non
   As `normalize_rows` (same plain case, same differentiation), with `residual` of `x`'s shape
   in a dtype the kernels take and `h_dtype` their promoted dtype; the statistics are those of
   the rounded `h` in float32, `y` rounded once to `y_dtype`. Reverse mode runs the backward
-  kernel on `h` with `h`'s own cotangent as an extra input, added on chip.
+  kernel on `h` with `h`'s own cotangent as an extra input, added on chip, and writes both
+  inputs' cotangents.
   `xla(x, residual, scale, bias)` is the same on the XLA path.
   """
   lead, features = x.shape[:-1], x.shape[-1]
@@ -356,9 +360,9 @@ def add_normalize_rows(x: jax.Array, residual: jax.Array, scale: jax.Array | Non
             None if bias is None else bias.dtype,
             _mosaic_takes(features, *_mosaic.add_dtypes(x.dtype, residual.dtype), (scale, bias))
             and jnp.dtype(y_dtype).name in _mosaic.DTYPES,
-            jnp.dtype(y_dtype), jnp.dtype(h_dtype))
+            jnp.dtype(y_dtype), jnp.dtype(h_dtype), (x.dtype, residual.dtype))
   params = tuple(p for p in (scale, bias) if p is not None)
-  fused = _tangents_by_mode(_add_kernels(k, x.dtype, residual.dtype),
+  fused = _tangents_by_mode(_add_kernels(k),
                             lambda x2, r2, *p: xla(x2, r2, *k.split(p)))
   y, h = fused(x2, r2, *params)
   return y.reshape(x.shape), h.reshape(x.shape)

@@ -121,16 +121,17 @@ def add_forward_refs(refs, has_scale: bool, has_bias: bool):
 
 
 def backward_refs(refs, centered: bool, has_scale: bool, has_bias: bool, has_dh: bool = False):
-  """`(x, dy, dh, mean, rstd, scale, dx, dscale, dbias)` of a backward kernel's refs, laid out
-  `x, dy, [dh], [mean], rstd, [scale], dx, [dscale], [dbias]` by every kernel's
-  `backward_call` (absent ones None; `dh`, a cotangent added to `dx`, in the residual add's)."""
+  """`(x, dy, dh, mean, rstd, scale, dxs, dscale, dbias)` of a backward kernel's refs, laid out
+  `x, dy, [dh], [mean], rstd, [scale], dx, [dr], [dscale], [dbias]` by every kernel's
+  `backward_call` (absent ones None; `dxs` the list of `dx` and, with `dh`, `dr`: the residual
+  add's, whose `dh` is added to `dx` and whose two inputs' cotangents are both that sum)."""
   refs = list(refs)
   x, dy = refs.pop(0), refs.pop(0)
   dh = refs.pop(0) if has_dh else None
   mean = refs.pop(0) if centered else None
   rstd = refs.pop(0)
   scale = refs.pop(0) if has_scale else None
-  dx = refs.pop(0)
+  dxs = [refs.pop(0) for _ in range(1 + has_dh)]
   dscale = refs.pop(0) if has_scale else None
   dbias = refs.pop(0) if has_bias else None
-  return x, dy, dh, mean, rstd, scale, dx, dscale, dbias
+  return x, dy, dh, mean, rstd, scale, dxs, dscale, dbias

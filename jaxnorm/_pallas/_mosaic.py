@@ -117,8 +117,8 @@ def _sublanes(dtype: Any) -> int:
 def _vmem_bytes(block_rows: int, features: int, dtype: Any, backward: bool,
                 wide: Any = None) -> int:
   """VMEM a step needs: double-buffered blocks of the row arrays in `dtype` (x, y; or x, dy,
-  dx; with a residual dtype `wide`, the residual kernels' x, residual, y and h, or h, dy, dh
-  and dx, each counted in the wider dtype), the float32 temporaries and columns,
+  dx; with a residual dtype `wide`, the residual kernels' x, residual, y and h, or h, dy, dh,
+  dx and dr, each counted in the wider dtype), the float32 temporaries and columns,
   double-buffered parameter and float32 sum rows (a row of a tile is padded to a whole tile)
   and the statistics blocks."""
   f = _round_up(features, 128)
@@ -126,8 +126,8 @@ def _vmem_bytes(block_rows: int, features: int, dtype: Any, backward: bool,
   size = jnp.dtype(dtype).itemsize
   arrays, temps, columns, vectors = ((3, _BWD_TEMPS, _BWD_COLUMNS, 4) if backward
                                      else (2, _FWD_TEMPS, _FWD_COLUMNS, 2))
-  if wide is not None:  # the residual kernels: x, r, y, h; or h, dy, dh, dx
-    arrays, size = 4, max(size, jnp.dtype(wide).itemsize)
+  if wide is not None:  # the residual kernels: x, r, y, h; or h, dy, dh, dx, dr
+    arrays, size = 5 if backward else 4, max(size, jnp.dtype(wide).itemsize)
     temps = temps if backward else _ADD_FWD_TEMPS
   per_row = 2 * arrays * f * size + temps * f * 4 + columns * 128 * 4
   fixed = 2 * vectors * 8 * f * 4 + 2 * 2 * 8 * _round_up(block_rows, 128) * 4
@@ -211,7 +211,7 @@ def _add_forward_kernel(*refs, features: int, eps: float, centered: bool, has_sc
 
 def _backward_kernel(*refs, rows: int, features: int, centered: bool, has_scale: bool,
                      has_bias: bool, has_dh: bool = False):
-  x_ref, dy_ref, dh_ref, mean_ref, rstd_ref, g_ref, dx_ref, dg_ref, db_ref = backward_refs(
+  x_ref, dy_ref, dh_ref, mean_ref, rstd_ref, g_ref, dx_refs, dg_ref, db_ref = backward_refs(
       refs, centered, has_scale, has_bias, has_dh)
   # dγ and dβ, each (1, F) float32, resident across the grid
   sum_refs = [r for r in (dg_ref, db_ref) if r is not None]
@@ -228,7 +228,8 @@ def _backward_kernel(*refs, rows: int, features: int, centered: bool, has_scale:
                              features, centered, keepdims=True, mask_dy=True)
   if dh_ref is not None:  # the residual add's: the sum's own cotangent
     dx = dx + dh_ref[...].astype(f32)
-  dx_ref[...] = dx.astype(dx_ref.dtype)
+  for dx_ref in dx_refs:
+    dx_ref[...] = dx.astype(dx_ref.dtype)
   sums = [s for s, on in ((dg, has_scale), (db, has_bias)) if on]
 
   @pl.when(i == 0)
@@ -349,14 +350,15 @@ def add_forward_call(x2: jax.Array, r2: jax.Array, params: Sequence[jax.Array], 
 def backward_call(x2: jax.Array, dy2: jax.Array, stats: Sequence[jax.Array],
                   scale: jax.Array | None, *, has_bias: bool, bias_dtype: Any, centered: bool,
                   interpret: Any, generation: str | None = None,
-                  dh2: jax.Array | None = None):
+                  dh2: jax.Array | None = None, out_dtypes: Sequence[Any] = ()):
   """`(dx, dscale, dbias)` of the normalization of rows `x2` for the cotangent `dy2`.
 
   `stats` are `forward_call`'s (`([mean,] rstd)`, float32 `(R,)`); `dscale` (if `scale` is
   given) and `dbias` (if `has_bias`, in `bias_dtype`) are the float32 sums over all rows cast to
   the parameter's dtype, None otherwise. `interpret` and `generation` as in `forward_call`.
-  With `dh2` (the residual add's, of `x2`'s shape and dtype: `x2` is the sum `h`), `dx` is the
-  sum's whole cotangent `dh2 + dx`, added on chip, in blocks sized for four row arrays.
+  With `dh2` (the residual add's, of `x2`'s shape and dtype: `x2` is the sum `h`) it returns
+  `((dx, dr), dscale, dbias)`: the sum's whole cotangent `dh2 + dx`, added on chip and written
+  in each of `out_dtypes` (x's and the residual's), in blocks sized for five row arrays.
   """
   dh = [] if dh2 is None else [dh2]
   _check_dtypes(x2, dy2, *dh, *(() if scale is None else (scale,)))
@@ -377,20 +379,21 @@ def backward_call(x2: jax.Array, dy2: jax.Array, stats: Sequence[jax.Array],
   stats3 = [jnp.pad(s, (0, nblocks * block - rows)).reshape(nblocks, 1, block) for s in stats]
   params = [] if scale is None else [scale.reshape(1, features)]
   nsums = has_scale + has_bias
-  dx, *sums = pl.pallas_call(
+  outs = pl.pallas_call(
       kernel,
-      out_shape=([jax.ShapeDtypeStruct(x2.shape, x2.dtype)]
+      out_shape=([jax.ShapeDtypeStruct(x2.shape, d) for d in (out_dtypes if dh else [x2.dtype])]
                  + [jax.ShapeDtypeStruct((1, features), jnp.float32)] * nsums),
       grid=(nblocks,),
       in_specs=([row_spec, row_spec] + [row_spec] * len(dh) + [stat_spec] * len(stats3)
                 + [vec_spec] * len(params)),
-      out_specs=[row_spec] + [vec_spec] * nsums,
+      out_specs=[row_spec] * (1 + len(dh)) + [vec_spec] * nsums,
       # The sums accumulate across the grid: its steps run in order on one core.
       compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
       interpret=interpret,
       name=f"jaxnorm_{'add_' if dh else ''}{'layer' if centered else 'rms'}_norm_bwd",
   )(x2, dy2, *dh, *stats3, *params)
-  it = iter(sums)
+  dx = tuple(outs[:2]) if dh else outs[0]
+  it = iter(outs[1 + len(dh):])
   dscale = next(it).reshape(features).astype(scale.dtype) if scale is not None else None
   dbias = next(it).reshape(features).astype(bias_dtype) if has_bias else None
   return dx, dscale, dbias

@@ -118,7 +118,7 @@ def _add_forward_kernel(*all_refs, rows: int, features: int, eps: float, centere
 
 def _backward_kernel(*all_refs, rows: int, features: int, chunk: int, steps: int,
                      centered: bool, has_scale: bool, has_bias: bool, has_dh: bool = False):
-  x_ref, dy_ref, dh_ref, mean_ref, rstd_ref, g_ref, dx_ref, dg_ref, db_ref = backward_refs(
+  x_ref, dy_ref, dh_ref, mean_ref, rstd_ref, g_ref, dx_refs, dg_ref, db_ref = backward_refs(
       all_refs, centered, has_scale, has_bias, has_dh)
   f_pad = x_ref.shape[1]
   block0 = pl.program_id(0) * (chunk * steps)
@@ -137,7 +137,8 @@ def _backward_kernel(*all_refs, rows: int, features: int, chunk: int, steps: int
     dx, dg, db = backward_math(x, dy, mean, rstd, g, valid, features, centered)
     if dh_ref is not None:  # the residual add's: the sum's own cotangent
       dx = dx + _load(dh_ref.at[rs, :], valid)
-    _store(dx_ref.at[rs, :], dx, valid)
+    for dx_ref in dx_refs:
+      _store(dx_ref.at[rs, :], dx, valid)
     return acc[0] + dg, acc[1] + db
 
   zeros = jnp.zeros((f_pad,), jnp.float32)
@@ -206,9 +207,11 @@ def add_forward_call(x2: jax.Array, r2: jax.Array, params: Sequence[jax.Array], 
 
 
 def backward_call(x2, dy2, stats, scale, *, has_bias: bool, bias_dtype: Any,
-                   centered: bool, interpret: bool, dh2: jax.Array | None = None):
+                   centered: bool, interpret: bool, dh2: jax.Array | None = None,
+                   out_dtypes: Sequence[Any] = ()):
   """`(dx, dscale, dbias)` (see `_mosaic.backward_call`); with `dh2` (the residual add's, of
-  `x2`'s shape), `dx` is the sum's whole cotangent `dh2 + dx`, added on chip."""
+  `x2`'s shape) `((dx, dr), dscale, dbias)`: the sum's whole cotangent `dh2 + dx`, added on
+  chip, written in each of `out_dtypes` (x's and the residual's)."""
   rows, features = x2.shape
   blk = blocking(rows, features)
   f_pad, chunk, steps = blk["f_pad"], blk["chunk"], blk["steps"]
@@ -227,16 +230,17 @@ def backward_call(x2, dy2, stats, scale, *, has_bias: bool, bias_dtype: Any,
   dh = [] if dh2 is None else [dh2]
   outs = pl.pallas_call(
       kernel,
-      out_shape=[jax.ShapeDtypeStruct(x2.shape, x2.dtype)] + [part] * nparts,
+      out_shape=([jax.ShapeDtypeStruct(x2.shape, d) for d in (out_dtypes if dh else [x2.dtype])]
+                 + [part] * nparts),
       grid=(programs,),
       in_specs=([row_spec, row_spec] + [row_spec] * len(dh) + [stat_spec] * len(stats)
                 + [vec_spec] * len(params)),
-      out_specs=[row_spec] + [part_spec] * nparts,
+      out_specs=[row_spec] * (1 + len(dh)) + [part_spec] * nparts,
       compiler_params=plgpu.CompilerParams(num_warps=blk["warps_b"], num_stages=1),
       interpret=interpret,
       name=f"jaxnorm_{'add_' if dh else ''}{'layer' if centered else 'rms'}_norm_bwd",
   )(x2, dy2, *dh, *stats, *params)
-  dx, parts = outs[0], iter(outs[1:])
+  dx, parts = (tuple(outs[:2]) if dh else outs[0]), iter(outs[1 + len(dh):])
   dscale = None if scale is None else jnp.sum(next(parts), axis=0).astype(scale.dtype)
   dbias = jnp.sum(next(parts), axis=0).astype(bias_dtype) if has_bias else None
   return dx, dscale, dbias
