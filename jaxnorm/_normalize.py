@@ -19,7 +19,7 @@ from jax.typing import ArrayLike
 from . import _checks, _pallas
 from ._apply import apply_given
 from ._checks import Spec
-from ._dtypes import residual_norm_dtype, residual_sum_dtype, wide_dtype
+from ._dtypes import residual_sum_dtype, wide_dtype
 from ._fused import fused_norm
 from ._layout import broadcast_param, split_axis
 from ._stats import AxisName, residual_sum
@@ -82,18 +82,17 @@ def add_by_kernel(name: str, x: jax.Array, residual: jax.Array, scale: Any, bias
   `add_rms_norm`) by the residual kernels, which read x and the residual once and write h and
   y; None outside their case, for the caller's path (the kernels on the sum, or its error).
 
-  Their case is the row kernels' plain case with a residual in a dtype they take, some
-  elements, at most `_pallas.MAX_FEATURES` features and a sum as wide as `out` (a wider `out`
-  normalizes the sum converted to it).
+  Their case is the row kernels' plain case with a residual and an `out` in dtypes they take,
+  some elements and at most `_pallas.MAX_FEATURES` features. An `out` wider than the sum
+  (flax's layers: float32 for bfloat16 input) is the norm of the sum converted to it, which the
+  kernel computes as it does every norm: in float32 from the rounded sum, rounded once.
   """
   if (_pallas.obstacle(x, scale, bias, spec.epsilon, spec.mask, spec.reduction_axes,
                        spec.feature_axes, spec.axis_name) is not None
-      or jnp.dtype(residual.dtype).name not in _pallas.DTYPES
+      or any(jnp.dtype(d).name not in _pallas.DTYPES for d in (residual.dtype, out))
       or x.size == 0 or x.shape[-1] > _pallas.MAX_FEATURES):
     return None
   h_dtype = residual_sum_dtype(x.dtype, residual.dtype)
-  if residual_norm_dtype(h_dtype, out) != h_dtype:
-    return None
   llama = convention == "llama"
   rows = spec._replace(reduction_axes=(1,), feature_axes=(1,), mask=None)
   with jax.named_scope(f"jaxnorm.{name}"):

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import jaxnorm as jn
+from jaxnorm import _pallas
 from jaxnorm._dtypes import residual_sum_dtype
 from jaxnorm._pallas import _mosaic
 from tests import refs
@@ -155,20 +156,33 @@ def test_one_forward_kernel_and_one_backward_kernel_with_the_add(name):
   assert f"jaxnorm_{row}_fwd" not in text and f"jaxnorm_{row}_bwd" not in text
 
 
-def test_outside_the_residual_kernels_case_today_s_path_runs():
-  x, r = _inputs("plain", DTYPES["bfloat16"], shape=(4, 32))
-  scale, _ = _params(32)
-  # a wider output: the sum converted to float32 is normalized by the row kernels
-  text = _text(lambda x, r: jn.add_rms_norm(x, r, scale, implementation="pallas",
-                                            dtype=jnp.float32), x, r)
-  assert "jaxnorm_rms_norm_fwd" in text and "jaxnorm_add_" not in text
-  # None and "xla" stay on the XLA path
+def test_a_wider_output_and_the_paths_outside_the_kernels():
+  x, r = _inputs("offset", DTYPES["bfloat16"], shape=(6, 40))
+  scale, bias = _params(40)
+  # a wider output (flax's layers: float32 out of bfloat16 input): the residual kernel, the norm
+  # of the bfloat16 sum in float32, rounded once to float32
+  f = functools.partial(jn.add_layer_norm, dtype=jnp.float32)
+  assert "jaxnorm_add_layer_norm_fwd" in _text(
+      lambda x, r: f(x, r, scale, bias, implementation="pallas"), x, r)
+  y, h = f(x, r, scale, bias, implementation="pallas")
+  y_x, h_x = f(x, r, scale, bias, implementation="xla")
+  assert (y.dtype, h.dtype) == (y_x.dtype, h_x.dtype) == (jnp.float32, jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(h_x, np.float32))
+  h64 = refs.f64(np.asarray(h, np.float32))
+  want = _ref_y(h64, scale, bias, True)
+  bound = refs.norm_bound(h64, want, scale)
+  refs.assert_within(y, want, bound, "wider y")
+  refs.assert_within(y, y_x, 2 * bound, "wider y vs xla")
+  # None and "xla" stay on the XLA path, and so do rows longer than the kernels take
   for impl in (None, "xla"):
-    f = functools.partial(jn.add_layer_norm, implementation=impl)
-    assert "pallas_call" not in _text(f, x, r)
+    g = functools.partial(jn.add_layer_norm, implementation=impl)
+    assert "pallas_call" not in _text(g, x, r)
+  long = jax.ShapeDtypeStruct((2, _pallas.MAX_FEATURES + 1), jnp.float32)
+  assert "pallas_call" not in _text(
+      lambda x, r: jn.add_rms_norm(x, r, implementation="pallas"), long, long)
   # outside the plain case "pallas" is the row kernels' error
   with pytest.raises(ValueError, match=r"implementation='pallas'.*mask"):
-    jn.add_rms_norm(x, r, mask=jnp.ones((4, 32), bool), implementation="pallas")
+    jn.add_rms_norm(x, r, mask=jnp.ones((6, 40), bool), implementation="pallas")
 
 
 @pytest.mark.parametrize("convention", ["llama", "gemma"])
@@ -301,3 +315,20 @@ def test_mosaic_supports_the_residual_kernels_where_they_fit():
     two = _mosaic.blocking(1 << 20, f, jnp.bfloat16)
     four = _mosaic.blocking(1 << 20, f, jnp.bfloat16, None, jnp.float32)
     assert four["fwd"] <= two["fwd"] and four["bwd"] <= two["bwd"]
+
+
+def test_the_flax_layers_pass_the_choice_through():
+  from flax import linen as nn
+
+  from jaxnorm import linen as jnn
+  x, r = _inputs("plain", DTYPES["bfloat16"], shape=(4, 32))
+  layer = jnn.AddLayerNorm(implementation="pallas")
+  v = layer.init(jax.random.key(0), x, r)
+  assert "jaxnorm_add_layer_norm_fwd" in _text(lambda x, r: layer.apply(v, x, r), x, r)
+  y, h = layer.apply(v, x, r)
+  with jax.numpy_dtype_promotion("standard"):  # flax's unfused layer of the sum
+    y_flax = nn.LayerNorm(epsilon=1e-6).apply(v, h)
+  assert y.dtype == y_flax.dtype == jnp.float32 and h.dtype == jnp.bfloat16
+  h64 = refs.f64(np.asarray(h, np.float32))
+  want = refs.ref_layer_norm(h64)
+  refs.assert_within(y, want, refs.norm_bound(h64, want), "layer")

@@ -347,10 +347,11 @@ def add_normalize_rows(x: jax.Array, residual: jax.Array, scale: jax.Array | Non
   forward kernel that reads `x` and `residual` and writes `h`, `y` and the statistics.
 
   As `normalize_rows` (same plain case, same differentiation), with `residual` of `x`'s shape
-  in a dtype the kernels take and `h_dtype` their promoted dtype; the statistics are those of
-  the rounded `h` in float32, `y` rounded once to `y_dtype`. Reverse mode runs the backward
-  kernel on `h` with `h`'s own cotangent as an extra input, added on chip, and writes both
-  inputs' cotangents.
+  in a dtype the kernels take, `h_dtype` their promoted dtype and `y_dtype` one the kernels
+  take; the statistics are those of the rounded `h` in float32, `y` rounded once to `y_dtype`
+  (a wider `y_dtype` than `h`'s: the norm of `h` converted to it, exactly). Reverse mode runs
+  the backward kernel on `h` with `h`'s own cotangent as an extra input, added on chip, and
+  writes both inputs' cotangents.
   `xla(x, residual, scale, bias)` is the same on the XLA path.
   """
   lead, features = x.shape[:-1], x.shape[-1]
@@ -358,8 +359,8 @@ def add_normalize_rows(x: jax.Array, residual: jax.Array, scale: jax.Array | Non
   r2 = residual.reshape(x2.shape)
   k = _Rows(features, eps, centered, scale is not None, bias is not None,
             None if bias is None else bias.dtype,
-            _mosaic_takes(features, *_mosaic.add_dtypes(x.dtype, residual.dtype), (scale, bias))
-            and jnp.dtype(y_dtype).name in _mosaic.DTYPES,
+            _mosaic_takes(features, *_mosaic.add_dtypes(x.dtype, residual.dtype, y_dtype),
+                          (scale, bias)),
             jnp.dtype(y_dtype), jnp.dtype(h_dtype), (x.dtype, residual.dtype))
   params = tuple(p for p in (scale, bias) if p is not None)
   fused = _tangents_by_mode(_add_kernels(k),

@@ -303,12 +303,12 @@ def forward_call(x2: jax.Array, params: Sequence[jax.Array], *, eps: float, cent
   return (y, *(s.reshape(nblocks * block)[:rows] for s in stats))
 
 
-def add_dtypes(x_dtype: Any, residual_dtype: Any) -> tuple[Any, Any]:
-  """`(dtype, wide)` for `blocking` and `supports` of the residual kernels: the narrower of
-  the two, whose tiles have the most rows, and the wider, whose blocks take the most bytes."""
-  narrow, wide = sorted((jnp.dtype(x_dtype), jnp.dtype(residual_dtype)),
-                        key=lambda d: d.itemsize)
-  return narrow, wide
+def add_dtypes(*dtypes: Any) -> tuple[Any, Any]:
+  """`(dtype, wide)` for `blocking` and `supports` of the residual kernels, from the dtypes of
+  their row arrays: the narrowest, whose tiles have the most rows, and the widest, whose blocks
+  take the most bytes."""
+  ordered = sorted((jnp.dtype(d) for d in dtypes), key=lambda d: d.itemsize)
+  return ordered[0], ordered[-1]
 
 
 def add_forward_call(x2: jax.Array, r2: jax.Array, params: Sequence[jax.Array], *, eps: float,
@@ -323,7 +323,7 @@ def add_forward_call(x2: jax.Array, r2: jax.Array, params: Sequence[jax.Array], 
   """
   _check_dtypes(x2, r2, *params)
   rows, features = x2.shape
-  narrow, wide = add_dtypes(x2.dtype, r2.dtype)
+  narrow, wide = add_dtypes(x2.dtype, r2.dtype, y_dtype)
   block = blocking(rows, features, narrow, generation, wide)["fwd"]
   nblocks = pl.cdiv(rows, block)
   kernel = functools.partial(_add_forward_kernel, features=features, eps=eps,
