@@ -264,7 +264,7 @@ def build_equinox(norm, shape, dtype, values=TIMED):
 RESIDUAL_NORMS = ("add_layer_norm", "add_rms_norm")
 RESIDUAL_SHAPES = ((4096, 512), (16384, 4096))
 RESIDUAL_DTYPES = ("float32", "bfloat16", "bfloat16+float32")
-RESIDUAL_LIBS = ("jaxnorm", "flax.linen", "flax.linen dtype=x")
+RESIDUAL_LIBS = ("jaxnorm", "jaxnorm pallas", "flax.linen", "flax.linen dtype=x")
 
 
 def residual_dtypes(name: str) -> tuple[Any, Any]:
@@ -275,13 +275,17 @@ def residual_dtypes(name: str) -> tuple[Any, Any]:
 
 def build_residual(lib, norm, shape, dtype, values=TIMED):
   """`(fn, params)` of a residual case, `fn(params, (x, r)) -> ((y, h), None)`: jaxnorm's
-  fused call, or flax.linen's norm of `h = x + r` (`dtype`: x's, for `"flax.linen dtype=x"`)."""
+  fused call (`"jaxnorm pallas"`: with `implementation="pallas"`, the residual kernels), or
+  flax.linen's norm of `h = x + r` (`dtype`: x's, for `"flax.linen dtype=x"`)."""
   c = shape[-1]
   p = values.affine(c)
-  if lib == "jaxnorm":
+  if lib in ("jaxnorm", "jaxnorm pallas"):
+    impl = "pallas" if lib == "jaxnorm pallas" else None
     if norm == "add_layer_norm":
-      return lambda p, xr: (jn.add_layer_norm(*xr, p["scale"], p["bias"]), None), p
-    return lambda p, xr: (jn.add_rms_norm(*xr, p["scale"]), None), {"scale": p["scale"]}
+      return (lambda p, xr: (jn.add_layer_norm(*xr, p["scale"], p["bias"],
+                                               implementation=impl), None)), p
+    return (lambda p, xr: (jn.add_rms_norm(*xr, p["scale"], implementation=impl), None),
+            {"scale": p["scale"]})
   import flax.linen as nn
   kw = {"dtype": dtype} if lib == "flax.linen dtype=x" else {}
   m = (nn.LayerNorm if norm == "add_layer_norm" else nn.RMSNorm)(epsilon=1e-6, **kw)

@@ -19,10 +19,10 @@ from jax.typing import ArrayLike
 from . import _checks, _pallas
 from ._apply import apply_given
 from ._checks import Spec
-from ._dtypes import wide_dtype
+from ._dtypes import residual_sum_dtype, wide_dtype
 from ._fused import fused_norm
 from ._layout import broadcast_param, split_axis
-from ._stats import AxisName
+from ._stats import AxisName, residual_sum
 
 Axes = int | Sequence[int]
 
@@ -73,6 +73,41 @@ def _norm(name: str, x: jax.Array, scale: Any, bias: Any, spec: Spec,
     return _pallas.normalize_rows(
         x, scale, bias, float(spec.epsilon), centered=spec.centered,
         xla=lambda x2, s, b: xla(x2, s, b, spec=rows, parts=()))
+
+
+def add_by_kernel(name: str, x: jax.Array, residual: jax.Array, scale: Any, bias: Any,
+                  spec: Spec, zero_centered_scale: bool, convention: str | None, out: Any
+                  ) -> tuple[jax.Array, jax.Array] | None:
+  """`(y, h)` of the fused residual add (`add_layer_norm` if `spec.centered`, else
+  `add_rms_norm`) by the residual kernels, which read x and the residual once and write h and
+  y; None outside their case, for the caller's path (the kernels on the sum, or its error).
+
+  Their case is the row kernels' plain case with a residual and an `out` in dtypes they take,
+  some elements and at most `_pallas.MAX_FEATURES` features. An `out` wider than the sum
+  (flax's layers: float32 for bfloat16 input) is the norm of the sum converted to it, which the
+  kernel computes as it does every norm: in float32 from the rounded sum, rounded once.
+  """
+  if (_pallas.obstacle(x, scale, bias, spec.epsilon, spec.mask, spec.reduction_axes,
+                       spec.feature_axes, spec.axis_name) is not None
+      or any(jnp.dtype(d).name not in _pallas.DTYPES for d in (residual.dtype, out))
+      or x.size == 0 or x.shape[-1] > _pallas.MAX_FEATURES):
+    return None
+  h_dtype = residual_sum_dtype(x.dtype, residual.dtype)
+  llama = convention == "llama"
+  rows = spec._replace(reduction_axes=(1,), feature_axes=(1,), mask=None)
+  with jax.named_scope(f"jaxnorm.{name}"):
+    g = None if llama else _zero_centered(scale, zero_centered_scale or convention == "gemma")
+    g = None if g is None else jnp.asarray(g)
+    b = None if bias is None else jnp.asarray(bias)
+
+    def xla(x2, r2, g, b):
+      h = residual_sum(x2, r2)
+      return fused_norm(h, g, b, rows)[0].astype(out), h
+
+    y, h = _pallas.add_normalize_rows(x, residual, g, b, float(spec.epsilon),
+                                      centered=spec.centered, h_dtype=h_dtype, y_dtype=out,
+                                      xla=xla)
+  return (_llama_scale(y, scale, spec) if llama and scale is not None else y), h
 
 
 def normalize(

@@ -5,7 +5,9 @@ between two sublayers of a pre-norm block, as Liger-Kernel, TransformerEngine an
 flash-attention's layer norm fuse it. They are the unfused composition, validated once: XLA
 fuses the add into the normalizer's kernels, so the forward pass reads x and the residual and
 writes the sum and the output, and the derivative is that of the composition (the sum's
-cotangent is the new residual's plus the normalizer's).
+cotangent is the new residual's plus the normalizer's). With `implementation="pallas"` the
+plain case runs the residual kernels of `_pallas` (`_normalize.add_by_kernel`): one forward
+kernel reads both inputs and writes both outputs, the backward kernel runs on the sum.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks
 from ._dtypes import residual_norm_dtype
-from ._normalize import Axes, layer, rms
+from ._normalize import Axes, add_by_kernel, layer, rms
 from ._stats import AxisName, residual_sum
 
 
@@ -72,7 +74,8 @@ def add_rms_norm(
     axis_name: mapped axis (or axes) to reduce over as well, as in `rms_norm`.
     axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
     zero_centered_scale: `scale` stores γ - 1, as in `rms_norm`.
-    implementation: None, `"xla"` or `"pallas"`, as in `rms_norm` (the kernel normalizes `h`).
+    implementation: None, `"xla"` or `"pallas"`, as in `rms_norm`; in the kernels' plain case
+      `"pallas"` runs one forward kernel that reads `x` and `residual` and writes `h` and `y`.
     convention: None, `"llama"` or `"gemma"`, as in `rms_norm`; with a wider residual,
       `"llama"` rounds the normalized value to `x`'s dtype (or `dtype`) before the scale.
     dtype: `y`'s dtype (None: `x`'s); a wider one than the sum's normalizes the sum converted
@@ -109,6 +112,10 @@ def add_rms_norm(
   _checks.check_bool(zero_centered_scale, "zero_centered_scale")
   _checks.check_convention(convention, zero_centered_scale, bias)
   out = _checks.output_dtype(dtype, x)
+  rms_spec = spec._replace(centered=False)
+  if implementation == "pallas" and (got := add_by_kernel(
+      where, x, residual, scale, bias, rms_spec, zero_centered_scale, convention, out)):
+    return got
   with jax.named_scope(f"jaxnorm.{where}"):
     h, hn = _sum(x, residual, out)
     narrow = None if hn.dtype == out else out
@@ -154,7 +161,7 @@ def add_layer_norm(
     axis_name: mapped axis (or axes) to reduce over as well, as in `layer_norm`.
     axis_index_groups: device groups along `axis_name` (`jax.pmap` only).
     zero_centered_scale: `scale` stores γ - 1, as in `layer_norm`.
-    implementation: None, `"xla"` or `"pallas"`, as in `layer_norm`.
+    implementation: None, `"xla"` or `"pallas"`, as in `layer_norm` (and `add_rms_norm`).
     dtype: `y`'s dtype (None: `x`'s), as in `add_rms_norm`.
 
   Returns:
@@ -183,6 +190,9 @@ def add_layer_norm(
   _checks.check_implementation(implementation)
   _checks.check_bool(zero_centered_scale, "zero_centered_scale")
   out = _checks.output_dtype(dtype, x)
+  if implementation == "pallas" and (got := add_by_kernel(
+      where, x, residual, scale, bias, spec, zero_centered_scale, None, out)):
+    return got
   with jax.named_scope(f"jaxnorm.{where}"):
     h, hn = _sum(x, residual, out)
     y = layer(hn, scale, bias, spec, zero_centered_scale, implementation, (x, residual))

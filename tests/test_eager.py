@@ -85,6 +85,12 @@ CASES = {
         _X.astype(jnp.bfloat16), _X, _G),
     "grad(add_rms_norm)": lambda: lambda: jax.grad(
         lambda x, r: sum(a.sum() for a in jn.add_rms_norm(x, r, _G)), (0, 1))(_X, _X),
+    "add_rms_norm (pallas, float32 residual)": lambda: lambda: jn.add_rms_norm(
+        _X.astype(jnp.bfloat16), _X, _G, implementation="pallas"),
+    "grad(add_layer_norm (pallas))": lambda: lambda: jax.grad(
+        lambda x, r: sum(a.sum() for a in jn.add_layer_norm(x, r, _G, _B,
+                                                            implementation="pallas")),
+        (0, 1))(_X, _X),
     "linen AddLayerNorm.apply": lambda: (lambda layer, v: lambda: layer.apply(v, _X, _X))(
         jlinen.AddLayerNorm(), jlinen.AddLayerNorm().init(jax.random.key(0), _X, _X)),
     "linen BatchNorm.apply": lambda: _linen_apply(jlinen),

@@ -2,9 +2,10 @@
 
 The plain case only: `x` of shape `(..., F)` flattened to `(R, F)` rows, statistics and
 parameters over the last axis, no mask, no devices. `obstacle` says why a call is outside it;
-`normalize_rows` runs the kernels: Mosaic kernels (`_mosaic`) in programs compiled for TPUs,
-Triton kernels (`_triton`) for GPUs, the Triton kernels in Pallas interpret mode on CPU. The
-arithmetic of every kernel is `_math`'s.
+`normalize_rows` runs the kernels (`add_normalize_rows` the residual add's, which add the
+residual stream in front of the normalization): Mosaic kernels (`_mosaic`) in programs compiled
+for TPUs, Triton kernels (`_triton`) for GPUs, the Triton kernels in Pallas interpret mode on
+CPU. The arithmetic of every kernel is `_math`'s.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 
 from .._platform import Policy, by_platform
 from . import _mosaic, _triton
-from ._math import backward_math, forward_math
+from ._math import add_math, backward_math, forward_math
 
 # The tracers of JAX's partial evaluator, which stages out the tangents of reverse-mode
 # linearization: used only to tell it from forward mode (`normalize_rows` says why nothing
@@ -90,6 +91,9 @@ class _Rows(NamedTuple):
   has_bias: bool
   bias_dtype: Any
   mosaic: bool  # the Mosaic kernels take these rows on TPU (else XLA there)
+  y_dtype: Any = None  # the residual kernels' dtypes (`add_normalize_rows`): y's, h's,
+  h_dtype: Any = None
+  in_dtypes: tuple[Any, ...] = ()  # and x's and the residual's (their cotangents')
 
   def split(self, params):
     """`(scale, bias)` from the parameters given (None where absent)."""
@@ -116,11 +120,42 @@ def _forward_ref(k: _Rows, x2, *params):
   return (y.astype(x2.dtype),) + ((mean,) if k.centered else ()) + (rstd,)
 
 
+def _add_forward_kernel(module: Any, k: _Rows, x2, r2, *params, interpret: bool):
+  return tuple(module.add_forward_call(x2, r2, params, eps=k.eps, centered=k.centered,
+                                       has_scale=k.has_scale, has_bias=k.has_bias,
+                                       y_dtype=k.y_dtype, h_dtype=k.h_dtype,
+                                       interpret=interpret))
+
+
+def _add_forward_ref(k: _Rows, x2, r2, *params):
+  f32 = jnp.float32
+  s, b = k.split(params)
+  h, h32 = add_math(x2, r2, k.h_dtype)
+  y, mean, rstd = forward_math(h32, None if s is None else s.astype(f32),
+                               None if b is None else b.astype(f32), None, k.features,
+                               k.eps, k.centered)
+  return (y.astype(k.y_dtype), h) + ((mean,) if k.centered else ()) + (rstd,)
+
+
 def _backward_kernel(module: Any, k: _Rows, x2, dy2, *rest, interpret: bool):
   stats, s = k.split_rest(rest)
   out = module.backward_call(x2, dy2, stats, s, has_bias=k.has_bias, bias_dtype=k.bias_dtype,
                              centered=k.centered, interpret=interpret)
   return tuple(o for o in out if o is not None)
+
+
+def _add_backward_kernel(module: Any, k: _Rows, h2, dy2, dh2, *rest, interpret: bool):
+  stats, s = k.split_rest(rest)
+  dxs, *dparams = module.backward_call(h2, dy2, stats, s, has_bias=k.has_bias,
+                                      bias_dtype=k.bias_dtype, centered=k.centered,
+                                      interpret=interpret, dh2=dh2, out_dtypes=k.in_dtypes)
+  return (*dxs, *(o for o in dparams if o is not None))
+
+
+def _add_backward_ref(k: _Rows, h2, dy2, dh2, *rest):
+  dx, *dparams = _backward_ref(k, h2, dy2, *rest)
+  dx = dx.astype(jnp.float32) + dh2.astype(jnp.float32)
+  return (*(dx.astype(d) for d in k.in_dtypes), *dparams)
 
 
 def _backward_ref(k: _Rows, x2, dy2, *rest):
@@ -142,6 +177,14 @@ def _forward_branch(policy: Policy, k: _Rows) -> Callable[..., Any]:
   return _kernel_for(policy, _forward_kernel, _forward_ref, k)
 
 
+def _add_forward_branch(policy: Policy, k: _Rows) -> Callable[..., Any]:
+  return _kernel_for(policy, _add_forward_kernel, _add_forward_ref, k)
+
+
+def _add_backward_branch(policy: Policy, k: _Rows) -> Callable[..., Any]:
+  return _kernel_for(policy, _add_backward_kernel, _add_backward_ref, k)
+
+
 def _backward_branch(policy: Policy, k: _Rows) -> Callable[..., Any]:
   return _kernel_for(policy, _backward_kernel, _backward_ref, k)
 
@@ -157,6 +200,17 @@ def _forward(k: _Rows):
   return forward
 
 
+def _add_forward(k: _Rows):
+  """The residual forward kernel, with a forward-mode derivative from `_add_forward_ref`."""
+
+  @jax.custom_jvp
+  def add_forward(x2, r2, *params):
+    return tuple(by_platform(_add_forward_branch, k, x2, r2, *params))
+
+  add_forward.defjvp(lambda p, t: jax.jvp(functools.partial(_add_forward_ref, k), p, t))
+  return add_forward
+
+
 def _backward(k: _Rows):
   """The backward kernel, with a forward-mode derivative from `backward_math`."""
 
@@ -166,6 +220,19 @@ def _backward(k: _Rows):
 
   backward.defjvp(lambda p, t: jax.jvp(functools.partial(_backward_ref, k), p, t))
   return backward
+
+
+def _add_backward(k: _Rows):
+  """The backward kernel of the residual add: `dh + norm'(h)ᵀ dy` in x's dtype and in the
+  residual's (both inputs' cotangents) and the parameters', with a forward-mode derivative
+  from `_add_backward_ref`."""
+
+  @jax.custom_jvp
+  def add_backward(h2, dy2, dh2, *rest):
+    return by_platform(_add_backward_branch, k, h2, dy2, dh2, *rest)
+
+  add_backward.defjvp(lambda p, t: jax.jvp(functools.partial(_add_backward_ref, k), p, t))
+  return add_backward
 
 
 def _kernels(k: _Rows):
@@ -187,6 +254,53 @@ def _kernels(k: _Rows):
 
   kernels.defvjp(kernels_fwd, kernels_bwd)
   return kernels
+
+
+def _add_kernels(k: _Rows):
+  """The residual forward kernel, `(y, h)`, whose reverse-mode derivative is the backward
+  kernel run on `h` that adds `h`'s own cotangent: both inputs' is `dh + norm'(h)ᵀ dy`."""
+  forward, backward = _add_forward(k), _add_backward(k)
+
+  @jax.custom_vjp
+  def kernels(x2, r2, *params):
+    y, h, *_ = forward(x2, r2, *params)
+    return y, h
+
+  def kernels_fwd(x2, r2, *params):
+    y, h, *stats = forward(x2, r2, *params)
+    return (y, h), (h, tuple(stats), params)
+
+  def kernels_bwd(res, cotangents):
+    h, stats, params = res
+    dy2, dh2 = cotangents
+    s, _ = k.split(params)
+    return tuple(backward(h, dy2, dh2.astype(h.dtype), *stats, *(() if s is None else (s,))))
+
+  kernels.defvjp(kernels_fwd, kernels_bwd)
+  return kernels
+
+
+def _tangents_by_mode(kernels: Callable[..., Any], xla: Callable[..., Any]):
+  """`kernels`, whose derivative is theirs in reverse mode and `xla`'s in forward mode
+  (`normalize_rows` says why and how)."""
+
+  @jax.custom_jvp
+  def fused(*args):
+    return kernels(*args)
+
+  @fused.defjvp
+  def fused_jvp(primals, tangents):
+    if any(isinstance(t, _LinearTracer) for t in tangents):  # reverse-mode linearization
+      return jax.jvp(kernels, primals, tangents)
+    _, dy = jax.jvp(xla, primals, tangents)
+    return kernels(*primals), dy
+
+  return fused
+
+
+def _mosaic_takes(features: int, dtype: Any, wide: Any, params: tuple[Any, ...]) -> bool:
+  return (_mosaic.supports(features, dtype, wide=wide)
+          and all(jnp.dtype(p.dtype).name in _mosaic.DTYPES for p in params if p is not None))
 
 
 def normalize_rows(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
@@ -217,23 +331,39 @@ def normalize_rows(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None
   """
   lead, features = x.shape[:-1], x.shape[-1]
   x2 = x.reshape(math.prod(lead), features)
-  mosaic = (_mosaic.supports(features, x.dtype)
-            and all(jnp.dtype(p.dtype).name in _mosaic.DTYPES for p in (scale, bias)
-                    if p is not None))
   k = _Rows(features, eps, centered, scale is not None, bias is not None,
-            None if bias is None else bias.dtype, mosaic)
+            None if bias is None else bias.dtype,
+            _mosaic_takes(features, x.dtype, None, (scale, bias)))
   params = tuple(p for p in (scale, bias) if p is not None)
-  kernels = _kernels(k)
-
-  @jax.custom_jvp
-  def fused(x2, *params):
-    return kernels(x2, *params)
-
-  @fused.defjvp
-  def fused_jvp(primals, tangents):
-    if any(isinstance(t, _LinearTracer) for t in tangents):  # reverse-mode linearization
-      return jax.jvp(kernels, primals, tangents)
-    _, dy = jax.jvp(lambda x2, *p: xla(x2, *k.split(p)), primals, tangents)
-    return kernels(*primals), dy
-
+  fused = _tangents_by_mode(_kernels(k), lambda x2, *p: xla(x2, *k.split(p)))
   return fused(x2, *params).reshape(x.shape)
+
+
+def add_normalize_rows(x: jax.Array, residual: jax.Array, scale: jax.Array | None,
+                       bias: jax.Array | None, eps: float, *, centered: bool, h_dtype: Any,
+                       y_dtype: Any, xla: Callable[..., jax.Array]
+                       ) -> tuple[jax.Array, jax.Array]:
+  """`(y, h)`: `h = x + residual` in `h_dtype` and its normalization `y` in `y_dtype`, by one
+  forward kernel that reads `x` and `residual` and writes `h`, `y` and the statistics.
+
+  As `normalize_rows` (same plain case, same differentiation), with `residual` of `x`'s shape
+  in a dtype the kernels take, `h_dtype` their promoted dtype and `y_dtype` one the kernels
+  take; the statistics are those of the rounded `h` in float32, `y` rounded once to `y_dtype`
+  (a wider `y_dtype` than `h`'s: the norm of `h` converted to it, exactly). Reverse mode runs
+  the backward kernel on `h` with `h`'s own cotangent as an extra input, added on chip, and
+  writes both inputs' cotangents.
+  `xla(x, residual, scale, bias)` is the same on the XLA path.
+  """
+  lead, features = x.shape[:-1], x.shape[-1]
+  x2 = x.reshape(math.prod(lead), features)
+  r2 = residual.reshape(x2.shape)
+  k = _Rows(features, eps, centered, scale is not None, bias is not None,
+            None if bias is None else bias.dtype,
+            _mosaic_takes(features, *_mosaic.add_dtypes(x.dtype, residual.dtype, y_dtype),
+                          (scale, bias)),
+            jnp.dtype(y_dtype), jnp.dtype(h_dtype), (x.dtype, residual.dtype))
+  params = tuple(p for p in (scale, bias) if p is not None)
+  fused = _tangents_by_mode(_add_kernels(k),
+                            lambda x2, r2, *p: xla(x2, r2, *k.split(p)))
+  y, h = fused(x2, r2, *params)
+  return y.reshape(x.shape), h.reshape(x.shape)

@@ -58,6 +58,15 @@ def forward_math(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
   return y, mean, rstd
 
 
+def add_math(x: jax.Array, residual: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """`(h, h32)`: the residual add's sum `x + residual` rounded to `dtype` (what the kernel
+  stores, as `_stats.residual_sum` rounds it) and that rounded sum in float32 (what the
+  statistics and the output are computed from, as the norm of the stored `h`). Adding in
+  float32 and rounding once is the correctly rounded sum for every dtype the kernels take."""
+  h = (x.astype(jnp.float32) + residual.astype(jnp.float32)).astype(dtype)
+  return h, h.astype(jnp.float32)
+
+
 def backward_math(x: jax.Array, dy: jax.Array, mean: jax.Array | None, rstd: jax.Array,
                   scale: jax.Array | None, valid: jax.Array | None, n: int, centered: bool, *,
                   keepdims: bool = False, mask_dy: bool = False):
@@ -100,16 +109,29 @@ def forward_refs(refs, has_scale: bool, has_bias: bool):
   return x, scale, bias, y, stats
 
 
-def backward_refs(refs, centered: bool, has_scale: bool, has_bias: bool):
-  """`(x, dy, mean, rstd, scale, dx, dscale, dbias)` of a backward kernel's refs, laid out
-  `x, dy, [mean], rstd, [scale], dx, [dscale], [dbias]` by every kernel's `backward_call`
-  (absent ones None)."""
+def add_forward_refs(refs, has_scale: bool, has_bias: bool):
+  """`(x, residual, scale, bias, y, h, stats)` of a residual forward kernel's refs, laid out
+  `x, residual, [scale], [bias], y, h, [mean], rstd` by every kernel's `add_forward_call`."""
+  refs = list(refs)
+  x, residual = refs.pop(0), refs.pop(0)
+  scale = refs.pop(0) if has_scale else None
+  bias = refs.pop(0) if has_bias else None
+  y, h, *stats = refs
+  return x, residual, scale, bias, y, h, stats
+
+
+def backward_refs(refs, centered: bool, has_scale: bool, has_bias: bool, has_dh: bool = False):
+  """`(x, dy, dh, mean, rstd, scale, dxs, dscale, dbias)` of a backward kernel's refs, laid out
+  `x, dy, [dh], [mean], rstd, [scale], dx, [dr], [dscale], [dbias]` by every kernel's
+  `backward_call` (absent ones None; `dxs` the list of `dx` and, with `dh`, `dr`: the residual
+  add's, whose `dh` is added to `dx` and whose two inputs' cotangents are both that sum)."""
   refs = list(refs)
   x, dy = refs.pop(0), refs.pop(0)
+  dh = refs.pop(0) if has_dh else None
   mean = refs.pop(0) if centered else None
   rstd = refs.pop(0)
   scale = refs.pop(0) if has_scale else None
-  dx = refs.pop(0)
+  dxs = [refs.pop(0) for _ in range(1 + has_dh)]
   dscale = refs.pop(0) if has_scale else None
   dbias = refs.pop(0) if has_bias else None
-  return x, dy, mean, rstd, scale, dx, dscale, dbias
+  return x, dy, dh, mean, rstd, scale, dxs, dscale, dbias

@@ -55,7 +55,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ._math import backward_math, backward_refs, forward_math, forward_refs
+from ._math import (
+  add_forward_refs,
+  add_math,
+  backward_math,
+  backward_refs,
+  forward_math,
+  forward_refs,
+)
 
 SCOPED_VMEM = {"v5e": 16 << 20, "v5p": 16 << 20, "v6e": 32 << 20}
 """The TPU generations the kernels compile for, and the Mosaic compiler's default scoped VMEM
@@ -75,6 +82,7 @@ _MAX_BLOCK_ROWS = 2048
 # of their operands (parameter rows and broadcasts included), in blocks: bounds above what the
 # compiled kernels use (docs/guides/gpu_kernels.md, "VMEM of the Mosaic kernels").
 _FWD_TEMPS = 2.0
+_ADD_FWD_TEMPS = 3.0  # the residual forward holds the float32 sum as well
 _BWD_TEMPS = 4.5
 # And per row a few float32 columns (the row's mean, rstd, sums), each lane-padded to 128: they
 # matter for short rows, whose forward holds more temporaries per block.
@@ -106,15 +114,21 @@ def _sublanes(dtype: Any) -> int:
   return 8 * (4 // jnp.dtype(dtype).itemsize)
 
 
-def _vmem_bytes(block_rows: int, features: int, dtype: Any, backward: bool) -> int:
+def _vmem_bytes(block_rows: int, features: int, dtype: Any, backward: bool,
+                wide: Any = None) -> int:
   """VMEM a step needs: double-buffered blocks of the row arrays in `dtype` (x, y; or x, dy,
-  dx), the float32 temporaries and columns, double-buffered parameter and float32 sum rows (a
-  row of a tile is padded to a whole tile) and the statistics blocks."""
+  dx; with a residual dtype `wide`, the residual kernels' x, residual, y and h, or h, dy, dh,
+  dx and dr, each counted in the wider dtype), the float32 temporaries and columns,
+  double-buffered parameter and float32 sum rows (a row of a tile is padded to a whole tile)
+  and the statistics blocks."""
   f = _round_up(features, 128)
   rows = _round_up(block_rows, _sublanes(dtype))
   size = jnp.dtype(dtype).itemsize
   arrays, temps, columns, vectors = ((3, _BWD_TEMPS, _BWD_COLUMNS, 4) if backward
                                      else (2, _FWD_TEMPS, _FWD_COLUMNS, 2))
+  if wide is not None:  # the residual kernels: x, r, y, h; or h, dy, dh, dx, dr
+    arrays, size = 5 if backward else 4, max(size, jnp.dtype(wide).itemsize)
+    temps = temps if backward else _ADD_FWD_TEMPS
   per_row = 2 * arrays * f * size + temps * f * 4 + columns * 128 * 4
   fixed = 2 * vectors * 8 * f * 4 + 2 * 2 * 8 * _round_up(block_rows, 128) * 4
   return int(rows * per_row) + fixed
@@ -127,15 +141,16 @@ def _row_cap(features: int, dtype: Any) -> int:
   return max(sub, min(_MAX_BLOCK_ROWS, _MAX_BLOCK_BYTES // row_bytes) // sub * sub)
 
 
-def blocking(rows: int, features: int, dtype: Any, generation: str | None = None
-             ) -> dict[str, int]:
+def blocking(rows: int, features: int, dtype: Any, generation: str | None = None,
+             wide: Any = None) -> dict[str, int]:
   """Block rows of the forward (`"fwd"`) and backward (`"bwd"`) kernels for `(rows, features)`.
 
   The most rows whose blocks fit `_VMEM_FRACTION` of the default scoped VMEM of `generation`
   (`SCOPED_VMEM`, `_vmem_bytes`; without a generation, of every generation: see `_budget`), at
   most `_MAX_BLOCK_ROWS` and `_MAX_BLOCK_BYTES` of `x` (but at least one tile): a multiple of
   the dtype's tile rows (8 for float32, 16 for bfloat16), or all `rows` when they fit in one
-  block.
+  block. With a residual dtype `wide`, both are the residual kernels' (`add_forward_call`,
+  `backward_call` with `dh2`).
 
   Raises:
     ValueError: `rows` or `features` below 1, a generation not in `SCOPED_VMEM`, or a row too
@@ -151,14 +166,14 @@ def blocking(rows: int, features: int, dtype: Any, generation: str | None = None
     lo, hi = 0, _row_cap(features, dtype) // sub  # the most tiles that fit, by bisection
     while lo < hi:
       mid = (lo + hi + 1) // 2
-      if _vmem_bytes(mid * sub, features, dtype, backward) <= budget:
+      if _vmem_bytes(mid * sub, features, dtype, backward, wide) <= budget:
         lo = mid
       else:
         hi = mid - 1
     if lo == 0:
       raise ValueError(
           f"features={features} in {jnp.dtype(dtype).name}: one block of {sub} rows needs "
-          f"{_vmem_bytes(sub, features, dtype, backward) >> 20} MiB of VMEM, more than the "
+          f"{_vmem_bytes(sub, features, dtype, backward, wide) >> 20} MiB of VMEM, more than the "
           f"{budget >> 20} MiB budget on {where}. Use the XLA path for rows this long.")
     out[name] = rows if rows <= lo * sub else lo * sub
   return out
@@ -177,10 +192,27 @@ def _forward_kernel(*refs, features: int, eps: float, centered: bool, has_scale:
     ref[...] = s.reshape(ref.shape)  # (B, 1) -> (1, 1, B): the rows' statistics lane-dense
 
 
+def _add_forward_kernel(*refs, features: int, eps: float, centered: bool, has_scale: bool,
+                        has_bias: bool):
+  """`_forward_kernel` of `x + residual`: reads both blocks once, writes the sum `h` too."""
+  x_ref, r_ref, g_ref, b_ref, y_ref, h_ref, stat_refs = add_forward_refs(
+      refs, has_scale, has_bias)
+  f32 = jnp.float32
+  h, h32 = add_math(x_ref[...], r_ref[...], h_ref.dtype)
+  h_ref[...] = h
+  y, mean, rstd = forward_math(
+      h32, None if g_ref is None else g_ref[...].astype(f32),
+      None if b_ref is None else b_ref[...].astype(f32), None, features, eps, centered,
+      keepdims=True)
+  y_ref[...] = y.astype(y_ref.dtype)
+  for ref, s in zip(stat_refs, (mean, rstd) if centered else (rstd,), strict=True):
+    ref[...] = s.reshape(ref.shape)
+
+
 def _backward_kernel(*refs, rows: int, features: int, centered: bool, has_scale: bool,
-                     has_bias: bool):
-  x_ref, dy_ref, mean_ref, rstd_ref, g_ref, dx_ref, dg_ref, db_ref = backward_refs(
-      refs, centered, has_scale, has_bias)
+                     has_bias: bool, has_dh: bool = False):
+  x_ref, dy_ref, dh_ref, mean_ref, rstd_ref, g_ref, dx_refs, dg_ref, db_ref = backward_refs(
+      refs, centered, has_scale, has_bias, has_dh)
   # dγ and dβ, each (1, F) float32, resident across the grid
   sum_refs = [r for r in (dg_ref, db_ref) if r is not None]
   block = x_ref.shape[0]
@@ -194,7 +226,10 @@ def _backward_kernel(*refs, rows: int, features: int, centered: bool, has_scale:
   dx, dg, db = backward_math(x_ref[...].astype(f32), dy_ref[...].astype(f32), mean, rstd,
                              None if g_ref is None else g_ref[...].astype(f32), valid,
                              features, centered, keepdims=True, mask_dy=True)
-  dx_ref[...] = dx.astype(dx_ref.dtype)
+  if dh_ref is not None:  # the residual add's: the sum's own cotangent
+    dx = dx + dh_ref[...].astype(f32)
+  for dx_ref in dx_refs:
+    dx_ref[...] = dx.astype(dx_ref.dtype)
   sums = [s for s, on in ((dg, has_scale), (db, has_bias)) if on]
 
   @pl.when(i == 0)
@@ -206,15 +241,18 @@ def _backward_kernel(*refs, rows: int, features: int, centered: bool, has_scale:
     ref[...] += s
 
 
-def supports(features: int, dtype: Any, generation: str | None = None) -> bool:
+def supports(features: int, dtype: Any, generation: str | None = None,
+             wide: Any = None) -> bool:
   """Whether the kernels take rows of `features` in `dtype` on `generation` (by default, on
   every generation in `SCOPED_VMEM`): a dtype in `DTYPES`, a generation in `SCOPED_VMEM`, and a
-  row that `blocking` fits in VMEM. A dispatch should give the XLA path wherever this is
-  False."""
-  if jnp.dtype(dtype).name not in DTYPES or features < 1:
+  row that `blocking` fits in VMEM (with `wide`, the residual kernels' rows of a residual of
+  that dtype). A dispatch should give the XLA path wherever this is False."""
+  if any(jnp.dtype(d).name not in DTYPES for d in (dtype, wide) if d is not None):
+    return False
+  if features < 1:
     return False
   try:
-    blocking(1, features, dtype, generation)
+    blocking(1, features, dtype, generation, wide)
   except ValueError:
     return False
   return True
@@ -265,41 +303,97 @@ def forward_call(x2: jax.Array, params: Sequence[jax.Array], *, eps: float, cent
   return (y, *(s.reshape(nblocks * block)[:rows] for s in stats))
 
 
+def add_dtypes(*dtypes: Any) -> tuple[Any, Any]:
+  """`(dtype, wide)` for `blocking` and `supports` of the residual kernels, from the dtypes of
+  their row arrays: the narrowest, whose tiles have the most rows, and the widest, whose blocks
+  take the most bytes."""
+  ordered = sorted((jnp.dtype(d) for d in dtypes), key=lambda d: d.itemsize)
+  return ordered[0], ordered[-1]
+
+
+def add_forward_call(x2: jax.Array, r2: jax.Array, params: Sequence[jax.Array], *, eps: float,
+                     centered: bool, has_scale: bool, has_bias: bool, y_dtype: Any,
+                     h_dtype: Any, interpret: Any, generation: str | None = None):
+  """`(y, h, [mean,] rstd)` of `h = x2 + r2` (in `h_dtype`, `r2`'s dtype or `x2`'s) and its
+  normalization `y` (in `y_dtype`): `forward_call` with the residual add in front, blocks
+  sized for its four row arrays (`blocking`'s `wide`).
+
+  Raises:
+    ValueError: a dtype not in `DTYPES`, or what `blocking` rejects.
+  """
+  _check_dtypes(x2, r2, *params)
+  rows, features = x2.shape
+  narrow, wide = add_dtypes(x2.dtype, r2.dtype, y_dtype)
+  block = blocking(rows, features, narrow, generation, wide)["fwd"]
+  nblocks = pl.cdiv(rows, block)
+  kernel = functools.partial(_add_forward_kernel, features=features, eps=eps,
+                             centered=centered, has_scale=has_scale, has_bias=has_bias)
+  row_spec = pl.BlockSpec((block, features), lambda i: (i, 0))
+  vec_spec = pl.BlockSpec((1, features), lambda i: (0, 0))
+  stat_spec = pl.BlockSpec((1, 1, block), lambda i: (i, 0, 0))
+  nstats = 2 if centered else 1
+  stat = jax.ShapeDtypeStruct((nblocks, 1, block), jnp.float32)
+  y, h, *stats = pl.pallas_call(
+      kernel,
+      out_shape=[jax.ShapeDtypeStruct(x2.shape, y_dtype), jax.ShapeDtypeStruct(x2.shape, h_dtype)]
+      + [stat] * nstats,
+      grid=(nblocks,),
+      in_specs=[row_spec, row_spec] + [vec_spec] * len(params),
+      out_specs=[row_spec, row_spec] + [stat_spec] * nstats,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+      interpret=interpret,
+      name=f"jaxnorm_add_{'layer' if centered else 'rms'}_norm_fwd",
+  )(x2, r2, *(p.reshape(1, features) for p in params))
+  return (y, h, *(s.reshape(nblocks * block)[:rows] for s in stats))
+
+
 def backward_call(x2: jax.Array, dy2: jax.Array, stats: Sequence[jax.Array],
                   scale: jax.Array | None, *, has_bias: bool, bias_dtype: Any, centered: bool,
-                  interpret: Any, generation: str | None = None):
+                  interpret: Any, generation: str | None = None,
+                  dh2: jax.Array | None = None, out_dtypes: Sequence[Any] = ()):
   """`(dx, dscale, dbias)` of the normalization of rows `x2` for the cotangent `dy2`.
 
   `stats` are `forward_call`'s (`([mean,] rstd)`, float32 `(R,)`); `dscale` (if `scale` is
   given) and `dbias` (if `has_bias`, in `bias_dtype`) are the float32 sums over all rows cast to
   the parameter's dtype, None otherwise. `interpret` and `generation` as in `forward_call`.
+  With `dh2` (the residual add's, of `x2`'s shape and dtype: `x2` is the sum `h`) it returns
+  `((dx, dr), dscale, dbias)`: the sum's whole cotangent `dh2 + dx`, added on chip and written
+  in each of `out_dtypes` (x's and the residual's), in blocks sized for five row arrays.
   """
-  _check_dtypes(x2, dy2, *(() if scale is None else (scale,)))
+  dh = [] if dh2 is None else [dh2]
+  _check_dtypes(x2, dy2, *dh, *(() if scale is None else (scale,)))
   rows, features = x2.shape
-  block = blocking(rows, features, x2.dtype, generation)["bwd"]
+  if dh2 is None:
+    block = blocking(rows, features, x2.dtype, generation)["bwd"]
+  else:
+    narrow, wide = add_dtypes(dy2.dtype, x2.dtype)
+    block = blocking(rows, features, narrow, generation, wide)["bwd"]
   nblocks = pl.cdiv(rows, block)
   has_scale = scale is not None
   kernel = functools.partial(_backward_kernel, rows=rows, features=features, centered=centered,
-                             has_scale=has_scale, has_bias=has_bias)
+                             has_scale=has_scale, has_bias=has_bias,
+                             **({} if dh2 is None else {"has_dh": True}))
   row_spec = pl.BlockSpec((block, features), lambda i: (i, 0))
   stat_spec = pl.BlockSpec((1, 1, block), lambda i: (i, 0, 0))
   vec_spec = pl.BlockSpec((1, features), lambda i: (0, 0))  # also the resident sums
   stats3 = [jnp.pad(s, (0, nblocks * block - rows)).reshape(nblocks, 1, block) for s in stats]
   params = [] if scale is None else [scale.reshape(1, features)]
   nsums = has_scale + has_bias
-  dx, *sums = pl.pallas_call(
+  outs = pl.pallas_call(
       kernel,
-      out_shape=([jax.ShapeDtypeStruct(x2.shape, x2.dtype)]
+      out_shape=([jax.ShapeDtypeStruct(x2.shape, d) for d in (out_dtypes if dh else [x2.dtype])]
                  + [jax.ShapeDtypeStruct((1, features), jnp.float32)] * nsums),
       grid=(nblocks,),
-      in_specs=[row_spec, row_spec] + [stat_spec] * len(stats3) + [vec_spec] * len(params),
-      out_specs=[row_spec] + [vec_spec] * nsums,
+      in_specs=([row_spec, row_spec] + [row_spec] * len(dh) + [stat_spec] * len(stats3)
+                + [vec_spec] * len(params)),
+      out_specs=[row_spec] * (1 + len(dh)) + [vec_spec] * nsums,
       # The sums accumulate across the grid: its steps run in order on one core.
       compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
       interpret=interpret,
-      name=f"jaxnorm_{'layer' if centered else 'rms'}_norm_bwd",
-  )(x2, dy2, *stats3, *params)
-  it = iter(sums)
+      name=f"jaxnorm_{'add_' if dh else ''}{'layer' if centered else 'rms'}_norm_bwd",
+  )(x2, dy2, *dh, *stats3, *params)
+  dx = tuple(outs[:2]) if dh else outs[0]
+  it = iter(outs[1 + len(dh):])
   dscale = next(it).reshape(features).astype(scale.dtype) if scale is not None else None
   dbias = next(it).reshape(features).astype(bias_dtype) if has_bias else None
   return dx, dscale, dbias

@@ -23,7 +23,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ._math import backward_math, backward_refs, forward_math, forward_refs
+from ._math import (
+  add_forward_refs,
+  add_math,
+  backward_math,
+  backward_refs,
+  forward_math,
+  forward_refs,
+)
 
 # Blocking (not yet tuned on a GPU: tune with benchmarks/gpu.py).
 _MIN_BLOCK = 16  # smallest padded feature block
@@ -91,10 +98,28 @@ def _forward_kernel(*all_refs, rows: int, features: int, eps: float, centered: b
     _store(ref, s, row_ok)
 
 
+def _add_forward_kernel(*all_refs, rows: int, features: int, eps: float, centered: bool,
+                        has_scale: bool, has_bias: bool):
+  """`_forward_kernel` of `x + residual`: reads both rows once, writes the sum `h` too."""
+  x_ref, r_ref, g_ref, b_ref, y_ref, h_ref, stat_refs = add_forward_refs(
+      all_refs, has_scale, has_bias)
+  nrows, f_pad = x_ref.shape
+  row0 = pl.program_id(0) * nrows
+  row_ok, col_ok, valid = _masks(row0, nrows, f_pad, rows, features, rows % nrows != 0)
+  h, h32 = add_math(_load(x_ref, valid), _load(r_ref, valid), h_ref.dtype)
+  g = None if g_ref is None else _load(g_ref, col_ok)
+  b = None if b_ref is None else _load(b_ref, col_ok)
+  y, mean, rstd = forward_math(h32, g, b, valid, features, eps, centered)
+  _store(y_ref, y, valid)
+  _store(h_ref, h, valid)
+  for ref, s in zip(stat_refs, (mean, rstd) if centered else (rstd,), strict=True):
+    _store(ref, s, row_ok)
+
+
 def _backward_kernel(*all_refs, rows: int, features: int, chunk: int, steps: int,
-                     centered: bool, has_scale: bool, has_bias: bool):
-  x_ref, dy_ref, mean_ref, rstd_ref, g_ref, dx_ref, dg_ref, db_ref = backward_refs(
-      all_refs, centered, has_scale, has_bias)
+                     centered: bool, has_scale: bool, has_bias: bool, has_dh: bool = False):
+  x_ref, dy_ref, dh_ref, mean_ref, rstd_ref, g_ref, dx_refs, dg_ref, db_ref = backward_refs(
+      all_refs, centered, has_scale, has_bias, has_dh)
   f_pad = x_ref.shape[1]
   block0 = pl.program_id(0) * (chunk * steps)
   ragged = rows % (chunk * steps) != 0
@@ -110,7 +135,10 @@ def _backward_kernel(*all_refs, rows: int, features: int, chunk: int, steps: int
     mean = None if mean_ref is None else _load(mean_ref.at[rs], row_ok)
     rstd = _load(rstd_ref.at[rs], row_ok)
     dx, dg, db = backward_math(x, dy, mean, rstd, g, valid, features, centered)
-    _store(dx_ref.at[rs, :], dx, valid)
+    if dh_ref is not None:  # the residual add's: the sum's own cotangent
+      dx = dx + _load(dh_ref.at[rs, :], valid)
+    for dx_ref in dx_refs:
+      _store(dx_ref.at[rs, :], dx, valid)
     return acc[0] + dg, acc[1] + db
 
   zeros = jnp.zeros((f_pad,), jnp.float32)
@@ -149,8 +177,41 @@ def forward_call(x2: jax.Array, params: Sequence[jax.Array], *, eps: float, cent
   )(x2, *params)
 
 
+def add_forward_call(x2: jax.Array, r2: jax.Array, params: Sequence[jax.Array], *, eps: float,
+                     centered: bool, has_scale: bool, has_bias: bool, y_dtype: Any,
+                     h_dtype: Any, interpret: bool):
+  """`(y, h, [mean,] rstd)` of `h = x2 + r2` (in `h_dtype`) and its normalization `y` (in
+  `y_dtype`): `forward_call`'s kernel with the residual add in front, same blocking (the
+  block holds float32 values of one array, as there)."""
+  rows, features = x2.shape
+  blk = blocking(rows, features)
+  f_pad, nrows = blk["f_pad"], blk["rows_f"]
+  kernel = functools.partial(_add_forward_kernel, rows=rows, features=features, eps=eps,
+                             centered=centered, has_scale=has_scale, has_bias=has_bias)
+  row_spec = pl.BlockSpec((nrows, f_pad), lambda i: (i, 0))
+  vec_spec = pl.BlockSpec((f_pad,), lambda i: (0,))
+  stat_spec = pl.BlockSpec((nrows,), lambda i: (i,))
+  nstats = 2 if centered else 1
+  stat = jax.ShapeDtypeStruct((rows,), jnp.float32)
+  return pl.pallas_call(
+      kernel,
+      out_shape=[jax.ShapeDtypeStruct(x2.shape, y_dtype), jax.ShapeDtypeStruct(x2.shape, h_dtype)]
+      + [stat] * nstats,
+      grid=(pl.cdiv(rows, nrows),),
+      in_specs=[row_spec, row_spec] + [vec_spec] * len(params),
+      out_specs=[row_spec, row_spec] + [stat_spec] * nstats,
+      compiler_params=plgpu.CompilerParams(num_warps=blk["warps_f"], num_stages=1),
+      interpret=interpret,
+      name=f"jaxnorm_add_{'layer' if centered else 'rms'}_norm_fwd",
+  )(x2, r2, *params)
+
+
 def backward_call(x2, dy2, stats, scale, *, has_bias: bool, bias_dtype: Any,
-                   centered: bool, interpret: bool):
+                   centered: bool, interpret: bool, dh2: jax.Array | None = None,
+                   out_dtypes: Sequence[Any] = ()):
+  """`(dx, dscale, dbias)` (see `_mosaic.backward_call`); with `dh2` (the residual add's, of
+  `x2`'s shape) `((dx, dr), dscale, dbias)`: the sum's whole cotangent `dh2 + dx`, added on
+  chip, written in each of `out_dtypes` (x's and the residual's)."""
   rows, features = x2.shape
   blk = blocking(rows, features)
   f_pad, chunk, steps = blk["f_pad"], blk["chunk"], blk["steps"]
@@ -158,7 +219,7 @@ def backward_call(x2, dy2, stats, scale, *, has_bias: bool, bias_dtype: Any,
   programs = pl.cdiv(rows, block)
   kernel = functools.partial(_backward_kernel, rows=rows, features=features, chunk=chunk,
                              steps=steps, centered=centered, has_scale=scale is not None,
-                             has_bias=has_bias)
+                             has_bias=has_bias, **({} if dh2 is None else {"has_dh": True}))
   row_spec = pl.BlockSpec((block, f_pad), lambda i: (i, 0))
   stat_spec = pl.BlockSpec((block,), lambda i: (i,))
   vec_spec = pl.BlockSpec((f_pad,), lambda i: (0,))
@@ -166,17 +227,20 @@ def backward_call(x2, dy2, stats, scale, *, has_bias: bool, bias_dtype: Any,
   part = jax.ShapeDtypeStruct((programs, features), jnp.float32)
   params = [] if scale is None else [scale]
   nparts = (scale is not None) + has_bias
+  dh = [] if dh2 is None else [dh2]
   outs = pl.pallas_call(
       kernel,
-      out_shape=[jax.ShapeDtypeStruct(x2.shape, x2.dtype)] + [part] * nparts,
+      out_shape=([jax.ShapeDtypeStruct(x2.shape, d) for d in (out_dtypes if dh else [x2.dtype])]
+                 + [part] * nparts),
       grid=(programs,),
-      in_specs=[row_spec, row_spec] + [stat_spec] * len(stats) + [vec_spec] * len(params),
-      out_specs=[row_spec] + [part_spec] * nparts,
+      in_specs=([row_spec, row_spec] + [row_spec] * len(dh) + [stat_spec] * len(stats)
+                + [vec_spec] * len(params)),
+      out_specs=[row_spec] * (1 + len(dh)) + [part_spec] * nparts,
       compiler_params=plgpu.CompilerParams(num_warps=blk["warps_b"], num_stages=1),
       interpret=interpret,
-      name=f"jaxnorm_{'layer' if centered else 'rms'}_norm_bwd",
-  )(x2, dy2, *stats, *params)
-  dx, parts = outs[0], iter(outs[1:])
+      name=f"jaxnorm_{'add_' if dh else ''}{'layer' if centered else 'rms'}_norm_bwd",
+  )(x2, dy2, *dh, *stats, *params)
+  dx, parts = (tuple(outs[:2]) if dh else outs[0]), iter(outs[1 + len(dh):])
   dscale = None if scale is None else jnp.sum(next(parts), axis=0).astype(scale.dtype)
   dbias = jnp.sum(next(parts), axis=0).astype(bias_dtype) if has_bias else None
   return dx, dscale, dbias
