@@ -57,7 +57,10 @@ def add_rms_norm(
   `bias`) with that composition's derivative, a cotangent on each output.
 
   Dtypes: with `x` and `residual` of one dtype, `h` is rounded to it and `y` is the norm of
-  the rounded `h` (the unfused composition bit for bit). A wider `residual` (float32 for
+  the rounded `h` (the unfused composition bit for bit). Under `jax.jit` XLA may keep a
+  bfloat16 or float16 sum in float32 inside its fused kernel (its default excess precision, as
+  for the unfused composition, which it still equals), so that `y` is the norm of the unrounded
+  sum; the Pallas kernels always normalize the returned `h`. A wider `residual` (float32 for
   bfloat16 or float16 `x`, flash-attention's `residual_in_fp32`) makes `h` float32, the
   dtypes promoted, and `y` keeps `x`'s dtype: the norm of the float32 `h`, rounded once.
 
