@@ -153,24 +153,30 @@ def _backward_kernel(*all_refs, rows: int, features: int, chunk: int, steps: int
     _store(db_ref, db[None, :], out_mask)
 
 
-def forward_call(x2: jax.Array, params: Sequence[jax.Array], *, eps: float, centered: bool,
-                  has_scale: bool, has_bias: bool, interpret: bool):
+def _row_specs(x2: jax.Array, centered: bool):
+  """A row kernel call's blocking: `blocking`'s dict, the block specs of a row array, of a
+  feature vector and of a per-row statistic, and the statistics' outputs (float32, per row)."""
   rows, features = x2.shape
   blk = blocking(rows, features)
   f_pad, nrows = blk["f_pad"], blk["rows_f"]
+  specs = (pl.BlockSpec((nrows, f_pad), lambda i: (i, 0)), pl.BlockSpec((f_pad,), lambda i: (0,)),
+           pl.BlockSpec((nrows,), lambda i: (i,)))
+  stats = [jax.ShapeDtypeStruct((rows,), jnp.float32)] * (2 if centered else 1)
+  return blk, specs, stats
+
+
+def forward_call(x2: jax.Array, params: Sequence[jax.Array], *, eps: float, centered: bool,
+                  has_scale: bool, has_bias: bool, interpret: bool):
+  rows, features = x2.shape
+  blk, (row_spec, vec_spec, stat_spec), stats = _row_specs(x2, centered)
   kernel = functools.partial(_forward_kernel, rows=rows, features=features, eps=eps,
                              centered=centered, has_scale=has_scale, has_bias=has_bias)
-  row_spec = pl.BlockSpec((nrows, f_pad), lambda i: (i, 0))
-  vec_spec = pl.BlockSpec((f_pad,), lambda i: (0,))
-  stat_spec = pl.BlockSpec((nrows,), lambda i: (i,))
-  nstats = 2 if centered else 1
-  stat = jax.ShapeDtypeStruct((rows,), jnp.float32)
   return pl.pallas_call(
       kernel,
-      out_shape=[jax.ShapeDtypeStruct(x2.shape, x2.dtype)] + [stat] * nstats,
-      grid=(pl.cdiv(rows, nrows),),
+      out_shape=[jax.ShapeDtypeStruct(x2.shape, x2.dtype)] + stats,
+      grid=(pl.cdiv(rows, blk["rows_f"]),),
       in_specs=[row_spec] + [vec_spec] * len(params),
-      out_specs=[row_spec] + [stat_spec] * nstats,
+      out_specs=[row_spec] + [stat_spec] * len(stats),
       compiler_params=plgpu.CompilerParams(num_warps=blk["warps_f"], num_stages=1),
       interpret=interpret,
       name=f"jaxnorm_{'layer' if centered else 'rms'}_norm_fwd",
@@ -184,22 +190,16 @@ def add_forward_call(x2: jax.Array, r2: jax.Array, params: Sequence[jax.Array], 
   `y_dtype`): `forward_call`'s kernel with the residual add in front, same blocking (the
   block holds float32 values of one array, as there)."""
   rows, features = x2.shape
-  blk = blocking(rows, features)
-  f_pad, nrows = blk["f_pad"], blk["rows_f"]
+  blk, (row_spec, vec_spec, stat_spec), stats = _row_specs(x2, centered)
   kernel = functools.partial(_add_forward_kernel, rows=rows, features=features, eps=eps,
                              centered=centered, has_scale=has_scale, has_bias=has_bias)
-  row_spec = pl.BlockSpec((nrows, f_pad), lambda i: (i, 0))
-  vec_spec = pl.BlockSpec((f_pad,), lambda i: (0,))
-  stat_spec = pl.BlockSpec((nrows,), lambda i: (i,))
-  nstats = 2 if centered else 1
-  stat = jax.ShapeDtypeStruct((rows,), jnp.float32)
   return pl.pallas_call(
       kernel,
       out_shape=[jax.ShapeDtypeStruct(x2.shape, y_dtype), jax.ShapeDtypeStruct(x2.shape, h_dtype)]
-      + [stat] * nstats,
-      grid=(pl.cdiv(rows, nrows),),
+      + stats,
+      grid=(pl.cdiv(rows, blk["rows_f"]),),
       in_specs=[row_spec, row_spec] + [vec_spec] * len(params),
-      out_specs=[row_spec, row_spec] + [stat_spec] * nstats,
+      out_specs=[row_spec, row_spec] + [stat_spec] * len(stats),
       compiler_params=plgpu.CompilerParams(num_warps=blk["warps_f"], num_stages=1),
       interpret=interpret,
       name=f"jaxnorm_add_{'layer' if centered else 'rms'}_norm_fwd",
