@@ -271,6 +271,13 @@ _NORMALIZER_ROWS = [
     (lambda: jn.group_norm(np.zeros((2, 3, 4), np.float32), num_groups=2, reduction_axes=1),
      ValueError, r"must include the last"),
     (lambda: jn.instance_norm(Z, feature_axes=0), ValueError, r"includes the batch axis"),
+    # rms_norm's conventions: the value and the fix
+    (lambda: jn.rms_norm(jnp.ones((2, 4)), convention="mistral"), ValueError,
+     r"convention='mistral' is not one of None"),
+    (lambda: jn.rms_norm(jnp.ones((2, 4)), jnp.ones(4), jnp.zeros(4), convention="llama"),
+     ValueError, r"convention='llama' takes no bias.*convention='gemma'"),
+    (lambda: jn.rms_norm(jnp.ones((2, 4)), jnp.ones(4), convention="llama",
+                         zero_centered_scale=True), ValueError, r"zero_centered_scale=True"),
 ]
 
 
@@ -519,6 +526,8 @@ def _fold_data(kernel_shape, seed=0):
 
 
 FOLD = _fold_data((4, 3))
+FOLD_NORM = {"kernel": FOLD["kernel"],
+             "scale": (np.random.RandomState(1).randn(4) + 1).astype(np.float32)}
 
 
 def _fold_cases() -> list[Case]:
@@ -563,6 +572,31 @@ _FOLD_ROWS = [
      ValueError, "at least one axis"),
     (lambda: jn.fold_batch_norm(jnp.ones((2, 3)), None, mean=jnp.zeros(3, jnp.complex64),
                                 var=jnp.ones(3)), TypeError, "fold_batch_norm"),
+    # fold_norm_into_dense (a (4, 3) kernel, scale of 4 features)
+    (lambda: jn.fold_norm_into_dense(FOLD_NORM["kernel"], scale=FOLD_NORM["scale"][:3]),
+     ValueError, r"scale must have the shape .*\(4,\).*\(3,\)"),
+    (lambda: jn.fold_norm_into_dense(FOLD_NORM["kernel"], scale=FOLD_NORM["scale"],
+                                     offset=np.ones(5, np.float32)),
+     ValueError, r"offset must have the shape .*\(4,\).*\(5,\)"),
+    (lambda: jn.fold_norm_into_dense(FOLD_NORM["kernel"], np.ones(4, np.float32),
+                                     scale=FOLD_NORM["scale"]),
+     ValueError, r"bias must have the shape .*\(3,\).*\(4,\)"),
+    (lambda: jn.fold_norm_into_dense(FOLD_NORM["scale"], scale=FOLD_NORM["scale"]), ValueError,
+     r"kernel must be a Dense kernel .*got shape \(4,\)"),
+    # (layers, features, out): a leading batch axis is jax.vmap's
+    (lambda: jn.fold_norm_into_dense(np.ones((2, 4, 3), np.float32),
+                                     scale=np.ones((2, 4), np.float32)),
+     ValueError, r"fits kernel axis 1.*jax\.vmap"),
+    (lambda: jn.fold_norm_into_dense(FOLD_NORM["kernel"], scale=None), ValueError,
+     "scale is required"),
+    (lambda: jn.fold_norm_into_dense(np.ones((4, 3), np.int32), scale=FOLD_NORM["scale"]),
+     TypeError, "kernel must have a floating dtype"),
+    (lambda: jn.fold_norm_into_dense(FOLD_NORM["kernel"], scale=FOLD_NORM["scale"],
+                                     offset=np.ones(4, np.complex64)),
+     TypeError, "offset is complex"),
+    # scale is keyword-only
+    (lambda: jn.fold_norm_into_dense(FOLD_NORM["kernel"], None, FOLD_NORM["scale"]), TypeError,
+     ""),
 ]
 
 
@@ -930,6 +964,20 @@ def test_nnx_size_message_names_the_argument_once(make, axis):
     make()(ONES)
   msg = str(info.value)
   assert f"whose {axis} holds 6 features" in msg and "feature feature_axes" not in msg, msg
+
+
+@pytest.mark.parametrize("family", ["linen", "nnx", "equinox"])
+def test_add_layers_refuse_a_residual_of_another_shape(family):
+  x, r = jnp.ones((4, 16)), jnp.ones((4, 8))
+  # (per example under equinox's vmap: (16,) and (8,))
+  with pytest.raises(ValueError, match=r"residual must have x's shape \((4, )?16,?\).*got "
+                                       r"shape \((4, )?8,?\)"):
+    if family == "linen":
+      jnn.AddLayerNorm().init(KEY, x, r)
+    elif family == "nnx":
+      jnnx.AddRMSNorm(16, rngs=nnx.Rngs(0))(x, r)
+    else:
+      jax.vmap(jne.AddLayerNorm(16))(x, r)
 
 
 def test_linen_batch_norm_in_training_without_mutable_batch_stats_says_how():

@@ -413,25 +413,6 @@ def test_equinox_layers_equal_the_unfused_layer_of_the_sum(kind, dtypes):
   assert state is None and y.shape == x.shape
 
 
-@pytest.mark.parametrize("family", ["linen", "nnx", "equinox"])
-def test_layers_refuse_a_residual_of_another_shape(family):
-  x, r = jnp.ones((4, 16)), jnp.ones((4, 8))
-  # (per example under equinox's vmap: (16,) and (8,))
-  with pytest.raises(ValueError, match=r"residual must have x's shape \((4, )?16,?\).*got "
-                                       r"shape \((4, )?8,?\)"):
-    if family == "linen":
-      from jaxnorm import linen as jnn
-      jnn.AddLayerNorm().init(jax.random.key(0), x, r)
-    elif family == "nnx":
-      from flax import nnx
-
-      from jaxnorm import nnx as jnnx
-      jnnx.AddRMSNorm(16, rngs=nnx.Rngs(0))(x, r)
-    else:
-      import jaxnorm.equinox as jne
-      jax.vmap(jne.AddLayerNorm(16))(x, r)
-
-
 @pytest.mark.parametrize("name", sorted(NORMS))
 def test_features_split_across_devices_with_axis_name(name):
   """Tensor parallelism: the feature axis split over 8 devices (`shard_map`), the statistics
