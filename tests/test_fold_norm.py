@@ -105,5 +105,3 @@ def test_fold_norm_of_a_stack_of_kernels_runs_under_vmap():
       stacked, np.full((2, 4), 2.0, np.float32))
   np.testing.assert_array_equal(folded[0], 2 * stacked)
   assert folded[1].shape == (2, 3)
-
-
