@@ -596,7 +596,7 @@ _FOLD_ROWS = [
      TypeError, "offset is complex"),
     # scale is keyword-only
     (lambda: jn.fold_norm_into_dense(FOLD_NORM["kernel"], None, FOLD_NORM["scale"]), TypeError,
-     ""),
+     r"positional argument"),
 ]
 
 
