@@ -336,6 +336,19 @@ def check_residual(residual: Any, x: jax.Array, where: str) -> jax.Array:
   return residual
 
 
+def residual_spec(x: ArrayLike, residual: Any, scale: Any, bias: Any, *, where: str,
+                  implementation: Any, zero_centered_scale: Any, dtype: Any,
+                  **shared: Any) -> tuple[jax.Array, jax.Array, Spec, Any]:
+  """The checks of `add_rms_norm` and `add_layer_norm` (`where`): `(x, residual, spec, the
+  output's dtype)`. `shared`: `normalizer_spec`'s axes, `epsilon`, `mask`, `axis_name` and
+  `axis_index_groups`."""
+  x, spec = normalizer_spec(x, scale, bias, real_only=where, **shared)
+  residual = check_residual(residual, x, where)
+  check_implementation(implementation)
+  check_bool(zero_centered_scale, "zero_centered_scale")
+  return x, residual, spec, output_dtype(dtype, x)
+
+
 def output_dtype(dtype: Any, x: jax.Array) -> Any:
   """The fused residual add's `dtype`: None (x's) or a real floating dtype; returns it."""
   if dtype is None:

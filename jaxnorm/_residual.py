@@ -106,15 +106,12 @@ def add_rms_norm(
     (dtype(bfloat16), dtype('float32'))
   """
   where = "add_rms_norm"
-  x, spec = _checks.normalizer_spec(x, scale, bias, reduction_axes=reduction_axes,
-                                    feature_axes=feature_axes, epsilon=epsilon, mask=mask,
-                                    axis_name=axis_name, axis_index_groups=axis_index_groups,
-                                    real_only=where)
-  residual = _checks.check_residual(residual, x, where)
-  _checks.check_implementation(implementation)
-  _checks.check_bool(zero_centered_scale, "zero_centered_scale")
+  x, residual, spec, out = _checks.residual_spec(
+      x, residual, scale, bias, where=where, implementation=implementation,
+      zero_centered_scale=zero_centered_scale, dtype=dtype, reduction_axes=reduction_axes,
+      feature_axes=feature_axes, epsilon=epsilon, mask=mask, axis_name=axis_name,
+      axis_index_groups=axis_index_groups)
   _checks.check_convention(convention, zero_centered_scale, bias)
-  out = _checks.output_dtype(dtype, x)
   rms_spec = spec._replace(centered=False)
   if implementation == "pallas" and (got := add_by_kernel(
       where, x, residual, scale, bias, rms_spec, zero_centered_scale, convention, out)):
@@ -185,14 +182,11 @@ def add_layer_norm(
     Array([[-1.2247,  0.    ,  1.2247]], dtype=float32)
   """
   where = "add_layer_norm"
-  x, spec = _checks.normalizer_spec(x, scale, bias, reduction_axes=reduction_axes,
-                                    feature_axes=feature_axes, epsilon=epsilon, mask=mask,
-                                    axis_name=axis_name, axis_index_groups=axis_index_groups,
-                                    real_only=where)
-  residual = _checks.check_residual(residual, x, where)
-  _checks.check_implementation(implementation)
-  _checks.check_bool(zero_centered_scale, "zero_centered_scale")
-  out = _checks.output_dtype(dtype, x)
+  x, residual, spec, out = _checks.residual_spec(
+      x, residual, scale, bias, where=where, implementation=implementation,
+      zero_centered_scale=zero_centered_scale, dtype=dtype, reduction_axes=reduction_axes,
+      feature_axes=feature_axes, epsilon=epsilon, mask=mask, axis_name=axis_name,
+      axis_index_groups=axis_index_groups)
   if implementation == "pallas" and (got := add_by_kernel(
       where, x, residual, scale, bias, spec, zero_centered_scale, None, out)):
     return got
